@@ -1,0 +1,156 @@
+"""Argument validation shared by every Python-side entry point.
+
+The compiled ops validate the same rules in C++ (``csrc/bn_act.cpp``) with the same
+messages; this module serves the functional API, the fake (meta) kernels and the Triton
+backend, so a bad argument is reported before any kernel runs, whatever the backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def activation_memory_format(t: Tensor) -> torch.memory_format:
+    """The layout kernels process ``t`` in and return results in (as eager BatchNorm).
+
+    Mirrors ``at::Tensor::suggest_memory_format()``: channels_last when the strides are
+    channels-last-like, contiguous NCHW otherwise.
+    """
+    return suggest_memory_format(t)
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_activation(op: str, name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}(): expected `{name}` to be a Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(
+            f"{op}(): expected `{name}` to be a 4-D (N, C, H, W) tensor, "
+            f"got a {t.dim()}-D tensor of shape {_shape(t)}"
+        )
+    if t.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(
+            f"{op}(): expected `{name}` to have dtype float16, bfloat16, float32 or float64, "
+            f"got {t.dtype}"
+        )
+
+
+def check_like(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` must match ``ref`` in shape, dtype and device (a residual, a gradient)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}(): expected `{name}` to be a Tensor, got {type(t).__name__}")
+    if t.shape != ref.shape:
+        raise ValueError(
+            f"{op}(): expected `{name}` to have the shape of `{ref_name}` {_shape(ref)}, "
+            f"got {_shape(t)}"
+        )
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{op}(): expected `{name}` to have the dtype of `{ref_name}` ({ref.dtype}), "
+            f"got {t.dtype}"
+        )
+    if t.device != ref.device:
+        raise ValueError(
+            f"{op}(): expected `{name}` on the device of `{ref_name}` ({ref.device}), "
+            f"got {t.device}"
+        )
+
+
+def check_per_channel(op: str, name: str, t: Optional[Tensor], ref_name: str, ref: Tensor) -> None:
+    """``t`` is None or a 1-D floating tensor with one value per channel of ``ref``."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}(): expected `{name}` to be a Tensor or None, got {type(t).__name__}")
+    channels = ref.shape[1]
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(
+            f"{op}(): expected `{name}` to be a 1-D tensor of {channels} elements "
+            f"(one per channel of `{ref_name}`), got shape {_shape(t)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"{op}(): expected `{name}` to be a floating-point tensor, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(
+            f"{op}(): expected `{name}` on the device of `{ref_name}` ({ref.device}), "
+            f"got {t.device}"
+        )
+
+
+def check_batch_norm(  # the arguments of torch.nn.functional.batch_norm
+    op: str,
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    suffix: str = "",
+) -> None:
+    """One BatchNorm branch of a forward op: its input, parameters and running stats."""
+    name = "input" + suffix
+    check_activation(op, name, input)
+    for arg, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_per_channel(op, arg + suffix, t, name, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{op}(): expected `running_mean{suffix}` and `running_var{suffix}` to be given "
+            f"together or both be None"
+        )
+    if not training and running_mean is None:
+        raise ValueError(
+            f"{op}(): `running_mean{suffix}` and `running_var{suffix}` are required when "
+            f"training=False (eval mode normalizes with them)"
+        )
+    if training:
+        check_batch_size(input)
+
+
+def check_batch_size(input: Tensor) -> None:
+    """Eager's own check (``torch.nn.functional._verify_batch_size``), same error and text."""
+    values_per_channel = input.shape[0] * input.shape[2] * input.shape[3]
+    if values_per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+
+
+def check_batch_stats(
+    op: str, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor]
+) -> None:
+    check_activation(op, "input", input)
+    check_per_channel(op, "running_mean", running_mean, "input", input)
+    check_per_channel(op, "running_var", running_var, "input", input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{op}(): expected `running_mean` and `running_var` to be given together or both be None"
+        )
+    check_batch_size(input)
+
+
+def check_branch(
+    op: str,
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    suffix: str = "",
+) -> None:
+    """One BatchNorm branch of a fused op: input, parameters, statistics to normalize with."""
+    name = "input" + suffix
+    check_activation(op, name, input)
+    for arg, t in (("mean", mean), ("invstd", invstd)):
+        if t is None:
+            raise TypeError(f"{op}(): expected `{arg}{suffix}` to be a Tensor, got None")
+    for arg, t in (("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd)):
+        check_per_channel(op, arg + suffix, t, name, input)

@@ -1,0 +1,167 @@
+"""Which implementation runs a fused op.
+
+Backends:
+
+=============  ==========================================================  ============
+name           implementation                                              devices
+=============  ==========================================================  ============
+``cuda``       CUDA C++ kernels of ``resnet_fused._C``                     cuda
+``triton``     Triton kernels (``resnet_fused.triton``)                    cuda
+``cpu``        C++ CPU kernels of ``resnet_fused._C``                      cpu
+``reference``  plain PyTorch (``resnet_fused.reference``)                  any
+``auto``       the fastest available one for the tensor's device
+=============  ==========================================================  ============
+
+Choose per call (``backend=`` on every functional op), globally with
+``RESNET_FUSED_BACKEND`` (read at import) or :func:`set_backend`, or for a block of code
+with :func:`use_backend`. A backend that is not available, or that cannot run the given
+device or dtype, is an error when asked for by name. ``auto`` never fails: it falls back
+to the reference path for a configuration no compiled kernel covers (float64 on a GPU,
+say) and warns once per configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import warnings
+from typing import Iterator, Optional, Union
+
+import torch
+
+from . import _extension
+
+NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+ENV_VAR = "RESNET_FUSED_BACKEND"
+
+# Preference of `auto` per device type, fastest first. Measured on an H200 and on the
+# CPU machine by benchmarks/ (see docs/performance.md); a backend that is not available
+# is skipped.
+AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    ops: object  # the op namespace, torch.ops.<namespace>
+    device_types: tuple[str, ...]  # empty: any device
+    dtypes: tuple[torch.dtype, ...]
+    unavailable: Optional[str] = None  # why it cannot run here, if it cannot
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raises if this backend cannot run ``device`` / ``dtype`` tensors."""
+        if self.unavailable:
+            raise RuntimeError(f"resnet_fused backend {self.name!r} is not available: {self.unavailable}")
+        if self.device_types and device.type not in self.device_types:
+            raise RuntimeError(
+                f"resnet_fused backend {self.name!r} runs on {'/'.join(self.device_types)} tensors, "
+                f"got a tensor on {device}"
+            )
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            raise TypeError(f"resnet_fused backend {self.name!r} supports dtypes {names}, got {dtype}")
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return (
+            self.unavailable is None
+            and (not self.device_types or device.type in self.device_types)
+            and dtype in self.dtypes
+        )
+
+
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _compiled(dispatch_key: str) -> Optional[str]:
+    if not _extension.LOADED:
+        return f"resnet_fused._C is not built (`{_extension.BUILD_COMMAND}`)"
+    if not _extension.has_kernels(dispatch_key):
+        return f"resnet_fused._C was built without {dispatch_key} kernels"
+    return None
+
+
+_REGISTRY: dict[str, Backend] = {
+    "cuda": Backend("cuda", torch.ops.resnet_fused, ("cuda",), _GPU_DTYPES, _compiled("CUDA")),
+    "cpu": Backend("cpu", torch.ops.resnet_fused, ("cpu",), _ALL_DTYPES, _compiled("CPU")),
+    "reference": Backend("reference", torch.ops.resnet_fused_reference, (), _ALL_DTYPES),
+    "triton": Backend("triton", torch.ops.resnet_fused_triton, ("cuda",), _GPU_DTYPES, "not loaded"),
+}
+
+
+def register(backend: Backend) -> None:
+    """Adds or replaces a backend (the Triton module registers itself on import)."""
+    _REGISTRY[backend.name] = backend
+
+
+def _validate_name(name: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"unknown resnet_fused backend {name!r}; expected one of {', '.join(NAMES)}")
+    return name
+
+
+_selected = _validate_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The globally selected backend name."""
+    return _selected
+
+
+def set_backend(name: str) -> None:
+    """Selects the backend used when an op is called without ``backend=``."""
+    global _selected
+    _selected = _validate_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager selecting ``name`` for the ops called inside it."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device`` here."""
+    device = torch.device(device)
+    return [b.name for b in _REGISTRY.values() if b.unavailable is None and (not b.device_types or device.type in b.device_types)]
+
+
+def get(name: str) -> Backend:
+    """The backend registered as ``name`` (not ``auto``)."""
+    return _REGISTRY[_validate_name(name)]
+
+
+_warned: set[tuple[str, torch.dtype]] = set()
+
+
+def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:
+    """The backend that runs an op on ``device`` / ``dtype`` tensors."""
+    name = _selected if requested is None else _validate_name(requested)
+    if name != "auto":
+        backend = _REGISTRY[name]
+        backend.check(device, dtype)
+        return backend
+    for candidate in AUTO_ORDER.get(device.type, ()):
+        if _REGISTRY[candidate].supports(device, dtype):
+            return _REGISTRY[candidate]
+    key = (device.type, dtype)
+    if device.type in AUTO_ORDER and key not in _warned:
+        _warned.add(key)
+        reasons = "; ".join(
+            f"{c}: {_REGISTRY[c].unavailable or 'no ' + str(dtype).removeprefix('torch.') + ' kernels'}"
+            for c in AUTO_ORDER[device.type]
+        )
+        warnings.warn(
+            f"resnet_fused: no compiled kernel runs {dtype} on {device.type} ({reasons}); "
+            f"using the plain-PyTorch reference path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _REGISTRY["reference"]
+

@@ -1,0 +1,217 @@
+"""The op set shared by every backend: fake (meta) kernels and autograd formulas.
+
+Each backend implements the same seven ops in its own namespace:
+
+============================  ==================================================
+``resnet_fused``              C++ CPU and CUDA kernels; schemas in ``csrc/ops.cpp``
+``resnet_fused_reference``    plain PyTorch (:mod:`resnet_fused.reference`)
+``resnet_fused_triton``       Triton kernels (:mod:`resnet_fused.triton`)
+============================  ==================================================
+
+:func:`register` attaches one set of fake kernels and autograd formulas to a namespace,
+so every backend behaves identically under autograd, ``torch.compile`` and
+``torch.library.opcheck``. Each fused forward's backward is its own op (``bn_relu`` ->
+``bn_relu_backward``, ...). ``batch_stats`` mutates the running statistics and is not
+differentiable; the fused ops account for the statistics instead: with
+``training=True`` their ``mean`` and ``invstd`` are ``input``'s batch statistics and
+their gradient is part of ``grad_input``; with ``training=False`` they are constants of
+the graph (running statistics) and get gradients of their own if they require them.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .reference import accumulation_dtype
+
+OP_NAMES = (
+    "batch_stats",
+    "bn_relu",
+    "bn_relu_backward",
+    "bn_add_relu",
+    "bn_add_relu_backward",
+    "dual_bn_add_relu",
+    "dual_bn_add_relu_backward",
+)
+MUTATED_ARGS = {"batch_stats": ("running_mean", "running_var")}
+
+
+def define(namespace: str, implementations: ModuleType) -> None:
+    """Defines the op set in ``namespace`` from Python functions named like the ops.
+
+    Schemas are inferred from the functions' annotations; tests check they equal the
+    C++ schemas of ``csrc/ops.cpp``.
+    """
+    for name in OP_NAMES:
+        torch.library.custom_op(
+            f"{namespace}::{name}", getattr(implementations, name), mutates_args=MUTATED_ARGS.get(name, ())
+        )
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+def _per_channel_like(input: Tensor) -> Tensor:
+    return input.new_empty(input.shape[1], dtype=accumulation_dtype(input.dtype))
+
+
+def _activation_like(input: Tensor) -> Tensor:
+    return torch.empty_like(input, memory_format=_checks.activation_memory_format(input))
+
+
+def _fake_batch_stats(input, running_mean, running_var, momentum, eps):
+    _checks.check_batch_stats("batch_stats", input, running_mean, running_var)
+    return _per_channel_like(input), _per_channel_like(input)
+
+
+def _fake_bn_relu(input, weight, bias, mean, invstd, training):
+    _checks.check_branch("bn_relu", input, weight, bias, mean, invstd)
+    return _activation_like(input)
+
+
+def _fake_bn_relu_backward(grad_out, input, weight, bias, mean, invstd, training):
+    op = "bn_relu_backward"
+    _checks.check_branch(op, input, weight, bias, mean, invstd)
+    _checks.check_like(op, "grad_out", grad_out, "input", input)
+    return _activation_like(input), _per_channel_like(input), _per_channel_like(input)
+
+
+def _fake_bn_add_relu(input, residual, weight, bias, mean, invstd, training):
+    _checks.check_branch("bn_add_relu", input, weight, bias, mean, invstd)
+    _checks.check_like("bn_add_relu", "residual", residual, "input", input)
+    return _activation_like(input)
+
+
+def _fake_bn_add_relu_backward(grad_out, input, residual, weight, bias, mean, invstd, training):
+    op = "bn_add_relu_backward"
+    _checks.check_branch(op, input, weight, bias, mean, invstd)
+    _checks.check_like(op, "grad_out", grad_out, "input", input)
+    _checks.check_like(op, "residual", residual, "input", input)
+    return _activation_like(input), _activation_like(input), _per_channel_like(input), _per_channel_like(input)
+
+
+def _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d):
+    _checks.check_branch(op, input, weight, bias, mean, invstd)
+    _checks.check_branch(op, input_d, weight_d, bias_d, mean_d, invstd_d, "_d")
+    _checks.check_like(op, "input_d", input_d, "input", input)
+
+
+def _fake_dual_bn_add_relu(input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d, training):
+    _check_dual("dual_bn_add_relu", input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
+    return _activation_like(input)
+
+
+def _fake_dual_bn_add_relu_backward(
+    grad_out, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d, training
+):
+    op = "dual_bn_add_relu_backward"
+    _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
+    _checks.check_like(op, "grad_out", grad_out, "input", input)
+    main = (_activation_like(input), _per_channel_like(input), _per_channel_like(input))
+    return (*main, _activation_like(input), _per_channel_like(input), _per_channel_like(input))
+
+
+_FAKES = {
+    "batch_stats": _fake_batch_stats,
+    "bn_relu": _fake_bn_relu,
+    "bn_relu_backward": _fake_bn_relu_backward,
+    "bn_add_relu": _fake_bn_add_relu,
+    "bn_add_relu_backward": _fake_bn_add_relu_backward,
+    "dual_bn_add_relu": _fake_dual_bn_add_relu,
+    "dual_bn_add_relu_backward": _fake_dual_bn_add_relu_backward,
+}
+
+# ---------------------------------------------------------------- autograd
+
+
+def _param_grad(grad: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
+    return None if param is None else grad.to(param.dtype)
+
+
+def _statistics_grads(ctx, first: int, training: bool, weight, mean, invstd, grad_weight, grad_bias):
+    """Gradients for ``mean`` and ``invstd`` (op arguments ``first``, ``first + 1``).
+
+    Training: they are the input's batch statistics, already accounted for in
+    grad_input. Eval: out = relu(x * w * invstd + b - mean * w * invstd), so
+    d/d mean = -w * invstd * sum(g) and d/d invstd = w * sum(g * (x - mean)), where
+    grad_bias = sum(g) and grad_weight = invstd * sum(g * (x - mean)).
+    """
+    if training or not (ctx.needs_input_grad[first] or ctx.needs_input_grad[first + 1]):
+        return None, None
+    w = 1.0 if weight is None else weight.to(grad_weight.dtype)
+    grad_mean = -w * invstd.to(grad_weight.dtype) * grad_bias
+    grad_invstd = w * grad_weight / invstd.to(grad_weight.dtype)
+    return grad_mean.to(mean.dtype), grad_invstd.to(invstd.dtype)
+
+
+def _bn_relu_setup(ctx, inputs, output):
+    input, weight, bias, mean, invstd, training = inputs
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+    ctx.training = training
+
+
+def _bn_add_relu_setup(ctx, inputs, output):
+    input, residual, weight, bias, mean, invstd, training = inputs
+    ctx.save_for_backward(input, residual, weight, bias, mean, invstd)
+    ctx.training = training
+
+
+def _dual_bn_add_relu_setup(ctx, inputs, output):
+    *tensors, training = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.training = training
+
+
+def _backward_formulas(ops):
+    """Backward functions of the three fused forwards, calling ``ops``' backward ops."""
+
+    def bn_relu(ctx, grad_out):
+        input, weight, bias, mean, invstd = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = ops.bn_relu_backward(
+            grad_out, input, weight, bias, mean, invstd, ctx.training
+        )
+        stats = _statistics_grads(ctx, 3, ctx.training, weight, mean, invstd, grad_weight, grad_bias)
+        return grad_input, _param_grad(grad_weight, weight), _param_grad(grad_bias, bias), *stats, None
+
+    def bn_add_relu(ctx, grad_out):
+        input, residual, weight, bias, mean, invstd = ctx.saved_tensors
+        grad_input, grad_residual, grad_weight, grad_bias = ops.bn_add_relu_backward(
+            grad_out, input, residual, weight, bias, mean, invstd, ctx.training
+        )
+        stats = _statistics_grads(ctx, 4, ctx.training, weight, mean, invstd, grad_weight, grad_bias)
+        return (
+            grad_input, grad_residual, _param_grad(grad_weight, weight), _param_grad(grad_bias, bias), *stats, None,
+        )
+
+    def dual_bn_add_relu(ctx, grad_out):
+        input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d = ctx.saved_tensors
+        grads = ops.dual_bn_add_relu_backward(
+            grad_out, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d, ctx.training
+        )
+        grad_input, grad_weight, grad_bias, grad_input_d, grad_weight_d, grad_bias_d = grads
+        stats = _statistics_grads(ctx, 3, ctx.training, weight, mean, invstd, grad_weight, grad_bias)
+        stats_d = _statistics_grads(ctx, 8, ctx.training, weight_d, mean_d, invstd_d, grad_weight_d, grad_bias_d)
+        return (
+            grad_input, _param_grad(grad_weight, weight), _param_grad(grad_bias, bias), *stats,
+            grad_input_d, _param_grad(grad_weight_d, weight_d), _param_grad(grad_bias_d, bias_d), *stats_d,
+            None,
+        )
+
+    return {
+        "bn_relu": (bn_relu, _bn_relu_setup),
+        "bn_add_relu": (bn_add_relu, _bn_add_relu_setup),
+        "dual_bn_add_relu": (dual_bn_add_relu, _dual_bn_add_relu_setup),
+    }
+
+
+def register(namespace: str) -> None:
+    """Registers the fake kernels and autograd formulas of every op in ``namespace``."""
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    for name, (backward, setup_context) in _backward_formulas(getattr(torch.ops, namespace)).items():
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)

@@ -1,0 +1,88 @@
+"""Builds resnet_fused._C against the torch already installed in this environment.
+
+    pip install --no-build-isolation .        # or -e . for development
+
+The CPU kernels are always built. The CUDA kernels are built when torch has CUDA and
+nvcc is found; no GPU is needed to build. Environment switches:
+
+    RESNET_FUSED_CUDA=auto|1|0   auto (default): build CUDA kernels when possible;
+                                 1: require them (fail if impossible); 0: skip them
+    TORCH_CUDA_ARCH_LIST         target architectures, default "8.0;9.0+PTX"
+    RESNET_FUSED_PTXAS_VERBOSE=1 print ptxas's register/spill report per kernel
+    MAX_JOBS                     parallel compile jobs (ninja), read by torch
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+_NO_TORCH_MESSAGE = """
+resnet_fused compiles its kernels against the torch installed in your environment,
+but this build cannot import torch. Most likely pip built it in an isolated
+environment (plain `pip install .`), which never sees your torch.
+
+Install torch first, then build without isolation:
+
+    pip install torch
+    pip install --no-build-isolation .
+"""
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(_NO_TORCH_MESSAGE)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc"
+
+
+def _sources(*patterns):
+    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(CSRC, pattern)))
+
+
+def _want_cuda():
+    mode = os.environ.get("RESNET_FUSED_CUDA", "auto").lower()
+    if mode not in ("auto", "1", "0"):
+        sys.exit(f"RESNET_FUSED_CUDA must be auto, 1 or 0, got {mode!r}")
+    if mode == "0":
+        return False
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is a CPU-only build")
+    if CUDA_HOME is None:
+        missing.append("nvcc was not found (set CUDA_HOME)")
+    if missing and mode == "1":
+        sys.exit("RESNET_FUSED_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))
+    if missing:
+        print("resnet_fused: building CPU kernels only: " + "; ".join(missing))
+    return not missing
+
+
+def _extension():
+    cxx_flags = ["-O3", "-DPy_LIMITED_API=0x030A0000"]
+    sources = _sources("*.cpp", "cpu/*.cpp")
+    if not _want_cuda():
+        return CppExtension(
+            "resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    nvcc_flags = ["-O3", "-lineinfo", "--threads=0"]
+    if os.environ.get("RESNET_FUSED_PTXAS_VERBOSE") == "1":
+        nvcc_flags.append("-Xptxas=-v,-warn-spills,-warn-lmem-usage")
+    print(f"resnet_fused: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    return CUDAExtension(
+        "resnet_fused._C",
+        sources + _sources("cuda/*.cpp", "cuda/*.cu"),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
