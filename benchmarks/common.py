@@ -1,0 +1,138 @@
+"""Shared benchmark machinery: timers, ceilings measured in the same run, metadata, output.
+
+Timing rules (see docs/performance.md): CUDA times are medians of
+``triton.testing.do_bench`` (CUDA events, L2 flushed between repetitions, warm-up
+first); CPU times are medians of ``time.perf_counter`` over repeated calls after a
+warm-up. Ceilings (copy bandwidth, bf16 matmul throughput) are measured in the same
+process, on the same device, so a percentage never mixes two runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+RESULTS_ENV = "RESNET_FUSED_RESULTS"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, budget_ms: float = 100.0) -> dict:
+    """Median, 20th and 80th percentile run time of ``fn`` in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, warmup=max(budget_ms / 4, 5), rep=budget_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
+    for _ in range(2):  # warm-up: allocator, thread pool, caches
+        fn()
+    times = []
+    deadline = time.perf_counter() + budget_ms / 1e3
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=10)
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device copy bandwidth (bytes read + written per second, GB/s) on a buffer far larger than L2."""
+    if device.type == "cpu":
+        nbytes = min(nbytes, 1 << 28)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src), device)["median_ms"]
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def bf16_matmul_tflops(device: torch.device, n: int = 8192) -> Optional[float]:
+    """Dense bf16 matmul throughput (TFLOP/s) on CUDA; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = measure(lambda: a @ b, device)["median_ms"]
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """What a result row must carry: the machine, the software, the code, the time."""
+    env = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            env["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            card=props.name,
+            sms=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            driver=_nvidia_driver(),
+        )
+    else:
+        env["card"] = f"CPU: {env['cpu']} ({env['cpu_threads']} threads)"
+    return env
+
+
+def _nvidia_driver() -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, IndexError):
+        return None
+
+
+def results_dir(option: Optional[str] = None) -> Path:
+    """Where results go: the option, else $RESNET_FUSED_RESULTS, else results/local."""
+    path = Path(option or os.environ.get(RESULTS_ENV) or "results/local")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, env: dict, rows: list[dict]) -> None:
+    path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
