@@ -62,12 +62,17 @@ def _want_cuda():
 
 
 def _extension():
-    cxx_flags = ["-O3", "-DPy_LIMITED_API=0x030A0000"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-DPy_LIMITED_API=0x030A0000"]
+    link_flags = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The
+        # extension then shares torch's libgomp (same soname, already loaded).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = _sources("*.cpp", "cpu/*.cpp")
+    common = dict(extra_link_args=link_flags, py_limited_api=True)
     if not _want_cuda():
-        return CppExtension(
-            "resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True
-        )
+        return CppExtension("resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags}, **common)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     nvcc_flags = ["-O3", "-lineinfo", "--threads=0"]
     if os.environ.get("RESNET_FUSED_PTXAS_VERBOSE") == "1":
@@ -77,7 +82,7 @@ def _extension():
         "resnet_fused._C",
         sources + _sources("cuda/*.cpp", "cuda/*.cu"),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        py_limited_api=True,
+        **common,
     )
 
 

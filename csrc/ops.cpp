@@ -10,7 +10,7 @@
 
 // `import resnet_fused._C` loads this shared object, which runs the static registrations
 // below. The module itself is empty: everything is reached through torch.ops.resnet_fused.
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "resnet_fused kernels", -1, nullptr};
   return PyModule_Create(&module_def);
 }

@@ -1,0 +1,25 @@
+// AVX2 + FMA build of the CPU kernels (see bn_act_kernels_impl.h).
+#include "bn_act_kernels_isa.h"
+
+#ifdef RESNET_FUSED_CPU_X86_VARIANTS
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+// #pragma GCC target enables the instructions but not their feature macros, which
+// sleef.h (pulled in by at::vec) keys its vector declarations on.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+// No pop_options: templates are instantiated at the end of the translation unit and
+// must still see the instruction set there.
+#include "bn_act_kernels_impl.h"
+#endif

@@ -1,0 +1,38 @@
+// AVX-512 build of the CPU kernels (see bn_act_kernels_impl.h); the same instruction
+// subset as ATen's AVX512 capability.
+#include "bn_act_kernels_isa.h"
+
+#ifdef RESNET_FUSED_CPU_X86_VARIANTS
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+// #pragma GCC target enables the instructions but not their feature macros, which
+// sleef.h (pulled in by at::vec) keys its vector declarations on.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+// No pop_options: templates are instantiated at the end of the translation unit and
+// must still see the instruction set there.
+#include "bn_act_kernels_impl.h"
+#endif

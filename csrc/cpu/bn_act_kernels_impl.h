@@ -1,0 +1,563 @@
+// CPU kernels of the fused BatchNorm ops, compiled once per instruction set.
+//
+// Included by bn_act_kernels_{default,avx2,avx512}.cpp after they define CPU_CAPABILITY
+// (and enable that instruction set); everything lands in namespace
+// resnet_fused::cpu::CPU_CAPABILITY, and bn_act_kernels.cpp picks the build that matches
+// the machine, as ATen's own DispatchStub does.
+//
+// An activation is walked as "runs" of contiguous values:
+//   channels_last (kNHWC): one run per (n, h, w) row, C values, one channel per lane;
+//   NCHW (kNCHW):          one run per (n, c) plane, H*W values, all of channel c.
+// Inner loops are at::vec vectors of the accumulation type over a run; a run's tail goes
+// through the same vector code on a zero-filled buffer, so every element of the forward
+// and the backward passes sees identical arithmetic (the backward recomputes the ReLU
+// mask instead of saving it).
+//
+// Reductions are deterministic and independent of the thread count: rows (or planes) are
+// cut into fixed chunks, each reduced in blocks that fit in cache — a block's mean first,
+// then its squared deviations from that mean, in the accumulation type — and blocks and
+// chunks are merged in a fixed order in double (Chan et al.'s pairwise update).
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including bn_act_kernels_impl.h"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace resnet_fused::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int64_t kBlockElements = 16384;  // values reduced in the accumulation type before a merge
+constexpr int64_t kMaxChunks = 64;         // bounds the per-chunk partials of channels_last reductions
+constexpr int64_t kGrainElements = 32768;  // elementwise work per parallel task
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Vectors of the accumulation type loaded from and stored to T.
+template <typename T>
+struct Lanes {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  static constexpr int64_t kSize = Vec::size();
+
+  static Vec load(const T* p) {
+    if constexpr (std::is_same_v<T, A>) {
+      return Vec::loadu(p);
+    } else {
+      Vec v(A(0));
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+  }
+  static Vec load(const T* p, int64_t n) {
+    if (n == kSize) return load(p);
+    T buffer[kSize] = {};
+    std::copy(p, p + n, buffer);
+    return load(buffer);
+  }
+  static void store(T* p, const Vec& v, int64_t n) {
+    if constexpr (std::is_same_v<T, A>) {
+      v.store(p, static_cast<int>(n));
+    } else {
+      // The conversion yields a full vector of T (twice kSize values); store it whole to
+      // a buffer and copy the kSize that are ours: a fixed-size copy, unlike a partial
+      // vector store, compiles to one move.
+      T buffer[2 * kSize];
+      at::vec::convert_from_float<T>(v, v).store(buffer);
+      if (n == kSize) {
+        std::memcpy(p, buffer, kSize * sizeof(T));
+      } else {
+        std::memcpy(p, buffer, n * sizeof(T));
+      }
+    }
+  }
+  // Per-channel coefficient: one channel per lane (a channels_last row; arrays are padded
+  // to whole vectors) or one channel broadcast to every lane (an NCHW plane).
+  template <bool kPerLane>
+  static Vec coeff(const A* p, int64_t j) {
+    if constexpr (kPerLane) {
+      return Vec::loadu(p + j);
+    } else {
+      return Vec(*p);
+    }
+  }
+  // Lanes past the end of a run, zeroed: a reduction over a plane must not count them.
+  static Vec valid(const Vec& v, int64_t n) { return n == kSize ? v : Vec::set(Vec(0), v, n); }
+  static A sum(const Vec& v) {
+    A values[kSize];
+    v.store(values);
+    A s = 0;
+    for (int64_t i = 0; i < kSize; ++i) s += values[i];
+    return s;
+  }
+};
+
+// (count, mean, M2) of one channel, merged pairwise in double.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+  void merge(double n, double other_mean, double other_m2) {
+    if (n == 0) return;
+    const double total = count + n;
+    const double delta = other_mean - mean;
+    mean += delta * (n / total);
+    m2 += other_m2 + delta * delta * (count * n / total);
+    count = total;
+  }
+  void merge(const Moments& o) { merge(o.count, o.mean, o.m2); }
+};
+
+template <typename T>
+const T* typed(const void* p) { return static_cast<const T*>(p); }
+template <typename T>
+T* typed(void* p) { return static_cast<T*>(p); }
+
+// How a reduction over a channels_last activation is cut: rows into blocks (reduced in
+// the accumulation type while in cache) and blocks into chunks (one parallel task each).
+struct RowTiling {
+  int64_t rows, rows_per_block, rows_per_chunk, chunks;
+  explicit RowTiling(const ActivationGeometry& g) {
+    rows = g.reduce_size();
+    rows_per_block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(g.channels, 1));
+    const int64_t blocks = ceil_div(rows, rows_per_block);
+    rows_per_chunk = ceil_div(blocks, std::min(blocks, kMaxChunks)) * rows_per_block;
+    chunks = ceil_div(rows, rows_per_chunk);
+  }
+};
+
+int64_t padded(int64_t channels, int64_t lanes) { return ceil_div(channels, lanes) * lanes + lanes; }
+
+// ---------------------------------------------------------------- statistics
+
+void finalize_channel(const BatchStatsParams& p, int64_t c, const Moments& m) {
+  auto apply = [&](auto* mean, auto* invstd, auto* running_mean, auto* running_var) {
+    using A = std::remove_pointer_t<decltype(mean)>;
+    const double var = m.m2 / m.count;
+    mean[c] = static_cast<A>(m.mean);
+    invstd[c] = static_cast<A>(1.0 / std::sqrt(var + p.eps));
+    if (running_mean != nullptr) {
+      const double unbiased = var * m.count / (m.count - 1);
+      running_mean[c] = static_cast<A>(p.momentum * m.mean + (1 - p.momentum) * running_mean[c]);
+      running_var[c] = static_cast<A>(p.momentum * unbiased + (1 - p.momentum) * running_var[c]);
+    }
+  };
+  if (p.geometry.dtype == DType::kFloat64) {
+    apply(typed<double>(p.mean), typed<double>(p.invstd), typed<double>(p.running_mean),
+          typed<double>(p.running_var));
+  } else {
+    apply(typed<float>(p.mean), typed<float>(p.invstd), typed<float>(p.running_mean),
+          typed<float>(p.running_var));
+  }
+}
+
+template <typename T>
+void batch_stats_nhwc(const BatchStatsParams& p) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using Vec = typename L::Vec;
+  const ActivationGeometry& g = p.geometry;
+  const int64_t C = g.channels;
+  const T* x = typed<T>(p.input);
+  const RowTiling tiling(g);
+  std::vector<Moments> partials(tiling.chunks * C);
+
+  at::parallel_for(0, tiling.chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<A> sum(padded(C, L::kSize)), m2(padded(C, L::kSize)), block_mean(padded(C, L::kSize));
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      Moments* moments = &partials[chunk * C];
+      const int64_t chunk_rows_end = std::min(tiling.rows, (chunk + 1) * tiling.rows_per_chunk);
+      for (int64_t r0 = chunk * tiling.rows_per_chunk; r0 < chunk_rows_end; r0 += tiling.rows_per_block) {
+        const int64_t r1 = std::min(chunk_rows_end, r0 + tiling.rows_per_block);
+        std::fill(sum.begin(), sum.end(), A(0));
+        std::fill(m2.begin(), m2.end(), A(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t j = 0; j < C; j += L::kSize) {
+            const Vec v = L::load(x + r * C + j, std::min(L::kSize, C - j)) + Vec::loadu(&sum[j]);
+            v.store(&sum[j]);
+          }
+        }
+        const A inv_rows = A(1) / static_cast<A>(r1 - r0);
+        for (int64_t j = 0; j < C; j += L::kSize) (Vec::loadu(&sum[j]) * Vec(inv_rows)).store(&block_mean[j]);
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t j = 0; j < C; j += L::kSize) {
+            const Vec d = L::load(x + r * C + j, std::min(L::kSize, C - j)) - Vec::loadu(&block_mean[j]);
+            at::vec::fmadd(d, d, Vec::loadu(&m2[j])).store(&m2[j]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) moments[c].merge(static_cast<double>(r1 - r0), block_mean[c], m2[c]);
+      }
+    }
+  });
+
+  at::parallel_for(0, C, 64, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      Moments total;
+      for (int64_t chunk = 0; chunk < tiling.chunks; ++chunk) total.merge(partials[chunk * C + c]);
+      finalize_channel(p, c, total);
+    }
+  });
+}
+
+template <typename T>
+void batch_stats_nchw(const BatchStatsParams& p) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using Vec = typename L::Vec;
+  const ActivationGeometry& g = p.geometry;
+  const int64_t C = g.channels, HW = g.spatial;
+  const T* x = typed<T>(p.input);
+
+  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      Moments moments;
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const T* plane = x + (n * C + c) * HW;
+        for (int64_t b0 = 0; b0 < HW; b0 += kBlockElements) {
+          const int64_t len = std::min(kBlockElements, HW - b0);
+          Vec sum(0);
+          for (int64_t j = 0; j < len; j += L::kSize) sum = sum + L::load(plane + b0 + j, std::min(L::kSize, len - j));
+          const A block_mean = L::sum(sum) / static_cast<A>(len);
+          Vec m2(0);
+          for (int64_t j = 0; j < len; j += L::kSize) {
+            const int64_t lanes = std::min(L::kSize, len - j);
+            const Vec d = L::valid(L::load(plane + b0 + j, lanes) - Vec(block_mean), lanes);
+            m2 = at::vec::fmadd(d, d, m2);
+          }
+          moments.merge(static_cast<double>(len), block_mean, L::sum(m2));
+        }
+      }
+      finalize_channel(p, c, moments);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- elementwise passes
+
+// Per-channel coefficients of one BatchNorm branch in the accumulation type, padded to
+// whole vectors:
+//   forward:  pre    = fma(x, scale, shift)
+//   backward: grad_x = fma(g, scale, fma(x - mean, k2, k1))
+template <typename A>
+struct BranchCoefficients {
+  std::vector<A> scale, shift, mean, k1, k2;
+
+  BranchCoefficients(const BnBranch& b, int64_t C, int64_t lanes)
+      : scale(padded(C, lanes)), shift(padded(C, lanes)), mean(padded(C, lanes)),
+        k1(padded(C, lanes)), k2(padded(C, lanes)) {
+    const A* weight = typed<A>(b.weight);
+    const A* bias = typed<A>(b.bias);
+    const A* mu = typed<A>(b.mean);
+    const A* invstd = typed<A>(b.invstd);
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = (weight ? weight[c] : A(1)) * invstd[c];
+      shift[c] = (bias ? bias[c] : A(0)) - mu[c] * scale[c];
+      mean[c] = mu[c];
+    }
+  }
+};
+
+// The activations one element of the fused sum reads.
+template <typename T>
+struct Sources {
+  const T* x;
+  const T* x_d;       // kDualAddRelu
+  const T* residual;  // kAddRelu
+};
+
+template <typename T>
+struct Loaded {
+  typename Lanes<T>::Vec x, x_d, residual;
+};
+
+template <typename T, Epilogue E>
+Loaded<T> load_sources(const Sources<T>& s, int64_t i, int64_t n) {
+  using L = Lanes<T>;
+  const auto x = L::load(s.x + i, n);
+  // Members an epilogue does not use repeat x (never read; avoids constructing zeros).
+  const auto x_d = E == Epilogue::kDualAddRelu ? L::load(s.x_d + i, n) : x;
+  const auto residual = E == Epilogue::kAddRelu ? L::load(s.residual + i, n) : x;
+  return {x, x_d, residual};
+}
+
+// The pre-activation, shared verbatim by the forward and the backward's mask.
+template <typename T, Epilogue E, bool kPerLane, typename A = acc_t<T>>
+typename Lanes<T>::Vec preactivation(const Loaded<T>& v, const BranchCoefficients<A>& main,
+                                     const BranchCoefficients<A>* downsample, int64_t channel,
+                                     int64_t j) {
+  using L = Lanes<T>;
+  auto pre = at::vec::fmadd(v.x, L::template coeff<kPerLane>(&main.scale[channel], j),
+                            L::template coeff<kPerLane>(&main.shift[channel], j));
+  if constexpr (E == Epilogue::kAddRelu) pre = pre + v.residual;
+  if constexpr (E == Epilogue::kDualAddRelu) {
+    pre = pre + at::vec::fmadd(v.x_d, L::template coeff<kPerLane>(&downsample->scale[channel], j),
+                               L::template coeff<kPerLane>(&downsample->shift[channel], j));
+  }
+  return pre;
+}
+
+// Calls fn(per_lane, offset, length, channel) for every run, in parallel.
+template <typename Fn>
+void parallel_for_runs(const ActivationGeometry& g, Fn&& fn) {
+  if (g.layout == Layout::kNHWC) {
+    const int64_t C = g.channels;
+    at::parallel_for(0, g.reduce_size(), ceil_div(kGrainElements, C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) fn(std::true_type{}, r * C, C, int64_t{0});
+    });
+  } else {
+    const int64_t C = g.channels, HW = g.spatial;
+    at::parallel_for(0, g.batch * C, ceil_div(kGrainElements, HW), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) fn(std::false_type{}, p * HW, HW, p % C);
+    });
+  }
+}
+
+template <typename T, Epilogue E>
+void forward(const BnActForwardParams& p) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  const ActivationGeometry& g = p.geometry;
+  const BranchCoefficients<A> main(p.main, g.channels, L::kSize);
+  const BranchCoefficients<A> downsample(E == Epilogue::kDualAddRelu ? p.downsample : p.main,
+                                         g.channels, L::kSize);
+  const Sources<T> src{typed<T>(p.main.input), typed<T>(p.downsample.input), typed<T>(p.residual)};
+  T* out = typed<T>(p.out);
+  parallel_for_runs(g, [&](auto per_lane, int64_t offset, int64_t len, int64_t channel) {
+    constexpr bool kPerLane = decltype(per_lane)::value;
+    for (int64_t j = 0; j < len; j += L::kSize) {
+      const int64_t n = std::min(L::kSize, len - j);
+      const auto v = load_sources<T, E>(src, offset + j, n);
+      const auto pre = preactivation<T, E, kPerLane>(v, main, &downsample, channel, j);
+      L::store(out + offset + j, at::vec::maximum(pre, typename L::Vec(0)), n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+// Per-channel sums of the backward reduction: sum(g), sum(g * (x - mean)) and, for the
+// downsample branch, sum(g * (x_d - mean_d)).
+struct GradSums {
+  std::vector<double> g, g_centered, g_centered_d;
+  explicit GradSums(int64_t C) : g(C, 0.0), g_centered(C, 0.0), g_centered_d(C, 0.0) {}
+};
+
+template <typename T, Epilogue E, bool kPerLane, typename A = acc_t<T>>
+struct ReduceStep {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  // Accumulates one vector of a run into (sum_g, sum_gc, sum_gc_d).
+  static void run(const Sources<T>& src, const T* grad_out, const BranchCoefficients<A>& main,
+                  const BranchCoefficients<A>& downsample, int64_t i, int64_t n, int64_t channel,
+                  int64_t j, Vec& sum_g, Vec& sum_gc, Vec& sum_gc_d) {
+    const auto v = load_sources<T, E>(src, i, n);
+    const Vec pre = preactivation<T, E, kPerLane>(v, main, &downsample, channel, j);
+    const Vec zero(0);
+    const Vec g = Vec::blendv(zero, L::load(grad_out + i, n), pre > zero);
+    sum_g = sum_g + g;
+    sum_gc = at::vec::fmadd(g, v.x - L::template coeff<kPerLane>(&main.mean[channel], j), sum_gc);
+    if constexpr (E == Epilogue::kDualAddRelu) {
+      sum_gc_d = at::vec::fmadd(g, v.x_d - L::template coeff<kPerLane>(&downsample.mean[channel], j), sum_gc_d);
+    }
+  }
+};
+
+template <typename T, Epilogue E>
+void reduce_gradients_nhwc(const BnActBackwardParams& p, const Sources<T>& src,
+                           const BranchCoefficients<acc_t<T>>& main,
+                           const BranchCoefficients<acc_t<T>>& downsample, GradSums& sums) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using Vec = typename L::Vec;
+  const int64_t C = p.geometry.channels;
+  const RowTiling tiling(p.geometry);
+  const T* grad_out = typed<T>(p.grad_out);
+  std::vector<GradSums> partials(tiling.chunks, GradSums(C));
+
+  at::parallel_for(0, tiling.chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const int64_t width = padded(C, L::kSize);
+    std::vector<A> sg(width), sgc(width), sgcd(width);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      GradSums& out = partials[chunk];
+      const int64_t chunk_rows_end = std::min(tiling.rows, (chunk + 1) * tiling.rows_per_chunk);
+      for (int64_t r0 = chunk * tiling.rows_per_chunk; r0 < chunk_rows_end; r0 += tiling.rows_per_block) {
+        const int64_t r1 = std::min(chunk_rows_end, r0 + tiling.rows_per_block);
+        std::fill(sg.begin(), sg.end(), A(0));
+        std::fill(sgc.begin(), sgc.end(), A(0));
+        std::fill(sgcd.begin(), sgcd.end(), A(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t j = 0; j < C; j += L::kSize) {
+            Vec a = Vec::loadu(&sg[j]), b = Vec::loadu(&sgc[j]), d = Vec::loadu(&sgcd[j]);
+            ReduceStep<T, E, true>::run(src, grad_out, main, downsample, r * C + j,
+                                        std::min(L::kSize, C - j), 0, j, a, b, d);
+            a.store(&sg[j]);
+            b.store(&sgc[j]);
+            d.store(&sgcd[j]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          out.g[c] += sg[c];
+          out.g_centered[c] += sgc[c];
+          out.g_centered_d[c] += sgcd[c];
+        }
+      }
+    }
+  });
+  for (const GradSums& part : partials) {
+    for (int64_t c = 0; c < C; ++c) {
+      sums.g[c] += part.g[c];
+      sums.g_centered[c] += part.g_centered[c];
+      sums.g_centered_d[c] += part.g_centered_d[c];
+    }
+  }
+}
+
+template <typename T, Epilogue E>
+void reduce_gradients_nchw(const BnActBackwardParams& p, const Sources<T>& src,
+                           const BranchCoefficients<acc_t<T>>& main,
+                           const BranchCoefficients<acc_t<T>>& downsample, GradSums& sums) {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  const ActivationGeometry& g = p.geometry;
+  const int64_t C = g.channels, HW = g.spatial;
+  const T* grad_out = typed<T>(p.grad_out);
+  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const int64_t plane = (n * C + c) * HW;
+        for (int64_t b0 = 0; b0 < HW; b0 += kBlockElements) {
+          const int64_t len = std::min(kBlockElements, HW - b0);
+          Vec a(0), b(0), d(0);
+          for (int64_t j = 0; j < len; j += L::kSize) {
+            ReduceStep<T, E, false>::run(src, grad_out, main, downsample, plane + b0 + j,
+                                         std::min(L::kSize, len - j), c, 0, a, b, d);
+          }
+          sums.g[c] += L::sum(a);
+          sums.g_centered[c] += L::sum(b);
+          sums.g_centered_d[c] += L::sum(d);
+        }
+      }
+    }
+  });
+}
+
+// Writes grad_weight and grad_bias of a branch and fills its k1, k2 coefficients.
+template <typename A>
+void branch_gradients(BranchCoefficients<A>& coeffs, const BnBranch& branch, const std::vector<double>& sum_g,
+                      const std::vector<double>& sum_gc, int64_t C, double reduce_size, bool training,
+                      void* grad_weight, void* grad_bias) {
+  const A* invstd = typed<A>(branch.invstd);
+  for (int64_t c = 0; c < C; ++c) {
+    typed<A>(grad_bias)[c] = static_cast<A>(sum_g[c]);
+    typed<A>(grad_weight)[c] = static_cast<A>(sum_gc[c] * invstd[c]);
+    if (training) {
+      const double scale = coeffs.scale[c];
+      coeffs.k1[c] = static_cast<A>(-scale * sum_g[c] / reduce_size);
+      coeffs.k2[c] = static_cast<A>(-scale * double(invstd[c]) * invstd[c] * sum_gc[c] / reduce_size);
+    }
+  }
+}
+
+template <typename T, Epilogue E>
+void backward(const BnActBackwardParams& p) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using Vec = typename L::Vec;
+  const ActivationGeometry& g = p.geometry;
+  const int64_t C = g.channels;
+  BranchCoefficients<A> main(p.main, C, L::kSize);
+  BranchCoefficients<A> downsample(E == Epilogue::kDualAddRelu ? p.downsample : p.main, C, L::kSize);
+  const Sources<T> src{typed<T>(p.main.input), typed<T>(p.downsample.input), typed<T>(p.residual)};
+
+  GradSums sums(C);
+  if (g.layout == Layout::kNHWC) {
+    reduce_gradients_nhwc<T, E>(p, src, main, downsample, sums);
+  } else {
+    reduce_gradients_nchw<T, E>(p, src, main, downsample, sums);
+  }
+  const double M = static_cast<double>(g.reduce_size());
+  branch_gradients(main, p.main, sums.g, sums.g_centered, C, M, p.training, p.grad_weight, p.grad_bias);
+  if constexpr (E == Epilogue::kDualAddRelu) {
+    branch_gradients(downsample, p.downsample, sums.g, sums.g_centered_d, C, M, p.training,
+                     p.grad_weight_d, p.grad_bias_d);
+  }
+
+  const T* grad_out = typed<T>(p.grad_out);
+  T* grad_input = typed<T>(p.grad_input);
+  T* grad_input_d = typed<T>(p.grad_input_d);
+  T* grad_residual = typed<T>(p.grad_residual);
+  parallel_for_runs(g, [&](auto per_lane, int64_t offset, int64_t len, int64_t channel) {
+    constexpr bool kPerLane = decltype(per_lane)::value;
+    auto coeff = [&](const std::vector<A>& a, int64_t j) { return L::template coeff<kPerLane>(&a[channel], j); };
+    for (int64_t j = 0; j < len; j += L::kSize) {
+      const int64_t n = std::min(L::kSize, len - j);
+      const int64_t i = offset + j;
+      const auto v = load_sources<T, E>(src, i, n);
+      const Vec pre = preactivation<T, E, kPerLane>(v, main, &downsample, channel, j);
+      const Vec zero(0);
+      const Vec grad = Vec::blendv(zero, L::load(grad_out + i, n), pre > zero);
+      const Vec dx = at::vec::fmadd(grad, coeff(main.scale, j),
+                                    at::vec::fmadd(v.x - coeff(main.mean, j), coeff(main.k2, j), coeff(main.k1, j)));
+      L::store(grad_input + i, dx, n);
+      if constexpr (E == Epilogue::kAddRelu) L::store(grad_residual + i, grad, n);
+      if constexpr (E == Epilogue::kDualAddRelu) {
+        const Vec dx_d = at::vec::fmadd(
+            grad, coeff(downsample.scale, j),
+            at::vec::fmadd(v.x_d - coeff(downsample.mean, j), coeff(downsample.k2, j), coeff(downsample.k1, j)));
+        L::store(grad_input_d + i, dx_d, n);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- dispatch
+
+template <typename Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(float{});
+    case DType::kFloat16: return fn(c10::Half{});
+    case DType::kBFloat16: return fn(c10::BFloat16{});
+    case DType::kFloat64: return fn(double{});
+  }
+}
+
+template <typename Fn>
+void dispatch_epilogue(Epilogue e, Fn&& fn) {
+  switch (e) {
+    case Epilogue::kRelu: return fn(std::integral_constant<Epilogue, Epilogue::kRelu>{});
+    case Epilogue::kAddRelu: return fn(std::integral_constant<Epilogue, Epilogue::kAddRelu>{});
+    case Epilogue::kDualAddRelu: return fn(std::integral_constant<Epilogue, Epilogue::kDualAddRelu>{});
+  }
+}
+
+}  // namespace
+
+void batch_stats(const BatchStatsParams& p) {
+  dispatch_dtype(p.geometry.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (p.geometry.layout == Layout::kNHWC) {
+      batch_stats_nhwc<T>(p);
+    } else {
+      batch_stats_nchw<T>(p);
+    }
+  });
+}
+
+void bn_act_forward(const BnActForwardParams& p) {
+  dispatch_dtype(p.geometry.dtype, [&](auto t) {
+    dispatch_epilogue(p.epilogue, [&](auto e) { forward<decltype(t), decltype(e)::value>(p); });
+  });
+}
+
+void bn_act_backward(const BnActBackwardParams& p) {
+  dispatch_dtype(p.geometry.dtype, [&](auto t) {
+    dispatch_epilogue(p.epilogue, [&](auto e) { backward<decltype(t), decltype(e)::value>(p); });
+  });
+}
+
+}  // namespace resnet_fused::cpu::CPU_CAPABILITY
