@@ -62,7 +62,9 @@ def _want_cuda():
 
 
 def _extension():
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-DPy_LIMITED_API=0x030A0000"]
+    # at::vec headers carry `#pragma unroll` for other compilers, and GCC notes the vector
+    # ABI of the per-ISA kernel builds (csrc/cpu): neither is actionable.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi", "-DPy_LIMITED_API=0x030A0000"]
     link_flags = []
     if torch.backends.openmp.is_available():
         # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The

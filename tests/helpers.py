@@ -14,7 +14,9 @@ def activation(shape, dtype=torch.float32, layout="nhwc", device="cpu", *, scale
 
 
 def non_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The same values as `x` in a strided, non-dense view (every other column)."""
-    wide = torch.empty(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2]
+    """The same values as `x` in a non-dense view (every other column) of `x`'s layout."""
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    wide = torch.empty(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device, memory_format=layout)
+    with torch.no_grad():
+        wide[..., ::2] = x
+    return wide[..., ::2].requires_grad_(x.requires_grad) if x.is_leaf else wide[..., ::2]

@@ -3,6 +3,8 @@
 #include "bn_act_kernels_isa.h"
 
 #ifdef RESNET_FUSED_CPU_X86_VARIANTS
+// GCC 12 flags the intentionally undefined registers of its own intrinsics headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 // #pragma GCC target enables the instructions but not their feature macros, which
 // sleef.h (pulled in by at::vec) keys its vector declarations on.

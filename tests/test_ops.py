@@ -1,0 +1,483 @@
+"""The fused ops on the CPU backends (C++ kernels and reference) against eager PyTorch.
+
+Every op is checked, in training and in eval, for outputs, running statistics and all
+gradients against two oracles: eager ``F.batch_norm`` + ``relu`` (+ add) composites in
+float64 on the very same (rounded) inputs, and the same composites in the input dtype.
+
+Tolerances, per dtype (``ROUNDING``): the fused ops compute in float32 (float64 for
+float64) and round once, so against the float64 oracle they may differ by one rounding
+of the output dtype plus float32 arithmetic error: 2^-7 relative for bfloat16 (8 bits
+of mantissa), 2^-10 for float16, ~100 float32 ulps for float32, and near float64
+round-off for float64. Eager in a reduced dtype rounds twice (the BatchNorm output, then
+the sum), so the comparison with same-dtype eager allows two roundings. Per-channel
+results (running stats, weight and bias gradients) are float32 sums in both eager and
+fused code and are compared at float32 precision whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused import backends, functional as RF
+from helpers import activation, non_contiguous
+
+CPU_BACKENDS = [b for b in ("cpu", "reference") if b in resnet_fused.available_backends("cpu")]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (relative = absolute) tolerance of one rounding to the dtype after float32 math
+ROUNDING = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+# Eager in float16/bfloat16 rounds each BatchNorm output (|y| up to ~4 here, where one
+# ulp is 4x the ulp at 1) and then the sum: up to three half-ulps at 4, i.e. 6 units of
+# ROUNDING in absolute terms, whatever the (possibly small) size of the result.
+EAGER_ROUNDINGS = 8
+# Per-channel results are float32 sums over N*H*W values of the same inputs in both codes:
+# float32 summation error, relative to the sum's magnitude. Eager in float16/bfloat16 masks
+# the gradient with its doubly rounded output, which may differ at a few elements.
+PER_CHANNEL_TOL = {
+    "eager64": {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4},
+    "eager": {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2},
+}
+
+SHAPES = [
+    (4, 19, 5, 7),  # C not a multiple of any vector width
+    (3, 8, 1, 1),  # H = W = 1
+    (1, 13, 3, 3),  # batch of one
+    (2, 67, 9, 11),  # C spans several vectors plus a tail; N*H*W odd
+]
+OPS = ["bn_relu", "bn_add_relu", "dual_bn_add_relu"]
+
+
+def requires_cpu_kernels():
+    return pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="resnet_fused._C not built")
+
+
+class BatchNormState:
+    """A BatchNorm's parameters and running statistics (float32, like nn.BatchNorm2d)."""
+
+    def __init__(self, channels, affine=True, track=True):
+        self.weight = (torch.rand(channels) + 0.5).requires_grad_() if affine else None
+        self.bias = torch.randn(channels).requires_grad_() if affine else None
+        self.running_mean = torch.randn(channels) * 0.1 if track else None
+        self.running_var = torch.rand(channels) + 0.5 if track else None
+
+    def clone(self, dtype=None):
+        other = BatchNormState.__new__(BatchNormState)
+        for name in ("weight", "bias"):
+            t = getattr(self, name)
+            setattr(other, name, None if t is None else t.detach().to(dtype or t.dtype).requires_grad_())
+        for name in ("running_mean", "running_var"):
+            t = getattr(self, name)
+            setattr(other, name, None if t is None else t.to(dtype or t.dtype).clone())
+        return other
+
+
+def eager(op, x, other, bn, bn_d, training, momentum=0.1, eps=1e-5, momentum_d=0.1, eps_d=1e-4, relu=True):
+    """The eager composite each fused op replaces (`relu=False`: its pre-activation)."""
+    y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, momentum, eps)
+    if op == "bn_add_relu":
+        y = y + other
+    elif op == "dual_bn_add_relu":
+        y = y + F.batch_norm(
+            other, bn_d.running_mean, bn_d.running_var, bn_d.weight, bn_d.bias, training, momentum_d, eps_d
+        )
+    return torch.relu(y) if relu else y
+
+
+def fused(op, x, other, bn, bn_d, training, backend, momentum=0.1, eps=1e-5, momentum_d=0.1, eps_d=1e-4):
+    if op == "bn_relu":
+        return RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, momentum, eps, backend=backend)
+    if op == "bn_add_relu":
+        return RF.bn_add_relu(
+            x, other, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, momentum, eps, backend=backend
+        )
+    return RF.dual_bn_add_relu(
+        x, other, bn.running_mean, bn.running_var, bn_d.running_mean, bn_d.running_var,
+        bn.weight, bn.bias, bn_d.weight, bn_d.bias, training, momentum, eps, momentum_d, eps_d, backend=backend,
+    )
+
+
+def grads(out, upstream, tensors):
+    tensors = [t for t in tensors if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, tensors, upstream)
+
+
+def leaves(x, other, bn, bn_d, op):
+    ts = [x, bn.weight, bn.bias]  # x, other: views of leaves are fine for autograd.grad
+    if op != "bn_relu":
+        ts.append(other)
+    if op == "dual_bn_add_relu":
+        ts += [bn_d.weight, bn_d.bias]
+    return ts
+
+
+def assert_close(actual, expected, tol, what):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=True, make_input=None):
+    """Runs `op` fused and eager (float64 and same dtype) on the same inputs; compares all.
+
+    The upstream gradient is zeroed where the float64 pre-activation is within the eager
+    tolerance of 0: there eager's doubly rounded sum may land on the other side of the ReLU
+    than the exact value, and no tolerance could absorb a flipped mask.
+    """
+    make_input = make_input or (lambda t: t)
+    C = shape[1]
+    x = activation(shape, dtype, layout)
+    other = activation(shape, dtype, layout) if op != "bn_relu" else None
+    bn, bn_d = BatchNormState(C, affine, track), BatchNormState(C, affine, track)
+    upstream = activation(shape, dtype, layout)
+    with torch.no_grad():
+        pre64 = eager(op, x.double(), None if other is None else other.double(), bn.clone(torch.float64),
+                      bn_d.clone(torch.float64), training, relu=False)
+        upstream[pre64.abs() < ROUNDING[dtype] * EAGER_ROUNDINGS] = 0
+
+    runs = {}
+    for name in ("fused", "eager64", "eager"):
+        dt = torch.float64 if name == "eager64" else dtype
+        xi = make_input(x.detach().to(dt).requires_grad_())
+        oi = None if other is None else make_input(other.detach().to(dt).requires_grad_())
+        # eager on the CPU mixes dtypes only for float16/bfloat16 inputs with float32 parameters
+        state, state_d = bn.clone(dt if dt == torch.float64 else None), bn_d.clone(dt if dt == torch.float64 else None)
+        run = fused if name == "fused" else eager
+        out = run(op, xi, oi, state, state_d, training, backend=backend) if name == "fused" else run(
+            op, xi, oi, state, state_d, training
+        )
+        g = grads(out, upstream.to(out.dtype), leaves(xi, oi, state, state_d, op))
+        runs[name] = (out, g, state, state_d)
+
+    out, g, state, state_d = runs["fused"]
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.stride() == runs["eager"][0].stride(), "memory format differs from eager's"
+    for oracle in ("eager64", "eager"):
+        ref_out, ref_g, ref_state, ref_state_d = runs[oracle]
+        activation_tol = ROUNDING[dtype] * (1 if oracle == "eager64" else EAGER_ROUNDINGS)
+        assert_close(out, ref_out, activation_tol, f"output vs {oracle}")
+        for i, (a, b) in enumerate(zip(g, ref_g)):
+            tol = activation_tol if a.dim() == 4 else PER_CHANNEL_TOL[oracle][dtype]
+            assert_close(a, b, tol, f"gradient {i} vs {oracle}")
+        if track and training:
+            states = [(state, ref_state)] + ([(state_d, ref_state_d)] if op == "dual_bn_add_relu" else [])
+            for s, r in states:
+                tol = PER_CHANNEL_TOL["eager64"][dtype]
+                assert_close(s.running_mean, r.running_mean, tol, f"running_mean vs {oracle}")
+                assert_close(s.running_var, r.running_var, tol, f"running_var vs {oracle}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_matches_eager(backend, op, layout, dtype, shape):
+    run_case(op, backend, shape, dtype, layout, training=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_eval_matches_eager(backend, op, layout, dtype):
+    run_case(op, backend, (3, 21, 6, 5), dtype, layout, training=False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_without_affine_or_running_stats(backend, op):
+    run_case(op, backend, (4, 11, 3, 5), torch.float32, "nhwc", training=True, affine=False, track=False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_non_contiguous_inputs(backend, op, layout):
+    run_case(op, backend, (2, 10, 4, 6), torch.float32, layout, training=True, make_input=non_contiguous)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cumulative_moving_average_matches_momentum_none(backend):
+    """BatchNorm2d(momentum=None) averages batches; the functional op gets 1/num_batches."""
+    bn = torch.nn.BatchNorm2d(7, momentum=None)
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    for step in range(1, 4):
+        x = activation((3, 7, 4, 4), offset=step)
+        bn(x)
+        RF.bn_relu(x, running_mean, running_var, bn.weight, bn.bias, True, 1.0 / step, bn.eps, backend=backend)
+    torch.testing.assert_close(running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(running_var, bn.running_var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_empty_batch_matches_eager(backend, layout):
+    bn = BatchNormState(5)
+    x = activation((0, 5, 4, 4), layout=layout).requires_grad_()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    out = RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, backend=backend)
+    assert out.shape == x.shape
+    gx, gw, gb = torch.autograd.grad(out.sum(), [x, bn.weight, bn.bias])
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros(5)) and torch.equal(gb, torch.zeros(5))
+    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)  # eager leaves them too
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_statistics_are_stable_far_from_zero(backend, layout, dtype):
+    """Mean 1000, std 3: a naive float32 sum of squares loses the variance entirely."""
+    x = activation((32, 9, 24, 24), dtype, layout, scale=3.0, offset=1000.0)
+    mean, invstd = RF.batch_stats(x, backend=backend)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+
+
+@requires_cpu_kernels()
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_cpu_kernels_are_deterministic(layout):
+    x = activation((8, 33, 30, 30), layout=layout, offset=0.5)
+    r = activation((8, 33, 30, 30), layout=layout)
+    w, b = torch.rand(33) + 0.5, torch.randn(33)
+    first = torch.ops.resnet_fused.batch_stats(x, None, None, 0.1, 1e-5)
+    grads1 = torch.ops.resnet_fused.bn_add_relu_backward(r, x, r, w, b, *first, True)
+    for threads in (1, torch.get_num_threads()):
+        torch.set_num_threads(threads)
+        again = torch.ops.resnet_fused.batch_stats(x, None, None, 0.1, 1e-5)
+        grads2 = torch.ops.resnet_fused.bn_add_relu_backward(r, x, r, w, b, *again, True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+# ---------------------------------------------------------------- gradcheck, backward ops
+
+
+@requires_cpu_kernels()
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(layout, training):
+    shape = (3, 5, 4, 3)
+    x = activation(shape, torch.float64, layout).requires_grad_()
+    x_d = activation(shape, torch.float64, layout).requires_grad_()
+    w = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(5, dtype=torch.float64).requires_grad_()
+    rm = torch.randn(5, dtype=torch.float64)
+    rv = torch.rand(5, dtype=torch.float64) + 0.5
+    ops = torch.ops.resnet_fused
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: RF.bn_relu(x, rm, rv, w, b, training, backend="cpu"), (x, w, b)
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, r, w, b: RF.bn_add_relu(x, r, rm, rv, w, b, training, backend="cpu"), (x, x_d, w, b)
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, xd, w, b: RF.dual_bn_add_relu(x, xd, rm, rv, rm, rv, w, b, w * 0.5, -b, training, eps_d=1e-3, backend="cpu"),
+        (x, x_d, w, b),
+    )
+    if not training:  # eval: the statistics are inputs of their own, with gradients
+        mean = rm.clone().requires_grad_()
+        invstd = rv.rsqrt().requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, m, i: ops.bn_relu(x, w, b, m, i, False), (x, mean, invstd))
+
+
+@requires_cpu_kernels()
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_ops_match_reference_formulas(layout, dtype, training):
+    shape = (3, 23, 5, 4)
+    x, r, g = (activation(shape, dtype, layout) for _ in range(3))
+    w, b = torch.rand(23) + 0.5, torch.randn(23)
+    mean, invstd = torch.ops.resnet_fused.batch_stats(x, None, None, 0.1, 1e-5)
+    cases = {
+        "bn_relu_backward": (g, x, w, b, mean, invstd, training),
+        "bn_add_relu_backward": (g, x, r, w, b, mean, invstd, training),
+        "dual_bn_add_relu_backward": (g, x, w, b, mean, invstd, r, w.flip(0), None, mean, invstd, training),
+    }
+    tol = 2 * ROUNDING[dtype]
+    for name, args in cases.items():
+        got = getattr(torch.ops.resnet_fused, name)(*args)
+        want = getattr(torch.ops.resnet_fused_reference, name)(*args)
+        for i, (a, e) in enumerate(zip(got, want)):
+            assert a.dtype == e.dtype and a.stride() == e.stride(), f"{name} output {i}"
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol * 10, msg=lambda m: f"{name} output {i}: {m}")
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _op_cases(ns):
+    x = activation((3, 6, 4, 5))
+    r = activation((3, 6, 4, 5))
+    w, b, rm, rv = torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.rand(6) + 0.5
+    m, i = rm, rv.rsqrt()
+    return [
+        (ns.batch_stats.default, (x, rm.clone(), rv.clone(), 0.1, 1e-5)),
+        (ns.batch_stats.default, (x.contiguous(), None, None, 0.1, 1e-5)),
+        (ns.bn_relu.default, (x, w, b, m, i, True)),
+        (ns.bn_relu.default, (x.contiguous(), None, None, m, i, False)),
+        (ns.bn_relu_backward.default, (r, x, w, b, m, i, True)),
+        (ns.bn_add_relu.default, (x, r, w, b, m, i, True)),
+        (ns.bn_add_relu_backward.default, (r, x, r, w, b, m, i, False)),
+        (ns.dual_bn_add_relu.default, (x, w, b, m, i, r, None, b, m, i, True)),
+        (ns.dual_bn_add_relu_backward.default, (r, x, w, b, m, i, r, w, None, m, i, True)),
+    ]
+
+
+@pytest.mark.parametrize("namespace", ["resnet_fused", "resnet_fused_reference"])
+def test_opcheck(namespace):
+    if namespace == "resnet_fused" and "cpu" not in CPU_BACKENDS:
+        pytest.skip("resnet_fused._C not built")
+    for op, args in _op_cases(getattr(torch.ops, namespace)):
+        differentiable = not op.name().endswith(("backward", "batch_stats"))
+        args = tuple(
+            a.detach().clone().requires_grad_(differentiable and a.dim() == 4) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+@requires_cpu_kernels()
+def test_python_schemas_equal_cpp_schemas():
+    for name in resnet_fused.ops.OP_NAMES:
+        cpp = getattr(torch.ops.resnet_fused, name).default._schema
+        ref = getattr(torch.ops.resnet_fused_reference, name).default._schema
+        assert [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in cpp.arguments] == [
+            (a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in ref.arguments
+        ], name
+        assert [str(r.type) for r in cpp.returns] == [str(r.type) for r in ref.returns], name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph(backend):
+    """A block tail through torch.compile(fullgraph=True): no graph break, same results."""
+
+    def tail(x, r, w, b, rm, rv):
+        y = RF.bn_relu(x, rm, rv, w, b, True, backend=backend)
+        return RF.bn_add_relu(y, r, rm, rv, w, b, True, backend=backend)
+
+    args = [activation((2, 8, 5, 5)).requires_grad_(), activation((2, 8, 5, 5)), torch.rand(8) + 0.5, torch.randn(8)]
+    eager_stats, compiled_stats = (torch.zeros(8), torch.ones(8)), (torch.zeros(8), torch.ones(8))
+    torch._dynamo.reset()
+    compiled = torch.compile(tail, fullgraph=True, backend="aot_eager")
+    want = tail(*args, *eager_stats)
+    got = compiled(*args, *compiled_stats)
+    torch.testing.assert_close(got, want)
+    (gw,) = torch.autograd.grad(want.sum(), args[0])
+    (gc,) = torch.autograd.grad(got.sum(), args[0])
+    torch.testing.assert_close(gc, gw)
+    for a, b in zip(compiled_stats, eager_stats):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+BAD_INPUTS = [
+    ("rank", lambda x, c: (x[0], c), ValueError, "`input` to be a 4-D"),
+    ("dtype", lambda x, c: (x.to(torch.int32), c), TypeError, "`input` to have dtype"),
+    ("channels", lambda x, c: (x, {**c, "weight": torch.ones(5)}), ValueError, "`weight` to be a 1-D tensor of 6"),
+    ("device", lambda x, c: (x, {**c, "bias": torch.zeros(6, device="meta")}), ValueError, "`bias` on the device"),
+    ("param dtype", lambda x, c: (x, {**c, "weight": torch.ones(6, dtype=torch.int64)}), TypeError, "`weight` to be a floating"),
+    ("stats pair", lambda x, c: (x, {**c, "running_var": None}), ValueError, "`running_mean` and `running_var`"),
+    ("one value", lambda x, c: (x[:1, :, :1, :1], c), ValueError, "Expected more than 1 value per channel"),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c[0])
+def test_bad_input_names_the_argument(backend, case):
+    _, mutate, error, message = case
+    x = activation((2, 6, 3, 3))
+    kwargs = dict(running_mean=torch.zeros(6), running_var=torch.ones(6), weight=torch.ones(6), bias=torch.zeros(6))
+    x, kwargs = mutate(x, kwargs)
+    with pytest.raises(error, match=message):
+        RF.bn_relu(x, training=True, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mismatched_residual_is_rejected(backend):
+    x = activation((2, 6, 3, 3))
+    with pytest.raises(ValueError, match="`residual` to have the shape of `input`"):
+        RF.bn_add_relu(x, x[:, :5], None, None, training=True, backend=backend)
+    with pytest.raises(TypeError, match="`residual` to have the dtype of `input`"):
+        RF.bn_add_relu(x, x.double(), None, None, training=True, backend=backend)
+    with pytest.raises(ValueError, match="`input_d` to have the shape of `input`"):
+        RF.dual_bn_add_relu(x, x[:1], None, None, None, None, training=True, backend=backend)
+    with pytest.raises(ValueError, match="`running_mean_d` and `running_var_d` are required"):
+        RF.dual_bn_add_relu(x, x, torch.zeros(6), torch.ones(6), None, None, training=False, backend=backend)
+
+
+@requires_cpu_kernels()
+def test_compiled_ops_validate_in_cpp():
+    """Calling torch.ops.resnet_fused directly hits the C++ checks, same wording."""
+    x = activation((2, 6, 3, 3))
+    ops = torch.ops.resnet_fused
+    with pytest.raises(ValueError, match=r"bn_relu\(\): expected `mean` to be a 1-D tensor of 6"):
+        ops.bn_relu(x, None, None, torch.zeros(4), torch.ones(6), True)
+    with pytest.raises(ValueError, match="`input` to be a 4-D"):
+        ops.batch_stats(x[0], None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        ops.batch_stats(x[:1, :, :1, :1], None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match=r"bn_add_relu_backward\(\): expected `grad_out` to have the shape"):
+        ops.bn_add_relu_backward(x[:1], x, x, None, None, torch.zeros(6), torch.ones(6), True)
+    with pytest.raises(ValueError, match="`weight_d` on the device of `input_d`"):
+        ops.dual_bn_add_relu(x, None, None, torch.zeros(6), torch.ones(6), x, torch.ones(6, device="meta"),
+                             None, torch.zeros(6), torch.ones(6), True)
+
+
+# ---------------------------------------------------------------- backend selection
+
+
+def test_backend_selection_api():
+    assert resnet_fused.get_backend() == "auto"
+    with resnet_fused.use_backend("reference"):
+        assert resnet_fused.get_backend() == "reference"
+    assert resnet_fused.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown resnet_fused backend 'fast'"):
+        resnet_fused.set_backend("fast")
+    x = activation((2, 6, 3, 3))
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        RF.bn_relu(x, None, None, training=True, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'triton'"):
+        RF.bn_relu(x, None, None, training=True, backend="triton")
+    assert backends.resolve(x.device, x.dtype).name == ("cpu" if "cpu" in CPU_BACKENDS else "reference")
+
+
+def test_backend_env_var_and_missing_extension():
+    """RESNET_FUSED_BACKEND is honoured; without _C, import warns once and falls back."""
+    code = (
+        "import sys, warnings\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'resnet_fused._C': raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, resnet_fused, resnet_fused.functional as RF\n"
+        "    x = torch.randn(2, 3, 4, 4)\n"
+        "    y = RF.bn_relu(x, None, None, training=True)\n"
+        "    y = RF.bn_relu(x, None, None, training=True)\n"
+        "print(resnet_fused.get_backend(), [str(w.message).split(':')[0] for w in caught])\n"
+    )
+    env = {**__import__("os").environ, "RESNET_FUSED_BACKEND": "reference"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "reference ['resnet_fused']", out
+
+
+def test_auto_warns_once_when_falling_back(monkeypatch):
+    """`auto` on a configuration no compiled kernel covers: reference path, one warning."""
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton",))  # a backend that cannot run here
+    monkeypatch.setattr(backends, "_warned", set())
+    x = activation((2, 3, 4, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RF.bn_relu(x, None, None, training=True)
+        RF.bn_relu(x, None, None, training=True)
+    assert [str(w.message) for w in caught if "reference path" in str(w.message)].__len__() == 1
