@@ -18,8 +18,11 @@ export MAX_JOBS
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
+# torch is only installed if missing (a preinstalled one is kept).
+DEPS := "torch>=2.6" torchvision numpy pytest ninja setuptools wheel scikit-learn tqdm matplotlib pytest-benchmark
+
 setup: $(PY)
-	$(PIP) install -q "torch>=2.6" torchvision numpy pytest ninja setuptools wheel
+	$(PIP) install -q $(DEPS)
 
 build: setup
 	$(PIP) install -q --no-build-isolation --no-deps -e .
