@@ -14,6 +14,7 @@ nvcc is found; no GPU is needed to build. Environment switches:
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -29,6 +30,24 @@ Install torch first, then build without isolation:
     pip install --no-build-isolation .
 """
 
+
+def _locate_cuda_toolkit():
+    """Points CUDA_HOME at the toolkit when `nvcc` on PATH is a wrapper script.
+
+    torch takes the toolkit to be two levels above `which nvcc`; a wrapper such as
+    /usr/local/bin/nvcc would make that /usr/local, with no CUDA headers or libraries.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guessed = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    for home in (guessed, "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_toolkit()
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
