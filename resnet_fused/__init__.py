@@ -15,6 +15,7 @@ if _extension.LOADED:
     ops.register("resnet_fused")
 
 from . import backends, functional  # noqa: E402
+from . import triton  # noqa: E402  (registers the Triton backend, or says why it is unavailable)
 from .backends import available_backends, get_backend, set_backend, use_backend  # noqa: E402
 
 __all__ = [

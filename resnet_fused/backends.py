@@ -6,7 +6,8 @@ Backends:
 name           implementation                                              devices
 =============  ==========================================================  ============
 ``cuda``       CUDA C++ kernels of ``resnet_fused._C``                     cuda
-``triton``     Triton kernels (``resnet_fused.triton``)                    cuda
+``triton``     Triton kernels (``resnet_fused.triton``)                    cuda (cpu under
+                                                                           TRITON_INTERPRET=1)
 ``cpu``        C++ CPU kernels of ``resnet_fused._C``                      cpu
 ``reference``  plain PyTorch (``resnet_fused.reference``)                  any
 ``auto``       the fastest available one for the tensor's device

@@ -1,0 +1,164 @@
+"""Per-channel reductions as a deterministic two-level tree: the partition and its walk.
+
+Level one: each program reduces one *chunk* of one *channel group* into fp32 partials,
+written to ``partials[k, channel, chunk]``. Level two: a finalize kernel merges each
+channel's partials in a fixed order. No atomics, so results do not depend on scheduling;
+the partition depends only on the shape and the device's SM count.
+
+An activation is walked as rows of contiguous lanes:
+
+==============  ===========================  ==========================  ===============
+layout          rows (stride)                lanes                       channel group
+==============  ===========================  ==========================  ===============
+channels_last   N*H*W pixels (C)             the group's ``BLOCK_L``     ``BLOCK_L``
+                                             channels                    channels
+NCHW            N images (C*H*W)             H*W positions of channel c  one channel c
+==============  ===========================  ==========================  ===============
+
+A chunk is a range of rows (and, in NCHW, a range of lanes). The partition aims at
+``reduce_programs_per_sm`` programs per SM in all, at most ``MAX_CHUNKS`` partials per
+channel (the finalize holds all of a channel's partials at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime
+
+MAX_CHUNKS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    channels_last: bool
+    channels: int
+    rows: int
+    row_stride: int
+    lanes: int
+    lane_block: int  # BLOCK_L
+    groups: int
+    rows_per_chunk: int
+    row_chunks: int
+    lanes_per_chunk: int  # NCHW; channels_last: the group's BLOCK_L channels
+    lane_chunks: int
+
+    @property
+    def chunks(self) -> int:
+        return self.row_chunks * self.lane_chunks
+
+    @property
+    def programs(self) -> int:
+        return self.groups * self.chunks
+
+    @property
+    def reduce_size(self) -> int:
+        """M = N*H*W, the values behind each channel's statistics."""
+        return self.rows if self.channels_last else self.rows * self.lanes
+
+    def kernel_args(self) -> dict:
+        """The arguments every partials kernel takes, by name."""
+        return dict(
+            C=self.channels,
+            rows=self.rows,
+            row_stride=self.row_stride,
+            lanes=self.lanes,
+            groups=self.groups,
+            lane_chunks=self.lane_chunks,
+            rows_per_chunk=self.rows_per_chunk,
+            lanes_per_chunk=self.lanes_per_chunk,
+            chunks=self.chunks,
+            CHANNELS_LAST=self.channels_last,
+            BLOCK_L=self.lane_block,
+        )
+
+    def finalize_blocks(self) -> tuple[int, int]:
+        """(BLOCK_C, BLOCK_S) of a finalize program: channels x all of their partials."""
+        block_s = _runtime.next_power_of_2(self.chunks)
+        return max(1, _runtime.TUNING.finalize_tile // block_s), block_s
+
+
+def partition(x: torch.Tensor, channels_last: bool) -> Partition:
+    """How to reduce the dense activation ``x`` (N, C, H, W) per channel."""
+    tuning = _runtime.TUNING
+    n, c, h, w = x.shape
+    hw = h * w
+    target = tuning.reduce_programs_per_sm * _runtime.sm_count(x.device)
+    if channels_last:
+        block = _runtime.lane_block(c, tuning.reduce_channel_block, channels_last=True)
+        groups = triton.cdiv(c, block)
+        rows = n * hw
+        wanted = min(triton.cdiv(target, groups), MAX_CHUNKS, triton.cdiv(rows, tuning.min_rows_per_chunk))
+        rows_per_chunk = triton.cdiv(rows, max(wanted, 1))
+        return Partition(
+            True, c, rows, c, c, block, groups, rows_per_chunk, triton.cdiv(rows, rows_per_chunk), block, 1
+        )
+    wanted = max(1, min(triton.cdiv(target, c), MAX_CHUNKS))
+    rows_per_chunk = triton.cdiv(n, min(n, wanted))
+    row_chunks = triton.cdiv(n, rows_per_chunk)
+    lane_chunks = max(1, min(wanted // row_chunks, triton.cdiv(hw, tuning.min_lanes_per_chunk)))
+    granule = tuning.lane_granule
+    lanes_per_chunk = triton.cdiv(triton.cdiv(hw, lane_chunks), granule) * granule
+    block = _runtime.lane_block(min(hw, lanes_per_chunk), tuning.reduce_lane_block, channels_last=False)
+    return Partition(
+        False, c, n, c * hw, hw, block, c, rows_per_chunk, row_chunks, lanes_per_chunk,
+        triton.cdiv(hw, lanes_per_chunk),
+    )
+
+
+# ---------------------------------------------------------------- device side
+
+
+@triton.jit
+def chunk_bounds(
+    rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk,
+    CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """This program's channel group, chunk, row range, lane range and base offset."""
+    pid = tl.program_id(0)
+    group = pid % groups  # neighbouring programs share rows: DRAM pages, L2 sectors
+    chunk = pid // groups
+    row_chunk = chunk // lane_chunks
+    row_begin = row_chunk * rows_per_chunk
+    row_end = tl.minimum(row_begin + rows_per_chunk, rows)
+    if CHANNELS_LAST:
+        lane_begin = group * BLOCK_L
+        lane_end = tl.minimum(lane_begin + BLOCK_L, lanes)
+        base = tl.zeros([], tl.int64)
+    else:
+        lane_begin = (chunk - row_chunk * lane_chunks) * lanes_per_chunk
+        lane_end = tl.minimum(lane_begin + lanes_per_chunk, lanes)
+        base = group.to(tl.int64) * lanes  # channel `group`'s plane in image 0
+    return group, chunk, row_begin, row_end, lane_begin, lane_end, base
+
+
+@triton.jit
+def visits(extent, first, BLOCK: tl.constexpr):
+    """How many times lane ``first`` of blocks of ``BLOCK`` steps through ``extent`` values."""
+    return tl.cdiv(tl.maximum(extent - first, 0), BLOCK)
+
+
+@triton.jit
+def sum_per_channel(v, CHANNELS_LAST: tl.constexpr):
+    """A tile's sum per channel: over rows in channels_last (one value per lane), over
+    everything in NCHW (the tile holds one channel)."""
+    if CHANNELS_LAST:
+        return tl.sum(v, 0)
+    else:
+        return tl.sum(tl.sum(v, 1), 0)
+
+
+@triton.jit
+def store_partial(part_ptr, k, value, C, chunks, chunk, group, lane_begin, lane_end,
+                  CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr):
+    """partials[k, channel, chunk] = value for the channels of this program."""
+    plane = part_ptr + k * C * chunks
+    if CHANNELS_LAST:
+        channel = lane_begin + tl.arange(0, BLOCK_L)
+        tl.store(plane + channel * chunks + chunk, value, mask=channel < lane_end)
+    else:
+        tl.store(plane + group * chunks + chunk, value)

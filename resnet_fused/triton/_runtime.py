@@ -1,0 +1,167 @@
+"""Where the Triton kernels run, how they are launched, and their launch configurations.
+
+Triton kernels run on CUDA tensors. With ``TRITON_INTERPRET=1`` set before Triton is
+imported, Triton replaces every kernel by a NumPy interpreter that runs on CPU tensors
+(float16 and float32 only: NumPy has no bfloat16); CI tests the kernels that way. The
+interpreter executes each program separately, about a millisecond per program, so under
+it every kernel gets one small configuration that still exercises loops and tails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Optional
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+DEVICE_TYPES = ("cpu",) if INTERPRET else ("cuda",)
+DTYPES = (torch.float16, torch.float32) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the kernels cannot run in this process, or None when they can."""
+    if INTERPRET or torch.cuda.is_available():
+        return None
+    return (
+        "no CUDA device (Triton kernels run on CUDA tensors, or on CPU tensors when "
+        "TRITON_INTERPRET=1 is set before import)"
+    )
+
+
+def check_runnable(op: str, input: torch.Tensor) -> None:
+    """Raises, naming the argument, if the kernels cannot run ``input``'s device or dtype."""
+    if input.device.type not in DEVICE_TYPES:
+        where = "CPU tensors under TRITON_INTERPRET=1" if INTERPRET else "CUDA tensors"
+        raise RuntimeError(f"{op}(): the Triton kernels run on {where}, got `input` on {input.device}")
+    if input.dtype not in DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+        hint = " under TRITON_INTERPRET=1" if INTERPRET else "; use the reference backend"
+        raise TypeError(f"{op}(): the Triton kernels run {names} `input`{hint}, got {input.dtype}")
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes ``t``'s device current: Triton launches on the current device and stream."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the kernel (autotuned or not), its grid and its arguments by name.
+
+    The op functions run these; ``compile_report`` compiles the very same argument sets
+    for sm_90 without a GPU.
+    """
+
+    kernel: Any  # triton.runtime.Autotuner or JITFunction
+    grid: Callable[[dict], tuple[int, ...]]
+    args: dict[str, Any]
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args)
+
+
+def run(launches: list[Launch]) -> None:
+    for launch in launches:
+        launch()
+
+
+# ---------------------------------------------------------------- launch configurations
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch configurations of one execution mode (GPU or interpreter).
+
+    A tile is ``TILE`` elements: ``TILE // BLOCK_L`` rows of ``BLOCK_L`` contiguous lanes
+    (channels in channels_last, H*W positions in NCHW). ``BLOCK_L`` follows from the shape
+    (``lane_block``); the autotuner picks ``TILE`` and the warps per program.
+    """
+
+    elementwise: list[triton.Config]  # forward, backward elementwise
+    reduce: list[triton.Config]  # statistics partials, backward reduction
+    max_lane_block: int  # elementwise: lanes per tile row at most
+    reduce_channel_block: int  # channels_last reductions: channels per program at most
+    reduce_lane_block: int  # NCHW reductions: H*W lanes per tile row at most
+    reduce_programs_per_sm: int
+    nominal_sms: int  # programs without a device to ask (interpreter, compile report)
+    min_rows_per_chunk: int
+    min_lanes_per_chunk: int  # NCHW
+    lane_granule: int  # NCHW chunk starts are multiples of it (16: keeps loads vectorizable)
+    finalize_tile: int  # partials a finalize program holds (channels x chunks)
+
+
+def _configs(*tiles_and_warps: tuple[int, int]) -> list[triton.Config]:
+    return [triton.Config({"TILE": tile}, num_warps=warps, num_stages=1) for tile, warps in tiles_and_warps]
+
+
+if INTERPRET:
+    TUNING = Tuning(
+        elementwise=_configs((32, 1)),
+        reduce=_configs((16, 1)),
+        max_lane_block=8,
+        reduce_channel_block=4,
+        reduce_lane_block=4,
+        reduce_programs_per_sm=1,
+        nominal_sms=4,
+        min_rows_per_chunk=2,
+        min_lanes_per_chunk=2,
+        lane_granule=1,
+        finalize_tile=16,
+    )
+else:
+    # Elementwise: 2-8K elements per program (the anchors: 8-32 rows of 256 channels reach
+    # the copy bandwidth on an H200). Reductions: Triton does not software-pipeline loads
+    # in loops without a dot, so a program has one tile in flight: 8 programs per SM of
+    # 1-4K-element tiles keep 16-64 KB in flight per SM, and the partials stay few. (A
+    # 4K tile on 4 warps takes up to 234 registers in the dual backward: left out.)
+    TUNING = Tuning(
+        elementwise=_configs((2048, 4), (4096, 4), (4096, 8), (8192, 8)),
+        reduce=_configs((1024, 4), (2048, 4), (2048, 8), (4096, 8)),
+        max_lane_block=256,
+        reduce_channel_block=64,
+        reduce_lane_block=512,
+        reduce_programs_per_sm=8,
+        nominal_sms=132,  # H100 SXM / H200
+        min_rows_per_chunk=64,
+        min_lanes_per_chunk=256,
+        lane_granule=16,
+        finalize_tile=2048,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return TUNING.nominal_sms
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def lane_block(lanes: int, cap: int, channels_last: bool) -> int:
+    """Lanes per tile row (``BLOCK_L``), at most ``cap``, for rows of ``lanes`` values.
+
+    Rows that fit in one block take the next power of two: channels_last rows, and NCHW
+    planes of up to ``cap`` values, are adjacent in memory, so padding costs idle lanes,
+    not bandwidth. Longer NCHW planes are cut into blocks of 128 lanes or more (256-byte
+    bfloat16 segments), the largest whose padding is within 1/16 of the least possible:
+    H*W = 3136 -> 256 (padded to 3328), 784 -> 128 (896).
+    """
+    if channels_last or lanes <= cap:
+        return min(next_power_of_2(lanes), cap)
+    candidates = [1 << k for k in range(cap.bit_length()) if min(128, cap) <= 1 << k <= cap]
+    padded = {b: triton.cdiv(lanes, b) * b for b in candidates}
+    least = min(padded.values())
+    return max(b for b in candidates if padded[b] * 16 <= least * 17)

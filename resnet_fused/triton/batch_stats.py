@@ -1,0 +1,175 @@
+"""Batch statistics in Triton: per-channel mean and invstd, running statistics updated.
+
+Two kernels, one read of the input (``_reduce`` describes the partition):
+
+1. ``_partials_kernel``: each program streams one chunk of one channel group in
+   ``[TILE // BLOCK_L, BLOCK_L]`` tiles. Every lane of the tile keeps its own Welford
+   (mean, M2) in fp32 over the values it visits; lanes visit values in lockstep, so a
+   lane's count follows from the loop indices and is never stored. At the end the lanes
+   are merged per channel (Chan et al.: the count-weighted mean of the lane means, and
+   the lane M2s plus the spread of the lane means) into one (count, mean, M2) partial.
+2. ``_finalize_kernel``: one program per few channels loads all of their partials at
+   once, merges them the same way, and writes mean and invstd = 1/sqrt(var + eps)
+   (biased variance), and the running statistics with the unbiased variance, exactly
+   as eager BatchNorm updates them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import _checks
+from . import _reduce, _runtime
+from ._runtime import Launch
+
+NAME = "batch_stats"
+
+
+@triton.autotune(configs=_runtime.TUNING.reduce, key=["lanes", "CHANNELS_LAST", "BLOCK_L"])
+@triton.jit
+def _partials_kernel(
+    x_ptr, part_ptr,
+    C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
+    CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, TILE: tl.constexpr,
+):
+    BLOCK_R: tl.constexpr = TILE // BLOCK_L
+    group, chunk, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
+        rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, CHANNELS_LAST, BLOCK_L
+    )
+    r = tl.arange(0, BLOCK_R)
+    l = tl.arange(0, BLOCK_L)
+    lane_visits = _reduce.visits(lane_end - lane_begin, l, BLOCK_L)
+    mean = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    m2 = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
+        row = row_begin + a * BLOCK_R + r
+        row_ptr = x_ptr + base + row.to(tl.int64) * row_stride
+        for b in range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L)):
+            lane = lane_begin + b * BLOCK_L + l
+            mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
+            x = tl.load(row_ptr[:, None] + lane[None, :], mask=mask, other=0.0).to(tl.float32)
+            # A valid lane has been updated a * (its lane visits) + b times before. (Triton's
+            # fp32 division is approximate, within 2 ulp: harmless in a Welford weight.)
+            if CHANNELS_LAST:
+                weight = 1.0 / (a + 1)  # one lane block: the same count for every lane
+            else:
+                weight = (1.0 / (a * lane_visits + b + 1).to(tl.float32))[None, :]
+            delta = x - mean
+            updated = mean + delta * weight
+            m2 = tl.where(mask, m2 + delta * (x - updated), m2)
+            mean = tl.where(mask, updated, mean)
+
+    count = (_reduce.visits(row_end - row_begin, r, BLOCK_R)[:, None] * lane_visits[None, :]).to(tl.float32)
+    total = _reduce.sum_per_channel(count, CHANNELS_LAST)
+    # Lanes past the last channel have a count of 0 (and are not stored).
+    chunk_mean = tl.math.div_rn(_reduce.sum_per_channel(count * mean, CHANNELS_LAST), tl.maximum(total, 1.0))
+    if CHANNELS_LAST:
+        spread = mean - chunk_mean[None, :]
+    else:
+        spread = mean - chunk_mean
+    chunk_m2 = _reduce.sum_per_channel(m2 + count * spread * spread, CHANNELS_LAST)
+    _reduce.store_partial(part_ptr, 0, total, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+    _reduce.store_partial(part_ptr, 1, chunk_mean, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+    _reduce.store_partial(part_ptr, 2, chunk_m2, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+
+
+@triton.jit
+def _finalize_kernel(
+    part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
+    C, chunks, momentum, one_minus_momentum, eps, unbias,
+    HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    mask = (channel < C)[:, None] & (s < chunks)[None, :]
+    offsets = channel[:, None] * chunks + s[None, :]
+    plane = C * chunks
+    count = tl.load(part_ptr + offsets, mask=mask, other=0.0)  # 0 past the last chunk
+    chunk_mean = tl.load(part_ptr + plane + offsets, mask=mask, other=0.0)
+    chunk_m2 = tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0)
+    total = tl.maximum(tl.sum(count, 1), 1.0)  # 0 only for channels past the last
+    mean = tl.math.div_rn(tl.sum(count * chunk_mean, 1), total)
+    spread = chunk_mean - mean[:, None]
+    var = tl.math.div_rn(tl.sum(chunk_m2 + count * spread * spread, 1), total)
+    valid = channel < C
+    tl.store(mean_ptr + channel, mean, mask=valid)
+    tl.store(invstd_ptr + channel, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=valid)
+    if HAS_RUNNING:
+        running_mean = tl.load(running_mean_ptr + channel, mask=valid)
+        running_var = tl.load(running_var_ptr + channel, mask=valid)
+        tl.store(running_mean_ptr + channel, momentum * mean + one_minus_momentum * running_mean, mask=valid)
+        tl.store(running_var_ptr + channel, momentum * (var * unbias) + one_minus_momentum * running_var, mask=valid)
+
+
+def launches(
+    x: Tensor,
+    channels_last: bool,
+    mean: Tensor,
+    invstd: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+) -> list[Launch]:
+    """The kernels computing ``x``'s statistics (``x`` dense in its layout, numel > 0)."""
+    part = _reduce.partition(x, channels_last)
+    partials = torch.empty((3, part.channels, part.chunks), device=x.device, dtype=torch.float32)
+    block_c, block_s = part.finalize_blocks()
+    has_running = running_mean is not None
+    return [
+        Launch(_partials_kernel, lambda meta: (part.programs,), dict(x_ptr=x, part_ptr=partials, **part.kernel_args())),
+        Launch(
+            _finalize_kernel,
+            lambda meta: (triton.cdiv(part.channels, block_c),),
+            dict(
+                part_ptr=partials, mean_ptr=mean, invstd_ptr=invstd,
+                running_mean_ptr=running_mean if has_running else mean,
+                running_var_ptr=running_var if has_running else invstd,
+                C=part.channels, chunks=part.chunks,
+                momentum=momentum, one_minus_momentum=1.0 - momentum, eps=eps,
+                unbias=part.reduce_size / (part.reduce_size - 1),  # M >= 2: check_batch_size
+                HAS_RUNNING=has_running, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+            ),
+        ),
+    ]
+
+
+def _float32_buffer(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The fp32 contiguous tensor the kernel updates for running statistic ``t``: ``t``
+    itself when it is one, otherwise a copy that is written back."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def batch_stats(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    _checks.check_batch_stats(NAME, input, running_mean, running_var)
+    _runtime.check_runnable(NAME, input)
+    memory_format = _checks.activation_memory_format(input)
+    x = input.contiguous(memory_format=memory_format)
+    mean = x.new_empty(x.shape[1], dtype=torch.float32)
+    invstd = torch.empty_like(mean)
+    if x.numel() == 0:
+        # An empty batch: mean 0, variance 0; eager leaves the running statistics untouched.
+        mean.zero_()
+        invstd.fill_(1.0 / math.sqrt(eps))
+        return mean, invstd
+    buffers = [_float32_buffer(t) for t in (running_mean, running_var)]
+    with _runtime.device_guard(x):
+        _runtime.run(launches(x, memory_format == torch.channels_last, mean, invstd, *buffers, momentum, eps))
+    for user, buffer in zip((running_mean, running_var), buffers):
+        if buffer is not user:
+            user.copy_(buffer)
+    return mean, invstd

@@ -1,0 +1,575 @@
+"""BatchNorm-apply + activation in Triton: the three fused forwards and their backward ops.
+
+One kernel family, the tail chosen by the ``EPILOGUE`` constexpr:
+
+=================  ============================  =======================================
+``RELU``           relu(bn(x))                   ``bn_relu``
+``ADD_RELU``       relu(bn(x) + y)               ``bn_add_relu``, y the residual
+``DUAL_ADD_RELU``  relu(bn(x) + bn_d(y))         ``dual_bn_add_relu``, y the downsample
+=================  ============================  =======================================
+
+Forward: ``_forward_kernel``, one pass. Backward, with g = grad_out * (pre > 0):
+
+1. ``_backward_reduce_kernel``: per-channel partials of sum(g) and sum(g * (x - mean))
+   (and sum(g * (y - mean_d))), over the deterministic partition of ``_reduce``.
+2. ``_backward_finalize_kernel``: merges them into grad_bias = sum(g), grad_weight =
+   invstd * sum(g * (x - mean)) and, in training, the coefficients of
+   grad_x = fma(g, scale, fma(x - mean, k2, k1)) with k1 = -scale * sum(g) / M and
+   k2 = -scale * invstd^2 * sum(g * (x - mean)) / M (eval: grad_x = scale * g).
+3. ``_backward_elementwise_kernel``: grad_x, and grad_residual = g or grad_x_d.
+
+Every kernel forms the pre-activation with ``_coefficients`` and ``_preactivation`` —
+pinned fma's, so no compiler contraction choice can differ between kernels — and the
+backward's ReLU mask is recomputed bit for bit from the saved inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import _checks
+from . import _reduce, _runtime
+from ._runtime import Launch
+
+RELU = tl.constexpr(0)
+ADD_RELU = tl.constexpr(1)
+DUAL_ADD_RELU = tl.constexpr(2)
+
+# ---------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _tile(C, rows, lanes, lane_blocks, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Offsets and mask of this program's [BLOCK_R, BLOCK_L] elementwise tile, and the
+    channels of its lanes (channels_last, [BLOCK_L]) or of its rows (NCHW, [BLOCK_R])."""
+    pid = tl.program_id(0)
+    row = (pid // lane_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lane = (pid % lane_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask = (row < rows)[:, None] & (lane < lanes)[None, :]
+    offsets = row.to(tl.int64)[:, None] * lanes + lane[None, :]
+    if CHANNELS_LAST:
+        channel = lane
+    else:
+        channel = row % C  # rows are (n, c) planes
+    return offsets, mask, channel
+
+
+@triton.jit
+def _across_tile(v, CHANNELS_LAST: tl.constexpr):
+    """Per-channel values of ``_tile``'s channels, broadcast along the tile. (Loading them
+    as [BLOCK_R, 1] instead would repeat the load for every element a thread holds.)"""
+    if CHANNELS_LAST:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _coefficients(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C,
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """scale = weight * invstd, shift = bias - mean * scale, and mean, per channel."""
+    valid = channel < C
+    mean = tl.load(mean_ptr + channel, mask=valid, other=0.0)
+    scale = tl.load(invstd_ptr + channel, mask=valid, other=0.0)
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + channel, mask=valid, other=0.0) * scale
+    if HAS_BIAS:
+        shift = tl.fma(-mean, scale, tl.load(bias_ptr + channel, mask=valid, other=0.0))
+    else:
+        shift = -mean * scale
+    return scale, shift, mean
+
+
+@triton.jit
+def _tile_coefficients(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    scale, shift, mean = _coefficients(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C, HAS_WEIGHT, HAS_BIAS)
+    return _across_tile(scale, CHANNELS_LAST), _across_tile(shift, CHANNELS_LAST), _across_tile(mean, CHANNELS_LAST)
+
+
+@triton.jit
+def _preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE: tl.constexpr):
+    pre = tl.fma(x, scale, shift)
+    if EPILOGUE == ADD_RELU:
+        pre = pre + y
+    if EPILOGUE == DUAL_ADD_RELU:
+        pre = pre + tl.fma(y, scale_d, shift_d)
+    return pre
+
+
+@triton.jit
+def _grad_input(g, x, scale, mean, coef_ptr, channel, C, TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """grad_x of one branch of a ``_tile``; k1, k2 are at coef_ptr[channel], coef_ptr[C + channel]."""
+    if TRAINING:
+        valid = channel < C
+        k1 = _across_tile(tl.load(coef_ptr + channel, mask=valid, other=0.0), CHANNELS_LAST)
+        k2 = _across_tile(tl.load(coef_ptr + C + channel, mask=valid, other=0.0), CHANNELS_LAST)
+        grad = tl.fma(g, scale, tl.fma(x - mean, k2, k1))
+    else:
+        grad = g * scale
+    return grad
+
+
+# ---------------------------------------------------------------- forward
+
+
+@triton.autotune(configs=_runtime.TUNING.elementwise, key=["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
+@triton.jit
+def _forward_kernel(
+    x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
+    y_ptr, weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr,
+    out_ptr,
+    C, rows, lanes, lane_blocks,
+    EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
+    BLOCK_L: tl.constexpr, TILE: tl.constexpr,
+):
+    offsets, mask, channel = _tile(C, rows, lanes, lane_blocks, CHANNELS_LAST, TILE // BLOCK_L, BLOCK_L)
+    scale, shift, mean = _tile_coefficients(
+        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C, HAS_WEIGHT, HAS_BIAS, CHANNELS_LAST
+    )
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = x
+    scale_d, shift_d = scale, shift
+    if EPILOGUE != RELU:
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if EPILOGUE == DUAL_ADD_RELU:
+        scale_d, shift_d, mean_d = _tile_coefficients(
+            weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr, channel, C, HAS_WEIGHT_D, HAS_BIAS_D, CHANNELS_LAST
+        )
+    pre = _preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE)
+    out = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- backward
+
+
+@triton.autotune(configs=_runtime.TUNING.reduce, key=["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
+@triton.jit
+def _backward_reduce_kernel(
+    grad_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
+    y_ptr, weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr,
+    part_ptr,
+    C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
+    EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
+    BLOCK_L: tl.constexpr, TILE: tl.constexpr,
+):
+    BLOCK_R: tl.constexpr = TILE // BLOCK_L
+    group, chunk, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
+        rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, CHANNELS_LAST, BLOCK_L
+    )
+    r = tl.arange(0, BLOCK_R)
+    l = tl.arange(0, BLOCK_L)
+    if CHANNELS_LAST:
+        channel = (lane_begin + l)[None, :]
+    else:
+        channel = group
+    scale, shift, mean = _coefficients(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C, HAS_WEIGHT, HAS_BIAS)
+    scale_d, shift_d, mean_d = scale, shift, mean
+    if EPILOGUE == DUAL_ADD_RELU:
+        scale_d, shift_d, mean_d = _coefficients(
+            weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr, channel, C, HAS_WEIGHT_D, HAS_BIAS_D
+        )
+    sum_g = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    sum_gc = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    sum_gc_d = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
+        row = row_begin + a * BLOCK_R + r
+        row_offsets = base + row.to(tl.int64) * row_stride
+        for b in range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L)):
+            lane = lane_begin + b * BLOCK_L + l
+            mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
+            offsets = row_offsets[:, None] + lane[None, :]
+            dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # 0: masked lanes add 0
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            y = x
+            if EPILOGUE != RELU:
+                y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
+            sum_g += g
+            sum_gc += g * (x - mean)
+            if EPILOGUE == DUAL_ADD_RELU:
+                sum_gc_d += g * (y - mean_d)
+    sum_g = _reduce.sum_per_channel(sum_g, CHANNELS_LAST)
+    _reduce.store_partial(part_ptr, 0, sum_g, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+    sum_gc = _reduce.sum_per_channel(sum_gc, CHANNELS_LAST)
+    _reduce.store_partial(part_ptr, 1, sum_gc, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+    if EPILOGUE == DUAL_ADD_RELU:
+        sum_gc_d = _reduce.sum_per_channel(sum_gc_d, CHANNELS_LAST)
+        _reduce.store_partial(part_ptr, 2, sum_gc_d, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST,
+                              BLOCK_L)
+
+
+@triton.jit
+def _branch_gradients(sum_g, sum_gc, weight_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr, coef_ptr,
+                      channel, C, reduce_size, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    valid = channel < C
+    invstd = tl.load(invstd_ptr + channel, mask=valid, other=0.0)
+    tl.store(grad_bias_ptr + channel, sum_g, mask=valid)
+    tl.store(grad_weight_ptr + channel, sum_gc * invstd, mask=valid)
+    if TRAINING:
+        scale = invstd
+        if HAS_WEIGHT:
+            scale = tl.load(weight_ptr + channel, mask=valid, other=0.0) * invstd
+        tl.store(coef_ptr + channel, -scale * tl.math.div_rn(sum_g, reduce_size), mask=valid)
+        tl.store(coef_ptr + C + channel, -scale * tl.math.div_rn(invstd * invstd * sum_gc, reduce_size), mask=valid)
+
+
+@triton.jit
+def _backward_finalize_kernel(
+    part_ptr, weight_ptr, invstd_ptr, weight_d_ptr, invstd_d_ptr,
+    grad_weight_ptr, grad_bias_ptr, grad_weight_d_ptr, grad_bias_d_ptr, coef_ptr,
+    C, chunks, reduce_size,
+    TRAINING: tl.constexpr, DUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_WEIGHT_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    mask = (channel < C)[:, None] & (s < chunks)[None, :]
+    offsets = channel[:, None] * chunks + s[None, :]
+    plane = C * chunks
+    sum_g = tl.sum(tl.load(part_ptr + offsets, mask=mask, other=0.0), 1)
+    sum_gc = tl.sum(tl.load(part_ptr + plane + offsets, mask=mask, other=0.0), 1)
+    _branch_gradients(sum_g, sum_gc, weight_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr, coef_ptr,
+                      channel, C, reduce_size, TRAINING, HAS_WEIGHT)
+    if DUAL:
+        sum_gc_d = tl.sum(tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0), 1)
+        _branch_gradients(sum_g, sum_gc_d, weight_d_ptr, invstd_d_ptr, grad_weight_d_ptr, grad_bias_d_ptr,
+                          coef_ptr + 2 * C, channel, C, reduce_size, TRAINING, HAS_WEIGHT_D)
+
+
+@triton.autotune(configs=_runtime.TUNING.elementwise, key=["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
+@triton.jit
+def _backward_elementwise_kernel(
+    grad_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
+    y_ptr, weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr,
+    coef_ptr, grad_x_ptr, grad_y_ptr,
+    C, rows, lanes, lane_blocks,
+    TRAINING: tl.constexpr, EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
+    BLOCK_L: tl.constexpr, TILE: tl.constexpr,
+):
+    offsets, mask, channel = _tile(C, rows, lanes, lane_blocks, CHANNELS_LAST, TILE // BLOCK_L, BLOCK_L)
+    scale, shift, mean = _tile_coefficients(
+        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C, HAS_WEIGHT, HAS_BIAS, CHANNELS_LAST
+    )
+    dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = x
+    scale_d, shift_d, mean_d = scale, shift, mean
+    if EPILOGUE != RELU:
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if EPILOGUE == DUAL_ADD_RELU:
+        scale_d, shift_d, mean_d = _tile_coefficients(
+            weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr, channel, C, HAS_WEIGHT_D, HAS_BIAS_D, CHANNELS_LAST
+        )
+    g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
+    grad_x = _grad_input(g, x, scale, mean, coef_ptr, channel, C, TRAINING, CHANNELS_LAST)
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if EPILOGUE == ADD_RELU:
+        tl.store(grad_y_ptr + offsets, g.to(grad_y_ptr.dtype.element_ty), mask=mask)
+    if EPILOGUE == DUAL_ADD_RELU:
+        grad_y = _grad_input(g, y, scale_d, mean_d, coef_ptr + 2 * C, channel, C, TRAINING, CHANNELS_LAST)
+        tl.store(grad_y_ptr + offsets, grad_y.to(grad_y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One BatchNorm of a fused op, ready for the kernels: its input dense in the op's
+    layout, its per-channel arrays fp32 and contiguous."""
+
+    input: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    mean: Tensor
+    invstd: Tensor
+
+    @staticmethod
+    def dense(input, weight, bias, mean, invstd, memory_format: torch.memory_format) -> "Branch":
+        def fp32(t):
+            return None if t is None else t.to(torch.float32).contiguous()
+
+        return Branch(input.contiguous(memory_format=memory_format), fp32(weight), fp32(bias), fp32(mean), fp32(invstd))
+
+
+def _branch_args(branch: Optional[Branch], suffix: str, placeholder: Branch) -> dict:
+    """Kernel arguments of a branch; an absent one (or absent weight, bias) passes the
+    placeholder's arrays, which the kernel never reads."""
+    flag = suffix.upper()
+    b = branch or placeholder
+    return {
+        f"weight{suffix}_ptr": b.weight if b.weight is not None else b.mean,
+        f"bias{suffix}_ptr": b.bias if b.bias is not None else b.mean,
+        f"mean{suffix}_ptr": b.mean,
+        f"invstd{suffix}_ptr": b.invstd,
+        f"HAS_WEIGHT{flag}": branch is not None and branch.weight is not None,
+        f"HAS_BIAS{flag}": branch is not None and branch.bias is not None,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Elementwise:
+    """An activation as ``rows`` rows of ``lanes`` contiguous values, cut into tiles:
+    channels_last rows are pixels (lanes: channels), NCHW rows are (n, c) planes."""
+
+    channels: int
+    rows: int
+    lanes: int
+    lane_block: int
+    channels_last: bool
+
+    @staticmethod
+    def of(x: Tensor, channels_last: bool) -> "_Elementwise":
+        n, c, h, w = x.shape
+        rows, lanes = (n * h * w, c) if channels_last else (n * c, h * w)
+        block = _runtime.lane_block(lanes, _runtime.TUNING.max_lane_block, channels_last)
+        return _Elementwise(c, rows, lanes, block, channels_last)
+
+    @property
+    def lane_blocks(self) -> int:
+        return triton.cdiv(self.lanes, self.lane_block)
+
+    def grid(self, meta: dict) -> tuple[int]:
+        return (triton.cdiv(self.rows, meta["TILE"] // self.lane_block) * self.lane_blocks,)
+
+    def kernel_args(self) -> dict:
+        return dict(
+            C=self.channels, rows=self.rows, lanes=self.lanes, lane_blocks=self.lane_blocks,
+            CHANNELS_LAST=self.channels_last, BLOCK_L=self.lane_block,
+        )
+
+
+def forward_launches(
+    epilogue: int, main: Branch, y: Optional[Tensor], downsample: Optional[Branch], out: Tensor, channels_last: bool
+) -> list[Launch]:
+    """The kernel writing ``out`` (``y``: residual or downsample input, dense like main's)."""
+    x = main.input
+    view = _Elementwise.of(x, channels_last)
+    args = dict(
+        x_ptr=x, **_branch_args(main, "", main),
+        y_ptr=x if y is None else y, **_branch_args(downsample, "_d", main),
+        out_ptr=out, **view.kernel_args(), EPILOGUE=epilogue,
+    )
+    return [Launch(_forward_kernel, view.grid, args)]
+
+
+def backward_launches(
+    epilogue: int,
+    training: bool,
+    grad: Tensor,
+    main: Branch,
+    y: Optional[Tensor],
+    downsample: Optional[Branch],
+    grad_input: Tensor,
+    grad_weight: Tensor,
+    grad_bias: Tensor,
+    grad_y: Optional[Tensor],
+    grad_weight_d: Optional[Tensor],
+    grad_bias_d: Optional[Tensor],
+    channels_last: bool,
+) -> list[Launch]:
+    """The kernels of a fused backward (all tensors dense in the op's layout, numel > 0)."""
+    x = main.input
+    dual = epilogue == DUAL_ADD_RELU.value
+    part = _reduce.partition(x, channels_last)
+    C = part.channels
+    partials = torch.empty((3 if dual else 2, C, part.chunks), device=x.device, dtype=torch.float32)
+    coefficients = torch.empty((4 if dual else 2, C), device=x.device, dtype=torch.float32)
+    block_c, block_s = part.finalize_blocks()
+    view = _Elementwise.of(x, channels_last)
+    inputs = dict(
+        x_ptr=x, **_branch_args(main, "", main), y_ptr=x if y is None else y, **_branch_args(downsample, "_d", main)
+    )
+    finalize_args = dict(
+        part_ptr=partials,
+        weight_ptr=inputs["weight_ptr"], invstd_ptr=main.invstd,
+        weight_d_ptr=inputs["weight_d_ptr"], invstd_d_ptr=inputs["invstd_d_ptr"],
+        grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias,
+        grad_weight_d_ptr=grad_weight if grad_weight_d is None else grad_weight_d,
+        grad_bias_d_ptr=grad_bias if grad_bias_d is None else grad_bias_d,
+        coef_ptr=coefficients, C=C, chunks=part.chunks, reduce_size=float(part.reduce_size), TRAINING=training,
+        DUAL=dual, HAS_WEIGHT=inputs["HAS_WEIGHT"], HAS_WEIGHT_D=inputs["HAS_WEIGHT_D"],
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+    )
+    return [
+        Launch(
+            _backward_reduce_kernel,
+            lambda meta: (part.programs,),
+            dict(grad_ptr=grad, **inputs, part_ptr=partials, **part.kernel_args(), EPILOGUE=epilogue),
+        ),
+        Launch(_backward_finalize_kernel, lambda meta: (triton.cdiv(C, block_c),), finalize_args),
+        Launch(
+            _backward_elementwise_kernel,
+            view.grid,
+            dict(
+                grad_ptr=grad, **inputs, coef_ptr=coefficients, grad_x_ptr=grad_input,
+                grad_y_ptr=grad_input if grad_y is None else grad_y,
+                **view.kernel_args(), TRAINING=training, EPILOGUE=epilogue,
+            ),
+        ),
+    ]
+
+
+# ---------------------------------------------------------------- the ops
+
+
+def _dense(input: Tensor, params: tuple, y: Optional[Tensor], params_d: Optional[tuple]):
+    """The op's layout and its activations dense in it: (format, main, y, downsample)."""
+    memory_format = _checks.activation_memory_format(input)
+    main = Branch.dense(input, *params, memory_format)
+    if params_d is not None:
+        downsample = Branch.dense(y, *params_d, memory_format)
+        return memory_format, main, downsample.input, downsample
+    return memory_format, main, None if y is None else y.contiguous(memory_format=memory_format), None
+
+
+def _forward(op: str, epilogue: tl.constexpr, input: Tensor, params: tuple, y: Optional[Tensor] = None,
+             params_d: Optional[tuple] = None) -> Tensor:
+    _runtime.check_runnable(op, input)
+    memory_format, main, y, downsample = _dense(input, params, y, params_d)
+    out = torch.empty_like(main.input)
+    if out.numel() > 0:
+        with _runtime.device_guard(out):
+            _runtime.run(forward_launches(epilogue.value, main, y, downsample, out, memory_format == torch.channels_last))
+    return out
+
+
+def _backward(op: str, epilogue: tl.constexpr, training: bool, grad_out: Tensor, input: Tensor, params: tuple,
+              y: Optional[Tensor] = None, params_d: Optional[tuple] = None) -> tuple:
+    """(grad_input, grad_weight, grad_bias, grad_y, grad_weight_d, grad_bias_d); the last
+    three are None when the epilogue has no such output."""
+    _runtime.check_runnable(op, input)
+    memory_format, main, y, downsample = _dense(input, params, y, params_d)
+    grad = grad_out.contiguous(memory_format=memory_format)
+    grad_input = torch.empty_like(main.input)
+    grad_y = None if y is None else torch.empty_like(main.input)
+    per_channel = [torch.empty_like(main.mean) for _ in range(4 if downsample else 2)]
+    grad_weight, grad_bias, grad_weight_d, grad_bias_d = per_channel + [None] * (4 - len(per_channel))
+    if grad_input.numel() == 0:
+        for t in per_channel:
+            t.zero_()  # the parameter gradients of an empty batch
+    else:
+        with _runtime.device_guard(grad_input):
+            _runtime.run(backward_launches(
+                epilogue.value, training, grad, main, y, downsample, grad_input, grad_weight, grad_bias,
+                grad_y, grad_weight_d, grad_bias_d, memory_format == torch.channels_last,
+            ))
+    return grad_input, grad_weight, grad_bias, grad_y, grad_weight_d, grad_bias_d
+
+
+def bn_relu(
+    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool
+) -> Tensor:
+    _checks.check_branch("bn_relu", input, weight, bias, mean, invstd)
+    return _forward("bn_relu", RELU, input, (weight, bias, mean, invstd))
+
+
+def bn_relu_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    op = "bn_relu_backward"
+    _checks.check_branch(op, input, weight, bias, mean, invstd)
+    _checks.check_like(op, "grad_out", grad_out, "input", input)
+    grad_input, grad_weight, grad_bias, *_ = _backward(op, RELU, training, grad_out, input, (weight, bias, mean, invstd))
+    return grad_input, grad_weight, grad_bias
+
+
+def bn_add_relu(
+    input: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+) -> Tensor:
+    op = "bn_add_relu"
+    _checks.check_branch(op, input, weight, bias, mean, invstd)
+    _checks.check_like(op, "residual", residual, "input", input)
+    return _forward(op, ADD_RELU, input, (weight, bias, mean, invstd), residual)
+
+
+def bn_add_relu_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    op = "bn_add_relu_backward"
+    _checks.check_branch(op, input, weight, bias, mean, invstd)
+    _checks.check_like(op, "grad_out", grad_out, "input", input)
+    _checks.check_like(op, "residual", residual, "input", input)
+    grad_input, grad_weight, grad_bias, grad_residual, _, _ = _backward(
+        op, ADD_RELU, training, grad_out, input, (weight, bias, mean, invstd), residual
+    )
+    return grad_input, grad_residual, grad_weight, grad_bias
+
+
+def _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d):
+    _checks.check_branch(op, input, weight, bias, mean, invstd)
+    _checks.check_branch(op, input_d, weight_d, bias_d, mean_d, invstd_d, "_d")
+    _checks.check_like(op, "input_d", input_d, "input", input)
+
+
+def dual_bn_add_relu(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    input_d: Tensor,
+    weight_d: Optional[Tensor],
+    bias_d: Optional[Tensor],
+    mean_d: Tensor,
+    invstd_d: Tensor,
+    training: bool,
+) -> Tensor:
+    op = "dual_bn_add_relu"
+    _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
+    return _forward(
+        op, DUAL_ADD_RELU, input, (weight, bias, mean, invstd), input_d, (weight_d, bias_d, mean_d, invstd_d)
+    )
+
+
+def dual_bn_add_relu_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    input_d: Tensor,
+    weight_d: Optional[Tensor],
+    bias_d: Optional[Tensor],
+    mean_d: Tensor,
+    invstd_d: Tensor,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    op = "dual_bn_add_relu_backward"
+    _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
+    _checks.check_like(op, "grad_out", grad_out, "input", input)
+    return _backward(
+        op, DUAL_ADD_RELU, training, grad_out, input, (weight, bias, mean, invstd), input_d,
+        (weight_d, bias_d, mean_d, invstd_d),
+    )
