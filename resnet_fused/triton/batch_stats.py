@@ -75,7 +75,8 @@ def _partials_kernel(
         spread = mean - chunk_mean
     chunk_m2 = _reduce.sum_per_channel(m2 + count * spread * spread, CHANNELS_LAST)
     _reduce.store_partial(part_ptr, 0, total, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
-    _reduce.store_partial(part_ptr, 1, chunk_mean, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+    _reduce.store_partial(part_ptr, 1, chunk_mean, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST,
+                          BLOCK_L)
     _reduce.store_partial(part_ptr, 2, chunk_m2, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
 
 

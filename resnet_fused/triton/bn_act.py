@@ -434,18 +434,18 @@ def _dense(input: Tensor, params: tuple, y: Optional[Tensor], params_d: Optional
     return memory_format, main, None if y is None else y.contiguous(memory_format=memory_format), None
 
 
-def _forward(op: str, epilogue: tl.constexpr, input: Tensor, params: tuple, y: Optional[Tensor] = None,
+def _forward(op: str, epilogue: int, input: Tensor, params: tuple, y: Optional[Tensor] = None,
              params_d: Optional[tuple] = None) -> Tensor:
     _runtime.check_runnable(op, input)
     memory_format, main, y, downsample = _dense(input, params, y, params_d)
     out = torch.empty_like(main.input)
     if out.numel() > 0:
         with _runtime.device_guard(out):
-            _runtime.run(forward_launches(epilogue.value, main, y, downsample, out, memory_format == torch.channels_last))
+            _runtime.run(forward_launches(epilogue, main, y, downsample, out, memory_format == torch.channels_last))
     return out
 
 
-def _backward(op: str, epilogue: tl.constexpr, training: bool, grad_out: Tensor, input: Tensor, params: tuple,
+def _backward(op: str, epilogue: int, training: bool, grad_out: Tensor, input: Tensor, params: tuple,
               y: Optional[Tensor] = None, params_d: Optional[tuple] = None) -> tuple:
     """(grad_input, grad_weight, grad_bias, grad_y, grad_weight_d, grad_bias_d); the last
     three are None when the epilogue has no such output."""
@@ -462,7 +462,7 @@ def _backward(op: str, epilogue: tl.constexpr, training: bool, grad_out: Tensor,
     else:
         with _runtime.device_guard(grad_input):
             _runtime.run(backward_launches(
-                epilogue.value, training, grad, main, y, downsample, grad_input, grad_weight, grad_bias,
+                epilogue, training, grad, main, y, downsample, grad_input, grad_weight, grad_bias,
                 grad_y, grad_weight_d, grad_bias_d, memory_format == torch.channels_last,
             ))
     return grad_input, grad_weight, grad_bias, grad_y, grad_weight_d, grad_bias_d
@@ -472,7 +472,7 @@ def bn_relu(
     input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool
 ) -> Tensor:
     _checks.check_branch("bn_relu", input, weight, bias, mean, invstd)
-    return _forward("bn_relu", RELU, input, (weight, bias, mean, invstd))
+    return _forward("bn_relu", RELU.value, input, (weight, bias, mean, invstd))
 
 
 def bn_relu_backward(
@@ -487,7 +487,9 @@ def bn_relu_backward(
     op = "bn_relu_backward"
     _checks.check_branch(op, input, weight, bias, mean, invstd)
     _checks.check_like(op, "grad_out", grad_out, "input", input)
-    grad_input, grad_weight, grad_bias, *_ = _backward(op, RELU, training, grad_out, input, (weight, bias, mean, invstd))
+    grad_input, grad_weight, grad_bias, *_ = _backward(
+        op, RELU.value, training, grad_out, input, (weight, bias, mean, invstd)
+    )
     return grad_input, grad_weight, grad_bias
 
 
@@ -503,7 +505,7 @@ def bn_add_relu(
     op = "bn_add_relu"
     _checks.check_branch(op, input, weight, bias, mean, invstd)
     _checks.check_like(op, "residual", residual, "input", input)
-    return _forward(op, ADD_RELU, input, (weight, bias, mean, invstd), residual)
+    return _forward(op, ADD_RELU.value, input, (weight, bias, mean, invstd), residual)
 
 
 def bn_add_relu_backward(
@@ -521,7 +523,7 @@ def bn_add_relu_backward(
     _checks.check_like(op, "grad_out", grad_out, "input", input)
     _checks.check_like(op, "residual", residual, "input", input)
     grad_input, grad_weight, grad_bias, grad_residual, _, _ = _backward(
-        op, ADD_RELU, training, grad_out, input, (weight, bias, mean, invstd), residual
+        op, ADD_RELU.value, training, grad_out, input, (weight, bias, mean, invstd), residual
     )
     return grad_input, grad_residual, grad_weight, grad_bias
 
@@ -548,7 +550,7 @@ def dual_bn_add_relu(
     op = "dual_bn_add_relu"
     _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
     return _forward(
-        op, DUAL_ADD_RELU, input, (weight, bias, mean, invstd), input_d, (weight_d, bias_d, mean_d, invstd_d)
+        op, DUAL_ADD_RELU.value, input, (weight, bias, mean, invstd), input_d, (weight_d, bias_d, mean_d, invstd_d)
     )
 
 
@@ -570,6 +572,6 @@ def dual_bn_add_relu_backward(
     _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
     _checks.check_like(op, "grad_out", grad_out, "input", input)
     return _backward(
-        op, DUAL_ADD_RELU, training, grad_out, input, (weight, bias, mean, invstd), input_d,
+        op, DUAL_ADD_RELU.value, training, grad_out, input, (weight, bias, mean, invstd), input_d,
         (weight_d, bias_d, mean_d, invstd_d),
     )
