@@ -1,0 +1,177 @@
+"""Every Triton kernel, with every autotune configuration, compiled for sm_90 without a GPU.
+
+    python scripts/triton_report.py
+
+For each compiled kernel: registers per thread, local memory per thread (spills or
+stack: what Triton's ``CompiledKernel.n_spills`` reports once loaded on a GPU; read
+here from the cubin with cuobjdump, the same number) and shared memory. The argument
+sets are those the ops launch (``batch_stats.launches``, ``bn_act.forward_launches``,
+``bn_act.backward_launches``) for ResNet-50's layer1 BN3 at batch 128 (256 channels,
+56x56) in both layouts, on uninitialized CPU tensors (only their dtype, shape and
+alignment matter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Iterator
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import batch_stats, bn_act
+from ._runtime import Launch
+
+TARGET = GPUTarget("cuda", 90, 32)
+DTYPES = (torch.bfloat16, torch.float32)
+SHAPE = (128, 256, 56, 56)
+_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelResources:
+    kernel: str
+    variant: str  # dtype, layout, epilogue
+    config: str  # the tile constexprs, warps, stages
+    registers: int
+    local_bytes: int  # per thread; > 0: spills (or a stack array)
+    shared_bytes: int
+
+
+def representative_launches(dtype: torch.dtype) -> Iterator[tuple[str, Launch]]:
+    """(variant, launch) for every kernel an op launches, layer1 shape, both layouts."""
+    for memory_format, layout in ((torch.channels_last, "nhwc"), (torch.contiguous_format, "nchw")):
+        channels_last = memory_format == torch.channels_last
+
+        def activation():
+            return torch.empty(SHAPE, dtype=dtype, memory_format=memory_format)
+
+        x, y, grad = activation(), activation(), activation()
+        channels = SHAPE[1]
+
+        def per_channel():
+            return torch.empty(channels)
+
+        def branch(input):
+            return bn_act.Branch(input, per_channel(), per_channel(), per_channel(), per_channel())
+
+        stats = batch_stats.launches(x, channels_last, per_channel(), per_channel(), per_channel(), per_channel(), 0.1,
+                                     1e-5)
+        for launch in stats:
+            yield f"{_TYPE_NAMES[dtype]} {layout}", launch
+        for epilogue, name in ((bn_act.RELU, "relu"), (bn_act.ADD_RELU, "add_relu"), (bn_act.DUAL_ADD_RELU, "dual")):
+            variant = f"{_TYPE_NAMES[dtype]} {layout} {name}"
+            main, dual = branch(x), epilogue.value == bn_act.DUAL_ADD_RELU.value
+            downsample = branch(y) if dual else None
+            other = None if epilogue.value == bn_act.RELU.value else y
+            for launch in bn_act.forward_launches(epilogue.value, main, other, downsample, torch.empty_like(x),
+                                                  channels_last):
+                yield variant, launch
+            grads = (torch.empty_like(x), per_channel(), per_channel(), None if other is None else torch.empty_like(x),
+                     per_channel() if dual else None, per_channel() if dual else None)
+            for training in (True, False):
+                for launch in bn_act.backward_launches(epilogue.value, training, grad, main, other, downsample,
+                                                       *grads, channels_last):
+                    yield variant + ("" if training else " eval"), launch
+
+
+def _source(fn: triton.JITFunction, args: dict) -> ASTSource:
+    """The source the JIT would compile for ``args``: pointer and integer arguments that
+    are multiples of 16 specialized as such, integers equal to 1 as constants."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        value = args[param.name]
+        if param.is_constexpr or (type(value) is int and value == 1):
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value
+            continue
+        if isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPE_NAMES[value.dtype]
+            divisible = value.data_ptr() % 16 == 0
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            divisible = value % 16 == 0
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+            divisible = False
+        else:
+            raise TypeError(f"{fn.__name__}: cannot specialize argument {param.name}={value!r}")
+        if divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, signature, constexprs, attrs)
+
+
+def _cuobjdump() -> str:
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    found = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+    if found is None:
+        raise RuntimeError("cuobjdump not found (neither bundled with Triton nor on PATH)")
+    return found
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, local bytes) per thread of the one kernel in ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
+    match = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
+    if match is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{usage}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _configs(launch: Launch) -> Iterator[tuple[triton.JITFunction, dict, dict]]:
+    """(function, arguments, compile options) per configuration the launch may run."""
+    kernel = launch.kernel
+    if isinstance(kernel, triton.runtime.Autotuner):
+        for config in kernel.configs:
+            options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+            yield kernel.fn, {**launch.args, **config.kwargs}, options
+    else:
+        args = dict(launch.args)
+        options = {k: args.pop(k) for k in ("num_warps", "num_stages") if k in args}
+        yield kernel, args, options
+
+
+def _describe(fn: triton.JITFunction, args: dict, options: dict) -> str:
+    shown = [f"{p.name}={args[p.name]}" for p in fn.params if p.is_constexpr and p.name.startswith(("TILE", "BLOCK"))]
+    return " ".join(shown + [f"{k}={v}" for k, v in options.items()])
+
+
+def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResources]:
+    """Compiles every kernel and configuration for ``TARGET``; one row per distinct kernel."""
+    rows, seen = [], set()
+    for dtype in dtypes:
+        for variant, launch in representative_launches(dtype):
+            for fn, args, options in _configs(launch):
+                source = _source(fn, args)
+                key = (source.hash(), tuple(sorted(options.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                compiled = triton.compile(source, target=TARGET, options=options)
+                registers, local_bytes = _resources(compiled.asm["cubin"])
+                rows.append(KernelResources(
+                    fn.__name__, variant, _describe(fn, args, options), registers, local_bytes,
+                    compiled.metadata.shared,
+                ))
+    return rows
+
+
+def format_table(rows: list[KernelResources]) -> str:
+    header = ("kernel", "variant", "config", "regs", "local B", "shared B")
+    table = [header] + [
+        (r.kernel, r.variant, r.config, str(r.registers), str(r.local_bytes), str(r.shared_bytes)) for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
