@@ -1,0 +1,370 @@
+"""The Triton backend (resnet_fused.triton).
+
+Without a GPU, as CI runs it:
+  - the op schemas equal the reference's and the C++ ones;
+  - the backend is unavailable with a clear reason, and importable without Triton;
+  - every kernel runs under TRITON_INTERPRET=1 on CPU tensors against the reference, in a
+    process of its own (tests/triton_interpreted.py: Triton reads the variable on import);
+  - every kernel with every autotune configuration compiles for sm_90, and its register
+    and spill report is printed (the same as scripts/triton_report.py); spills fail.
+With a GPU (``pytest -m cuda``): every op against the reference in float32, float16 and
+bfloat16, both layouts, more than 2^31 elements, CUDA graph capture and replay, opcheck.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import _extension, functional as RF, ops
+from helpers import LAYOUTS, activation
+
+pytest.importorskip("triton")
+from resnet_fused.triton import _runtime, compile_report  # noqa: E402
+
+T = torch.ops.resnet_fused_triton
+R = torch.ops.resnet_fused_reference
+ROUNDING = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+PER_CHANNEL_TOL = 1e-4  # fp32 sums of the same terms in another order, relative to their size
+not_interpreting = pytest.mark.skipif(_runtime.INTERPRET, reason="run without TRITON_INTERPRET")
+
+
+# ---------------------------------------------------------------- shared checks (also run by the interpreter)
+
+
+def assert_matches(got, want, tol, what):
+    """Same dtype, shape and strides; values within ``tol`` relative to each element and,
+    for results that cancel towards 0 (gradients), to the largest of them."""
+    assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride(), what
+    atol = tol * max(want.abs().max().item(), 1e-30) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def normalized64(x, weight, bias, mean, invstd):
+    """(x - mean) * invstd * weight + bias in float64."""
+    def per_channel(t):
+        return t.double().view(1, -1, 1, 1)
+
+    return (x.double() - per_channel(mean)) * per_channel(invstd * weight) + per_channel(bias)
+
+
+def check_ops_against_reference(device, dtype, layout, shape):
+    """Every Triton op against the reference op on the same inputs, training and eval.
+
+    The upstream gradient is zeroed where the pre-activations are within float32 rounding
+    of 0: the kernels form them with one fma, the reference with a multiply and an add,
+    and there the two may take opposite sides of the ReLU.
+    """
+    C = shape[1]
+    x, r, g = (activation(shape, dtype, layout, device) for _ in range(3))
+    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    w_d, b_d = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+
+    running_mean, running_var = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    ours, theirs = (running_mean.clone(), running_var.clone()), (running_mean.clone(), running_var.clone())
+    got = T.batch_stats(x, *ours, 0.1, 1e-5) + ours
+    want = R.batch_stats(x, *theirs, 0.1, 1e-5) + theirs
+    for name, a, e in zip(("mean", "invstd", "running_mean", "running_var"), got, want):
+        assert_matches(a, e, PER_CHANNEL_TOL, f"batch_stats {name}")
+    mean, invstd = want[:2]
+    mean_d, invstd_d = R.batch_stats(r, None, None, 0.1, 1e-3)
+
+    def preactivation(epilogue):
+        pre = normalized64(x, w, b, mean, invstd)
+        if epilogue == "add":
+            pre = pre + r.double()
+        if epilogue == "dual":
+            pre = pre + normalized64(r, w_d, b_d, mean_d, invstd_d)
+        return pre
+
+    for training in (True, False):
+        cases = {
+            "bn_relu": ("relu", (x, w, b, mean, invstd, training)),
+            "bn_add_relu": ("add", (x, r, w, b, mean, invstd, training)),
+            "dual_bn_add_relu": ("dual", (x, w, b, mean, invstd, r, w_d, b_d, mean_d, invstd_d, training)),
+            "bn_relu_backward": ("relu", (g, x, w, b, mean, invstd, training)),
+            "bn_add_relu_backward": ("add", (g, x, r, w, b, mean, invstd, training)),
+            "dual_bn_add_relu_backward": (
+                "dual", (g, x, w, b, mean, invstd, r, w_d, b_d, mean_d, invstd_d, training)
+            ),
+        }
+        for name, (epilogue, args) in cases.items():
+            if name.endswith("backward"):
+                grad = torch.where(preactivation(epilogue).abs() < 1e-5, 0.0, g.double()).to(dtype)
+                args = (grad.contiguous(memory_format=LAYOUTS[layout]),) + args[1:]
+            got, want = getattr(T, name)(*args), getattr(R, name)(*args)
+            got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+            for i, (a, e) in enumerate(zip(got, want)):
+                tol = 2 * ROUNDING[dtype] if a.dim() == 4 else PER_CHANNEL_TOL
+                assert_matches(a, e, tol, f"{name}(training={training}) output {i}")
+
+
+def check_functional_training(device, op, dtype, layout, shape):
+    """``op`` through autograd with backend='triton' against backend='reference':
+    output, running statistics and every gradient (the masks: check_ops_against_reference)."""
+    C = shape[1]
+    inputs = [activation(shape, dtype, layout, device) for _ in range(2)]
+    params = [torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)] * 2
+    stats = [torch.randn(C, device=device), torch.rand(C, device=device) + 0.5] * 2
+    upstream = activation(shape, dtype, layout, device)
+    results = {}
+    for backend in ("triton", "reference"):
+        x, other = (t.detach().clone().requires_grad_() for t in inputs)
+        w, b, w_d, b_d = (t.detach().clone().requires_grad_() for t in params)
+        rm, rv, rm_d, rv_d = (t.clone() for t in stats)
+        if op == "bn_relu":
+            out = RF.bn_relu(x, rm, rv, w, b, True, backend=backend)
+            leaves = [x, w, b]
+        elif op == "bn_add_relu":
+            out = RF.bn_add_relu(x, other, rm, rv, w, b, True, backend=backend)
+            leaves = [x, other, w, b]
+        else:
+            out = RF.dual_bn_add_relu(x, other, rm, rv, rm_d, rv_d, w, b, w_d, b_d, True, backend=backend)
+            leaves = [x, other, w, b, w_d, b_d]
+        if backend == "triton":  # 0 where the ReLU is off or nearly so: no flipped masks
+            grad = torch.where(out.detach().float().abs() < 1e-2, 0.0, upstream.float()).to(dtype)
+        results[backend] = (out, torch.autograd.grad(out, leaves, grad), (rm, rv, rm_d, rv_d))
+    (out, grads, running), (want_out, want_grads, want_running) = results["triton"], results["reference"]
+    assert_matches(out, want_out, 2 * ROUNDING[dtype], "output")
+    for i, (a, e) in enumerate(zip(grads, want_grads)):
+        assert_matches(a, e, 2 * ROUNDING[dtype] if a.dim() == 4 else PER_CHANNEL_TOL, f"gradient {i}")
+    for a, e in zip(running, want_running):
+        assert_matches(a, e, PER_CHANNEL_TOL, "running statistics")
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _schema(namespace, name):
+    schema = getattr(getattr(torch.ops, namespace), name).default._schema
+    arguments = [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments]
+    return arguments, [str(r.type) for r in schema.returns]
+
+
+@pytest.mark.parametrize("namespace", ["resnet_fused_reference", "resnet_fused"])
+def test_schemas_equal(namespace):
+    """Argument names, types and mutability, and return types (C++ names its returns)."""
+    if namespace == "resnet_fused" and not _extension.LOADED:
+        pytest.skip("resnet_fused._C not built")
+    for name in ops.OP_NAMES:
+        assert _schema("resnet_fused_triton", name) == _schema(namespace, name), name
+
+
+@not_interpreting
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_unavailable_without_a_gpu_says_why():
+    assert "triton" not in resnet_fused.available_backends("cpu")
+    assert "triton" not in resnet_fused.available_backends("cuda")
+    x = activation((2, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available: no CUDA device"):
+        RF.bn_relu(x, None, None, training=True, backend="triton")
+    with resnet_fused.use_backend("triton"), pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+        RF.batch_stats(x)
+    with pytest.raises(RuntimeError, match=r"bn_relu\(\): the Triton kernels run on CUDA tensors"):
+        T.bn_relu(x, None, None, torch.zeros(3), torch.ones(3), True)
+
+
+def test_import_without_triton():
+    """Triton absent (as with CPU-only torch): the package imports, the backend says why."""
+    code = (
+        "import sys, torch\n"  # torch first: it probes for Triton itself
+        "assert 'triton' not in sys.modules\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'triton': raise ModuleNotFoundError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import resnet_fused\n"
+        "from resnet_fused import backends\n"
+        "print('triton' in resnet_fused.available_backends('cuda'), backends.get('triton').unavailable)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_child_env())
+    assert out.stdout.strip() == "False Triton cannot be imported (blocked for the test)", out.stdout + out.stderr
+
+
+def _child_env(**extra):
+    """The environment of a child Python that imports this very resnet_fused."""
+    package_root = str(Path(resnet_fused.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+# ---------------------------------------------------------------- CI without a GPU
+
+
+@not_interpreting
+def test_kernels_under_the_interpreter(capsys):
+    """tests/triton_interpreted.py in a TRITON_INTERPRET=1 process; its summary is printed."""
+    module = Path(__file__).with_name("triton_interpreted.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)],
+        cwd=module.parent.parent, env=_child_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    with capsys.disabled():
+        print(f"\nTRITON_INTERPRET=1 {module.name}: {summary}")
+    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+@not_interpreting
+@pytest.mark.parametrize("dtype", compile_report.DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_every_kernel_compiles_for_sm90_without_spills(dtype, capsys):
+    rows = compile_report.compile_all((dtype,))
+    with capsys.disabled():
+        print(f"\nTriton kernels for {compile_report.TARGET} ({dtype}):\n{compile_report.format_table(rows)}")
+    kernels = {r.kernel for r in rows}
+    assert kernels == {
+        "_partials_kernel", "_finalize_kernel", "_forward_kernel", "_backward_reduce_kernel",
+        "_backward_finalize_kernel", "_backward_elementwise_kernel",
+    }
+    assert all(r.local_bytes == 0 for r in rows), [r for r in rows if r.local_bytes]
+
+
+# ---------------------------------------------------------------- on a GPU
+
+cuda = pytest.mark.cuda
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GPU_SHAPES = [(4, 19, 5, 7), (3, 8, 1, 1), (2, 67, 9, 11), (8, 256, 14, 14), (2, 64, 56, 56)]
+
+
+def dtype_id(d):
+    return str(d).removeprefix("torch.")
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ops_match_reference_on_cuda(shape, dtype, layout):
+    check_ops_against_reference("cuda", dtype, layout, shape)
+
+
+@cuda
+@pytest.mark.parametrize("op", ["bn_relu", "bn_add_relu", "dual_bn_add_relu"])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+def test_functional_training_matches_reference_on_cuda(op, layout, dtype):
+    check_functional_training("cuda", op, dtype, layout, (4, 40, 9, 7))
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_more_than_2_31_elements(layout):
+    """int64 offsets: the last elements of a 2^31 + 2^16-element tensor are right."""
+    shape = (2, 4, 16384, 16385)
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    x = activation(shape, torch.bfloat16, layout, "cuda")
+    mean, invstd = T.batch_stats(x, None, None, 0.1, 1e-5)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, mean64.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+    del var64, mean64
+    w, b = torch.rand(4, device="cuda") + 0.5, torch.randn(4, device="cuda")
+    out = T.bn_relu(x, w, b, mean, invstd, True)
+    tail = (slice(None), slice(None), slice(-3, None), slice(None))  # past element 2^31 in both layouts
+    want = R.bn_relu(x[tail].contiguous(), w, b, mean, invstd, True)
+    torch.testing.assert_close(out[tail], want, rtol=2 * ROUNDING[torch.bfloat16], atol=0)
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_deterministic(layout):
+    x, g = (activation((16, 96, 28, 28), torch.bfloat16, layout, "cuda") for _ in range(2))
+    w, b = torch.rand(96, device="cuda") + 0.5, torch.randn(96, device="cuda")
+    first = T.batch_stats(x, None, None, 0.1, 1e-5)
+    first_grads = T.bn_relu_backward(g, x, w, b, *first, True)
+    for _ in range(3):
+        again = T.batch_stats(x, None, None, 0.1, 1e-5)
+        assert all(torch.equal(a, e) for a, e in zip(again, first))
+        assert all(torch.equal(a, e) for a, e in zip(T.bn_relu_backward(g, x, w, b, *again, True), first_grads))
+
+
+@cuda
+def test_cuda_graph_capture_and_replay():
+    """A training step's ops captured once (after autotuning) and replayed on new data."""
+    shape, C = (8, 64, 28, 28), 64
+    x, r, g = (activation(shape, torch.bfloat16, "nhwc", "cuda") for _ in range(3))
+    w, b = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")
+    rm0, rv0 = torch.randn(C, device="cuda"), torch.rand(C, device="cuda") + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+
+    def step():
+        mean, invstd = T.batch_stats(x, rm, rv, 0.1, 1e-5)
+        out = T.bn_add_relu(x, r, w, b, mean, invstd, True)
+        return (out, *T.bn_add_relu_backward(g, x, r, w, b, mean, invstd, True))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # autotuning benchmarks here, not under capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for t in (x, r, g):
+        t.copy_(torch.randn_like(t, dtype=torch.float32))
+    want_rm, want_rv = rm0.clone(), rv0.clone()
+    mean, invstd = R.batch_stats(x, want_rm, want_rv, 0.1, 1e-5)
+    pre = normalized64(x, w, b, mean, invstd) + r.double()
+    g.masked_fill_(pre.abs() < 1e-5, 0)  # 0 where fma and mul+add may disagree on the ReLU (see above)
+    rm.copy_(rm0)
+    rv.copy_(rv0)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = (R.bn_add_relu(x, r, w, b, mean, invstd, True), *R.bn_add_relu_backward(g, x, r, w, b, mean, invstd, True))
+    for i, (a, e) in enumerate(zip(captured, want)):
+        assert_matches(a, e, 2 * ROUNDING[torch.bfloat16] if a.dim() == 4 else PER_CHANNEL_TOL, f"replayed output {i}")
+    assert_matches(rm, want_rm, PER_CHANNEL_TOL, "running_mean")
+    assert_matches(rv, want_rv, PER_CHANNEL_TOL, "running_var")
+
+
+@cuda
+def test_opcheck_on_cuda():
+    x = activation((3, 6, 4, 5), torch.float32, "nhwc", "cuda")
+    r = activation((3, 6, 4, 5), torch.float32, "nhwc", "cuda")
+    w, b, rm, rv = torch.rand(6, device="cuda") + 0.5, torch.randn(6, device="cuda"), torch.randn(6, device="cuda"), \
+        torch.rand(6, device="cuda") + 0.5
+    m, i = rm, rv.rsqrt()
+    cases = [
+        (T.batch_stats.default, (x, rm.clone(), rv.clone(), 0.1, 1e-5)),
+        (T.batch_stats.default, (x.contiguous(), None, None, 0.1, 1e-5)),
+        (T.bn_relu.default, (x, w, b, m, i, True)),
+        (T.bn_relu_backward.default, (r, x, w, b, m, i, True)),
+        (T.bn_add_relu.default, (x, r, w, b, m, i, True)),
+        (T.bn_add_relu_backward.default, (r, x, r, w, b, m, i, False)),
+        (T.dual_bn_add_relu.default, (x, w, b, m, i, r, None, b, m, i, True)),
+        (T.dual_bn_add_relu_backward.default, (r, x, w, b, m, i, r, w, None, m, i, True)),
+    ]
+    for op, args in cases:
+        differentiable = not op.name().endswith(("backward", "batch_stats"))
+        args = tuple(
+            a.detach().clone().requires_grad_(differentiable and a.dim() == 4) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+@cuda
+def test_compile_fullgraph_on_cuda():
+    def tail(x, r, w, b, rm, rv):
+        y = RF.bn_relu(x, rm, rv, w, b, True, backend="triton")
+        return RF.bn_add_relu(y, r, rm, rv, w, b, True, backend="triton")
+
+    x = activation((4, 32, 8, 8), torch.bfloat16, "nhwc", "cuda").requires_grad_()
+    r = activation((4, 32, 8, 8), torch.bfloat16, "nhwc", "cuda")
+    w, b = torch.rand(32, device="cuda") + 0.5, torch.randn(32, device="cuda")
+    stats = [(torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")) for _ in range(2)]
+    torch._dynamo.reset()
+    want = tail(x, r, w, b, *stats[0])
+    got = torch.compile(tail, fullgraph=True)(x, r, w, b, *stats[1])
+    torch.testing.assert_close(got, want)
+    (grad_got,), (grad_want,) = (torch.autograd.grad(out.float().sum(), x) for out in (got, want))
+    torch.testing.assert_close(grad_got, grad_want)

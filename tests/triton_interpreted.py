@@ -1,0 +1,163 @@
+"""The Triton kernels on CPU tensors under TRITON_INTERPRET=1, against the reference.
+
+Triton reads TRITON_INTERPRET when it is imported, so these tests need a process of
+their own: ``test_triton_ops.py::test_kernels_under_the_interpreter`` runs this file as
+
+    TRITON_INTERPRET=1 python -m pytest tests/triton_interpreted.py
+
+and a plain ``pytest`` of the suite thereby runs it (the name does not match
+``test_*.py``, so pytest never collects it into a process without the variable).
+
+The interpreter runs float16 and float32 (NumPy has no bfloat16) at about a
+millisecond per program per few dozen operations: shapes are tiny, and the interpreter
+launch configuration (``_runtime.TUNING``) cuts them into several programs, row blocks,
+lane blocks and chunks, every one with a tail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import functional as RF
+from resnet_fused.triton import _runtime
+from helpers import activation, non_contiguous
+from test_ops import OPS, _op_cases, run_case
+from test_triton_ops import check_functional_training, check_ops_against_reference
+
+if not _runtime.INTERPRET:
+    pytest.skip("run with TRITON_INTERPRET=1 (test_triton_ops.py does)", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16]
+LAYOUTS = ["nhwc", "nchw"]
+T = torch.ops.resnet_fused_triton
+R = torch.ops.resnet_fused_reference
+
+
+def dtype_id(d):
+    return str(d).removeprefix("torch.")
+
+
+def test_backend_runs_cpu_tensors_here():
+    assert "triton" in resnet_fused.available_backends("cpu")
+    x = activation((2, 3, 2, 2), torch.bfloat16)
+    with pytest.raises(TypeError, match="backend 'triton' supports dtypes float16, float32, got torch.bfloat16"):
+        RF.bn_relu(x, None, None, training=True, backend="triton")
+    with pytest.raises(TypeError, match=r"bn_relu\(\): the Triton kernels run float16, float32 `input` under TRITON_"):
+        T.bn_relu(x, None, None, torch.zeros(3), torch.ones(3), True)
+
+
+# ---------------------------------------------------------------- through the functional API
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (3, 9, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_training_matches_eager(op, layout, dtype, shape):
+    """Outputs, running statistics and every gradient; C odd, H = W = 1, tails everywhere."""
+    run_case(op, "triton", shape, dtype, layout, training=True)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_matches_eager(op, layout):
+    run_case(op, "triton", (2, 7, 2, 3), torch.float32, layout, training=False)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_without_affine_or_running_stats(op):
+    run_case(op, "triton", (2, 5, 2, 3), torch.float32, "nhwc", training=True, affine=False, track=False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_inputs(layout):
+    run_case("bn_add_relu", "triton", (2, 6, 2, 3), torch.float32, layout, training=True, make_input=non_contiguous)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch(layout):
+    x = activation((0, 5, 2, 2), layout=layout).requires_grad_()
+    w, b = torch.ones(5, requires_grad=True), torch.zeros(5, requires_grad=True)
+    rm, rv = torch.zeros(5), torch.ones(5)
+    out = RF.bn_relu(x, rm, rv, w, b, True, backend="triton")
+    gx, gw, gb = torch.autograd.grad(out.sum(), [x, w, b])
+    assert out.shape == gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros(5)) and torch.equal(gb, torch.zeros(5))
+    assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5))
+
+
+# ---------------------------------------------------------------- the raw ops
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(2, 7, 3, 3), (9, 3, 2, 3), (1, 2, 3, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_ops_match_reference(shape, layout, dtype):
+    """Every op, forward and backward ops, training and eval (the GPU tests' check).
+    In NCHW, 9 images take several row blocks per chunk; 1 image splits H*W into chunks."""
+    check_ops_against_reference("cpu", dtype, layout, shape)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_functional_training_matches_reference(op, layout):
+    check_functional_training("cpu", op, torch.float16, layout, (2, 6, 3, 2))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(9, 3, 2, 5), (1, 2, 3, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_statistics_are_stable_far_from_zero(shape, layout):
+    """Mean 1000, std 3: float32 sums of squares would lose the variance entirely. The
+    shapes give lanes several Welford updates, in row and lane blocks and chunks with tails."""
+    x = activation(shape, layout=layout, scale=3.0, offset=1000.0)
+    mean, invstd = T.batch_stats(x, None, None, 0.1, 1e-5)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+
+
+def test_forward_recomputes_the_mask_of_the_backward():
+    """Where the forward output is 0 the backward passes no gradient, and vice versa."""
+    x, r = activation((2, 5, 3, 4)), activation((2, 5, 3, 4))
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    mean, invstd = T.batch_stats(x, None, None, 0.1, 1e-5)
+    out = T.bn_add_relu(x, r, w, b, mean, invstd, True)
+    _, grad_residual, _, _ = T.bn_add_relu_backward(torch.ones_like(x), x, r, w, b, mean, invstd, True)
+    assert torch.equal(grad_residual, (out > 0).float())
+
+
+# ---------------------------------------------------------------- registration
+
+
+def test_opcheck():
+    for op, args in _op_cases(T):
+        differentiable = not op.name().endswith(("backward", "batch_stats"))
+        args = tuple(
+            a.detach().clone().requires_grad_(differentiable and a.dim() == 4) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_compile_fullgraph():
+    """A block tail through torch.compile(fullgraph=True) (Inductor): no graph break."""
+
+    def tail(x, r, w, b, rm, rv):
+        y = RF.bn_relu(x, rm, rv, w, b, True, backend="triton")
+        return RF.bn_add_relu(y, r, rm, rv, w, b, True, backend="triton")
+
+    args = [activation((2, 6, 3, 3)).requires_grad_(), activation((2, 6, 3, 3)), torch.rand(6) + 0.5, torch.randn(6)]
+    eager_stats, compiled_stats = (torch.zeros(6), torch.ones(6)), (torch.zeros(6), torch.ones(6))
+    torch._dynamo.reset()
+    compiled = torch.compile(tail, fullgraph=True)
+    want = tail(*args, *eager_stats)
+    got = compiled(*args, *compiled_stats)
+    torch.testing.assert_close(got, want)
+    (grad_want,) = torch.autograd.grad(want.sum(), args[0])
+    (grad_got,) = torch.autograd.grad(got.sum(), args[0])
+    torch.testing.assert_close(grad_got, grad_want)
+    for a, b in zip(compiled_stats, eager_stats):
+        torch.testing.assert_close(a, b)
