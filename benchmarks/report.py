@@ -56,6 +56,9 @@ def add_speedups(rows: list[dict]) -> None:
 # ---------------------------------------------------------------- tables
 
 
+TEXT_COLUMNS = ("status", "conv/bn/elt/other %")
+
+
 @dataclasses.dataclass
 class Table:
     title: str
@@ -66,15 +69,19 @@ class Table:
     def text(self) -> str:
         widths = [max(len(r[i]) for r in [self.header, *self.body]) for i in range(len(self.header))]
 
-        def line(cells):  # the two key columns left-aligned, numbers right-aligned
-            return "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        def line(cells):
+            return "  ".join(c.ljust(w) if left else c.rjust(w) for c, w, left in zip(cells, widths, self._left())).rstrip()
 
         lines = [self.title, line(self.header), "  ".join("-" * w for w in widths), *map(line, self.body)]
         return "\n".join([*lines, *self.notes])
 
+    def _left(self) -> list[bool]:
+        """Text columns align left, numbers right."""
+        return [i < 2 or name in TEXT_COLUMNS for i, name in enumerate(self.header)]
+
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
-                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(self.header))) + "|"]
+                 "|" + "|".join("---" if left else "---:" for left in self._left()) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in self.body]
         return "\n".join([*lines, *([""] + self.notes if self.notes else [])])
 
@@ -153,7 +160,8 @@ def _summary(rows: list[dict], title: str, unavailable: dict) -> Table:
                 ok = [r for r in rows if (r["workload"], r["mode"], r["provider"], r["status"]) == (workload, mode, p, "ok")]
                 parts = [_geomean([r[f"speedup_vs_{b}"] for r in ok if f"speedup_vs_{b}" in r]) for b in BASELINES]
                 cells.append(" / ".join("–" if v is None else f"{v:.2f}" for v in parts) if ok else "")
-            body.append([workload, mode, *cells])
+            if any(cells):
+                body.append([workload, mode, *cells])
     notes = [f"{p}: {status}" for p, status in unavailable.items()]
     return Table(title, ["workload", "mode", *provider_names], body, notes)
 

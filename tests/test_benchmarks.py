@@ -117,3 +117,26 @@ def test_speedups_compare_same_shape_mode_dtype_and_layout():
     assert rows[2]["speedup_vs_eager"] == 3.0 and rows[2]["speedup_vs_compile"] == 2.0
     assert "speedup_vs_eager" not in rows[3]  # no eager layer2 row
     assert rows[5]["speedup_vs_eager"] == 2.5 and "speedup_vs_compile" not in rows[5]
+
+
+def test_publish_lays_out_the_run_and_latest_md(tmp_path):
+    env = dict(card="NVIDIA H200", torch="2.11.0+cu130", triton="3.6.0", cudnn=91900, cuda="13.0", driver="580.1",
+               git_commit="abc1234", timestamp="2026-11-27T10:00:00+00:00", copy_gbs=4250.0,
+               bf16_matmul_tflops=694.0, command="python -m benchmarks.run --publish")
+    rows = [dict(workload="bottleneck", shape=f"layer{i}", batch=128, mode="train", provider=p, dtype="bf16",
+                 layout="channels_last", status="ok", median_ms=ms * i, **env)
+            for i in (1, 2) for p, ms in (("eager", 2.0), ("fused-cuda", 1.0))]
+    report.add_speedups(rows)
+    run_dir = tmp_path / report.run_directory_name(env)
+    run_dir.mkdir()
+    assert run_dir.name == "nvidia-h200-2026-11-27"
+    charts = report.charts(run_dir, rows, env)
+    latest = report.write_latest(tmp_path, run_dir, env, report.tables(rows, env), charts).read_text()
+    assert "NVIDIA H200, 2026-11-27" in latest and "commit abc1234" in latest
+    assert "![speedup chart](nvidia-h200-2026-11-27/speedup-bf16-channels_last.png)" in latest
+    assert "| layer1 | fused-cuda | 1.000 | 2.00 |" in latest and (run_dir / "speedup-bf16-channels_last.png").exists()
+
+
+def test_publish_refuses_a_cpu_run():
+    with pytest.raises(SystemExit, match="--publish records the GPU run"):
+        run.main(["--device", "cpu", "--publish", "unused"])
