@@ -23,6 +23,7 @@ BASELINES = ("eager", "compile")  # speedups are reported over these
 
 @dataclasses.dataclass
 class Prepared:
+    module: nn.Module  # owns the parameters; train() / eval() go here
     run: Callable  # called with the input
     context: Callable[[], ContextManager] = contextlib.nullcontext
 
@@ -63,18 +64,20 @@ def unavailable(name: str, device: torch.device, activation_dtype: torch.dtype) 
 def prepare(name: str, model: nn.Module) -> Prepared:
     """The callable that runs ``model`` (a copy the provider may change) the provider's way."""
     if name == "eager":
-        return Prepared(model)
+        return Prepared(model, model)
     if family(name) == "compile":
         torch._dynamo.reset()  # every compiled copy starts cold: no cache limit, no stale graph
         mode = "max-autotune-no-cudagraphs" if name == "compile-max-autotune" else None
-        return Prepared(torch.compile(model, mode=mode, fullgraph=True))
+        return Prepared(model, torch.compile(model, mode=mode, fullgraph=True))
     import resnet_fused
+    from torchvision.models.resnet import BasicBlock, Bottleneck
 
     model, report = _fuse()(model)
-    if report.not_fused:
+    fused = (resnet_fused.FusedBasicBlock, resnet_fused.FusedBottleneck)
+    if any(isinstance(m, (BasicBlock, Bottleneck)) and not isinstance(m, fused) for m in model.modules()):
         raise RuntimeError(f"resnet_fused.fuse left blocks unfused, they would run eager: {report}")
     backend = name.removeprefix("fused-")
-    return Prepared(model, lambda: resnet_fused.use_backend(backend))
+    return Prepared(model, model, lambda: resnet_fused.use_backend(backend))
 
 
 def _fuse():

@@ -215,7 +215,8 @@ def chart_name(dtype: str, layout: str) -> str:
 
 def charts(directory: Path, rows: list[dict], env: dict) -> list[Path]:
     """One PNG per dtype and layout: speedup over eager per shape and provider."""
-    ok = [r for r in rows if r["status"] == "ok" and r.get("speedup_vs_eager") and r["provider"] != "eager"]
+    ok = [r for r in rows if r["workload"] in WORKLOAD_ORDER and r["status"] == "ok" and r.get("speedup_vs_eager")
+          and r["provider"] != "eager"]
     paths = []
     for dtype, layout in _ordered({(r["dtype"], r["layout"]) for r in ok}, []):
         path = directory / chart_name(dtype, layout)

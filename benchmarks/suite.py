@@ -171,9 +171,9 @@ class Runner:
         prepared = providers.prepare(task.provider, model)
         inputs, precision = self.inputs(task), task.config.precision
         return Step(
-            make_step(task.case, task.mode, model, prepared.run, inputs, precision, self.device),
+            make_step(task.case, task.mode, prepared.module, prepared.run, inputs, precision, self.device),
             make_forward(prepared.run, inputs, precision, self.device),
-            model,
+            prepared.module,
             prepared.context,
         )
 
