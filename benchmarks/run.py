@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from . import common, providers, report, suite
-from .workloads import BLOCK_WORKLOADS, MODEL_WORKLOADS, MODES, PRECISIONS, LAYOUTS, SIZES, Precision, cases
+from .workloads import (BLOCK_WORKLOADS, LAYOUTS, MODEL_WORKLOADS, MODES, PRECISIONS, SIZES, Precision, cases,
+                        default_precision, default_size)
 
 WORKLOADS = (*BLOCK_WORKLOADS, *MODEL_WORKLOADS, "kernels")
 
@@ -81,10 +82,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = resolve_device(args.device)
     if args.publish and device.type != "cuda":
         sys.exit("--publish records the GPU run (results/LATEST.md); this run is on the CPU: use --out")
-    size = SIZES[("gpu" if device.type == "cuda" else "cpu") if args.size == "auto" else args.size]
+    size = default_size(device) if args.size == "auto" else SIZES[args.size]
     if args.batch:
         size = dataclasses.replace(size, batch=args.batch)
-    dtypes = args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"])
+    dtypes = args.dtype or [default_precision(device)]
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -17,14 +17,14 @@ import torch
 from . import common, providers
 from .run import resolve_device
 from .suite import Config, Runner, Task
-from .workloads import BLOCK_WORKLOADS, MODES, SIZES, Precision, cases
+from .workloads import BLOCK_WORKLOADS, MODES, SIZES, Precision, cases, default_precision, default_size
 
 
 def _settings(config):
     device = resolve_device(config.getoption("--bench-device"))
     size = config.getoption("--bench-size")
-    size = SIZES[("gpu" if device.type == "cuda" else "cpu") if size == "auto" else size]
-    dtype = config.getoption("--bench-dtype") or ("bf16" if device.type == "cuda" else "fp32")
+    size = default_size(device) if size == "auto" else SIZES[size]
+    dtype = config.getoption("--bench-dtype") or default_precision(device)
     return device, size, Config(Precision(dtype), config.getoption("--bench-layout"))
 
 

@@ -62,6 +62,15 @@ SIZES = {
 }
 
 
+def default_size(device: torch.device) -> Size:
+    return SIZES["gpu" if device.type == "cuda" else "cpu"]
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 autocast on a GPU (how ResNets train there); fp32 on the CPU."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One workload at one shape and batch size."""
