@@ -54,6 +54,20 @@ def randomize_batch_norms(model: nn.Module) -> nn.Module:
     return model
 
 
+def calibrate_running_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Running statistics of ``x``'s activations (random ones blow up a deep network in eval)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    training = model.training
+    for m in norms:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.train(training)
+
+
 def fused_copy(model: nn.Module) -> nn.Module:
     fused, _ = resnet_fused.fuse(copy.deepcopy(model))
     return fused

@@ -34,7 +34,7 @@ from block_helpers import (
     train,
 )
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import resnet_fused
 from resnet_fused import folding
@@ -85,6 +85,18 @@ def test_same_constructor_submodules_and_state_dict(config):
     plain.load_state_dict(fused.state_dict())
     x = inputs_for(config, 1)[0]
     torch.testing.assert_close(eval_output(fused, x), eval_output(plain, x), rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_resnet_built_from_fused_blocks():
+    """``ResNet(FusedBottleneck, ...)`` works, zero_init_residual (an isinstance check) included."""
+    torch.manual_seed(0)
+    plain = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, zero_init_residual=True).double()
+    torch.manual_seed(0)
+    fused = ResNet(FusedBottleneck, [1, 1, 1, 1], num_classes=10, zero_init_residual=True).double()
+    assert all(torch.equal(fused.get_parameter(n), p) for n, p in plain.named_parameters())
+    assert torch.all(fused.layer1[0].bn3.weight == 0)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_close_scaled({"out": fused(x)}, {"out": plain(x)}, 1e-10)
 
 
 def test_stride_on_the_3x3_conv():
