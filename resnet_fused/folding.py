@@ -8,8 +8,8 @@ convolution before it::
 
 A block's eval forward then needs only conv + bias + ReLU and conv + bias + add + ReLU.
 On CUDA those run as cuDNN's fused kernels (``torch.cudnn_convolution_relu`` /
-``torch.cudnn_convolution_add_relu``); otherwise as ``F.conv2d`` with the folded bias and
-an epilogue (see :func:`conv_bias_relu`, :func:`conv_bias_add_relu`).
+``torch.cudnn_convolution_add_relu``); elsewhere, and where cuDNN has no fused engine, as
+``F.conv2d`` with the folded bias followed by an in-place ReLU or the fused add + ReLU op.
 
 Folded weights are cached per block (:class:`FoldCache`) and rebuilt whenever a source
 tensor may have changed. For each of conv.weight, conv.bias, bn.weight, bn.bias,
@@ -112,6 +112,8 @@ class FoldCache:
         key = (name, dtype)
         entry = self._entries.get(key)
         if entry is None or not entry.matches(sources, bn.eps):
+            # Drop this pair's stale entries in other dtypes too, not to keep them alive.
+            self._entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, bn.eps)}
             # Built outside inference mode so the entry is usable in any later mode.
             with torch.inference_mode(False):
                 folded = fold(conv, bn, dtype)
@@ -123,9 +125,6 @@ class FoldCache:
             )
             self._entries[key] = entry
         return entry.folded
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 def compute_dtype(x: Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
@@ -196,7 +195,7 @@ def conv_bias_relu(x: Tensor, conv: nn.Conv2d, folded: FoldedConv) -> Tensor:
     """``relu(bn(conv(x)))`` in eval mode. Not differentiable (no autograd formula)."""
     out = _cudnn_fused(x, conv, folded, None)
     if out is None:
-        out = conv_bias(x, conv, folded).relu_()  # in place on a fresh tensor: one pass
+        out = conv_bias(x, conv, folded).relu_()  # one pass, in place on a fresh tensor
     return out
 
 
@@ -206,11 +205,8 @@ def conv_bias_add_relu(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual:
     if out is not None:
         return out
     out = conv_bias(x, conv, folded)
-    if out.device.type == "cpu":
-        # Measured on the CPU (docs/modules.md): two in-place passes beat one fused pass
-        # into a fresh output, whose pages the kernel must first fault in.
-        return out.add_(residual).relu_()
-    # The fused op with unit statistics: relu(out * 1 + 0 + residual) in one pass.
+    # The fused op with unit statistics, relu(out * 1 + 0 + residual): one pass where
+    # out.add_(residual).relu_() takes two.
     channels = out.shape[1]
     zeros = torch.zeros(channels, dtype=torch.float32, device=out.device)
     ones = torch.ones(channels, dtype=torch.float32, device=out.device)

@@ -300,6 +300,10 @@ class TestFoldCache:
         assert len(calls) == 4  # conv1, conv2, conv3, downsample
         self.check()
         assert len(calls) == 4
+        self.check(tol=2e-2, dtype=torch.bfloat16)  # autocast: entries of its own, kept side by side
+        self.check()
+        self.check(tol=2e-2, dtype=torch.bfloat16)
+        assert len(calls) == 8
 
     def test_optimizer_step(self):
         self.check()
