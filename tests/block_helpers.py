@@ -6,6 +6,7 @@ import copy
 import dataclasses
 from typing import Optional
 
+import pytest
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
@@ -23,6 +24,15 @@ BLOCK_CONFIGS = {
     "bottleneck_width128": (Bottleneck, 64, 16, 1, False, 1, 128, 1),
     "bottleneck_dilation2": (Bottleneck, 64, 16, 1, False, 1, 64, 2),
 }
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 convolutions in float32, not TF32 (cuDNN's default), so float32 tolerances apply."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
 
 
 def make_block(config: str, cls: Optional[type] = None, norm_layer=None) -> nn.Module:

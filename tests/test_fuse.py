@@ -20,6 +20,7 @@ from block_helpers import (
     assert_close_scaled,
     assert_within_eager_error,
     calibrate_running_stats,
+    no_tf32,  # noqa: F401  (fixture)
     random_like_outputs,
     randomize_batch_norms,
     sgd,
@@ -229,27 +230,27 @@ def _uncompiled_names(run):
 # ------------------------------------------------------------------ CUDA
 
 
-@pytest.fixture
-def no_tf32():
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
-def test_cuda_torchvision_model(name):
-    eager = torchvision_model(name).cuda()
-    model, report = resnet_fused.fuse(copy.deepcopy(eager))
+def test_cuda_torchvision_model_autocast(name, no_tf32):
+    """The GPU path as users run it: channels_last, bfloat16 autocast; judged against eager's error."""
+    reference = torchvision_model(name, torch.float32).cuda().to(memory_format=torch.channels_last)
+    eager = copy.deepcopy(reference)
+    model, report = resnet_fused.fuse(copy.deepcopy(reference))
     assert not report.not_fused
-    inputs = images(2, device="cuda")
+    inputs = [x.contiguous(memory_format=torch.channels_last) for x in images(1, torch.float32, size=128, device="cuda")]
     grads = random_like_outputs(eager, inputs)
-    assert_close_scaled(train(model, inputs, grads).tensors(), train(eager, inputs, grads).tensors(), TRAIN_TOL)
-    model.eval(), eager.eval()
+    assert_within_eager_error(
+        train(model, inputs, grads, autocast=torch.bfloat16).tensors(),
+        train(eager, inputs, grads, autocast=torch.bfloat16).tensors(),
+        train(reference, inputs, grads).tensors(),
+    )
+    model.eval(), eager.eval(), reference.eval()
     with torch.no_grad():
-        x = images(1, device="cuda")[0]
-        assert_close_scaled({"eval": model(x)}, {"eval": eager(x)}, 1e-10)
+        x = inputs[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fused_out, eager_out = {"eval": model(x)}, {"eval": eager(x)}
+        assert_within_eager_error(fused_out, eager_out, {"eval": reference(x)})
 
 
 @pytest.mark.cuda
@@ -259,6 +260,7 @@ def test_cuda_compile_inductor_resnet18(training, no_tf32):
     model = model.to(memory_format=torch.channels_last).train(training)
     reference = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)
-    x = images(1, torch.float32, device="cuda")[0].contiguous(memory_format=torch.channels_last)
+    # 128x128 images: 32 values per channel in the last stage keep float32 gradients well conditioned.
+    x = images(1, torch.float32, size=128, device="cuda")[0].contiguous(memory_format=torch.channels_last)
     grad = random_like_outputs(reference, [x])
-    assert_close_scaled(_uncompiled_names(train(compiled, [x], grad)), train(reference, [x], grad).tensors(), 1e-4)
+    assert_close_scaled(_uncompiled_names(train(compiled, [x], grad)), train(reference, [x], grad).tensors(), 1e-3)

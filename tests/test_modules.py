@@ -29,6 +29,7 @@ from block_helpers import (
     block_input_shape,
     fused_copy,
     make_block,
+    no_tf32,  # noqa: F401  (fixture)
     random_like_outputs,
     randomize_batch_norms,
     train,
@@ -36,7 +37,6 @@ from block_helpers import (
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-import resnet_fused
 from resnet_fused import folding
 from resnet_fused.modules import FusedBasicBlock, FusedBottleneck
 
@@ -126,6 +126,19 @@ def test_train_float32(config, layout):
     # Same memory format as eager (strides of the output and of the input gradient).
     assert fused_run.outputs[0].stride() == eager_run.outputs[0].stride()
     assert fused_run.input_grads[0].stride() == eager_run.input_grads[0].stride()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("model_layout,input_layout", [("nhwc", "nchw"), ("nchw", "nhwc")])
+def test_mixed_layouts_return_eager_memory_format(model_layout, input_layout, training):
+    config = "bottleneck_stride2_downsample"
+    plain, fused = pair(config, layout=model_layout)
+    plain.train(training), fused.train(training)
+    x = inputs_for(config, 1, layout=input_layout)[0]
+    with torch.no_grad():
+        y, expected = fused(x), plain(x)
+    assert y.stride() == expected.stride()
+    assert_close_scaled({"out": y}, {"out": expected}, 2e-5)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -414,15 +427,6 @@ def test_unbatched_input_raises_like_eager():
 
 
 # ------------------------------------------------------------------ CUDA
-
-
-@pytest.fixture
-def no_tf32():
-    """float32 convolutions in float32, not TF32 (cuDNN's default), so float32 tolerances apply."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
 
 
 @pytest.mark.cuda
