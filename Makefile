@@ -30,8 +30,11 @@ build: setup
 test: build
 	$(PY) -m pytest -q
 
+# The suite picks the GPU when there is one, else the CPU at CPU sizes, and says which
+# (docs/performance.md). Results go to results/local/; e.g. BENCH_ARGS="--budget 120".
+BENCH_ARGS ?=
 bench: build
-	@echo "benchmark suite: not yet wired (see issue 6)"
+	$(PY) -m benchmarks.run --device auto --budget 300 $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info resnet_fused/_C*.so

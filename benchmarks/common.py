@@ -112,8 +112,9 @@ def environment(device: torch.device) -> dict:
             cudnn=torch.backends.cudnn.version(),
             driver=_nvidia_driver(),
         )
-    else:
-        env["card"] = f"CPU: {env['cpu']} ({env['cpu_threads']} threads)"
+    else:  # the same fields on every device, so rows of CPU and GPU runs line up
+        env.update(card=f"CPU: {env['cpu']} ({env['cpu_threads']} threads)", sms=None, cuda=None, cudnn=None,
+                   driver=None)
     return env
 
 

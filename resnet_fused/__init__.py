@@ -3,9 +3,13 @@
     import resnet_fused.functional as RF
     y = RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=True)
 
+    model, report = resnet_fused.fuse(torchvision.models.resnet50())  # fused blocks, in place
+
 Backends (CUDA C++, Triton, C++ CPU, plain-PyTorch reference) are chosen per device;
 see :mod:`resnet_fused.backends`.
 """
+
+import importlib
 
 from . import _extension, ops, reference
 
@@ -18,7 +22,23 @@ from . import backends, functional  # noqa: E402
 from . import triton  # noqa: E402  (registers the Triton backend, or says why it is unavailable)
 from .backends import available_backends, get_backend, set_backend, use_backend  # noqa: E402
 
+# The blocks build on torchvision's, an optional dependency: imported on first use.
+_TORCHVISION_EXPORTS = {
+    "FusedBasicBlock": "modules",
+    "FusedBottleneck": "modules",
+    "fuse": "fuse_model",
+    "unfuse": "fuse_model",
+}
+
+
+def __getattr__(name):
+    if name in _TORCHVISION_EXPORTS:
+        return getattr(importlib.import_module(f".{_TORCHVISION_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_TORCHVISION_EXPORTS,
     "functional",
     "reference",
     "backends",

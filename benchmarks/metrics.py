@@ -1,0 +1,127 @@
+"""Metrics beyond time: FLOPs, memory saved for backward, peak memory, where time goes.
+
+The profiler breakdown sorts every GPU kernel (CPU: every operator's self time) into
+conv / bn / eltwise / other by its name; :data:`KERNEL_CLASSES` are the rules, first
+match wins, and docs/performance.md explains them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from . import common
+
+CATEGORIES = ("conv", "bn", "eltwise", "other")
+
+
+def _words(*words: str) -> str:
+    """Matches any of ``words`` not inside a longer identifier ("add" but not "padding")."""
+    return r"(?<![a-z0-9])(?:" + "|".join(words) + r")(?![a-z0-9])"
+
+
+# Matched against the lower-cased kernel or operator name, in order.
+KERNEL_CLASSES = (
+    # BatchNorm, and every fused kernel that contains it (resnet_fused's, inductor's).
+    ("bn", re.compile(r"batch_?norm|welford|batch_stats|" + _words("bn"))),
+    # Other inductor-generated kernels are its fused pointwise / reduction tails, even
+    # when named after a convolution whose layout they prepare.
+    ("eltwise", re.compile(r"^triton_(?:poi|per|red)_")),
+    # Convolutions and matrix products (cuDNN, CUTLASS, cuBLAS, oneDNN, inductor
+    # templates), with the layout transposes cuDNN runs inside a convolution call.
+    ("conv", re.compile(r"conv|xmma|cutlass|gemm|wgrad|dgrad|fprop|cudnn|mkldnn|onednn|nchwtonhwc|nhwctonchw|"
+                        + _words("mm", "addmm", "matmul"))),
+    ("eltwise", re.compile(r"elementwise|" + _words("relu", "relu_", "threshold", "threshold_backward", "add",
+                                                    "add_", "mul", "mul_", "clamp", "clamp_min", "copy", "copy_",
+                                                    "to_copy", "fill", "fill_", "where"))),
+)
+
+
+def classify(name: str) -> str:
+    """conv, bn, eltwise or other, for a kernel or operator name."""
+    lowered = name.lower()
+    for category, pattern in KERNEL_CLASSES:
+        if pattern.search(lowered):
+            return category
+    return "other"
+
+
+def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> dict:
+    """Per-step device time by category from the profiler: ``<category>_pct``,
+    ``profiled_ms`` (their sum) and ``top_kernels`` (the five largest, ms per step).
+
+    CUDA: kernel (and memcpy/memset) time. CPU: the self time of every operator.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+        common.sync(device)
+    per_name: Counter[str] = Counter()
+    for event in prof.key_averages():
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            per_name[event.key] += us / iters / 1e3
+    per_category = Counter()
+    for name, ms in per_name.items():
+        per_category[classify(name)] += ms
+    total = sum(per_category.values())
+    if total == 0:
+        return {}
+    out = {f"{c}_pct": 100 * per_category[c] / total for c in CATEGORIES}
+    out["profiled_ms"] = total
+    out["top_kernels"] = [[name[:160], round(ms, 4)] for name, ms in per_name.most_common(5)]
+    return out
+
+
+def counted_flops(step: Callable[[], object]) -> tuple[int, object]:
+    """FLOPs of one call of ``step`` (convolutions and matrix products, forward and
+    backward), and what the call returned."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = step()
+    return counter.get_total_flops(), result
+
+
+def saved_for_backward_bytes(forward: Callable[[], Tensor], exclude: Iterable[Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves during ``forward``.
+
+    Counts through ``saved_tensors_hooks``: every tensor saved for backward, by
+    whichever op or compiled graph saves it, once per storage (views share one).
+    Storages of ``exclude`` (the parameters, which exist anyway) are not counted.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out  # frees the graph and what it saved
+    return sum(saved.values())
+
+
+def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> Optional[int]:
+    """CUDA: the most memory one step allocates above what was allocated before it."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before

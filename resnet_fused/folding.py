@@ -1,0 +1,214 @@
+"""Eval-mode BatchNorm folding: ``bn(conv(x))`` as one convolution with a bias.
+
+With running statistics a BatchNorm is a per-channel affine map, so it folds into the
+convolution before it::
+
+    scale = weight / sqrt(running_var + eps)
+    conv_bn(x) = conv(x, conv.weight * scale) + (bias - running_mean * scale [+ conv.bias * scale])
+
+A block's eval forward then needs only conv + bias + ReLU and conv + bias + add + ReLU.
+On CUDA those run as cuDNN's fused kernels (``torch.cudnn_convolution_relu`` /
+``torch.cudnn_convolution_add_relu``); elsewhere, and where cuDNN has no fused engine, as
+``F.conv2d`` with the folded bias followed by an in-place ReLU or the fused add + ReLU op.
+
+Folded weights are cached per block (:class:`FoldCache`) and rebuilt whenever a source
+tensor may have changed. For each of conv.weight, conv.bias, bn.weight, bn.bias,
+bn.running_mean and bn.running_var the cache records the tensor object itself (by weak
+reference), its version counter (``_version``: bumped by every in-place write through
+autograd-visible tensors: optimizer steps, ``load_state_dict``'s ``copy_``, in-place ops
+under ``no_grad``), ``data_ptr()``, dtype, device, shape and strides (``.to()``,
+``param.data = ...``, ``load_state_dict(assign=True)``, new Parameters), plus ``bn.eps``
+and the compute dtype (autocast on or off). One kind of write is invisible to all of
+these: an in-place write through ``param.data`` (``p.data.mul_(2)``), whose tensor has
+a version counter of its own; a block drops its cache on every ``train()`` / ``eval()``
+call, so calling ``model.eval()`` after such an edit refreshes it.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backends
+
+__all__ = ["FoldedConv", "FoldCache", "fold", "compute_dtype", "conv_bias", "conv_bias_relu", "conv_bias_add_relu"]
+
+
+class FoldedConv(NamedTuple):
+    """A convolution's weight and bias with the following BatchNorm folded in."""
+
+    weight: Tensor  # conv.weight's shape and memory format, in the compute dtype
+    bias: Tensor  # [out_channels], compute dtype
+
+
+def _fold_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """Folding arithmetic: float64 if any source is float64, float32 otherwise."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
+    """``conv`` followed by eval-mode ``bn`` as one convolution, in ``dtype``.
+
+    Computed in float32 (float64 for float64 sources) and rounded once to ``dtype``;
+    not differentiable.
+    """
+    acc = _fold_dtype(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        if conv.bias is not None:
+            shift = shift + conv.bias.to(acc) * scale
+        # empty_like keeps conv.weight's exact strides, so the convolution picks the
+        # memory format (and output layout) it picks for the unfolded weight.
+        weight = torch.empty_like(conv.weight, dtype=dtype)
+        torch.mul(conv.weight, scale.reshape(-1, 1, 1, 1), out=weight)
+        return FoldedConv(weight, shift.to(dtype))
+
+
+def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], ...]:
+    return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def _state(t: Tensor) -> tuple:
+    return (t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
+
+
+class _Entry(NamedTuple):
+    refs: tuple  # weakref.ref per source tensor, None for an absent one
+    states: tuple  # _state per source tensor, None for an absent one
+    eps: float
+    folded: FoldedConv
+
+    def matches(self, sources: tuple[Optional[Tensor], ...], eps: float) -> bool:
+        for ref, state, t in zip(self.refs, self.states, sources):
+            if t is None:
+                if ref is not None:
+                    return False
+            elif ref is None or ref() is not t or state != _state(t):
+                return False
+        return eps == self.eps
+
+
+class FoldCache:
+    """Folded convolutions of one block, each rebuilt when its sources change."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, torch.dtype], _Entry] = {}
+
+    def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
+        """The folded ``conv``/``bn`` pair ``name`` in ``dtype``, from the cache when valid."""
+        sources = _sources(conv, bn)
+        if any(t is not None and t.is_inference() for t in sources):
+            return fold(conv, bn, dtype)  # inference tensors have no version counter
+        key = (name, dtype)
+        entry = self._entries.get(key)
+        if entry is None or not entry.matches(sources, bn.eps):
+            # Drop this pair's stale entries in other dtypes too, not to keep them alive.
+            self._entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, bn.eps)}
+            # Built outside inference mode so the entry is usable in any later mode.
+            with torch.inference_mode(False):
+                folded = fold(conv, bn, dtype)
+            entry = _Entry(
+                tuple(None if t is None else weakref.ref(t) for t in sources),
+                tuple(None if t is None else _state(t) for t in sources),
+                bn.eps,
+                folded,
+            )
+            self._entries[key] = entry
+        return entry.folded
+
+
+def compute_dtype(x: Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
+    """The dtype ``conv`` runs in on ``x``, as eager decides it; None when eager would raise.
+
+    Under autocast the convolution runs in the autocast dtype (autocast casts every
+    floating input but float64); otherwise input and weight must agree.
+    """
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype if x.dtype == conv.weight.dtype else None
+
+
+# ------------------------------------------------------------------ convolutions
+
+_CUDNN_FUSED_REFUSED: set[tuple] = set()  # configurations cuDNN's fused ops raised on
+
+
+def _cudnn_fused(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual: Optional[Tensor]) -> Optional[Tensor]:
+    """cuDNN's fused conv + bias [+ residual] + ReLU, or None where it does not apply.
+
+    The H200 anchors (anchors/h200-cudnn-fused-conv.json) measure both fused ops at the
+    plain convolution's time on ResNet-50 shapes (bf16, channels_last), so no convolution
+    followed by a separate epilogue pass can beat them; they are used wherever they run.
+    cuDNN finds no fused engine for some configurations and raises: such a configuration
+    is remembered and runs F.conv2d + epilogue from then on.
+    """
+    if not (
+        x.is_cuda
+        and torch.backends.cudnn.enabled
+        and not torch.backends.cudnn.deterministic  # the fused ops choose algorithms freely
+        and not torch.are_deterministic_algorithms_enabled()
+        and not isinstance(conv.padding, str)
+    ):
+        return None
+    name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
+    config = (
+        name, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+        tuple(folded.weight.shape[1:]), conv.stride, conv.dilation, conv.groups,
+    )  # fmt: skip
+    if config in _CUDNN_FUSED_REFUSED:
+        return None
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    try:
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, folded.weight, folded.bias, *geometry)
+        return torch.cudnn_convolution_add_relu(x, folded.weight, residual, 1.0, folded.bias, *geometry)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        _CUDNN_FUSED_REFUSED.add(config)
+        warnings.warn(
+            f"resnet_fused: torch.{name} does not run {config} ({error}); using F.conv2d and a "
+            f"separate epilogue for it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def conv_bias(x: Tensor, conv: nn.Conv2d, folded: FoldedConv) -> Tensor:
+    """``bn(conv(x))`` in eval mode: a convolution with the folded weight and bias."""
+    return F.conv2d(x, folded.weight, folded.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_bias_relu(x: Tensor, conv: nn.Conv2d, folded: FoldedConv) -> Tensor:
+    """``relu(bn(conv(x)))`` in eval mode. Not differentiable (no autograd formula)."""
+    out = _cudnn_fused(x, conv, folded, None)
+    if out is None:
+        out = conv_bias(x, conv, folded).relu_()  # one pass, in place on a fresh tensor
+    return out
+
+
+def conv_bias_add_relu(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual: Tensor) -> Tensor:
+    """``relu(bn(conv(x)) + residual)`` in eval mode. Not differentiable."""
+    out = _cudnn_fused(x, conv, folded, residual)
+    if out is not None:
+        return out
+    out = conv_bias(x, conv, folded)
+    # The fused op with unit statistics, relu(out * 1 + 0 + residual): one pass where
+    # out.add_(residual).relu_() takes two.
+    channels = out.shape[1]
+    zeros = torch.zeros(channels, dtype=torch.float32, device=out.device)
+    ones = torch.ones(channels, dtype=torch.float32, device=out.device)
+    ops = backends.resolve(out.device, out.dtype).ops
+    return ops.bn_add_relu(out, residual, None, None, zeros, ones, False)

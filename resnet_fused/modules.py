@@ -1,0 +1,308 @@
+"""Drop-in fused versions of torchvision's residual blocks.
+
+:class:`FusedBasicBlock` and :class:`FusedBottleneck` subclass torchvision's
+``BasicBlock`` and ``Bottleneck`` and replace only ``forward``: the constructor, the
+submodules (``conv1, bn1, ..., relu, downsample``), ``expansion`` and ``stride`` are
+torchvision's own, so state_dicts, ``isinstance`` checks (torchvision's
+``zero_init_residual``, user code) and ``ResNet(FusedBottleneck, ...)`` work unchanged,
+and :func:`resnet_fused.fuse` can turn an existing block into a fused one by switching its
+class in place (see :mod:`resnet_fused.fuse_model`).
+
+Forward, per BatchNorm, in the mode eager's BatchNorm would run:
+
+* batch statistics (training, or eval without running statistics): ``F.conv2d``, then
+  :func:`resnet_fused.functional.bn_relu` for the inner stages and ``bn_add_relu`` /
+  ``dual_bn_add_relu`` (one pass over both branches of a conv + BN downsample) for the
+  last;
+* running statistics with no autograd graph to record (``no_grad``, ``inference_mode``,
+  or nothing requiring grad): BatchNorm folded into the convolution
+  (:mod:`resnet_fused.folding`), conv + bias + ReLU and conv + bias + add + ReLU;
+* running statistics with autograd (e.g. frozen BatchNorm while fine-tuning), and under
+  ``torch.compile``: ``F.conv2d`` then the same fused ops in eval mode.
+
+A block whose configuration the fused path does not cover (another norm layer or
+activation, extra submodules, a downsample other than conv + BatchNorm, hooks on a
+submodule) runs torchvision's forward unchanged and warns once (:func:`unsupported_reason`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from . import folding, functional
+
+__all__ = [
+    "FusedBasicBlock",
+    "FusedBottleneck",
+    "BatchNormCall",
+    "batch_norm_call",
+    "uses_batch_statistics",
+    "unsupported_reason",
+]
+
+
+# ------------------------------------------------------------------ BatchNorm semantics
+
+
+class BatchNormCall(NamedTuple):
+    """The arguments eager's BatchNorm passes to ``F.batch_norm``, in its order."""
+
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    training: bool  # normalize with batch statistics
+    momentum: float
+    eps: float
+
+
+def uses_batch_statistics(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn`` normalizes with batch statistics: in training, and in eval without running stats."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
+    """What ``bn.forward`` passes to ``F.batch_norm``, with its one side effect.
+
+    Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``: in training with tracked
+    statistics it first bumps ``num_batches_tracked`` (``momentum=None`` then means a
+    cumulative average, factor ``1 / num_batches_tracked``); running statistics are
+    passed in eval, and in training only when tracked.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    passes_running = not bn.training or bn.track_running_stats
+    return BatchNormCall(
+        bn.running_mean if passes_running else None,
+        bn.running_var if passes_running else None,
+        bn.weight,
+        bn.bias,
+        uses_batch_statistics(bn),
+        factor,
+        bn.eps,
+    )
+
+
+# ------------------------------------------------------------------ what the fused path covers
+
+
+def _conv_reason(name: str, conv: nn.Module) -> Optional[str]:
+    if type(conv) is not nn.Conv2d:
+        return f"{name} is {type(conv).__name__}, not nn.Conv2d"
+    if conv.padding_mode != "zeros":
+        return f"{name} pads with padding_mode={conv.padding_mode!r}"
+    return None
+
+
+def _norm_reason(name: str, norm: nn.Module) -> Optional[str]:
+    if type(norm) is not nn.BatchNorm2d:
+        return f"{name} is {type(norm).__name__}, not nn.BatchNorm2d"
+    return None
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _has_global_hooks() -> bool:
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
+
+
+def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
+    """Why ``block`` cannot run the fused forward, or None when it can.
+
+    The fused forward replaces the calls to the block's submodules, so it requires
+    exactly the modules torchvision's forward calls (nn.Conv2d with zero padding,
+    nn.BatchNorm2d, nn.ReLU, a downsample of nn.Conv2d + nn.BatchNorm2d or none) and no
+    hooks that those calls would run.
+    """
+    if "forward" in block.__dict__:
+        return "its forward is replaced on the instance"
+    expected = {"conv1", "bn1", "conv2", "bn2", "relu", "downsample"}
+    if isinstance(block, Bottleneck):
+        expected |= {"conv3", "bn3"}
+    extra = sorted(set(block._modules) - expected)
+    if extra:
+        return f"extra submodules {', '.join(extra)}"
+    pairs = [("conv1", "bn1"), ("conv2", "bn2")] + ([("conv3", "bn3")] if isinstance(block, Bottleneck) else [])
+    for conv_name, bn_name in pairs:
+        reason = _conv_reason(conv_name, getattr(block, conv_name)) or _norm_reason(bn_name, getattr(block, bn_name))
+        if reason:
+            return reason
+    if type(block.relu) is not nn.ReLU:
+        return f"relu is {type(block.relu).__name__}, not nn.ReLU"
+    submodules = [getattr(block, name) for name in expected]
+    downsample = block.downsample
+    if downsample is not None:
+        if type(downsample) is not nn.Sequential or len(downsample) != 2:
+            return "downsample is not nn.Sequential(nn.Conv2d, nn.BatchNorm2d)"
+        reason = _conv_reason("downsample[0]", downsample[0]) or _norm_reason("downsample[1]", downsample[1])
+        if reason:
+            return reason
+        submodules += list(downsample)
+    hooked = [m for m in submodules if m is not None and _has_hooks(m)]
+    if hooked:
+        return f"hooks on {', '.join(type(m).__name__ for m in hooked)} (fusing would skip them)"
+    if _has_global_hooks():
+        return "global module hooks are registered (fusing would skip them)"
+    return None
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_reference_path(block: nn.Module, reason: str) -> None:
+    key = (type(block).__name__, reason)
+    if key not in _warned:
+        _warned.add(key)
+        plain = next(c for c in type(block).__mro__ if c in (BasicBlock, Bottleneck))
+        warnings.warn(
+            f"resnet_fused: a {key[0]} runs torchvision's {plain.__name__}.forward (not fused): {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+# ------------------------------------------------------------------ the fused forward
+
+
+def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _records_autograd(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or any(t is not None and t.requires_grad for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    )
+
+
+def _fold_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[torch.dtype]:
+    """The dtype to run ``bn(conv(x))`` folded in; None when it must run unfolded.
+
+    Folding needs running statistics and pays off only through the cache, which holds
+    non-differentiable tensors and relies on eager tensor versions: so no autograd graph
+    and no torch.compile tracing (which sees conv + fused op instead).
+    """
+    if uses_batch_statistics(bn) or torch.compiler.is_compiling() or _records_autograd(x, conv, bn):
+        return None
+    return folding.compute_dtype(x, conv)
+
+
+_CACHE_ATTRIBUTE = "_fold_cache"
+
+
+class _FusedBlock:
+    """The fused forward shared by both blocks; mixed in before the torchvision class."""
+
+    _inner_stages: tuple[tuple[str, str], ...]  # (conv, bn) pairs ending in BN + ReLU
+    _last_stage: tuple[str, str]  # the pair ending in BN + residual add + ReLU
+
+    def forward(self, x: Tensor) -> Tensor:
+        reason = unsupported_reason(self)
+        if reason is not None or x.dim() != 4:  # other ranks: eager raises its own error
+            if reason is not None:
+                _warn_reference_path(self, reason)
+            return super().forward(x)
+        out = x
+        for conv_name, bn_name in self._inner_stages:
+            out = self._conv_bn_relu(conv_name, bn_name, out)
+        return self._conv_bn_add_relu(*self._last_stage, out, x)
+
+    def _folded(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> folding.FoldedConv:
+        cache = self.__dict__.get(_CACHE_ATTRIBUTE)
+        if cache is None:  # created lazily: fuse() turns blocks into this class without __init__
+            cache = self.__dict__[_CACHE_ATTRIBUTE] = folding.FoldCache()
+        return cache.get(name, conv, bn, dtype)
+
+    def _conv_bn_relu(self, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
+        conv, bn = getattr(self, conv_name), getattr(self, bn_name)
+        dtype = _fold_dtype(x, conv, bn)
+        if dtype is not None:
+            return folding.conv_bias_relu(x.to(dtype), conv, self._folded(conv_name, conv, bn, dtype))
+        return functional.bn_relu(_conv(conv, x), *batch_norm_call(bn))
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        """The identity branch as eager computes it, folded where it can be."""
+        if self.downsample is None:
+            return x
+        conv, bn = self.downsample
+        dtype = _fold_dtype(x, conv, bn)
+        if dtype is not None:
+            return folding.conv_bias(x.to(dtype), conv, self._folded("downsample", conv, bn, dtype))
+        return self.downsample(x)
+
+    def _conv_bn_add_relu(self, conv_name: str, bn_name: str, out: Tensor, x: Tensor) -> Tensor:
+        conv, bn = getattr(self, conv_name), getattr(self, bn_name)
+        dtype = _fold_dtype(out, conv, bn)
+        if dtype is not None:
+            folded = self._folded(conv_name, conv, bn, dtype)
+            return folding.conv_bias_add_relu(out.to(dtype), conv, folded, self._shortcut(x).to(dtype))
+        t = _conv(conv, out)
+        main = batch_norm_call(bn)
+        if self.downsample is None:
+            return functional.bn_add_relu(t, x.to(t.dtype), *main)  # x: the block input, maybe outside autocast
+        conv_d, bn_d = self.downsample
+        if uses_batch_statistics(bn_d) != main.training:
+            # The dual op normalizes both branches in one mode; compose instead.
+            return functional.bn_add_relu(t, self.downsample(x).to(t.dtype), *main)
+        d = batch_norm_call(bn_d)
+        return functional.dual_bn_add_relu(
+            t, _conv(conv_d, x),
+            main.running_mean, main.running_var, d.running_mean, d.running_var,
+            main.weight, main.bias, d.weight, d.bias,
+            main.training, main.momentum, main.eps, d.momentum, d.eps,
+        )  # fmt: skip
+
+    def train(self, mode: bool = True):
+        # Also the refresh point for edits no version counter sees (folding.py).
+        self.__dict__.pop(_CACHE_ATTRIBUTE, None)
+        return super().train(mode)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != _CACHE_ATTRIBUTE}
+
+
+class FusedBasicBlock(_FusedBlock, BasicBlock):
+    """torchvision's ``BasicBlock`` with a fused forward; same constructor, submodules and state_dict."""
+
+    _inner_stages = (("conv1", "bn1"),)
+    _last_stage = ("conv2", "bn2")
+
+
+class FusedBottleneck(_FusedBlock, Bottleneck):
+    """torchvision's ``Bottleneck`` with a fused forward; same constructor, submodules and state_dict.
+
+    The stride sits on the 3x3 ``conv2``, as in torchvision (ResNet v1.5).
+    """
+
+    _inner_stages = (("conv1", "bn1"), ("conv2", "bn2"))
+    _last_stage = ("conv3", "bn3")
+
+
+FUSED_CLASS: dict[type, type] = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
+TORCHVISION_CLASS: dict[type, type] = {fused: plain for plain, fused in FUSED_CLASS.items()}
+
+
+def set_block_class(block: nn.Module, cls: type) -> None:
+    """Turns ``block`` into an instance of ``cls`` in place.
+
+    The object, its submodules, parameters, buffers and hooks stay the same, the way
+    ``torch.nn.utils.parametrize`` changes a module's class; only ``forward`` changes.
+    """
+    block.__dict__.pop(_CACHE_ATTRIBUTE, None)
+    block.__class__ = cls

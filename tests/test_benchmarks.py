@@ -1,0 +1,142 @@
+"""The benchmark suite (benchmarks/): a tiny CPU run end to end, and its measuring parts."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import metrics, report, run
+
+METADATA = ("card", "driver", "torch", "triton", "cudnn", "git_commit", "timestamp", "copy_gbs")
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "out"
+    rc = run.main(["--device", "cpu", "--size", "tiny", "--workloads", "bottleneck,kernels", "--shapes", "layer1",
+                   "--budget", "120", "--out", str(out), *args])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    return rc, out, rows
+
+
+def test_cpu_run_writes_rows_table_and_chart(tmp_path, capsys):
+    rc, out, rows = _run(tmp_path, "--modes", "infer", "--providers", "eager,compile,fused")
+    assert rc == 0
+    blocks = [r for r in rows if r["workload"] == "bottleneck"]
+    assert {r["provider"] for r in blocks} == {"eager", "compile", "fused-cuda", "fused-triton", "fused-cpu",
+                                              "fused-reference"}
+    for row in rows:
+        assert all(key in row for key in METADATA), row
+        assert row["card"].startswith("CPU") and row["torch"] == torch.__version__
+    for row in blocks:
+        if row["provider"] in ("eager", "compile"):
+            assert row["status"] == "ok", row
+        assert row["status"] == "ok" or row["status"].startswith("unavailable: "), row
+    ok = {r["provider"]: r for r in blocks if r["status"] == "ok"}
+    assert ok["eager"]["median_ms"] > 0 and ok["eager"]["speedup_vs_eager"] == 1.0
+    assert ok["compile"]["compile_s"] > 0 and ok["compile"]["rel_err_vs_eager"] < 1e-4
+    assert ok["compile"]["speedup_vs_eager"] == pytest.approx(ok["eager"]["median_ms"] / ok["compile"]["median_ms"])
+    assert abs(sum(ok["eager"][f"{c}_pct"] for c in metrics.CATEGORIES) - 100) < 1e-6
+    kernels = [r for r in rows if r["workload"] == "kernels"]
+    assert kernels and all(r["status"] == "ok" or r["status"].startswith("unavailable") for r in kernels)
+
+    assert (out / "speedup-fp32-channels_last.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"median_ms", "speedup_vs_eager", *METADATA} <= set(header)
+    assert "| layer1 | compile |" in (out / "table.md").read_text()
+    printed = capsys.readouterr().out
+    assert "No GPU requested: benchmarking on the CPU" in printed and "bottleneck, inference" in printed
+
+
+def test_cpu_training_rows_carry_memory_and_flops(tmp_path):
+    rc, _, rows = _run(tmp_path, "--workloads", "bottleneck", "--modes", "train", "--providers", "eager,fused")
+    assert rc == 0
+    (eager,) = [r for r in rows if r["provider"] == "eager"]
+    assert eager["saved_for_backward_mb"] > 0
+    # Bottleneck conv FLOPs, forward (2 per multiply-add) and backward (input and weight grads: twice that)
+    n, c, w, hw = eager["batch"], eager["channels"], eager["width"], eager["hw"]
+    forward = 2 * n * hw * hw * (c * w + 9 * w * w + w * c)
+    assert eager["gflop"] * 1e9 == pytest.approx(3 * forward)
+
+
+def test_budget_skips_tasks_and_says_so(tmp_path, capsys):
+    rc, _, rows = _run(tmp_path, "--budget", "0.001", "--providers", "eager", "--no-profile")
+    assert rc == 0
+    blocks = [r for r in rows if r["workload"] == "bottleneck"]
+    assert blocks and all(r["status"].startswith("skipped: budget") for r in blocks)
+    assert "Skipped to fit the 0 s budget" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, category",
+    [  # kernel names from the H200 profiles of /work/shared/anchors, and CPU operators
+        ("void at::native::batch_norm_collect_statistics_channels_last_kernel<at::native::Var, c10::BFloat16>", "bn"),
+        ("void at::native::batch_norm_backward_elemt_channels_last_kernel<4, c10::BFloat16, float, float>", "bn"),
+        ("cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512, true, 1, true>", "bn"),
+        ("triton_red_fused__native_batch_norm_legit_functional_relu_0", "bn"),
+        ("resnet_fused::dual_bn_add_relu", "bn"),
+        ("resnet_fused::batch_stats", "bn"),
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize256x64x32_warpgroup", "conv"),
+        ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float>", "conv"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "conv"),
+        ("aten::mkldnn_convolution", "conv"),
+        ("aten::convolution_backward", "conv"),
+        ("triton_poi_fused_convolution_threshold_backward_1", "eltwise"),
+        ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>", "eltwise"),
+        ("aten::threshold_backward", "eltwise"),
+        ("aten::add_", "eltwise"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<3>>", "other"),
+        ("aten::max_pool2d_with_indices", "other"),
+        ("Memcpy DtoD (Device -> Device)", "other"),
+        ("cudnn_padding_kernel", "conv"),
+    ],
+)
+def test_classify_kernel_names(name, category):
+    assert metrics.classify(name) == category
+
+
+def test_saved_for_backward_counts_each_storage_once_without_parameters():
+    x = torch.randn(1000, requires_grad=True)
+    p = torch.randn(500, requires_grad=True)
+
+    def forward():
+        y = torch.sigmoid(x)  # saves y (4000 bytes)
+        z = y[:500] * y[500:]  # saves two views of y: no new storage
+        return z * p  # saves z (2000 bytes) and p (excluded)
+
+    assert metrics.saved_for_backward_bytes(forward, exclude=[p]) == 6000
+
+
+def test_speedups_compare_same_shape_mode_dtype_and_layout():
+    def row(provider, ms, shape="layer1", dtype="bf16"):
+        return dict(workload="bottleneck", shape=shape, mode="train", dtype=dtype, layout="channels_last",
+                    provider=provider, status="ok", median_ms=ms)
+
+    rows = [row("eager", 3.0), row("compile", 2.0), row("fused-cuda", 1.0), row("fused-cuda", 5.0, shape="layer2"),
+            row("eager", 10.0, dtype="fp32"), row("fused-cuda", 4.0, dtype="fp32")]
+    report.add_speedups(rows)
+    assert rows[2]["speedup_vs_eager"] == 3.0 and rows[2]["speedup_vs_compile"] == 2.0
+    assert "speedup_vs_eager" not in rows[3]  # no eager layer2 row
+    assert rows[5]["speedup_vs_eager"] == 2.5 and "speedup_vs_compile" not in rows[5]
+
+
+def test_publish_lays_out_the_run_and_latest_md(tmp_path):
+    env = dict(card="NVIDIA H200", torch="2.11.0+cu130", triton="3.6.0", cudnn=91900, cuda="13.0", driver="580.1",
+               git_commit="abc1234", timestamp="2026-11-27T10:00:00+00:00", copy_gbs=4250.0,
+               bf16_matmul_tflops=694.0, command="python -m benchmarks.run --publish")
+    rows = [dict(workload="bottleneck", shape=f"layer{i}", batch=128, mode="train", provider=p, dtype="bf16",
+                 layout="channels_last", status="ok", median_ms=ms * i, **env)
+            for i in (1, 2) for p, ms in (("eager", 2.0), ("fused-cuda", 1.0))]
+    report.add_speedups(rows)
+    run_dir = tmp_path / report.run_directory_name(env)
+    run_dir.mkdir()
+    assert run_dir.name == "nvidia-h200-2026-11-27"
+    charts = report.charts(run_dir, rows, env)
+    latest = report.write_latest(tmp_path, run_dir, env, report.tables(rows, env), charts).read_text()
+    assert "NVIDIA H200, 2026-11-27" in latest and "commit abc1234" in latest
+    assert "![speedup chart](nvidia-h200-2026-11-27/speedup-bf16-channels_last.png)" in latest
+    assert "| layer1 | fused-cuda | 1.000 | 2.00 |" in latest and (run_dir / "speedup-bf16-channels_last.png").exists()
+
+
+def test_publish_refuses_a_cpu_run():
+    with pytest.raises(SystemExit, match="--publish records the GPU run"):
+        run.main(["--device", "cpu", "--publish", "unused"])

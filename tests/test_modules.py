@@ -1,0 +1,490 @@
+"""FusedBasicBlock / FusedBottleneck against torchvision's blocks, configuration by configuration.
+
+Precision policy:
+- float64: several SGD steps, every output, gradient, parameter and running statistic
+  within 1e-10 of eager (scaled, see block_helpers.assert_close_scaled): the fused path
+  computes the same math, so only rounding at float64 precision may differ.
+- float32: one step, scaled tolerance 2e-5, ten times the largest difference seen over 56
+  random runs (1.6e-6) and of the order of eager's own float32-vs-float64 error. Longer
+  float32 trajectories are not compared elementwise: a pre-activation within rounding of
+  zero flips its ReLU mask in one implementation and not the other, after which the runs
+  diverge chaotically (eager diverges from its own float64 run the same way).
+- bfloat16 (CPU autocast; float16 convolutions barely exist on the CPU): judged against
+  eager's own error versus the float32 model (block_helpers.assert_within_eager_error).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import pickle
+import warnings
+
+import pytest
+import torch
+from block_helpers import (
+    BLOCK_CONFIGS,
+    assert_close_scaled,
+    assert_within_eager_error,
+    block_input_shape,
+    fused_copy,
+    make_block,
+    no_tf32,  # noqa: F401  (fixture)
+    random_like_outputs,
+    randomize_batch_norms,
+    train,
+)
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from resnet_fused import folding, use_backend
+from resnet_fused.modules import FusedBasicBlock, FusedBottleneck
+
+CONFIGS = list(BLOCK_CONFIGS)
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+FUSED = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
+
+
+def pair(config, dtype=torch.float32, layout="nchw", device="cpu"):
+    """(torchvision block, fused block) with identical random state."""
+    plain = randomize_batch_norms(make_block(config)).to(device, dtype, memory_format=LAYOUTS[layout])
+    return plain, fused_copy(plain)
+
+
+def inputs_for(config, steps, dtype=torch.float32, layout="nchw", device="cpu", **shape):
+    return [
+        torch.randn(block_input_shape(config, **shape), device=device, dtype=dtype).contiguous(
+            memory_format=LAYOUTS[layout]
+        )
+        for _ in range(steps)
+    ]
+
+
+def eval_output(model, x, **autocast):
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=bool(autocast), **autocast):
+        return model(x)
+
+
+# ------------------------------------------------------------------ drop-in compatibility
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_same_constructor_submodules_and_state_dict(config):
+    torch.manual_seed(0)
+    plain = make_block(config)
+    torch.manual_seed(0)
+    fused = make_block(config, cls=FUSED[type(plain)])
+    assert isinstance(fused, type(plain)) and fused.expansion == plain.expansion and fused.stride == plain.stride
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in plain.named_modules()]
+    assert [type(m) for m in fused.modules()][1:] == [type(m) for m in plain.modules()][1:]
+    for a, b in zip(fused.state_dict().items(), plain.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+    # Interchangeable both ways, strictly.
+    randomize_batch_norms(plain)
+    fused.load_state_dict(plain.state_dict())
+    plain.load_state_dict(fused.state_dict())
+    x = inputs_for(config, 1)[0]
+    torch.testing.assert_close(eval_output(fused, x), eval_output(plain, x), rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_resnet_built_from_fused_blocks():
+    """``ResNet(FusedBottleneck, ...)`` works, zero_init_residual (an isinstance check) included."""
+    torch.manual_seed(0)
+    plain = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, zero_init_residual=True).double()
+    torch.manual_seed(0)
+    fused = ResNet(FusedBottleneck, [1, 1, 1, 1], num_classes=10, zero_init_residual=True).double()
+    assert all(torch.equal(fused.get_parameter(n), p) for n, p in plain.named_parameters())
+    assert torch.all(fused.layer1[0].bn3.weight == 0)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_close_scaled({"out": fused(x)}, {"out": plain(x)}, 1e-10)
+
+
+def test_stride_on_the_3x3_conv():
+    block = FusedBottleneck(32, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64)))
+    assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2) and block.conv3.stride == (1, 1)
+
+
+# ------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_train_float64_several_steps(config, backend):
+    plain, fused = pair(config, torch.float64)
+    inputs = inputs_for(config, 3, torch.float64)
+    grads = random_like_outputs(plain, inputs)
+    with use_backend(backend):  # "reference": what runs where the extension is not built
+        fused_run = train(fused, inputs, grads)
+    assert_close_scaled(fused_run.tensors(), train(plain, inputs, grads).tensors(), 1e-10)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_train_float32(config, layout):
+    plain, fused = pair(config, layout=layout)
+    inputs = inputs_for(config, 1, layout=layout)
+    grads = random_like_outputs(plain, inputs)
+    fused_run, eager_run = train(fused, inputs, grads), train(plain, inputs, grads)
+    assert_close_scaled(fused_run.tensors(), eager_run.tensors(), 2e-5)
+    # Same memory format as eager (strides of the output and of the input gradient).
+    assert fused_run.outputs[0].stride() == eager_run.outputs[0].stride()
+    assert fused_run.input_grads[0].stride() == eager_run.input_grads[0].stride()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("model_layout,input_layout", [("nhwc", "nchw"), ("nchw", "nhwc")])
+def test_mixed_layouts_return_eager_memory_format(model_layout, input_layout, training):
+    config = "bottleneck_stride2_downsample"
+    plain, fused = pair(config, layout=model_layout)
+    plain.train(training), fused.train(training)
+    x = inputs_for(config, 1, layout=input_layout)[0]
+    with torch.no_grad():
+        y, expected = fused(x), plain(x)
+    assert y.stride() == expected.stride()
+    assert_close_scaled({"out": y}, {"out": expected}, 2e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_train_bfloat16_autocast(config):
+    plain, fused = pair(config, layout="nhwc")
+    reference = copy.deepcopy(plain)
+    inputs = inputs_for(config, 1, layout="nhwc", size=16)
+    grads = random_like_outputs(plain, inputs)
+    fused_run = train(fused, inputs, grads, autocast=torch.bfloat16)
+    eager_run = train(plain, inputs, grads, autocast=torch.bfloat16)
+    assert fused_run.outputs[0].dtype == eager_run.outputs[0].dtype == torch.bfloat16
+    assert fused_run.outputs[0].stride() == eager_run.outputs[0].stride()
+    assert_within_eager_error(fused_run.tensors(), eager_run.tensors(), train(reference, inputs, grads).tensors())
+
+
+def test_batch_of_one_value_per_channel_raises_like_eager():
+    plain, fused = pair("basic")
+    x = torch.randn(1, 16, 1, 1)
+    with pytest.raises(ValueError) as eager_error:
+        plain(x)
+    with pytest.raises(ValueError) as fused_error:
+        fused(x)
+    assert str(fused_error.value) == str(eager_error.value)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(training):
+    plain, fused = pair("bottleneck_stride2_downsample", torch.float64)
+    plain.train(training), fused.train(training)
+    x = torch.randn(0, 32, 6, 6, dtype=torch.float64)
+    assert fused(x).shape == plain(x).shape
+    assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 0.0)
+
+
+# ------------------------------------------------------------------ BatchNorm semantics
+
+
+def _momentum_none(block):
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+
+
+def _untracked_with_buffers(block):  # buffers exist, but training must not update them
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+
+
+def _frozen_bn1(block):  # the detection-style frozen BatchNorm: eval mode inside a training block
+    block.bn1.eval()
+
+
+def _downsample_bn_eval(block):  # bn3 batch statistics, downsample BN running: no dual op
+    block.downsample[1].eval()
+
+
+def _bn3_train_in_eval(block):  # eval block whose bn3 still trains
+    block.eval()
+    block.bn3.train()
+
+
+def _downsample_bn_untracked(block):  # eval: bn3 folds, the downsample BN uses batch statistics
+    block.downsample[1] = nn.BatchNorm2d(block.downsample[1].num_features, track_running_stats=False)
+
+
+VARIANTS = {
+    "momentum_none": (None, _momentum_none),
+    "no_running_stats": (functools.partial(nn.BatchNorm2d, track_running_stats=False), None),
+    "affine_false": (functools.partial(nn.BatchNorm2d, affine=False), None),
+    "untracked_with_buffers": (None, _untracked_with_buffers),
+    "frozen_bn1": (None, _frozen_bn1),
+    "downsample_bn_eval": (None, _downsample_bn_eval),
+    "downsample_bn_untracked": (None, _downsample_bn_untracked),
+    "bn3_train_in_eval": (None, _bn3_train_in_eval),  # Bottleneck only
+}
+VARIANT_CASES = [
+    (variant, config)
+    for variant in VARIANTS
+    for config in ("basic_stride2_downsample", "bottleneck_stride2_downsample")
+    if not (variant == "bn3_train_in_eval" and config.startswith("basic"))
+]
+
+
+@pytest.mark.parametrize("variant,config", VARIANT_CASES)
+def test_batch_norm_variants(variant, config):
+    """Every BatchNorm mode eager supports, in training steps and then in eval, float64."""
+    norm_layer, adjust = VARIANTS[variant]
+    plain = make_block(config, norm_layer=norm_layer)
+    if adjust:
+        adjust(plain)
+    plain = randomize_batch_norms(plain).double()
+    fused = fused_copy(plain)
+    inputs = inputs_for(config, 3, torch.float64)
+    grads = random_like_outputs(plain, inputs)
+    assert_close_scaled(train(fused, inputs, grads).tensors(), train(plain, inputs, grads).tensors(), 1e-10)
+    x = inputs_for(config, 1, torch.float64)[0]
+    if adjust is not _bn3_train_in_eval:
+        plain.eval(), fused.eval()
+    assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": eval_output(plain, x)}, 1e-10)
+    assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-10)
+
+
+# ------------------------------------------------------------------ eval mode
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_eval_folded_float32(config, layout):
+    plain, fused = pair(config, layout=layout)
+    plain.eval(), fused.eval()
+    x = inputs_for(config, 1, layout=layout)[0]
+    y, expected = eval_output(fused, x), eval_output(plain, x)
+    assert y.stride() == expected.stride()
+    assert_close_scaled({"eval": y}, {"eval": expected}, 1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_eval_with_autograd(config):
+    """Eval mode with gradients (frozen statistics, trainable weights): unfolded, differentiable."""
+    plain, fused = pair(config, torch.float64)
+    plain.eval(), fused.eval()
+    inputs = inputs_for(config, 2, torch.float64)
+    grads = random_like_outputs(plain, inputs)
+    assert_close_scaled(train(fused, inputs, grads).tensors(), train(plain, inputs, grads).tensors(), 1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_eval_bfloat16_autocast(config):
+    plain, fused = pair(config, layout="nhwc")
+    plain.eval(), fused.eval()
+    x = inputs_for(config, 1, layout="nhwc", size=16)[0]
+    y = eval_output(fused, x, dtype=torch.bfloat16)
+    expected = eval_output(plain, x, dtype=torch.bfloat16)
+    assert y.dtype == expected.dtype == torch.bfloat16 and y.stride() == expected.stride()
+    assert_within_eager_error({"eval": y}, {"eval": expected}, {"eval": eval_output(plain, x)})
+
+
+def test_eval_in_inference_mode():
+    plain, fused = pair("bottleneck_stride2_downsample")
+    plain.eval(), fused.eval()
+    x = inputs_for("bottleneck_stride2_downsample", 1)[0]
+    with torch.inference_mode():
+        y = fused(x)
+    # The cache built in inference mode serves later no_grad calls too.
+    assert_close_scaled({"a": y, "b": eval_output(fused, x)}, {"a": eval_output(plain, x), "b": eval_output(plain, x)}, 1e-5)
+
+
+class TestFoldCache:
+    """Folded weights are cached and never stale (resnet_fused/folding.py lists what is tracked)."""
+
+    config = "bottleneck_stride2_downsample"
+
+    def setup_method(self):
+        self.plain, self.fused = pair(self.config)
+        self.plain.eval(), self.fused.eval()
+        self.x = inputs_for(self.config, 1)[0]
+
+    def check(self, tol=1e-5, **autocast):
+        y, expected = eval_output(self.fused, self.x, **autocast), eval_output(self.plain, self.x, **autocast)
+        assert y.dtype == expected.dtype
+        assert_close_scaled({"eval": y}, {"eval": expected}, tol)
+
+    def both(self, edit):
+        edit(self.plain), edit(self.fused)
+
+    def test_cached_between_calls(self, monkeypatch):
+        calls = []
+        fold = folding.fold
+        monkeypatch.setattr(folding, "fold", lambda *a: calls.append(1) or fold(*a))
+        self.check()
+        assert len(calls) == 4  # conv1, conv2, conv3, downsample
+        self.check()
+        assert len(calls) == 4
+        self.check(tol=2e-2, dtype=torch.bfloat16)  # autocast: entries of its own, kept side by side
+        self.check()
+        self.check(tol=2e-2, dtype=torch.bfloat16)
+        assert len(calls) == 8
+
+    def test_optimizer_step(self):
+        self.check()
+        for model in (self.plain, self.fused):  # an eval-mode step: no train()/eval() refresh
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            model(self.x).square().sum().backward()
+            opt.step()
+        self.check()
+
+    def test_load_state_dict(self):
+        self.check()
+        other = randomize_batch_norms(make_block(self.config)).state_dict()
+        self.both(lambda m: m.load_state_dict(other))
+        self.check()
+
+    def test_load_state_dict_assign(self):
+        self.check()
+        other = randomize_batch_norms(make_block(self.config)).state_dict()
+        self.both(lambda m: m.load_state_dict(copy.deepcopy(other), assign=True))
+        self.check()
+
+    @pytest.mark.parametrize("name", ["conv1.weight", "bn2.weight", "bn3.bias", "bn1.running_mean", "downsample.1.running_var"])
+    def test_in_place_edit(self, name):
+        self.check()
+        with torch.no_grad():
+            self.both(lambda m: m.get_parameter(name).mul_(1.5) if "running" not in name else m.get_buffer(name).mul_(1.5))
+        self.check()
+
+    def test_copy_(self):
+        self.check()
+        new = torch.rand_like(self.plain.bn2.running_var) + 0.5
+        self.both(lambda m: m.bn2.running_var.copy_(new))
+        self.check()
+
+    def test_data_assignment(self):
+        self.check()
+        new = torch.randn_like(self.plain.conv2.weight)
+        self.both(lambda m: setattr(m.conv2.weight, "data", new.clone()))
+        self.check()
+
+    def test_eps(self):
+        self.check()
+        self.both(lambda m: setattr(m.bn1, "eps", 0.5))
+        self.check()
+
+    def test_to_dtype(self):
+        self.check()
+        self.both(lambda m: m.double())
+        self.x = self.x.double()
+        self.check(1e-12)
+
+    def test_autocast_on_and_off(self):
+        self.check()
+        self.check(tol=2e-2, dtype=torch.bfloat16)  # bfloat16 convolutions: eager's own error
+        self.check()
+
+    def test_data_in_place_edit_refreshed_by_eval(self):
+        """A write through ``.data`` bumps no version counter; ``eval()`` drops the cache."""
+        self.check()
+        self.both(lambda m: m.bn1.running_var.data.mul_(3.0))
+        self.both(lambda m: m.eval())
+        self.check()
+
+    def test_deepcopy_and_pickle(self):
+        self.check()
+        assert "_fold_cache" in self.fused.__dict__
+        for clone in (copy.deepcopy(self.fused), pickle.loads(pickle.dumps(self.fused))):
+            assert "_fold_cache" not in clone.__dict__
+            assert_close_scaled({"eval": eval_output(clone, self.x)}, {"eval": eval_output(self.plain, self.x)}, 1e-5)
+
+
+# ------------------------------------------------------------------ the reference path
+
+
+def test_unsupported_norm_layer_runs_torchvision_forward():
+    norm = functools.partial(nn.GroupNorm, 4)
+    torch.manual_seed(0)
+    plain = make_block("bottleneck", norm_layer=norm)
+    torch.manual_seed(0)
+    fused = make_block("bottleneck", cls=FusedBottleneck, norm_layer=norm)
+    x = inputs_for("bottleneck", 1)[0]
+    with pytest.warns(RuntimeWarning, match="bn1 is GroupNorm"):
+        y = fused(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        fused(x)
+    assert torch.equal(y, plain(x))
+
+
+def test_hook_on_a_submodule_runs_torchvision_forward():
+    plain, fused = pair("basic")
+    seen = []
+    fused.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = inputs_for("basic", 1)[0]
+    with pytest.warns(RuntimeWarning, match="hooks on BatchNorm2d"):
+        y = fused(x)
+    assert seen == [torch.Size([2, 16, 6, 6])]
+    assert torch.equal(y, plain(x))
+
+
+def test_unbatched_input_raises_like_eager():
+    plain, fused = pair("basic")
+    x = torch.randn(16, 6, 6)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        plain(x)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fused(x)
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_cuda_train_float32(config, layout, no_tf32):
+    plain, fused = pair(config, layout=layout, device="cuda")
+    inputs = inputs_for(config, 1, layout=layout, device="cuda")
+    grads = random_like_outputs(plain, inputs)
+    fused_run, eager_run = train(fused, inputs, grads), train(plain, inputs, grads)
+    assert_close_scaled(fused_run.tensors(), eager_run.tensors(), 2e-5)
+    assert fused_run.outputs[0].stride() == eager_run.outputs[0].stride()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_cuda_train_autocast(config, dtype):
+    plain, fused = pair(config, layout="nhwc", device="cuda")
+    reference = copy.deepcopy(plain)
+    inputs = inputs_for(config, 1, layout="nhwc", device="cuda", size=16)
+    grads = random_like_outputs(plain, inputs)
+    fused_run = train(fused, inputs, grads, autocast=dtype)
+    eager_run = train(plain, inputs, grads, autocast=dtype)
+    assert fused_run.outputs[0].dtype == dtype and fused_run.outputs[0].stride() == eager_run.outputs[0].stride()
+    assert_within_eager_error(fused_run.tensors(), eager_run.tensors(), train(reference, inputs, grads).tensors())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_cuda_eval_folded(config, dtype, layout, no_tf32):
+    """Folded eval on CUDA, through cuDNN's fused conv ops where they run."""
+    plain, fused = pair(config, layout=layout, device="cuda")
+    plain.eval(), fused.eval()
+    x = inputs_for(config, 1, layout=layout, device="cuda", size=16)[0]
+    autocast = {} if dtype == torch.float32 else {"dtype": dtype}
+    folding._CUDNN_FUSED_REFUSED.clear()
+    y, expected = eval_output(fused, x, **autocast), eval_output(plain, x, **autocast)
+    assert y.dtype == expected.dtype and y.stride() == expected.stride()
+    if dtype != torch.float32 and layout == "nhwc" and BLOCK_CONFIGS[config][5] == 1:
+        assert not folding._CUDNN_FUSED_REFUSED  # the configuration the H200 anchors measured
+    if dtype == torch.float32:
+        assert_close_scaled({"eval": y}, {"eval": expected}, 1e-5)
+    else:
+        assert_within_eager_error({"eval": y}, {"eval": expected}, {"eval": eval_output(plain, x)})
+
+
+@pytest.mark.cuda
+def test_cuda_fold_cache_follows_device_moves(no_tf32):
+    plain, fused = pair("bottleneck_stride2_downsample")
+    plain.eval(), fused.eval()
+    x = inputs_for("bottleneck_stride2_downsample", 1)[0]
+    for device in ("cpu", "cuda", "cpu"):
+        plain.to(device), fused.to(device)
+        x = x.to(device)
+        assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": eval_output(plain, x)}, 1e-5)
