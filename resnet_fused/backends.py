@@ -87,7 +87,6 @@ _REGISTRY: dict[str, Backend] = {
     "cuda": Backend("cuda", torch.ops.resnet_fused, ("cuda",), _GPU_DTYPES, _compiled("CUDA")),
     "cpu": Backend("cpu", torch.ops.resnet_fused, ("cpu",), _ALL_DTYPES, _compiled("CPU")),
     "reference": Backend("reference", torch.ops.resnet_fused_reference, (), _ALL_DTYPES),
-    "triton": Backend("triton", torch.ops.resnet_fused_triton, ("cuda",), _GPU_DTYPES, "not loaded"),
 }
 
 
