@@ -44,8 +44,12 @@ namespace {
 
 constexpr int kThreads = 256;             // threads per block of every streaming kernel
 constexpr int64_t kRowTileVectors = 32;   // channel vectors per block along a channels_last row
-constexpr int kFinalizeChannels = 32;     // finalize block: channels (x) ...
-constexpr int kFinalizeLanes = 32;        // ... by lanes merging one channel's partials (y)
+// A finalize block: channels (x) by lanes (y) that each merge every kFinalizeLanes-th
+// partial of their channel, kFinalizeBatch loads at a time, then merge across lanes. Many
+// lanes keep its serial chain of L2 round trips short: it is on every op's critical path.
+constexpr int kFinalizeChannels = 8;
+constexpr int kFinalizeLanes = 64;
+constexpr int kFinalizeBatch = 4;
 constexpr int kFinalizeThreads = kFinalizeChannels * kFinalizeLanes;
 constexpr int64_t kMaxGridY = 65535;
 // Values of one channel a reduction block may see: its float count stays exact (< 2^24).
@@ -57,8 +61,9 @@ constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 
 // How a streaming kernel keeps HBM busy: the blocks it keeps resident per SM (the
 // register cap of its __launch_bounds__; its grid is one wave of them) and the vectors a
-// thread loads before it uses the first, about 64 bytes in flight per thread at 3-4
-// resident blocks and 96 at 2 (scalar accesses need more loads for the same bytes).
+// thread loads before it uses the first: 64 bytes in flight per thread at 3 or 4 resident
+// blocks of 256 threads, 96 at 2, so 48-64 KB per SM (scalar accesses need more loads for
+// the same bytes).
 struct StreamConfig {
   int blocks_per_sm;
   int inputs;  // activations streamed in
@@ -76,7 +81,7 @@ constexpr StreamConfig forward_config(Epilogue e) {
 }
 // grad_out, input [+ residual | input_d]; both backward passes
 constexpr StreamConfig backward_config(Epilogue e) {
-  return {e == Epilogue::kDualAddRelu ? 2 : 3, e == Epilogue::kRelu ? 2 : 3};
+  return e == Epilogue::kRelu ? StreamConfig{3, 2} : StreamConfig{2, 3};
 }
 
 // Per-channel sums of the backward reduction: sum(g), sum(g * (x - mean)) and, for the
@@ -448,13 +453,24 @@ struct StatsFinalize {
 // Block (kFinalizeChannels, kFinalizeLanes): lane y merges partials y, y + lanes, ... of
 // its channel in double, then the lanes merge in a fixed tree.
 __global__ void __launch_bounds__(kFinalizeThreads) batch_stats_finalize_kernel(StatsFinalize f) {
+  const int64_t C = f.channels;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
   Moments<double, 1> moments;
-  if (c < f.channels) {
-    for (int64_t s = threadIdx.y; s < f.splits; s += kFinalizeLanes) {
-      const double mean[1] = {f.mean[s * f.channels + c]};
-      const double m2[1] = {f.m2[s * f.channels + c]};
-      moments.merge(f.count[s], mean, m2);
+  if (c < C) {
+    for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
+      float count[kFinalizeBatch], mean[kFinalizeBatch], m2[kFinalizeBatch];
+#pragma unroll
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+        const int64_t s = first + b * kFinalizeLanes;
+        count[b] = s < f.splits ? f.count[s] : 0.f;
+        mean[b] = s < f.splits ? f.mean[s * C + c] : 0.f;
+        m2[b] = s < f.splits ? f.m2[s * C + c] : 0.f;
+      }
+#pragma unroll
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+        const double partial_mean[1] = {mean[b]}, partial_m2[1] = {m2[b]};
+        moments.merge(count[b], partial_mean, partial_m2);
+      }
     }
   }
   __shared__ Moments<double, 1>::Shared<kFinalizeThreads> shared;
@@ -668,9 +684,19 @@ __global__ void __launch_bounds__(kFinalizeThreads) backward_finalize_kernel(Bac
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
   Sums<double, K> sums;
   if (c < C) {
-    for (int64_t s = threadIdx.y; s < f.splits; s += kFinalizeLanes) {
+    for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
+      float partial[kFinalizeBatch][K];
 #pragma unroll
-      for (int k = 0; k < K; ++k) sums.value[k] += f.partials[(k * f.splits + s) * C + c];
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+        const int64_t s = first + b * kFinalizeLanes;
+#pragma unroll
+        for (int k = 0; k < K; ++k) partial[b][k] = s < f.splits ? f.partials[(k * f.splits + s) * C + c] : 0.f;
+      }
+#pragma unroll
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) sums.value[k] += partial[b][k];
+      }
     }
   }
   __shared__ typename Sums<double, K>::template Shared<kFinalizeThreads> shared;
