@@ -22,6 +22,7 @@ using namespace resnet_fused;
 
 int failures = 0;
 std::string current_case;
+const char* filter = nullptr;  // run only the cases whose name contains this
 
 void fail(const std::string& what) {
   if (++failures <= 40) std::printf("FAIL %s: %s\n", current_case.c_str(), what.c_str());
@@ -344,12 +345,53 @@ void run_case(const Case& k, uint64_t seed) {
       }
 }
 
+// Mean 1000, std 3: a float32 sum of squares would lose the variance entirely. The
+// tolerances are tests/test_cuda_ops.py's: mean to 1e-6, invstd to 1e-5, relative.
+template <typename T>
+void check_statistics_far_from_zero(Layout layout, const char* dtype) {
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "%s %s statistics of N(1000, 3)", dtype, layout == Layout::kNHWC ? "nhwc" : "nchw");
+  if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
+  current_case = buf;
+  const int before = failures;
+  const int64_t N = 16, C = 32, S = 144;
+  emulation::multiprocessors = 6;
+  Rng rng(7);
+  Activation<T> x(N, C, S, layout, 0);
+  fill(x, rng, 1000.0, 3.0);
+  ActivationGeometry g;
+  g.batch = N;
+  g.channels = C;
+  g.spatial = S;
+  g.layout = layout;
+  g.dtype = kDType<T>;
+  std::vector<float> mean(C), invstd(C);
+  Workspace ws(cuda::batch_stats_workspace_bytes(g));
+  BatchStatsParams p;
+  p.geometry = g;
+  p.input = x.data;
+  p.mean = mean.data();
+  p.invstd = invstd.data();
+  p.workspace = ws.get();
+  if (cuda::launch_batch_stats(p, nullptr) != cudaSuccess) fail("launch error");
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0, sq = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < S; ++i) sum += x.get(n, c, i);
+    const double mu = sum / (N * S);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < S; ++i) sq += (x.get(n, c, i) - mu) * (x.get(n, c, i) - mu);
+    const double want_invstd = 1 / std::sqrt(sq / (N * S) + p.eps);
+    if (!(std::fabs(mean[c] - mu) <= 1e-6 * std::fabs(mu))) fail("mean of channel " + std::to_string(c));
+    if (!(std::fabs(invstd[c] - want_invstd) <= 1e-5 * want_invstd)) fail("invstd of channel " + std::to_string(c));
+  }
+  std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
+}
+
 const char* name(Layout l) { return l == Layout::kNHWC ? "nhwc" : "nchw"; }
 const char* name(Epilogue e) {
   return e == Epilogue::kRelu ? "relu" : e == Epilogue::kAddRelu ? "add_relu" : "dual_add_relu";
 }
-
-const char* filter = nullptr;  // run only the cases whose name contains this
 
 template <typename T>
 void run(const Case& k, const char* dtype, uint64_t seed) {
@@ -410,6 +452,10 @@ int main(int argc, char** argv) {
       run<__half>({4, 24, 4, 6, layout, e, true, true, true, true, 1}, "float16", seed++);
       run<float>({4, 24, 4, 6, layout, e, false, true, true, true, 2}, "float32", seed++);
     }
+  }
+  for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
+    check_statistics_far_from_zero<float>(layout, "float32");
+    check_statistics_far_from_zero<__nv_bfloat16>(layout, "bfloat16");
   }
   std::printf("%d emulated launches, %d failed checks\n", emulation::launches, failures);
   return failures == 0 ? 0 : 1;
