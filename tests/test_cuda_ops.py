@@ -233,6 +233,21 @@ def test_backward_ops_match_reference_ops(layout, dtype, training):
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", [(4, 19, 5, 7), (16, 64, 14, 14)], ids=shape_id)
+def test_backward_recomputes_the_forward_mask_exactly(layout, dtype, shape):
+    """grad_residual is grad_out exactly where the forward's output is positive: the
+    backward's pre-activation is the forward's, bit for bit (float32 and bfloat16 round no
+    positive pre-activation to 0)."""
+    x, r, g = (activation(shape, dtype, layout, DEVICE) for _ in range(3))
+    w, b = torch.rand(shape[1], device=DEVICE) + 0.5, torch.randn(shape[1], device=DEVICE)
+    mean, invstd = torch.ops.resnet_fused.batch_stats(x, None, None, 0.1, 1e-5)
+    out = torch.ops.resnet_fused.bn_add_relu(x, r, w, b, mean, invstd, True)
+    grad_residual = torch.ops.resnet_fused.bn_add_relu_backward(g, x, r, w, b, mean, invstd, True)[1]
+    assert torch.equal(grad_residual, torch.where(out > 0, g, torch.zeros_like(g)))
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_batch_stats_and_running_statistics(layout, dtype):
     x = activation((16, 48, 13, 11), dtype, layout, DEVICE, scale=2.0, offset=0.5)
