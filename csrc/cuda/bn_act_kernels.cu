@@ -87,7 +87,7 @@ constexpr StreamConfig backward_config(Epilogue e) {
 // Per-channel sums of the backward reduction: sum(g), sum(g * (x - mean)) and, for the
 // downsample branch, sum(g * (x_d - mean_d)).
 constexpr int num_sums(Epilogue e) { return e == Epilogue::kDualAddRelu ? 3 : 2; }
-// Per-channel coefficients of the backward's elementwise pass: k1, k2 per branch.
+// Per-channel coefficients of the backward's elementwise pass: k0, k1 per branch.
 constexpr int num_coefficients(Epilogue e) { return e == Epilogue::kDualAddRelu ? 4 : 2; }
 
 // ---------------------------------------------------------------- element access
