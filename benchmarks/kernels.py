@@ -1,0 +1,528 @@
+"""L1 kernel benchmark: each fused op against the eager composite it replaces.
+
+    python benchmarks/kernels.py                        # GPU: ResNet-50 stage shapes, N=128, bf16 and fp32
+    python benchmarks/kernels.py --device cpu           # the same shapes at N=8 on the CPU
+    python benchmarks/kernels.py --ops batch_stats,bn_add_relu --shapes layer1 --dtype bf16 --layout nchw
+
+Ops: ``batch_stats``; the fused forwards ``bn_relu``, ``bn_add_relu``, ``dual_bn_add_relu``
+(normalizing with given statistics); their ``*_backward`` ops (training mode); and the
+training forwards ``train_*`` = batch_stats + the fused op, against eager
+``F.batch_norm(training=True)`` + ``relu`` (+ add). Every op runs on each backend
+available on the device and as the eager PyTorch composite it replaces:
+
+=========================  =====================================================
+op                         eager composite
+=========================  =====================================================
+batch_stats                ``torch.batch_norm_stats`` (CUDA); ``torch.var_mean`` (CPU)
+bn_relu / bn_add_relu /    ``relu(F.batch_norm(x, eval) [+ r | + F.batch_norm(x_d, eval)])``
+dual_bn_add_relu
+``*_backward``             autograd backward of the training-mode composite
+train_*                    ``relu(F.batch_norm(x, training=True) [+ ...])``
+=========================  =====================================================
+
+Bytes: ``bytes`` counts each input read once and each output written once (the issue's
+rule; per-channel vectors ignored); ``kernel_bytes`` is the traffic the fused kernels make
+by design: the backward reads its inputs twice (reduction pass, then elementwise pass),
+a training forward reads its input once for statistics and once to normalize. ``% copy``
+divides achieved bandwidth by the device-to-device copy bandwidth measured in the same
+run (benchmarks/common.py). Timing: on CUDA each callable is captured in a CUDA graph and
+its replays are timed with ``triton.testing.do_bench`` (L2 flushed between replays), so
+host launch overhead counts for neither side; on the CPU, medians of wall-clock runs.
+Each fused row also carries ``rel_err``, ||fused - eager|| / ||eager|| of the first
+output, against the eager composite on float32 copies of the inputs (so the baseline's own
+reduced-precision rounding does not count): a fast wrong result cannot pass unnoticed. Rows of the ``cuda`` backend also
+break the op into its kernels (``kernels``: device time per call from the torch profiler,
+L2 flushed before each call, and each streaming kernel's own % of copy bandwidth), which
+separates the streaming passes from the fixed cost of the small reduction-finalize kernels.
+
+Prints every row, then a summary per op (last), and writes JSON plus the tables to the
+results directory (``--out``, else ``$RESNET_FUSED_RESULTS``, else results/local).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `resnet_fused` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import resnet_fused  # noqa: E402
+from benchmarks import common  # noqa: E402
+from resnet_fused import backends  # noqa: E402
+
+EPS = 1e-5
+MOMENTUM = 0.1
+
+# ResNet-50 stages: spatial size and the two channel counts of their activations (the
+# block's output width and its bottleneck width).
+STAGES = {"layer1": (56, (256, 64)), "layer2": (28, (512, 128)), "layer3": (14, (1024, 256)), "layer4": (7, (2048, 512))}
+# Where the L1 target (>= 85% of copy bandwidth) applies.
+TARGET_STAGES = ("layer1", "layer2")
+DEFAULT_BATCH = {"cuda": 128, "cpu": 8}
+DEFAULT_BUDGET_MS = {"cuda": 40.0, "cpu": 100.0}
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+LAYOUTS = {"channels_last": torch.channels_last, "nhwc": torch.channels_last, "nchw": torch.contiguous_format,
+           "contiguous": torch.contiguous_format}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    channels: int
+    size: int  # H = W
+
+
+def parse_shapes(spec: Optional[str]) -> list[Shape]:
+    """`layer1` (both of its shapes), `layer1.64`, or `CxS` (C channels, S x S)."""
+    if not spec:
+        spec = ",".join(STAGES)
+    shapes = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        stage, _, channels = item.partition(".")
+        if stage in STAGES:
+            size, widths = STAGES[stage]
+            chosen = widths if not channels else (int(channels),)
+            shapes += [Shape(f"{stage}.{c}", c, size) for c in chosen]
+        elif "x" in item:
+            c, s = item.split("x")
+            shapes.append(Shape(f"{c}x{s}", int(c), int(s)))
+        else:
+            raise SystemExit(f"unknown shape {item!r}: expected layer1..layer4, layerN.C or CxS")
+    return shapes
+
+
+# ---------------------------------------------------------------- the ops
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    name: str
+    passes: int  # activation-sized reads + writes, each input once and each output once
+    kernel_passes: int  # what the fused kernels move by design
+
+
+OPS = {
+    op.name: op
+    for op in (
+        Op("batch_stats", 1, 1),
+        Op("bn_relu", 2, 2),
+        Op("bn_add_relu", 3, 3),
+        Op("dual_bn_add_relu", 3, 3),
+        Op("bn_relu_backward", 3, 5),  # reads grad_out, x twice; writes grad_x
+        Op("bn_add_relu_backward", 5, 8),  # + residual read twice, grad_residual written
+        Op("dual_bn_add_relu_backward", 5, 8),  # + x_d read twice, grad_x_d written
+        Op("train_bn_relu", 2, 3),  # x read for statistics, then to normalize
+        Op("train_bn_add_relu", 3, 4),
+        Op("train_dual_bn_add_relu", 3, 5),  # both inputs read for statistics
+    )
+}
+
+
+class Tensors:
+    """Inputs of every op at one shape: activations, parameters, statistics."""
+
+    def __init__(self, n: int, shape: Shape, dtype: torch.dtype, layout: torch.memory_format, device: torch.device):
+        def activation():
+            return torch.randn(n, shape.channels, shape.size, shape.size, device=device, dtype=dtype).contiguous(
+                memory_format=layout
+            )
+
+        def per_channel(offset=0.0, spread=1.0):
+            return torch.rand(shape.channels, device=device) * spread + offset
+
+        c = shape.channels
+        self.x, self.other, self.grad = activation(), activation(), activation()
+        self.w, self.b, self.w_d, self.b_d = per_channel(0.5), per_channel(-0.5), per_channel(0.5), per_channel(-0.5)
+        self.rm, self.rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+        self.rm_d, self.rv_d = torch.zeros(c, device=device), torch.ones(c, device=device)
+        ref = torch.ops.resnet_fused_reference
+        self.mean, self.invstd = ref.batch_stats(self.x, None, None, MOMENTUM, EPS)
+        self.mean_d, self.invstd_d = ref.batch_stats(self.other, None, None, MOMENTUM, EPS)
+        # eval-mode F.batch_norm normalizes with (var + eps)^-1/2: the var that gives invstd
+        self.var, self.var_d = self.invstd.pow(-2) - EPS, self.invstd_d.pow(-2) - EPS
+
+    @property
+    def numel(self) -> int:
+        return self.x.numel()
+
+    def as_float32(self) -> "Tensors":
+        """The same values with float32 activations (per-channel tensors shared)."""
+        upcast = copy.copy(self)
+        upcast.x, upcast.other, upcast.grad = self.x.float(), self.other.float(), self.grad.float()
+        return upcast
+
+
+def fused_callable(op: str, ns, t: Tensors) -> Callable[[], object]:
+    """The op on one backend's namespace of ops (torch.ops.<namespace>)."""
+    main = (t.w, t.b, t.mean, t.invstd)
+    down = (t.w_d, t.b_d, t.mean_d, t.invstd_d)
+    calls = {
+        "batch_stats": lambda: ns.batch_stats(t.x, t.rm, t.rv, MOMENTUM, EPS),
+        "bn_relu": lambda: ns.bn_relu(t.x, *main, True),
+        "bn_add_relu": lambda: ns.bn_add_relu(t.x, t.other, *main, True),
+        "dual_bn_add_relu": lambda: ns.dual_bn_add_relu(t.x, *main, t.other, *down, True),
+        "bn_relu_backward": lambda: ns.bn_relu_backward(t.grad, t.x, *main, True),
+        "bn_add_relu_backward": lambda: ns.bn_add_relu_backward(t.grad, t.x, t.other, *main, True),
+        "dual_bn_add_relu_backward": lambda: ns.dual_bn_add_relu_backward(t.grad, t.x, *main, t.other, *down, True),
+    }
+    if op in calls:
+        return calls[op]
+
+    def train():
+        mean, invstd = ns.batch_stats(t.x, t.rm, t.rv, MOMENTUM, EPS)
+        if op == "train_bn_relu":
+            return ns.bn_relu(t.x, t.w, t.b, mean, invstd, True)
+        if op == "train_bn_add_relu":
+            return ns.bn_add_relu(t.x, t.other, t.w, t.b, mean, invstd, True)
+        mean_d, invstd_d = ns.batch_stats(t.other, t.rm_d, t.rv_d, MOMENTUM, EPS)
+        return ns.dual_bn_add_relu(t.x, t.w, t.b, mean, invstd, t.other, t.w_d, t.b_d, mean_d, invstd_d, True)
+
+    return train
+
+
+def eager_callable(op: str, t: Tensors) -> Callable[[], object]:
+    """The eager PyTorch composite the op replaces."""
+
+    def eval_bn(x, mean, var, w, b):
+        return F.batch_norm(x, mean, var, w, b, False, 0.0, EPS)
+
+    def train_bn(x, rm, rv, w, b):
+        return F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS)
+
+    if op == "batch_stats":
+        if t.x.is_cuda:
+            return lambda: torch.batch_norm_stats(t.x, EPS)
+
+        def var_mean():
+            var, mean = torch.var_mean(t.x, dim=(0, 2, 3), correction=0)
+            return mean, torch.rsqrt(var + EPS)
+
+        return var_mean
+    if op == "bn_relu":
+        return lambda: F.relu(eval_bn(t.x, t.mean, t.var, t.w, t.b))
+    if op == "bn_add_relu":
+        return lambda: F.relu(eval_bn(t.x, t.mean, t.var, t.w, t.b) + t.other)
+    if op == "dual_bn_add_relu":
+        return lambda: F.relu(eval_bn(t.x, t.mean, t.var, t.w, t.b) + eval_bn(t.other, t.mean_d, t.var_d, t.w_d, t.b_d))
+    if op == "train_bn_relu":
+        return lambda: F.relu(train_bn(t.x, t.rm, t.rv, t.w, t.b))
+    if op == "train_bn_add_relu":
+        return lambda: F.relu(train_bn(t.x, t.rm, t.rv, t.w, t.b) + t.other)
+    if op == "train_dual_bn_add_relu":
+        return lambda: F.relu(train_bn(t.x, t.rm, t.rv, t.w, t.b) + train_bn(t.other, t.rm_d, t.rv_d, t.w_d, t.b_d))
+
+    # backward ops: autograd through the training composite, graph built once and retained
+    x, w, b = (v.detach().requires_grad_() for v in (t.x, t.w, t.b))
+    y = F.batch_norm(x, None, None, w, b, True, MOMENTUM, EPS)
+    wrt = [x, w, b]
+    if op == "bn_add_relu_backward":
+        other = t.other.detach().requires_grad_()
+        y, wrt = y + other, wrt + [other]
+    elif op == "dual_bn_add_relu_backward":
+        other, w_d, b_d = (v.detach().requires_grad_() for v in (t.other, t.w_d, t.b_d))
+        y = y + F.batch_norm(other, None, None, w_d, b_d, True, MOMENTUM, EPS)
+        wrt += [other, w_d, b_d]
+    out = F.relu(y)
+    return lambda: torch.autograd.grad(out, wrt, t.grad, retain_graph=True)
+
+
+# The CUDA backend's kernels per op, with the activation-sized passes each makes per call
+# (csrc/cuda/bn_act_kernels.cu); finalize kernels move only per-channel vectors.
+CUDA_KERNEL_PASSES = {
+    "batch_stats": {"batch_stats_kernel": 1},
+    "bn_relu": {"forward_kernel": 2},
+    "bn_add_relu": {"forward_kernel": 3},
+    "dual_bn_add_relu": {"forward_kernel": 3},
+    "bn_relu_backward": {"backward_reduce_kernel": 2, "backward_elementwise_kernel": 3},
+    "bn_add_relu_backward": {"backward_reduce_kernel": 3, "backward_elementwise_kernel": 5},
+    "dual_bn_add_relu_backward": {"backward_reduce_kernel": 3, "backward_elementwise_kernel": 5},
+    "train_bn_relu": {"batch_stats_kernel": 1, "forward_kernel": 2},
+    "train_bn_add_relu": {"batch_stats_kernel": 1, "forward_kernel": 3},
+    "train_dual_bn_add_relu": {"batch_stats_kernel": 2, "forward_kernel": 3},  # statistics of both inputs
+}
+FINALIZE_KERNELS = ("batch_stats_finalize_kernel", "backward_finalize_kernel")
+
+
+def kernel_kind(name: str) -> Optional[str]:
+    """The resnet_fused CUDA kernel a profiler kernel name belongs to, if any."""
+    if "resnet_fused" not in name:
+        return None
+    for kind in (*FINALIZE_KERNELS, "batch_stats_kernel", "forward_kernel", "backward_reduce_kernel",
+                 "backward_elementwise_kernel"):
+        if kind in name:
+            return kind
+    return None
+
+
+def kernel_breakdown(op: str, fn: Callable[[], object], activation_bytes: int, copy_gbs: float,
+                     iterations: int = 10) -> dict:
+    """Device time per call of each resnet_fused kernel fn launches (torch profiler, L2
+    flushed before every call), and each streaming kernel's share of copy bandwidth."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    total_us: dict[str, float] = {}
+    for event in prof.events():
+        kind = kernel_kind(event.name) if event.device_type == DeviceType.CUDA else None
+        if kind:
+            total_us[kind] = total_us.get(kind, 0.0) + event.time_range.elapsed_us()
+    kernels = {}
+    for kind, us in total_us.items():
+        entry = {"us": us / iterations}
+        passes = CUDA_KERNEL_PASSES[op].get(kind)
+        if passes:
+            entry["pct_copy"] = 100 * passes * activation_bytes / (entry["us"] * 1e3) / copy_gbs
+        kernels[kind] = entry
+    return kernels
+
+
+def first_output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def relative_error(actual, expected) -> float:
+    a, e = first_output(actual).float(), first_output(expected).float()
+    return float(torch.linalg.vector_norm(a - e) / torch.linalg.vector_norm(e).clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def timed(fn: Callable[[], object], device: torch.device, budget_ms: float) -> tuple[dict, str]:
+    """Median time of fn; on CUDA of its CUDA-graph replays (plain launches if capture fails)."""
+    if device.type != "cuda":
+        return common.measure(fn, device, budget_ms=budget_ms), "wall clock"
+    try:
+        graph = _graph(fn)
+    except RuntimeError as error:
+        torch.cuda.synchronize(device)
+        print(f"  (CUDA graph capture failed, timing plain launches: {str(error).splitlines()[0]})")
+        return common.measure(fn, device, budget_ms=budget_ms), "launches"
+    try:
+        return common.measure(graph.replay, device, budget_ms=budget_ms), "cuda graph"
+    finally:
+        del graph
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def default_backends(device: torch.device) -> list[str]:
+    return resnet_fused.available_backends(device)
+
+
+def run(
+    device: str = "cuda",
+    dtypes: Iterable[str] = ("bf16", "fp32"),
+    shapes: Optional[str] = None,
+    ops: Optional[Iterable[str]] = None,
+    backend_names: Optional[Iterable[str]] = None,
+    batch: Optional[int] = None,
+    layout: str = "channels_last",
+    budget_ms: Optional[float] = None,
+    copy_gbs: Optional[float] = None,
+) -> list[dict]:
+    """Benchmarks every (op, shape, dtype) on each backend and eagerly; one dict per row."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is available (use --device cpu)")
+    op_names = list(ops or OPS)
+    unknown = [o for o in op_names if o not in OPS]
+    if unknown:
+        raise SystemExit(f"unknown ops {unknown}; expected some of {', '.join(OPS)}")
+    names = list(backend_names or default_backends(dev))
+    for name in names:
+        backends.get(name)  # validates the name
+    batch = batch or DEFAULT_BATCH[dev.type]
+    budget_ms = budget_ms or DEFAULT_BUDGET_MS[dev.type]
+    memory_format = LAYOUTS[layout]
+    if copy_gbs is None:
+        copy_gbs = common.copy_bandwidth_gbs(dev)
+        print(f"copy bandwidth on {dev}: {copy_gbs:.0f} GB/s (bytes read + written)")
+
+    rows = []
+    for shape in parse_shapes(shapes):
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            t = Tensors(batch, shape, dtype, memory_format, dev)
+            t32 = t.as_float32()
+            element = t.x.element_size()
+            for op_name in op_names:
+                op = OPS[op_name]
+                base = dict(op=op_name, shape=shape.name, n=batch, c=shape.channels, h=shape.size, w=shape.size,
+                            dtype=str(dtype).removeprefix("torch."), layout=layout,
+                            bytes=op.passes * t.numel * element, kernel_bytes=op.kernel_passes * t.numel * element,
+                            copy_gbs=copy_gbs)
+                eager_fn = eager_callable(op_name, t)
+                expected = eager_callable(op_name, t32)()
+                variants = [("eager", eager_fn)]
+                for name in names:
+                    if backends.get(name).supports(dev, dtype):
+                        variants.append((name, fused_callable(op_name, backends.get(name).ops, t)))
+                eager_ms = None
+                for name, fn in variants:
+                    row = dict(base, backend=name)
+                    try:
+                        if name != "eager":
+                            row["rel_err"] = relative_error(fn(), expected)
+                        times, timing = timed(fn, dev, budget_ms)
+                    except Exception as error:  # one failing op must not stop the others
+                        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                        rows.append(row)
+                        print(f"  {op_name} {shape.name} {row['dtype']} {name}: FAILED {row['error']}")
+                        continue
+                    ms = times["median_ms"]
+                    eager_ms = ms if name == "eager" else eager_ms
+                    row.update(times, timing=timing, gbs=row["bytes"] / ms / 1e6,
+                               kernel_gbs=row["kernel_bytes"] / ms / 1e6)
+                    row.update(pct_copy=100 * row["gbs"] / copy_gbs, kernel_pct_copy=100 * row["kernel_gbs"] / copy_gbs,
+                               speedup_vs_eager=None if name == "eager" or eager_ms is None else eager_ms / ms)
+                    if name == "cuda":
+                        try:
+                            row["kernels"] = kernel_breakdown(op_name, fn, t.numel * element, copy_gbs)
+                        except Exception as error:  # the profiler is a diagnostic: never fail the row
+                            row["kernels"] = {"error": f"{type(error).__name__}: {error}"}
+                    rows.append(row)
+                del expected, eager_fn, variants
+            del t, t32
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def rows_table(rows: list[dict]) -> str:
+    header = (f"{'op':<26} {'shape':<12} {'dtype':<9} {'backend':<9} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
+              f"{'%copy kernel':>12} {'x eager':>8} {'rel err':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['op']:<26} {r['shape']:<12} {r['dtype']:<9} {r['backend']:<9} FAILED: {r['error']}")
+            continue
+        lines.append(
+            f"{r['op']:<26} {r['shape']:<12} {r['dtype']:<9} {r['backend']:<9} {r['median_ms']:>9.4f} "
+            f"{r['gbs']:>7.0f} {r['pct_copy']:>6.1f} {r['kernel_pct_copy']:>12.1f} "
+            f"{_fmt(r.get('speedup_vs_eager'), '>8.2f'):>8} {_fmt(r.get('rel_err'), '>8.1e'):>8}"
+        )
+        if r.get("kernels"):
+            parts = [f"{kind} {k['us']:.1f} us" + (f" ({k['pct_copy']:.0f}% copy)" if "pct_copy" in k else "")
+                     for kind, k in r["kernels"].items() if kind != "error"]
+            lines.append(f"{'':<4}kernels: {'; '.join(parts) or r['kernels'].get('error')}")
+    return "\n".join(lines)
+
+
+def streaming_kernel_pcts(rows: list[dict]) -> list[float]:
+    """% of copy bandwidth of every streaming kernel in rows (from their kernel breakdowns)."""
+    return [k["pct_copy"] for r in rows for kind, k in (r.get("kernels") or {}).items()
+            if kind != "error" and "pct_copy" in k]
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Per (op, dtype, backend): the largest shape's time and bandwidth, the lowest
+    % of copy bandwidth over the target stages, the geometric-mean speedup over eager.
+    The reference backend (the tests' oracle, not a contender) is left to the full table."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r and r["backend"] != "reference":
+            groups.setdefault((r["op"], r["dtype"], r["backend"]), []).append(r)
+    header = (f"{'op':<26} {'dtype':<9} {'backend':<9} {'largest':<12} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
+              f"{'min %copy L1-2':>14} {'kernel':>7} {'per kernel':>10} {'x eager geo':>11} {'max err':>8}")
+    lines = [header, "-" * len(header)]
+    for (op, dtype, backend), group in groups.items():
+        largest = max(group, key=lambda r: r["bytes"])
+        target = [r for r in group if r["shape"].split(".")[0] in TARGET_STAGES] or group
+        speedups = [r["speedup_vs_eager"] for r in group if r.get("speedup_vs_eager")]
+        errors = [r["rel_err"] for r in group if r.get("rel_err") is not None]
+        per_kernel = streaming_kernel_pcts(target)
+        lines.append(
+            f"{op:<26} {dtype:<9} {backend:<9} {largest['shape']:<12} {largest['median_ms']:>9.4f} "
+            f"{largest['gbs']:>7.0f} {largest['pct_copy']:>6.1f} {min(r['pct_copy'] for r in target):>14.1f} "
+            f"{min(r['kernel_pct_copy'] for r in target):>7.1f} {_fmt(min(per_kernel, default=None), '>10.1f'):>10} "
+            f"{_fmt(math.exp(sum(map(math.log, speedups)) / len(speedups)) if speedups else None, '>11.2f'):>11} "
+            f"{_fmt(max(errors) if errors else None, '>8.1e'):>8}"
+        )
+    failed = sum("error" in r for r in rows)
+    if failed:
+        lines.append(f"{failed} measurements FAILED (see the rows above)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
+    parser.add_argument("--shapes", help="comma-separated: layer1..layer4, layerN.C or CxS (default: all stages)")
+    parser.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
+    parser.add_argument("--backends", help="comma-separated backends (default: all available on the device)")
+    parser.add_argument("--batch", type=int, help="N (default: 128 on CUDA, 8 on the CPU)")
+    parser.add_argument("--layout", default="channels_last", choices=sorted(LAYOUTS))
+    parser.add_argument("--budget-ms", type=float, help="timing budget per measurement (default: 40 CUDA, 100 CPU)")
+    parser.add_argument("--out", help=f"results directory (default: ${common.RESULTS_ENV} or results/local)")
+    args = parser.parse_args(argv)
+
+    def split(value):
+        return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+    dtypes = split(args.dtype)
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        parser.error(f"unknown dtype {bad}; expected some of bf16, fp16, fp32")
+    device = torch.device(args.device)
+    env = common.environment(device)
+    print(f"{env['card']} | torch {env['torch']} | triton {env['triton']} | {env['git_commit']} | {env['timestamp']}")
+    rows = run(args.device, dtypes, args.shapes, split(args.ops), split(args.backends), args.batch, args.layout,
+               args.budget_ms)
+    env["copy_gbs"] = rows[0]["copy_gbs"] if rows else None
+
+    out = common.results_dir(args.out)
+    stem = f"kernels_{device.type}_{LAYOUTS[args.layout] == torch.channels_last and 'nhwc' or 'nchw'}"
+    common.write_json(out / f"{stem}.json", env, rows)
+    table, summary = rows_table(rows), summary_table(rows)
+    (out / f"{stem}.txt").write_text(f"{env}\n\n{table}\n\n{summary}\n")
+    print(f"\n{table}\n\nwritten: {out / (stem + '.json')}, {out / (stem + '.txt')}\n")
+    print(f"summary ({env['card']}, copy {env['copy_gbs']:.0f} GB/s; '%copy' by inputs read once and outputs "
+          f"written once; 'kernel' by the fused kernels' own traffic; 'per kernel': the slowest streaming "
+          f"kernel alone (profiler); minima over {'/'.join(TARGET_STAGES)}):")
+    print(summary)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

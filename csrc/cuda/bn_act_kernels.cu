@@ -1,0 +1,1035 @@
+// CUDA kernels of the fused BatchNorm ops (docs/cuda_kernels.md has the design).
+//
+// Work mapping. A thread moves V values per access: one 16-byte vector (8 half/bfloat16
+// or 4 float values) when the run length (C in channels_last, H*W in NCHW) is a
+// multiple of V and every activation pointer is 16-byte aligned, else V = 1 (scalar).
+//   channels_last  block (channel vectors, rows): a thread owns V adjacent channels of
+//                  every (gridDim.y * blockDim.y)-th row, so a warp reads whole rows
+//                  (or row segments of at least 256 bytes) and per-channel coefficients
+//                  stay in registers for the thread's whole life.
+//   NCHW           block (1, 256) per (channel, split of the channel's N*H*W values):
+//                  threads stride over the split's vectors, plane by plane; the channel
+//                  and its coefficients are uniform per block.
+// Grids are one wave of the blocks each kernel keeps resident (its __launch_bounds__),
+// and every thread issues U independent loads per input before it uses the first.
+//
+// Reductions are two-level and deterministic: each block reduces its values in a fixed
+// order (per-thread Welford or plain float sums, then a shared-memory tree over the
+// block's rows) into one partial per (split, channel) in the workspace; a finalize
+// kernel merges a channel's partials in double, in a fixed order, and writes the results
+// (batch_stats: mean, invstd, running statistics; backward: weight and bias gradients and
+// the coefficients of the elementwise pass). The grid, hence the reduction order, is a
+// function of the geometry and the device only: two runs agree bit for bit.
+//
+// Indices and offsets are 64-bit. The pre-activation is formed by one function with
+// explicitly rounded operations (never contracted or reordered by nvcc), so the
+// backward recomputes the forward's ReLU mask bit for bit instead of storing it.
+
+#include "bn_act_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+namespace resnet_fused::cuda {
+namespace {
+
+// ---------------------------------------------------------------- configuration
+
+constexpr int kThreads = 256;             // threads per block of every streaming kernel
+constexpr int64_t kRowTileVectors = 32;   // channel vectors per block along a channels_last row
+// A finalize block: channels (x) by lanes (y) that each merge every kFinalizeLanes-th
+// partial of their channel, kFinalizeBatch loads at a time, then merge across lanes. Many
+// lanes keep its serial chain of L2 round trips short: it is on every op's critical path.
+constexpr int kFinalizeChannels = 8;
+constexpr int kFinalizeLanes = 64;
+constexpr int kFinalizeBatch = 4;
+constexpr int kFinalizeThreads = kFinalizeChannels * kFinalizeLanes;
+constexpr int64_t kMaxGridY = 65535;
+// Values of one channel a reduction block may see: its float count stays exact (< 2^24).
+constexpr int64_t kMaxSplitValues = int64_t{1} << 22;
+constexpr int kMaxDevices = 64;
+
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// How a streaming kernel keeps HBM busy: the blocks it keeps resident per SM (the
+// register cap of its __launch_bounds__; its grid is one wave of them) and the vectors a
+// thread loads before it uses the first: 64 bytes in flight per thread at 3 or 4 resident
+// blocks of 256 threads, 96 at 2, so 48-64 KB per SM (scalar accesses need more loads for
+// the same bytes).
+struct StreamConfig {
+  int blocks_per_sm;
+  int inputs;  // activations streamed in
+
+  constexpr int unroll(int vec) const {
+    const int loads = vec == 1 ? 8 : blocks_per_sm >= 3 ? 4 : 6;
+    return loads / inputs > 1 ? loads / inputs : 1;
+  }
+};
+
+constexpr StreamConfig kStatsConfig{4, 1};
+// input [+ residual | input_d]
+constexpr StreamConfig forward_config(Epilogue e) {
+  return {e == Epilogue::kDualAddRelu ? 3 : 4, e == Epilogue::kRelu ? 1 : 2};
+}
+// grad_out, input [+ residual | input_d]; both backward passes
+constexpr StreamConfig backward_config(Epilogue e) {
+  return e == Epilogue::kRelu ? StreamConfig{3, 2} : StreamConfig{2, 3};
+}
+
+// Per-channel sums of the backward reduction: sum(g), sum(g * (x - mean)) and, for the
+// downsample branch, sum(g * (x_d - mean_d)).
+constexpr int num_sums(Epilogue e) { return e == Epilogue::kDualAddRelu ? 3 : 2; }
+// Per-channel coefficients of the backward's elementwise pass: k0, k1 per branch.
+constexpr int num_coefficients(Epilogue e) { return e == Epilogue::kDualAddRelu ? 4 : 2; }
+
+// ---------------------------------------------------------------- element access
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+// bfloat16 is the top half of a float: widen by a shift of the raw bits.
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __uint_as_float(static_cast<uint32_t>(__bfloat16_as_ushort(v)) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// V values moved by one access (a single 16-byte instruction for a full vector). Loaded
+// values stay in their own dtype in registers and are widened to float on use.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+  __device__ float operator[](int i) const { return to_float(v[i]); }
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
+  Pack<T, V> pack;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pack.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+}
+
+// ---------------------------------------------------------------- the math
+
+// One BatchNorm's per-channel arrays (float32). weight null means 1, bias null means 0.
+struct Branch {
+  const float* weight;
+  const float* bias;
+  const float* mean;
+  const float* invstd;
+};
+
+// pre = fma(x, scale, shift) with scale = weight * invstd, shift = bias - mean * scale.
+__device__ __forceinline__ void channel_affine(const Branch& b, int64_t c, float& scale, float& shift) {
+  const float weight = b.weight != nullptr ? b.weight[c] : 1.f;
+  const float bias = b.bias != nullptr ? b.bias[c] : 0.f;
+  scale = __fmul_rn(weight, b.invstd[c]);
+  shift = __fmaf_rn(-b.mean[c], scale, bias);
+}
+
+// The pre-activation of the fused sum; `other` is the residual (kAddRelu) or the
+// downsample input (kDualAddRelu). Shared verbatim by the forward and both backward passes.
+template <Epilogue E>
+__device__ __forceinline__ float preactivation(float x, float other, float scale, float shift, float scale_d,
+                                               float shift_d) {
+  float pre = __fmaf_rn(x, scale, shift);
+  if constexpr (E == Epilogue::kAddRelu) pre = __fadd_rn(pre, other);
+  if constexpr (E == Epilogue::kDualAddRelu) pre = __fadd_rn(pre, __fmaf_rn(other, scale_d, shift_d));
+  return pre;
+}
+
+// NaN propagates, as in torch.relu.
+__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
+
+// The upstream gradient where the ReLU passed it (pre > 0), else 0.
+__device__ __forceinline__ float masked_gradient(float pre, float grad) { return pre > 0.f ? grad : 0.f; }
+
+// Per-lane affine maps of one branch: lane i holds channel walk.channel(i).
+template <int V>
+struct LaneAffine {
+  float scale[V] = {}, shift[V] = {};
+
+  template <typename Walk>
+  __device__ void load(const Branch& b, const Walk& walk) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) channel_affine(b, walk.channel(i), scale[i], shift[i]);
+  }
+};
+
+// lanes[i] = values[walk.channel(i)] for a per-channel array.
+template <int V, typename Walk>
+__device__ __forceinline__ void load_lanes(const float* values, const Walk& walk, float (&lanes)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) lanes[i] = values[walk.channel(i)];
+}
+
+// ---------------------------------------------------------------- walks over an activation
+
+// Everything a kernel needs to know about the activation's layout (filled by make_launch).
+struct Shape {
+  int64_t channels;         // C
+  int64_t vectors;          // channels_last: vectors per row, C / V; NCHW: per plane, H*W / V
+  int64_t rows;             // channels_last: N*H*W
+  int64_t spatial;          // NCHW: H*W
+  int64_t items;            // NCHW: vectors of one channel, N * vectors
+  int64_t items_per_split;  // NCHW: vectors of one channel per block
+  int64_t step_vectors;     // NCHW: kThreads % vectors, the in-plane part of a thread's step
+  int64_t step_offset;      // NCHW: element offset of a step that stays in the plane
+  int64_t wrap_offset;      // NCHW: extra offset when a step moves on to the next plane
+};
+
+template <Layout L, int V>
+struct Walk;
+
+// channels_last: a thread owns the V channels of one channel vector in every
+// (gridDim.y * blockDim.y)-th row, starting from its row in the first block row.
+template <int V>
+struct Walk<Layout::kNHWC, V> {
+  bool active;  // false for the block's threads past the last channel vector
+  int64_t first_channel, row, rows, row_step, offset, offset_step;
+
+  __device__ explicit Walk(const Shape& s) {
+    const int64_t vector = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    active = vector < s.vectors;
+    first_channel = vector * V;
+    rows = s.rows;
+    row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+    row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+    offset = row * s.channels + first_channel;
+    offset_step = row_step * s.channels;
+  }
+  __device__ bool valid() const { return row < rows; }
+  __device__ void next() {
+    row += row_step;
+    offset += offset_step;
+  }
+  __device__ int64_t channel(int lane) const { return first_channel + lane; }
+};
+
+// NCHW: block (channel, split) covers vectors [split * items_per_split, ...) of the
+// channel's N planes; thread t takes every kThreads-th vector from the split's t-th.
+template <int V>
+struct Walk<Layout::kNCHW, V> {
+  static constexpr bool active = true;
+  int64_t channel_index, item, end, vector, offset;
+  int64_t vectors, step_vectors, step_offset, wrap_offset;
+
+  __device__ explicit Walk(const Shape& s)
+      : vectors(s.vectors), step_vectors(s.step_vectors), step_offset(s.step_offset), wrap_offset(s.wrap_offset) {
+    channel_index = blockIdx.x;
+    const int64_t begin = static_cast<int64_t>(blockIdx.y) * s.items_per_split;
+    end = min(s.items, begin + s.items_per_split);
+    item = begin + threadIdx.y;
+    const int64_t n = item / s.vectors;
+    vector = item - n * s.vectors;
+    offset = (n * s.channels + channel_index) * s.spatial + vector * V;
+  }
+  __device__ bool valid() const { return item < end; }
+  __device__ void next() {
+    item += kThreads;
+    vector += step_vectors;
+    offset += step_offset;
+    if (vector >= vectors) {
+      vector -= vectors;
+      offset += wrap_offset;
+    }
+  }
+  __device__ int64_t channel(int) const { return channel_index; }
+};
+
+// ---------------------------------------------------------------- reduction states
+
+// Count, mean and sum of squared deviations of V channels (Welford; Chan et al. to merge).
+template <typename Acc, int V>
+struct Moments {
+  Acc count = 0;
+  Acc mean[V] = {};
+  Acc m2[V] = {};
+
+  template <int Slots>
+  struct Shared {
+    Acc count[Slots];
+    Acc mean[V][Slots];
+    Acc m2[V][Slots];
+  };
+
+  // One more row: x[i] is a value of channel i.
+  template <typename Values>
+  __device__ void add(const Values& x) {
+    static_assert(std::is_same_v<Acc, float>, "streaming moments are float");
+    count += 1.f;
+    const float inv_count = __frcp_rn(count);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float delta = x[i] - mean[i];
+      mean[i] = __fmaf_rn(delta, inv_count, mean[i]);
+      m2[i] = __fmaf_rn(delta, x[i] - mean[i], m2[i]);
+    }
+  }
+
+  __device__ void merge(Acc other_count, const Acc (&other_mean)[V], const Acc (&other_m2)[V]) {
+    if (other_count == Acc(0)) return;
+    const Acc total = count + other_count;
+    const Acc other_weight = other_count / total;
+    const Acc cross = count * other_weight;  // count * other_count / total
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const Acc delta = other_mean[i] - mean[i];
+      mean[i] += delta * other_weight;
+      m2[i] += other_m2[i] + delta * delta * cross;
+    }
+    count = total;
+  }
+
+  // The V lanes hold one channel with equal counts (NCHW): merge them pairwise.
+  __device__ Moments<Acc, 1> fold_lanes() const {
+    Moments<Acc, V> m = *this;
+    Acc n = count;
+#pragma unroll
+    for (int half = V / 2; half > 0; half /= 2) {
+#pragma unroll
+      for (int i = 0; i < half; ++i) {
+        const Acc delta = m.mean[i + half] - m.mean[i];
+        m.mean[i] += delta * Acc(0.5);
+        m.m2[i] += m.m2[i + half] + delta * delta * (n * Acc(0.5));
+      }
+      n += n;
+    }
+    Moments<Acc, 1> folded;
+    folded.count = n;
+    folded.mean[0] = m.mean[0];
+    folded.m2[0] = m.m2[0];
+    return folded;
+  }
+
+  template <int Slots>
+  __device__ void save(Shared<Slots>& s, int slot) const {
+    s.count[slot] = count;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      s.mean[i][slot] = mean[i];
+      s.m2[i][slot] = m2[i];
+    }
+  }
+  template <int Slots>
+  __device__ void merge_from(const Shared<Slots>& s, int slot) {
+    Acc other_mean[V], other_m2[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      other_mean[i] = s.mean[i][slot];
+      other_m2[i] = s.m2[i][slot];
+    }
+    merge(s.count[slot], other_mean, other_m2);
+  }
+};
+
+template <typename Acc, int K>
+struct Sums {
+  Acc value[K] = {};
+
+  template <int Slots>
+  struct Shared {
+    Acc value[K][Slots];
+  };
+  template <int Slots>
+  __device__ void save(Shared<Slots>& s, int slot) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) s.value[k][slot] = value[k];
+  }
+  template <int Slots>
+  __device__ void merge_from(const Shared<Slots>& s, int slot) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) value[k] += s.value[k][slot];
+  }
+};
+
+__device__ __forceinline__ int pow2_ceil(int n) { return n <= 1 ? 1 : 1 << (32 - __clz(n - 1)); }
+
+// Merges the states of a block's rows (threadIdx.y) column by column (threadIdx.x) in a
+// fixed tree order; row 0 ends up with the block's state. Every thread must call it.
+template <int Slots, typename State>
+__device__ void block_reduce_rows(State& state, typename State::template Shared<Slots>& shared) {
+  const int width = blockDim.x, height = blockDim.y;
+  const int x = threadIdx.x, y = threadIdx.y;
+  state.save(shared, y * width + x);
+  for (int half = pow2_ceil(height) / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (y < half && y + half < height) {
+      state.merge_from(shared, (y + half) * width + x);
+      state.save(shared, y * width + x);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- batch statistics
+
+// Partial moments, one per (split, channel): mean and m2 are [splits][C], count [splits].
+struct StatsPartials {
+  float* mean;
+  float* m2;
+  float* count;
+};
+
+template <typename T, int V, Layout L>
+__global__ void __launch_bounds__(kThreads, kStatsConfig.blocks_per_sm)
+    batch_stats_kernel(const T* __restrict__ input, Shape shape, StatsPartials partials) {
+  constexpr int U = kStatsConfig.unroll(V);
+  Walk<L, V> walk(shape);
+  Moments<float, V> moments;
+  if (walk.active) {
+    while (walk.valid()) {
+      Pack<T, V> x[U];
+      bool valid[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        valid[u] = walk.valid();
+        if (valid[u]) x[u] = load<T, V>(input + walk.offset);
+        walk.next();
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (valid[u]) moments.add(x[u]);
+      }
+    }
+  }
+  const int64_t C = shape.channels;
+  const int64_t split = blockIdx.y;
+  if constexpr (L == Layout::kNCHW) {
+    Moments<float, 1> folded = moments.fold_lanes();
+    __shared__ Moments<float, 1>::Shared<kThreads> shared;
+    block_reduce_rows<kThreads>(folded, shared);
+    if (threadIdx.y == 0) {
+      partials.mean[split * C + walk.channel(0)] = folded.mean[0];
+      partials.m2[split * C + walk.channel(0)] = folded.m2[0];
+      if (blockIdx.x == 0) partials.count[split] = folded.count;
+    }
+  } else {
+    __shared__ typename Moments<float, V>::template Shared<kThreads> shared;
+    block_reduce_rows<kThreads>(moments, shared);
+    if (threadIdx.y == 0 && walk.active) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        partials.mean[split * C + walk.channel(i)] = moments.mean[i];
+        partials.m2[split * C + walk.channel(i)] = moments.m2[i];
+      }
+      // Every thread of a block row sees the same rows: thread (0, 0) has the count.
+      if (blockIdx.x == 0 && threadIdx.x == 0) partials.count[split] = moments.count;
+    }
+  }
+}
+
+struct StatsFinalize {
+  const float* mean;   // partials
+  const float* m2;
+  const float* count;
+  int64_t splits, channels;
+  float* out_mean;
+  float* out_invstd;
+  float* running_mean;  // may be null (then running_var is too)
+  float* running_var;
+  double momentum, eps;
+};
+
+// Block (kFinalizeChannels, kFinalizeLanes): lane y merges partials y, y + lanes, ... of
+// its channel in double, then the lanes merge in a fixed tree.
+__global__ void __launch_bounds__(kFinalizeThreads) batch_stats_finalize_kernel(StatsFinalize f) {
+  const int64_t C = f.channels;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
+  Moments<double, 1> moments;
+  if (c < C) {
+    for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
+      float count[kFinalizeBatch], mean[kFinalizeBatch], m2[kFinalizeBatch];
+#pragma unroll
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+        const int64_t s = first + b * kFinalizeLanes;
+        count[b] = s < f.splits ? f.count[s] : 0.f;
+        mean[b] = s < f.splits ? f.mean[s * C + c] : 0.f;
+        m2[b] = s < f.splits ? f.m2[s * C + c] : 0.f;
+      }
+#pragma unroll
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+        const double partial_mean[1] = {mean[b]}, partial_m2[1] = {m2[b]};
+        moments.merge(count[b], partial_mean, partial_m2);
+      }
+    }
+  }
+  __shared__ Moments<double, 1>::Shared<kFinalizeThreads> shared;
+  block_reduce_rows<kFinalizeThreads>(moments, shared);
+  if (threadIdx.y != 0 || c >= f.channels) return;
+  const double count = moments.count, mean = moments.mean[0];
+  const double var = moments.m2[0] / count;
+  f.out_mean[c] = static_cast<float>(mean);
+  f.out_invstd[c] = static_cast<float>(1.0 / sqrt(var + f.eps));
+  if (f.running_mean != nullptr) {
+    const double unbiased = var * count / (count - 1);
+    f.running_mean[c] = static_cast<float>(f.momentum * mean + (1 - f.momentum) * f.running_mean[c]);
+    f.running_var[c] = static_cast<float>(f.momentum * unbiased + (1 - f.momentum) * f.running_var[c]);
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+struct ForwardArgs {
+  const T* input;
+  const T* other;  // residual (kAddRelu) or input_d (kDualAddRelu)
+  T* out;
+  Branch main, down;
+};
+
+template <typename T, int V, Epilogue E, Layout L>
+__global__ void __launch_bounds__(kThreads, forward_config(E).blocks_per_sm)
+    forward_kernel(ForwardArgs<T> a, Shape shape) {
+  constexpr int U = forward_config(E).unroll(V);
+  Walk<L, V> walk(shape);
+  if (!walk.active) return;
+  LaneAffine<V> main, down;
+  main.load(a.main, walk);
+  if constexpr (E == Epilogue::kDualAddRelu) down.load(a.down, walk);
+
+  while (walk.valid()) {
+    Pack<T, V> x[U], o[U];
+    int64_t offset[U];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      valid[u] = walk.valid();
+      offset[u] = walk.offset;
+      if (valid[u]) {
+        x[u] = load<T, V>(a.input + offset[u]);
+        if constexpr (E != Epilogue::kRelu) o[u] = load<T, V>(a.other + offset[u]);
+      }
+      walk.next();
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!valid[u]) continue;
+      float y[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float other = E == Epilogue::kRelu ? 0.f : o[u][i];
+        y[i] = relu(preactivation<E>(x[u][i], other, main.scale[i], main.shift[i], down.scale[i], down.shift[i]));
+      }
+      store<T, V>(a.out + offset[u], y);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+struct BackwardArgs {
+  const T* grad_out;
+  const T* input;
+  const T* other;     // residual (kAddRelu) or input_d (kDualAddRelu)
+  T* grad_input;
+  T* grad_other;      // grad_residual (kAddRelu) or grad_input_d (kDualAddRelu)
+  Branch main, down;
+};
+
+// The vectors of grad_out, input and other (if any) a backward pass streams, U at a time.
+template <typename T, int V, int U>
+struct BackwardLoads {
+  Pack<T, V> g[U], x[U], o[U];
+  int64_t offset[U];
+  bool valid[U];
+
+  template <Epilogue E, typename Walk>
+  __device__ void load(const BackwardArgs<T>& a, Walk& walk) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      valid[u] = walk.valid();
+      offset[u] = walk.offset;
+      if (valid[u]) {
+        g[u] = ::resnet_fused::cuda::load<T, V>(a.grad_out + offset[u]);
+        x[u] = ::resnet_fused::cuda::load<T, V>(a.input + offset[u]);
+        if constexpr (E != Epilogue::kRelu) o[u] = ::resnet_fused::cuda::load<T, V>(a.other + offset[u]);
+      }
+      walk.next();
+    }
+  }
+  // The masked upstream gradient of lane i of vector u (recomputing the forward's mask).
+  template <Epilogue E>
+  __device__ float masked(int u, int i, const LaneAffine<V>& main, const LaneAffine<V>& down) const {
+    const float other = E == Epilogue::kRelu ? 0.f : o[u][i];
+    const float pre = preactivation<E>(x[u][i], other, main.scale[i], main.shift[i], down.scale[i], down.shift[i]);
+    return masked_gradient(pre, g[u][i]);
+  }
+};
+
+// Pass 1: per (split, channel) partial sums of g, g * (x - mean) [, g * (x_d - mean_d)],
+// written to partials[k][split][channel].
+template <typename T, int V, Epilogue E, Layout L>
+__global__ void __launch_bounds__(kThreads, backward_config(E).blocks_per_sm)
+    backward_reduce_kernel(BackwardArgs<T> a, Shape shape, float* __restrict__ partials) {
+  constexpr int U = backward_config(E).unroll(V);
+  constexpr int K = num_sums(E);
+  Walk<L, V> walk(shape);
+  Sums<float, K * V> sums;
+  if (walk.active) {
+    LaneAffine<V> main, down;
+    float mean[V], mean_d[V];
+    main.load(a.main, walk);
+    load_lanes(a.main.mean, walk, mean);
+    if constexpr (E == Epilogue::kDualAddRelu) {
+      down.load(a.down, walk);
+      load_lanes(a.down.mean, walk, mean_d);
+    }
+    while (walk.valid()) {
+      BackwardLoads<T, V, U> in;
+      in.template load<E>(a, walk);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!in.valid[u]) continue;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float g = in.template masked<E>(u, i, main, down);
+          sums.value[i] += g;
+          sums.value[V + i] = __fmaf_rn(g, in.x[u][i] - mean[i], sums.value[V + i]);
+          if constexpr (E == Epilogue::kDualAddRelu) {
+            sums.value[2 * V + i] = __fmaf_rn(g, in.o[u][i] - mean_d[i], sums.value[2 * V + i]);
+          }
+        }
+      }
+    }
+  }
+  const int64_t C = shape.channels;
+  const int64_t splits = gridDim.y, split = blockIdx.y;
+  if constexpr (L == Layout::kNCHW) {
+    Sums<float, K> folded;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) folded.value[k] += sums.value[k * V + i];
+    }
+    __shared__ typename Sums<float, K>::template Shared<kThreads> shared;
+    block_reduce_rows<kThreads>(folded, shared);
+    if (threadIdx.y == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) partials[(k * splits + split) * C + walk.channel(0)] = folded.value[k];
+    }
+  } else {
+    __shared__ typename Sums<float, K * V>::template Shared<kThreads> shared;
+    block_reduce_rows<kThreads>(sums, shared);
+    if (threadIdx.y == 0 && walk.active) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) partials[(k * splits + split) * C + walk.channel(i)] = sums.value[k * V + i];
+      }
+    }
+  }
+}
+
+struct BackwardFinalize {
+  const float* partials;  // [num_sums][splits][C]
+  int64_t splits, channels;
+  double reduce_size;
+  bool training;
+  Branch main, down;
+  float* grad_weight;
+  float* grad_bias;
+  float* grad_weight_d;
+  float* grad_bias_d;
+  float* coefficients;  // [num_coefficients][C]: k0, k1 [, k0_d, k1_d]
+};
+
+// grad_bias = sum(g), grad_weight = invstd * sum(g * (x - mean)), and the coefficients of
+// the elementwise pass, grad_x = fma(g, scale, fma(x, k1, k0)):
+//   training: k1 = -scale * invstd^2 * sum(g * (x - mean)) / M,
+//             k0 = -scale * sum(g) / M - mean * k1
+//   eval:     k0 = k1 = 0
+// Folding the mean into k0 (in double) keeps a register per lane free; its rounding is
+// the one the forward's shift = bias - mean * scale already has.
+__device__ void finalize_branch(const BackwardFinalize& f, const Branch& b, int64_t c, double sum_g,
+                                double sum_g_centered, float* grad_weight, float* grad_bias, float* k0, float* k1) {
+  float scale, shift;
+  channel_affine(b, c, scale, shift);
+  const double invstd = b.invstd[c];
+  grad_bias[c] = static_cast<float>(sum_g);
+  grad_weight[c] = static_cast<float>(sum_g_centered * invstd);
+  double slope = 0, intercept = 0;
+  if (f.training) {
+    slope = -double(scale) * invstd * invstd * sum_g_centered / f.reduce_size;
+    intercept = -double(scale) * sum_g / f.reduce_size - double(b.mean[c]) * slope;
+  }
+  k0[c] = static_cast<float>(intercept);
+  k1[c] = static_cast<float>(slope);
+}
+
+template <Epilogue E>
+__global__ void __launch_bounds__(kFinalizeThreads) backward_finalize_kernel(BackwardFinalize f) {
+  constexpr int K = num_sums(E);
+  const int64_t C = f.channels;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
+  Sums<double, K> sums;
+  if (c < C) {
+    for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
+      float partial[kFinalizeBatch][K];
+#pragma unroll
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+        const int64_t s = first + b * kFinalizeLanes;
+#pragma unroll
+        for (int k = 0; k < K; ++k) partial[b][k] = s < f.splits ? f.partials[(k * f.splits + s) * C + c] : 0.f;
+      }
+#pragma unroll
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) sums.value[k] += partial[b][k];
+      }
+    }
+  }
+  __shared__ typename Sums<double, K>::template Shared<kFinalizeThreads> shared;
+  block_reduce_rows<kFinalizeThreads>(sums, shared);
+  if (threadIdx.y != 0 || c >= C) return;
+  finalize_branch(f, f.main, c, sums.value[0], sums.value[1], f.grad_weight, f.grad_bias, f.coefficients,
+                  f.coefficients + C);
+  if constexpr (E == Epilogue::kDualAddRelu) {
+    finalize_branch(f, f.down, c, sums.value[0], sums.value[2], f.grad_weight_d, f.grad_bias_d,
+                    f.coefficients + 2 * C, f.coefficients + 3 * C);
+  }
+}
+
+// Pass 2: grad_input (and grad_residual = g, or grad_input_d) from the coefficients.
+template <typename T, int V, Epilogue E, Layout L>
+__global__ void __launch_bounds__(kThreads, backward_config(E).blocks_per_sm)
+    backward_elementwise_kernel(BackwardArgs<T> a, Shape shape, const float* __restrict__ coefficients) {
+  constexpr int U = backward_config(E).unroll(V);
+  Walk<L, V> walk(shape);
+  if (!walk.active) return;
+  const int64_t C = shape.channels;
+  LaneAffine<V> main, down;
+  float k0[V], k1[V], k0_d[V] = {}, k1_d[V] = {};
+  main.load(a.main, walk);
+  load_lanes(coefficients, walk, k0);
+  load_lanes(coefficients + C, walk, k1);
+  if constexpr (E == Epilogue::kDualAddRelu) {
+    down.load(a.down, walk);
+    load_lanes(coefficients + 2 * C, walk, k0_d);
+    load_lanes(coefficients + 3 * C, walk, k1_d);
+  }
+
+  while (walk.valid()) {
+    BackwardLoads<T, V, U> in;
+    in.template load<E>(a, walk);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!in.valid[u]) continue;
+      float grad_x[V], grad_other[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float g = in.template masked<E>(u, i, main, down);
+        grad_x[i] = __fmaf_rn(g, main.scale[i], __fmaf_rn(in.x[u][i], k1[i], k0[i]));
+        if constexpr (E == Epilogue::kAddRelu) grad_other[i] = g;
+        if constexpr (E == Epilogue::kDualAddRelu) {
+          grad_other[i] = __fmaf_rn(g, down.scale[i], __fmaf_rn(in.o[u][i], k1_d[i], k0_d[i]));
+        }
+      }
+      store<T, V>(a.grad_input + in.offset[u], grad_x);
+      if constexpr (E != Epilogue::kRelu) store<T, V>(a.grad_other + in.offset[u], grad_other);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- host: launch plans
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Multiprocessors of the current device, cached per device.
+int sm_count() {
+  static std::atomic<int> cache[kMaxDevices];
+  int device = 0;
+  cudaGetDevice(&device);  // a failure surfaces as the launch error
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    if (const int cached = cache[device].load(std::memory_order_relaxed)) return cached;
+  }
+  int count = 0;
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  count = std::max(count, 1);
+  if (cacheable) cache[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : dtype == DType::kFloat64 ? 8 : 2; }
+
+// 16-byte vectors when the run length allows them; the pointers are checked at launch.
+int nominal_vector(const ActivationGeometry& g) {
+  const int vec = 16 / element_size(g.dtype);
+  const int64_t run = g.layout == Layout::kNHWC ? g.channels : g.spatial;
+  return run % vec == 0 ? vec : 1;
+}
+
+int launch_vector(const ActivationGeometry& g, std::initializer_list<const void*> activations) {
+  const int vec = nominal_vector(g);
+  const uintptr_t bytes = static_cast<uintptr_t>(vec) * element_size(g.dtype);
+  for (const void* p : activations) {
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % bytes != 0) return 1;
+  }
+  return vec;
+}
+
+// channels_last blocks: up to kRowTileVectors channel vectors by as many rows as fit.
+struct RowTiling {
+  int64_t tiles;  // grid.x
+  dim3 block;
+};
+
+RowTiling row_tiling(int64_t channels, int vec) {
+  const int64_t vectors = channels / vec;
+  const int64_t tiles = ceil_div(vectors, kRowTileVectors);
+  const int width = static_cast<int>(ceil_div(vectors, tiles));
+  return {tiles, dim3(width, kThreads / width)};
+}
+
+// grid.y of a launch that is one wave of `blocks_per_sm` blocks per SM, and no more
+// blocks than there is work for.
+int64_t wave_grid_y(const ActivationGeometry& g, int vec, StreamConfig config) {
+  const int64_t capacity = static_cast<int64_t>(sm_count()) * config.blocks_per_sm;
+  const int unroll = config.unroll(vec);
+  int64_t y;
+  if (g.layout == Layout::kNHWC) {
+    const RowTiling t = row_tiling(g.channels, vec);
+    y = std::min(std::max<int64_t>(capacity / t.tiles, 1), ceil_div(g.reduce_size(), t.block.y * unroll));
+  } else {
+    const int64_t items = g.batch * (g.spatial / vec);
+    y = std::min(std::max<int64_t>(capacity / g.channels, 1), ceil_div(items, kThreads * unroll));
+  }
+  return std::clamp<int64_t>(y, 1, kMaxGridY);
+}
+
+// Splits (grid.y) of a reduction: a function of the geometry and the device only, so the
+// workspace size and the launch agree, and results are reproducible.
+int64_t reduction_splits(const ActivationGeometry& g, StreamConfig config) {
+  const int64_t y = wave_grid_y(g, nominal_vector(g), config);
+  return std::min(std::max(y, ceil_div(g.reduce_size(), kMaxSplitValues)), kMaxGridY);
+}
+
+struct Launch {
+  dim3 grid, block;
+  Shape shape;
+};
+
+Launch make_launch(const ActivationGeometry& g, int vec, int64_t grid_y) {
+  Launch l{};
+  Shape& s = l.shape;
+  s.channels = g.channels;
+  if (g.layout == Layout::kNHWC) {
+    const RowTiling t = row_tiling(g.channels, vec);
+    s.vectors = g.channels / vec;
+    s.rows = g.reduce_size();
+    l.grid = dim3(static_cast<unsigned>(t.tiles), static_cast<unsigned>(grid_y));
+    l.block = t.block;
+  } else {
+    s.spatial = g.spatial;
+    s.vectors = g.spatial / vec;
+    s.items = g.batch * s.vectors;
+    s.items_per_split = ceil_div(s.items, grid_y);
+    s.step_vectors = kThreads % s.vectors;
+    s.step_offset = (kThreads / s.vectors) * g.channels * g.spatial + s.step_vectors * vec;
+    s.wrap_offset = (g.channels - 1) * g.spatial;
+    l.grid = dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(grid_y));
+    l.block = dim3(1, kThreads);
+  }
+  return l;
+}
+
+// ---------------------------------------------------------------- host: dispatch
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+template <typename Fn>
+cudaError_t with_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(Type<float>{});
+    case DType::kFloat16: return fn(Type<__half>{});
+    case DType::kBFloat16: return fn(Type<__nv_bfloat16>{});
+    case DType::kFloat64: break;  // not a CUDA-backend dtype: the host routes it elsewhere
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename Fn>
+cudaError_t with_epilogue(Epilogue e, Fn&& fn) {
+  switch (e) {
+    case Epilogue::kRelu: return fn(std::integral_constant<Epilogue, Epilogue::kRelu>{});
+    case Epilogue::kAddRelu: return fn(std::integral_constant<Epilogue, Epilogue::kAddRelu>{});
+    case Epilogue::kDualAddRelu: return fn(std::integral_constant<Epilogue, Epilogue::kDualAddRelu>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls fn(layout, vector width) with both as compile-time constants.
+template <typename T, typename Fn>
+cudaError_t with_layout_and_vector(Layout layout, int vec, Fn&& fn) {
+  using NHWC = std::integral_constant<Layout, Layout::kNHWC>;
+  using NCHW = std::integral_constant<Layout, Layout::kNCHW>;
+  using Vector = std::integral_constant<int, kVec<T>>;
+  using Scalar = std::integral_constant<int, 1>;
+  if (layout == Layout::kNHWC) return vec == 1 ? fn(NHWC{}, Scalar{}) : fn(NHWC{}, Vector{});
+  return vec == 1 ? fn(NCHW{}, Scalar{}) : fn(NCHW{}, Vector{});
+}
+
+Branch branch_of(const BnBranch& b) {
+  return {static_cast<const float*>(b.weight), static_cast<const float*>(b.bias), static_cast<const float*>(b.mean),
+          static_cast<const float*>(b.invstd)};
+}
+
+dim3 finalize_grid(int64_t channels) { return dim3(static_cast<unsigned>(ceil_div(channels, kFinalizeChannels))); }
+
+const dim3 kFinalizeBlock(kFinalizeChannels, kFinalizeLanes);
+
+}  // namespace
+
+// ---------------------------------------------------------------- entry points
+
+size_t batch_stats_workspace_bytes(const ActivationGeometry& g) {
+  if (g.channels == 0 || g.reduce_size() == 0) return 0;
+  const int64_t splits = reduction_splits(g, kStatsConfig);
+  return sizeof(float) * static_cast<size_t>(splits * (2 * g.channels + 1));
+}
+
+cudaError_t launch_batch_stats(const BatchStatsParams& p, cudaStream_t stream) {
+  const ActivationGeometry& g = p.geometry;
+  if (g.channels == 0 || g.reduce_size() == 0) return cudaSuccess;
+  const int64_t C = g.channels;
+  const int64_t splits = reduction_splits(g, kStatsConfig);
+  float* workspace = static_cast<float*>(p.workspace);
+  const StatsPartials partials{workspace, workspace + splits * C, workspace + 2 * splits * C};
+  const cudaError_t error = with_dtype(g.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    const T* input = static_cast<const T*>(p.input);
+    return with_layout_and_vector<T>(g.layout, launch_vector(g, {input}), [&](auto layout, auto vec) {
+      constexpr Layout L = decltype(layout)::value;
+      constexpr int V = decltype(vec)::value;
+      const Launch l = make_launch(g, V, splits);
+      batch_stats_kernel<T, V, L><<<l.grid, l.block, 0, stream>>>(input, l.shape, partials);
+      return cudaGetLastError();
+    });
+  });
+  if (error != cudaSuccess) return error;
+  StatsFinalize f{};
+  f.mean = partials.mean;
+  f.m2 = partials.m2;
+  f.count = partials.count;
+  f.splits = splits;
+  f.channels = C;
+  f.out_mean = static_cast<float*>(p.mean);
+  f.out_invstd = static_cast<float*>(p.invstd);
+  f.running_mean = static_cast<float*>(p.running_mean);
+  f.running_var = static_cast<float*>(p.running_var);
+  f.momentum = p.momentum;
+  f.eps = p.eps;
+  batch_stats_finalize_kernel<<<finalize_grid(C), kFinalizeBlock, 0, stream>>>(f);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bn_act_forward(const BnActForwardParams& p, cudaStream_t stream) {
+  const ActivationGeometry& g = p.geometry;
+  if (g.numel() == 0) return cudaSuccess;
+  return with_dtype(g.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    ForwardArgs<T> a{};
+    a.input = static_cast<const T*>(p.main.input);
+    a.other = static_cast<const T*>(has_downsample(p.epilogue) ? p.downsample.input : p.residual);
+    a.out = static_cast<T*>(p.out);
+    a.main = branch_of(p.main);
+    a.down = branch_of(p.downsample);
+    const int vector = launch_vector(g, {a.input, a.other, a.out});
+    return with_epilogue(p.epilogue, [&](auto epilogue) {
+      constexpr Epilogue E = decltype(epilogue)::value;
+      return with_layout_and_vector<T>(g.layout, vector, [&](auto layout, auto vec) {
+        constexpr Layout L = decltype(layout)::value;
+        constexpr int V = decltype(vec)::value;
+        const Launch l = make_launch(g, V, wave_grid_y(g, V, forward_config(E)));
+        forward_kernel<T, V, E, L><<<l.grid, l.block, 0, stream>>>(a, l.shape);
+        return cudaGetLastError();
+      });
+    });
+  });
+}
+
+size_t bn_act_backward_workspace_bytes(const ActivationGeometry& g, Epilogue e) {
+  if (g.numel() == 0) return 0;
+  const int64_t splits = reduction_splits(g, backward_config(e));
+  return sizeof(float) * static_cast<size_t>((num_sums(e) * splits + num_coefficients(e)) * g.channels);
+}
+
+cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t stream) {
+  const ActivationGeometry& g = p.geometry;
+  if (g.numel() == 0) return cudaSuccess;
+  const int64_t C = g.channels;
+  return with_dtype(g.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    BackwardArgs<T> a{};
+    a.grad_out = static_cast<const T*>(p.grad_out);
+    a.input = static_cast<const T*>(p.main.input);
+    a.other = static_cast<const T*>(has_downsample(p.epilogue) ? p.downsample.input : p.residual);
+    a.grad_input = static_cast<T*>(p.grad_input);
+    a.grad_other = static_cast<T*>(has_downsample(p.epilogue) ? p.grad_input_d : p.grad_residual);
+    a.main = branch_of(p.main);
+    a.down = branch_of(p.downsample);
+    const int vector = launch_vector(g, {a.grad_out, a.input, a.other, a.grad_input, a.grad_other});
+    return with_epilogue(p.epilogue, [&](auto epilogue) {
+      constexpr Epilogue E = decltype(epilogue)::value;
+      const int64_t splits = reduction_splits(g, backward_config(E));
+      float* partials = static_cast<float*>(p.workspace);
+      float* coefficients = partials + num_sums(E) * splits * C;
+      return with_layout_and_vector<T>(g.layout, vector, [&](auto layout, auto vec) {
+        constexpr Layout L = decltype(layout)::value;
+        constexpr int V = decltype(vec)::value;
+        const Launch reduce = make_launch(g, V, splits);
+        backward_reduce_kernel<T, V, E, L><<<reduce.grid, reduce.block, 0, stream>>>(a, reduce.shape, partials);
+        cudaError_t error = cudaGetLastError();
+        if (error != cudaSuccess) return error;
+
+        BackwardFinalize f{};
+        f.partials = partials;
+        f.splits = splits;
+        f.channels = C;
+        f.reduce_size = static_cast<double>(g.reduce_size());
+        f.training = p.training;
+        f.main = a.main;
+        f.down = a.down;
+        f.grad_weight = static_cast<float*>(p.grad_weight);
+        f.grad_bias = static_cast<float*>(p.grad_bias);
+        f.grad_weight_d = static_cast<float*>(p.grad_weight_d);
+        f.grad_bias_d = static_cast<float*>(p.grad_bias_d);
+        f.coefficients = coefficients;
+        backward_finalize_kernel<E><<<finalize_grid(C), kFinalizeBlock, 0, stream>>>(f);
+        error = cudaGetLastError();
+        if (error != cudaSuccess) return error;
+
+        const Launch elementwise = make_launch(g, V, wave_grid_y(g, V, backward_config(E)));
+        backward_elementwise_kernel<T, V, E, L>
+            <<<elementwise.grid, elementwise.block, 0, stream>>>(a, elementwise.shape, coefficients);
+        return cudaGetLastError();
+      });
+    });
+  });
+}
+
+}  // namespace resnet_fused::cuda

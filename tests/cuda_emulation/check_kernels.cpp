@@ -1,0 +1,462 @@
+// Runs the CUDA kernels of csrc/cuda/bn_act_kernels.cu on the CPU (emulated_cuda.h) and
+// checks them against float64 reference math: every op, both layouts, every dtype, odd
+// shapes, misaligned pointers (the scalar fallback), empty-channel and one-value-per-plane
+// cases, several emulated SM counts (so reductions merge many partials). Buffers are
+// exactly the size the kernels may touch (AddressSanitizer reports any overrun), outputs
+// are poisoned with NaN first (every element must be written), and each op runs twice
+// (results must agree bit for bit). Prints one line per failed check; exit status 1 if any.
+//
+// Built and run by tests/test_cuda_build.py, which includes the kernel source here.
+
+#include "bn_act_kernels_emulated.cpp"
+
+#include <cinttypes>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+
+namespace {
+
+using namespace resnet_fused;
+
+int failures = 0;
+std::string current_case;
+const char* filter = nullptr;  // run only the cases whose name contains this
+
+void fail(const std::string& what) {
+  if (++failures <= 40) std::printf("FAIL %s: %s\n", current_case.c_str(), what.c_str());
+}
+
+// ---------------------------------------------------------------- dtypes
+
+template <typename T>
+T to_dtype(double v);
+template <>
+float to_dtype<float>(double v) { return static_cast<float>(v); }
+template <>
+__half to_dtype<__half>(double v) { return __float2half_rn(static_cast<float>(v)); }
+template <>
+__nv_bfloat16 to_dtype<__nv_bfloat16>(double v) { return __float2bfloat16_rn(static_cast<float>(v)); }
+
+double to_double(float v) { return v; }
+double to_double(__half v) { return __half2float(v); }
+double to_double(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+constexpr DType kDType = std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, __half> ? DType::kFloat16 : DType::kBFloat16;
+
+// One rounding to T after float32 arithmetic, relative and absolute.
+template <typename T>
+constexpr double kRounding = std::is_same_v<T, float> ? 2e-6 : std::is_same_v<T, __half> ? 1.0 / 1024 : 1.0 / 128;
+
+// ---------------------------------------------------------------- buffers
+
+// An activation buffer of exactly numel elements (after `shift` leading ones, which
+// misalign the data for 16-byte vectors) in the given layout.
+template <typename T>
+struct Activation {
+  int64_t n, c, s;
+  Layout layout;
+  std::unique_ptr<T[]> storage;
+  T* data;
+
+  Activation(int64_t n_, int64_t c_, int64_t s_, Layout l, int shift)
+      : n(n_), c(c_), s(s_), layout(l), storage(new T[n_ * c_ * s_ + shift]), data(storage.get() + shift) {}
+  int64_t numel() const { return n * c * s; }
+  int64_t index(int64_t in, int64_t ic, int64_t is) const {
+    return layout == Layout::kNHWC ? (in * s + is) * c + ic : (in * c + ic) * s + is;
+  }
+  T& at(int64_t in, int64_t ic, int64_t is) { return data[index(in, ic, is)]; }
+  double get(int64_t in, int64_t ic, int64_t is) const { return to_double(data[index(in, ic, is)]); }
+  void poison() {
+    for (int64_t i = 0; i < numel(); ++i) data[i] = to_dtype<T>(std::numeric_limits<double>::quiet_NaN());
+  }
+  bool bitwise_equal(const Activation& o) const { return std::memcmp(data, o.data, sizeof(T) * numel()) == 0; }
+};
+
+struct Rng {
+  std::mt19937_64 engine;
+  explicit Rng(uint64_t seed) : engine(seed) {}
+  double normal(double mean = 0, double std = 1) { return std::normal_distribution<double>(mean, std)(engine); }
+  double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(engine); }
+};
+
+template <typename T>
+void fill(Activation<T>& a, Rng& rng, double mean, double std) {
+  for (int64_t i = 0; i < a.numel(); ++i) a.data[i] = to_dtype<T>(rng.normal(mean, std));
+}
+
+void expect_close(const std::string& what, double actual, double expected, double tol) {
+  if (!(std::fabs(actual - expected) <= tol * (1 + std::fabs(expected)))) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "%s: got %.9g, expected %.9g (tol %.3g)", what.c_str(), actual, expected, tol);
+    fail(buf);
+  }
+}
+
+struct Workspace {
+  std::unique_ptr<unsigned char[]> bytes;
+  explicit Workspace(size_t n) : bytes(n ? new unsigned char[n] : nullptr) {
+    if (n) std::memset(bytes.get(), 0xff, n);  // NaN floats: a partial read before it is written shows
+  }
+  void* get() const { return bytes.get(); }
+};
+
+// ---------------------------------------------------------------- one case
+
+struct Case {
+  int64_t n, c, h, w;
+  Layout layout;
+  Epilogue epilogue;
+  bool training, affine, running, misaligned;
+  int multiprocessors;
+};
+
+struct BranchData {
+  std::vector<float> weight, bias, mean, invstd, running_mean, running_var;
+  BnBranch view(const void* input) const {
+    BnBranch b;
+    b.input = input;
+    b.weight = weight.empty() ? nullptr : weight.data();
+    b.bias = bias.empty() ? nullptr : bias.data();
+    b.mean = mean.data();
+    b.invstd = invstd.data();
+    return b;
+  }
+};
+
+// Statistics of one branch (kernel in training, running statistics in eval), checked.
+template <typename T>
+void statistics(const Case& k, const ActivationGeometry& g, const Activation<T>& x, BranchData& b, double momentum,
+                double eps, const char* name) {
+  const int64_t C = k.c, M = k.n * k.h * k.w;
+  if (!k.training) {
+    b.mean = b.running_mean;
+    b.invstd.resize(C);
+    for (int64_t c = 0; c < C; ++c) b.invstd[c] = static_cast<float>(1.0 / std::sqrt(double(b.running_var[c]) + eps));
+    return;
+  }
+  std::vector<float> rm = b.running_mean, rv = b.running_var;
+  std::vector<float> mean(C), invstd(C);
+  for (int run = 0; run < 2; ++run) {
+    std::vector<float> m(C, NAN), is(C, NAN), rm_run = rm, rv_run = rv;
+    Workspace ws(cuda::batch_stats_workspace_bytes(g));
+    BatchStatsParams p;
+    p.geometry = g;
+    p.input = x.data;
+    p.mean = m.data();
+    p.invstd = is.data();
+    p.running_mean = k.running ? rm_run.data() : nullptr;
+    p.running_var = k.running ? rv_run.data() : nullptr;
+    p.momentum = momentum;
+    p.eps = eps;
+    p.workspace = ws.get();
+    if (cuda::launch_batch_stats(p, nullptr) != cudaSuccess) fail(std::string(name) + ": batch_stats launch error");
+    if (run == 0) {
+      mean = m, invstd = is, b.running_mean = rm_run, b.running_var = rv_run;
+    } else if (std::memcmp(m.data(), mean.data(), 4 * C) || std::memcmp(is.data(), invstd.data(), 4 * C) ||
+               std::memcmp(rm_run.data(), b.running_mean.data(), 4 * C)) {
+      fail(std::string(name) + ": batch_stats not deterministic");
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0, sq = 0;
+    for (int64_t n = 0; n < k.n; ++n)
+      for (int64_t s = 0; s < k.h * k.w; ++s) sum += x.get(n, c, s);
+    const double mu = sum / M;
+    for (int64_t n = 0; n < k.n; ++n)
+      for (int64_t s = 0; s < k.h * k.w; ++s) sq += (x.get(n, c, s) - mu) * (x.get(n, c, s) - mu);
+    const double var = sq / M;
+    const std::string ch = std::string(name) + " channel " + std::to_string(c);
+    expect_close(ch + " mean", mean[c], mu, 1e-5);
+    expect_close(ch + " invstd", invstd[c], 1 / std::sqrt(var + eps), 1e-5);
+    if (k.running) {
+      expect_close(ch + " running_mean", b.running_mean[c], momentum * mu + (1 - momentum) * rm[c], 1e-5);
+      expect_close(ch + " running_var", b.running_var[c], momentum * var * M / (M - 1) + (1 - momentum) * rv[c], 1e-5);
+    }
+  }
+  b.mean = mean;
+  b.invstd = invstd;
+}
+
+double scale_of(const BranchData& b, int64_t c) { return (b.weight.empty() ? 1.0 : b.weight[c]) * b.invstd[c]; }
+double normalized(const BranchData& b, int64_t c, double x) {
+  return (x - b.mean[c]) * scale_of(b, c) + (b.bias.empty() ? 0.0 : b.bias[c]);
+}
+
+template <typename T>
+void run_case(const Case& k, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t C = k.c, S = k.h * k.w, M = k.n * S;
+  const bool dual = k.epilogue == Epilogue::kDualAddRelu, add = k.epilogue == Epilogue::kAddRelu;
+  emulation::multiprocessors = k.multiprocessors;
+  const int shift = k.misaligned ? 1 : 0;
+  ActivationGeometry g;
+  g.batch = k.n;
+  g.channels = C;
+  g.spatial = S;
+  g.layout = k.layout;
+  g.dtype = kDType<T>;
+
+  Activation<T> x(k.n, C, S, k.layout, shift), other(k.n, C, S, k.layout, shift), grad_out(k.n, C, S, k.layout, shift);
+  fill(x, rng, 0.3, 1.2);
+  fill(other, rng, -0.2, 0.9);
+  BranchData main, down;
+  for (BranchData* b : {&main, &down}) {
+    for (int64_t c = 0; c < C; ++c) {
+      if (k.affine) {
+        b->weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+        b->bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
+      }
+      b->running_mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
+      b->running_var.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+    }
+  }
+  const double eps = 1e-5, eps_d = 1e-4;
+  statistics(k, g, x, main, 0.1, eps, "main");
+  if (dual) statistics(k, g, other, down, 0.2, eps_d, "downsample");
+
+  // Reference pre-activation in double (from the float statistics the kernels use).
+  auto pre = [&](int64_t n, int64_t c, int64_t s) {
+    double v = normalized(main, c, x.get(n, c, s));
+    if (add) v += other.get(n, c, s);
+    if (dual) v += normalized(down, c, other.get(n, c, s));
+    return v;
+  };
+
+  // ---- forward
+  Activation<T> out(k.n, C, S, k.layout, shift), out2(k.n, C, S, k.layout, shift);
+  for (Activation<T>* o : {&out, &out2}) {
+    o->poison();
+    BnActForwardParams p;
+    p.geometry = g;
+    p.epilogue = k.epilogue;
+    p.main = main.view(x.data);
+    if (dual) p.downsample = down.view(other.data);
+    if (add) p.residual = other.data;
+    p.out = o->data;
+    if (cuda::launch_bn_act_forward(p, nullptr) != cudaSuccess) fail("forward launch error");
+  }
+  if (!out.bitwise_equal(out2)) fail("forward not deterministic");
+  for (int64_t n = 0; n < k.n; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s)
+        expect_close("forward (" + std::to_string(n) + ", " + std::to_string(c) + ", " + std::to_string(s) + ")",
+                     out.get(n, c, s), std::max(pre(n, c, s), 0.0), kRounding<T>);
+
+  // ---- backward. The upstream gradient is 0 where the float pre-activation could fall on
+  // the other side of 0 than the double one: no tolerance absorbs a flipped mask.
+  for (int64_t n = 0; n < k.n; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s)
+        grad_out.at(n, c, s) = to_dtype<T>(std::fabs(pre(n, c, s)) < 1e-3 ? 0.0 : rng.normal());
+  Activation<T> gx(k.n, C, S, k.layout, shift), go(k.n, C, S, k.layout, shift);
+  Activation<T> gx2(k.n, C, S, k.layout, shift), go2(k.n, C, S, k.layout, shift);
+  std::vector<float> gw(C), gb(C), gwd(C), gbd(C), gw2(C), gb2(C), gwd2(C), gbd2(C);
+  for (int run = 0; run < 2; ++run) {
+    Activation<T>& grad_x = run ? gx2 : gx;
+    Activation<T>& grad_other = run ? go2 : go;
+    grad_x.poison();
+    grad_other.poison();
+    BnActBackwardParams p;
+    p.geometry = g;
+    p.epilogue = k.epilogue;
+    p.training = k.training;
+    p.grad_out = grad_out.data;
+    p.main = main.view(x.data);
+    if (dual) p.downsample = down.view(other.data);
+    if (add) p.residual = other.data;
+    p.grad_input = grad_x.data;
+    p.grad_weight = (run ? gw2 : gw).data();
+    p.grad_bias = (run ? gb2 : gb).data();
+    if (add) p.grad_residual = grad_other.data;
+    if (dual) {
+      p.grad_input_d = grad_other.data;
+      p.grad_weight_d = (run ? gwd2 : gwd).data();
+      p.grad_bias_d = (run ? gbd2 : gbd).data();
+    }
+    Workspace ws(cuda::bn_act_backward_workspace_bytes(g, k.epilogue));
+    p.workspace = ws.get();
+    if (cuda::launch_bn_act_backward(p, nullptr) != cudaSuccess) fail("backward launch error");
+  }
+  if (!gx.bitwise_equal(gx2) || gw != gw2 || gb != gb2 || (k.epilogue != Epilogue::kRelu && !go.bitwise_equal(go2)) ||
+      gwd != gwd2 || gbd != gbd2) {
+    fail("backward not deterministic");
+  }
+
+  std::vector<double> sum_g(C), sum_gc(C), sum_gcd(C), abs_g(C), abs_gc(C), abs_gcd(C);
+  auto masked = [&](int64_t n, int64_t c, int64_t s) { return pre(n, c, s) > 0 ? grad_out.get(n, c, s) : 0.0; };
+  for (int64_t n = 0; n < k.n; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s) {
+        const double gm = masked(n, c, s);
+        sum_g[c] += gm;
+        sum_gc[c] += gm * (x.get(n, c, s) - main.mean[c]);
+        abs_g[c] += std::fabs(gm);
+        abs_gc[c] += std::fabs(gm * (x.get(n, c, s) - main.mean[c]));
+        if (dual) {
+          sum_gcd[c] += gm * (other.get(n, c, s) - down.mean[c]);
+          abs_gcd[c] += std::fabs(gm * (other.get(n, c, s) - down.mean[c]));
+        }
+      }
+  // Per-channel sums: float32 accumulation error relative to the sum of magnitudes.
+  auto expect_sum = [&](const std::string& what, double actual, double expected, double magnitude) {
+    if (!(std::fabs(actual - expected) <= 1e-5 * magnitude + 1e-6)) {
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "%s: got %.9g, expected %.9g", what.c_str(), actual, expected);
+      fail(buf);
+    }
+  };
+  for (int64_t c = 0; c < C; ++c) {
+    const std::string ch = " channel " + std::to_string(c);
+    expect_sum("grad_bias" + ch, gb[c], sum_g[c], abs_g[c]);
+    expect_sum("grad_weight" + ch, gw[c], sum_gc[c] * main.invstd[c], abs_gc[c] * main.invstd[c]);
+    if (dual) {
+      expect_sum("grad_bias_d" + ch, gbd[c], sum_g[c], abs_g[c]);
+      expect_sum("grad_weight_d" + ch, gwd[c], sum_gcd[c] * down.invstd[c], abs_gcd[c] * down.invstd[c]);
+    }
+  }
+  auto grad_input = [&](const BranchData& b, double sg, double sgc, int64_t c, double gm, double xv) {
+    const double invstd = b.invstd[c];
+    double v = gm;
+    if (k.training) v = gm - sg / M - (xv - b.mean[c]) * invstd * invstd * sgc / M;
+    return v * scale_of(b, c);
+  };
+  for (int64_t n = 0; n < k.n; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s) {
+        const std::string at = " (" + std::to_string(n) + ", " + std::to_string(c) + ", " + std::to_string(s) + ")";
+        const double gm = masked(n, c, s);
+        // grad_x is a difference of terms of size |g| * scale: relative error of the float math on those.
+        const double tol = kRounding<T> * 4;
+        expect_close("grad_input" + at, gx.get(n, c, s), grad_input(main, sum_g[c], sum_gc[c], c, gm, x.get(n, c, s)), tol);
+        if (add) expect_close("grad_residual" + at, go.get(n, c, s), gm, kRounding<T>);
+        if (dual) {
+          expect_close("grad_input_d" + at, go.get(n, c, s),
+                       grad_input(down, sum_g[c], sum_gcd[c], c, gm, other.get(n, c, s)), tol);
+        }
+        // The backward's mask is the forward's, bit for bit: grad_residual passes grad_out
+        // exactly where the forward's output is positive (float32 output: out > 0 iff pre > 0).
+        if (add && std::is_same_v<T, float>) {
+          const double expected = out.get(n, c, s) > 0 ? grad_out.get(n, c, s) : 0.0;
+          if (go.get(n, c, s) != expected) fail("backward mask differs from the forward's" + at);
+        }
+      }
+}
+
+// Mean 1000, std 3: a float32 sum of squares would lose the variance entirely. The
+// tolerances are tests/test_cuda_ops.py's: mean to 1e-6, invstd to 1e-5, relative.
+template <typename T>
+void check_statistics_far_from_zero(Layout layout, const char* dtype) {
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "%s %s statistics of N(1000, 3)", dtype, layout == Layout::kNHWC ? "nhwc" : "nchw");
+  if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
+  current_case = buf;
+  const int before = failures;
+  const int64_t N = 16, C = 32, S = 144;
+  emulation::multiprocessors = 6;
+  Rng rng(7);
+  Activation<T> x(N, C, S, layout, 0);
+  fill(x, rng, 1000.0, 3.0);
+  ActivationGeometry g;
+  g.batch = N;
+  g.channels = C;
+  g.spatial = S;
+  g.layout = layout;
+  g.dtype = kDType<T>;
+  std::vector<float> mean(C), invstd(C);
+  Workspace ws(cuda::batch_stats_workspace_bytes(g));
+  BatchStatsParams p;
+  p.geometry = g;
+  p.input = x.data;
+  p.mean = mean.data();
+  p.invstd = invstd.data();
+  p.workspace = ws.get();
+  if (cuda::launch_batch_stats(p, nullptr) != cudaSuccess) fail("launch error");
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0, sq = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < S; ++i) sum += x.get(n, c, i);
+    const double mu = sum / (N * S);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < S; ++i) sq += (x.get(n, c, i) - mu) * (x.get(n, c, i) - mu);
+    const double want_invstd = 1 / std::sqrt(sq / (N * S) + p.eps);
+    if (!(std::fabs(mean[c] - mu) <= 1e-6 * std::fabs(mu))) fail("mean of channel " + std::to_string(c));
+    if (!(std::fabs(invstd[c] - want_invstd) <= 1e-5 * want_invstd)) fail("invstd of channel " + std::to_string(c));
+  }
+  std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
+}
+
+const char* name(Layout l) { return l == Layout::kNHWC ? "nhwc" : "nchw"; }
+const char* name(Epilogue e) {
+  return e == Epilogue::kRelu ? "relu" : e == Epilogue::kAddRelu ? "add_relu" : "dual_add_relu";
+}
+
+template <typename T>
+void run(const Case& k, const char* dtype, uint64_t seed) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "%s %s %s (%" PRId64 ", %" PRId64 ", %" PRId64 ", %" PRId64 ") %s%s%s%s sms=%d",
+                dtype, name(k.layout), name(k.epilogue), k.n, k.c, k.h, k.w, k.training ? "train" : "eval",
+                k.affine ? "" : " no-affine", k.running ? "" : " no-running", k.misaligned ? " misaligned" : "",
+                k.multiprocessors);
+  if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
+  current_case = buf;
+  const int before = failures;
+  run_case<T>(k, seed);
+  std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
+}
+
+}  // namespace
+
+// A geometry and what it is there to exercise.
+struct Shape {
+  int64_t n, c, h, w;
+  bool nhwc, nchw;       // layouts to run
+  int multiprocessors;    // emulated SMs: sets the number of splits a reduction merges
+  bool float32_only = false;
+};
+
+int main(int argc, char** argv) {
+  if (argc > 1) filter = argv[1];
+  const Shape shapes[] = {
+      {2, 16, 4, 4, true, true, 5},     // whole 16-byte vectors in both layouts
+      {3, 19, 5, 7, true, true, 3},     // C and H*W odd: the scalar path in both layouts
+      {5, 8, 1, 1, true, true, 5},      // H = W = 1: vectors along C, one value per plane
+      {4, 1, 6, 6, true, true, 5},      // C = 1
+      {9, 3, 5, 7, true, true, 2},      // NCHW: threads step across plane ends (scalar)
+      {16, 4, 12, 12, true, true, 5},   // NCHW: threads step across plane ends (vectors)
+      {2, 67, 3, 5, true, false, 3},    // channels_last: three channel tiles, scalar
+      {2, 264, 2, 4, true, false, 5},   // channels_last: several tiles of whole vectors
+      {2, 128, 48, 54, true, false, 40, true},  // > 128 partials per channel: finalize lanes merge several
+  };
+  uint64_t seed = 1;
+  for (const Shape& s : shapes) {
+    for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
+      if (!(layout == Layout::kNHWC ? s.nhwc : s.nchw)) continue;
+      for (Epilogue e : {Epilogue::kRelu, Epilogue::kAddRelu, Epilogue::kDualAddRelu}) {
+        const Case train{s.n, s.c, s.h, s.w, layout, e, true, true, true, false, s.multiprocessors};
+        run<float>(train, "float32", seed++);
+        if (s.float32_only) continue;
+        run<__half>(train, "float16", seed++);
+        run<__nv_bfloat16>(train, "bfloat16", seed++);
+      }
+    }
+  }
+  // Eval mode, no affine / no running statistics, misaligned pointers (the scalar fallback
+  // of shapes that would take vectors), one SM.
+  for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
+    for (Epilogue e : {Epilogue::kRelu, Epilogue::kAddRelu, Epilogue::kDualAddRelu}) {
+      run<float>({3, 16, 4, 4, layout, e, false, true, true, false, 2}, "float32", seed++);
+      run<__nv_bfloat16>({3, 16, 4, 4, layout, e, true, false, false, false, 2}, "bfloat16", seed++);
+      run<__half>({4, 24, 4, 6, layout, e, true, true, true, true, 1}, "float16", seed++);
+      run<float>({4, 24, 4, 6, layout, e, false, true, true, true, 2}, "float32", seed++);
+    }
+  }
+  for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
+    check_statistics_far_from_zero<float>(layout, "float32");
+    check_statistics_far_from_zero<__nv_bfloat16>(layout, "bfloat16");
+  }
+  std::printf("%d emulated launches, %d failed checks\n", emulation::launches, failures);
+  return failures == 0 ? 0 : 1;
+}

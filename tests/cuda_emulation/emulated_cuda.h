@@ -1,0 +1,232 @@
+// A CPU stand-in for the part of CUDA that csrc/cuda/*.cu uses, so the kernels' own
+// source runs on the host, under AddressSanitizer and UBSan (tests/test_cuda_build.py).
+//
+// Each CUDA thread of a block is a fiber with its own stack; the block's fibers run one
+// at a time, each until it reaches __syncthreads() or returns, so a barrier releases no
+// thread before every thread of the block has arrived — the CUDA semantics,
+// deterministically. Fibers switch with a few instructions of x86-64 assembly (ucontext's
+// swapcontext makes a system call per switch, 10x slower here); other hosts skip the test. Blocks run one after another, which is one legal CUDA
+// schedule (the kernels never wait on other blocks); __shared__ variables become
+// function statics, one per kernel instantiation, which is all one running block needs.
+// Device intrinsics map to their IEEE host equivalents (compile with -ffp-contract=off so
+// the host compiler fuses nothing the device code did not ask for). Launches are written
+// `kernel<<<grid, block, shared, stream>>>(args)` in the source; the test rewrites them to
+// `::emulation::launch(kernel, grid, block, shared, stream)(args)`.
+#pragma once
+
+#if !defined(__x86_64__)
+#error "the CUDA emulation switches fibers with x86-64 assembly"
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+using std::min;
+using std::sqrt;
+
+// ---------------------------------------------------------------- runtime API
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace emulation {
+inline int multiprocessors = 4;  // what cudaDevAttrMultiProcessorCount reports
+inline cudaError_t last_error = cudaSuccess;
+inline int launches = 0;
+}  // namespace emulation
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = emulation::multiprocessors;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emulation::last_error;
+  emulation::last_error = cudaSuccess;
+  return e;
+}
+
+// ---------------------------------------------------------------- numeric types and intrinsics
+
+struct __half {
+  _Float16 value;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __half2float(__half h) { return static_cast<float>(h.value); }
+inline __half __float2half_rn(float f) { return {static_cast<_Float16>(f)}; }  // IEEE round to nearest even
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if (std::isnan(f)) return {static_cast<uint16_t>((u >> 16) | 0x40)};
+  u += 0x7fff + ((u >> 16) & 1);  // round to nearest even
+  return {static_cast<uint16_t>(u >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float(static_cast<uint32_t>(b.bits) << 16); }
+
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __frcp_rn(float a) { return 1.f / a; }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+
+// ---------------------------------------------------------------- threads, blocks, barriers
+
+namespace emulation {
+
+// Saves the callee-saved registers and the stack pointer to *from, loads them from `to`.
+extern "C" void emulation_switch_stack(void** from, void* to);
+asm(R"(
+  .text
+  .p2align 4
+  .globl emulation_switch_stack
+  .type emulation_switch_stack, @function
+emulation_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emulation_switch_stack, .-emulation_switch_stack
+)");
+
+struct Fiber {
+  void* stack_pointer = nullptr;
+  bool done = false;
+};
+
+inline dim3 thread_index, block_index, block_dim, grid_dim;
+inline void* scheduler = nullptr;  // the scheduler's saved stack pointer
+inline Fiber* current = nullptr;
+inline void (*job)() = nullptr;    // what every fiber of the running block executes
+inline std::vector<std::vector<char>> stacks;
+constexpr size_t kStackBytes = 256 * 1024;
+
+[[noreturn]] inline void fiber_entry() {
+  job();
+  current->done = true;
+  emulation_switch_stack(&current->stack_pointer, scheduler);
+  __builtin_unreachable();
+}
+
+// A fresh fiber on `stack` that starts in fiber_entry: below a 16-byte aligned top, a
+// zero return address (fiber_entry never returns), fiber_entry as the address the
+// switch's `ret` takes, and six zeroed callee-saved registers for it to pop.
+inline void* start_frame(std::vector<char>& stack) {
+  auto top = reinterpret_cast<uintptr_t>(stack.data() + stack.size()) & ~uintptr_t{15};
+  auto* slot = reinterpret_cast<void**>(top);
+  *--slot = nullptr;
+  *--slot = reinterpret_cast<void*>(&fiber_entry);
+  for (int i = 0; i < 6; ++i) *--slot = nullptr;
+  return slot;
+}
+
+// Runs job() for every thread of one block.
+inline void run_block(const dim3& block, void (*block_job)()) {
+  const unsigned threads = block.x * block.y * block.z;
+  std::vector<Fiber> fibers(threads);
+  if (stacks.size() < threads) stacks.resize(threads, std::vector<char>(kStackBytes));
+  job = block_job;
+  for (unsigned t = 0; t < threads; ++t) fibers[t].stack_pointer = start_frame(stacks[t]);
+  // One pass runs every live thread up to its next barrier (or its end).
+  for (bool live = true; live;) {
+    live = false;
+    for (unsigned t = 0; t < threads; ++t) {
+      if (fibers[t].done) continue;
+      thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      current = &fibers[t];
+      emulation_switch_stack(&scheduler, fibers[t].stack_pointer);
+      live = live || !fibers[t].done;
+    }
+  }
+}
+
+template <typename... Params>
+struct Launch {
+  void (*kernel)(Params...);
+  dim3 grid, block;
+
+  void operator()(Params... params) const {
+    ++launches;
+    const unsigned long long threads = 1ull * block.x * block.y * block.z;
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535 ||
+        threads == 0 || threads > 1024) {
+      std::fprintf(stderr, "emulated launch: invalid configuration grid (%u, %u, %u) block (%u, %u, %u)\n", grid.x,
+                   grid.y, grid.z, block.x, block.y, block.z);
+      last_error = cudaErrorInvalidConfiguration;
+      return;
+    }
+    static const Launch* self;
+    static std::tuple<Params...>* args;
+    std::tuple<Params...> stored(params...);
+    self = this;
+    args = &stored;
+    grid_dim = grid;
+    block_dim = block;
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          block_index = dim3(x, y, z);
+          run_block(block, [] { std::apply(self->kernel, *args); });
+        }
+      }
+    }
+  }
+};
+
+template <typename... Params>
+Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t, cudaStream_t) {
+  return {kernel, grid, block};
+}
+
+}  // namespace emulation
+
+inline void __syncthreads() { emulation::emulation_switch_stack(&emulation::current->stack_pointer, emulation::scheduler); }
+
+#define threadIdx ::emulation::thread_index
+#define blockIdx ::emulation::block_index
+#define blockDim ::emulation::block_dim
+#define gridDim ::emulation::grid_dim

@@ -1,0 +1,462 @@
+"""The CUDA backend on a GPU: every op against eager PyTorch and the reference ops.
+
+Marked ``cuda``: skipped without a GPU (tests/conftest.py); scripts/gpu_check.sh runs them.
+
+Each fused op runs through ``resnet_fused.functional`` with ``backend="cuda"`` (autograd,
+running statistics) and is compared with eager ``F.batch_norm`` + ``relu`` (+ add)
+composites in float64 on the very same rounded inputs, and with the reference backend on
+the GPU; the raw backward ops are compared with the reference ops directly.
+
+Tolerances (``ROUNDING``, relative = absolute): the kernels compute in float32 and round
+once to the activation dtype, so activations may differ from float64 math by one rounding
+of their dtype (2^-7 bfloat16, 2^-10 float16) or float32 arithmetic error (1e-5 for
+float32). Per-channel results (statistics, running statistics, weight and bias gradients)
+are float32 reductions over N*H*W values on both sides: 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused import functional as RF
+from helpers import LAYOUTS, activation, non_contiguous
+
+pytestmark = pytest.mark.cuda
+
+DEVICE = "cuda"
+BACKEND = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ROUNDING = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+PER_CHANNEL_TOL = 1e-4
+OPS = ["bn_relu", "bn_add_relu", "dual_bn_add_relu"]
+SHAPES = [
+    (4, 19, 5, 7),  # C and H*W odd: scalar accesses in both layouts
+    (3, 8, 1, 1),  # H = W = 1
+    (1, 1, 5, 5),  # one channel, batch of one
+    (2, 67, 9, 11),  # several channel tiles, scalar
+    (16, 64, 14, 14),  # 16-byte vectors in both layouts, many blocks per reduction
+]
+
+
+def dtype_id(d):
+    return str(d).removeprefix("torch.")
+
+
+def shape_id(s):
+    return "x".join(map(str, s))
+
+
+def assert_close(actual, expected, tol, what):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+class BatchNormState:
+    """A BatchNorm's parameters and running statistics (float32, like nn.BatchNorm2d)."""
+
+    def __init__(self, channels, affine=True, track=True):
+        f32 = dict(device=DEVICE, dtype=torch.float32)
+        self.weight = (torch.rand(channels, **f32) + 0.5).requires_grad_() if affine else None
+        self.bias = torch.randn(channels, **f32).requires_grad_() if affine else None
+        self.running_mean = torch.randn(channels, **f32) * 0.1 if track else None
+        self.running_var = torch.rand(channels, **f32) + 0.5 if track else None
+
+    def clone(self, dtype=None):
+        other = BatchNormState.__new__(BatchNormState)
+        for name in ("weight", "bias"):
+            t = getattr(self, name)
+            setattr(other, name, None if t is None else t.detach().to(dtype or t.dtype).requires_grad_())
+        for name in ("running_mean", "running_var"):
+            t = getattr(self, name)
+            setattr(other, name, None if t is None else t.to(dtype or t.dtype).clone())
+        return other
+
+
+def eager(op, x, other, bn, bn_d, training, relu=True):
+    """The eager composite each fused op replaces (`relu=False`: its pre-activation)."""
+    y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, 0.1, 1e-5)
+    if op == "bn_add_relu":
+        y = y + other
+    elif op == "dual_bn_add_relu":
+        y = y + F.batch_norm(other, bn_d.running_mean, bn_d.running_var, bn_d.weight, bn_d.bias, training, 0.2, 1e-4)
+    return torch.relu(y) if relu else y
+
+
+def fused(op, x, other, bn, bn_d, training, backend):
+    if op == "bn_relu":
+        return RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, 0.1, 1e-5, backend=backend)
+    if op == "bn_add_relu":
+        return RF.bn_add_relu(
+            x, other, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, 0.1, 1e-5, backend=backend
+        )
+    return RF.dual_bn_add_relu(
+        x, other, bn.running_mean, bn.running_var, bn_d.running_mean, bn_d.running_var,
+        bn.weight, bn.bias, bn_d.weight, bn_d.bias, training, 0.1, 1e-5, 0.2, 1e-4, backend=backend,
+    )
+
+
+def run_case(op, shape, dtype, layout, training, *, affine=True, track=True, make_input=None):
+    """The CUDA op against eager float64 and the reference backend: outputs, every
+    gradient, running statistics.
+
+    The upstream gradient is zeroed where the float64 pre-activation is within a few
+    roundings of 0, where float32 math may put it on the other side of the ReLU.
+    """
+    make_input = make_input or (lambda t: t)
+    C = shape[1]
+    x = activation(shape, dtype, layout, DEVICE)
+    other = activation(shape, dtype, layout, DEVICE) if op != "bn_relu" else None
+    bn, bn_d = BatchNormState(C, affine, track), BatchNormState(C, affine, track)
+    upstream = activation(shape, dtype, layout, DEVICE)
+    with torch.no_grad():
+        pre64 = eager(op, x.double(), None if other is None else other.double(), bn.clone(torch.float64),
+                      bn_d.clone(torch.float64), training, relu=False)
+        upstream[pre64.abs() < 8 * ROUNDING[dtype]] = 0
+
+    runs = {}
+    for name in (BACKEND, "reference", "eager64"):
+        dt = torch.float64 if name == "eager64" else dtype
+        xi = make_input(x.detach().to(dt).requires_grad_())
+        oi = None if other is None else make_input(other.detach().to(dt).requires_grad_())
+        state, state_d = bn.clone(torch.float64 if name == "eager64" else None), bn_d.clone(
+            torch.float64 if name == "eager64" else None
+        )
+        if name == "eager64":
+            out = eager(op, xi, oi, state, state_d, training)
+        else:
+            out = fused(op, xi, oi, state, state_d, training, name)
+        wrt = [xi, state.weight, state.bias] + ([oi] if op != "bn_relu" else [])
+        wrt += [state_d.weight, state_d.bias] if op == "dual_bn_add_relu" else []
+        wrt = [t for t in wrt if t is not None]
+        runs[name] = (out, torch.autograd.grad(out, wrt, upstream.to(out.dtype)), state, state_d)
+
+    out, grads, state, state_d = runs[BACKEND]
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.stride() == runs["reference"][0].stride(), "memory format differs from the reference's"
+    for oracle in ("eager64", "reference"):
+        ref_out, ref_grads, ref_state, ref_state_d = runs[oracle]
+        assert_close(out, ref_out, ROUNDING[dtype], f"output vs {oracle}")
+        for i, (a, b) in enumerate(zip(grads, ref_grads)):
+            assert_close(a, b, ROUNDING[dtype] if a.dim() == 4 else PER_CHANNEL_TOL, f"gradient {i} vs {oracle}")
+        if track and training:
+            pairs = [(state, ref_state)] + ([(state_d, ref_state_d)] if op == "dual_bn_add_relu" else [])
+            for s, r in pairs:
+                assert_close(s.running_mean, r.running_mean, PER_CHANNEL_TOL, f"running_mean vs {oracle}")
+                assert_close(s.running_var, r.running_var, PER_CHANNEL_TOL, f"running_var vs {oracle}")
+
+
+def misaligned(x):
+    """`x` copied into a dense tensor of its layout whose data starts one element past a
+    16-byte boundary: the kernels must take their scalar path."""
+    storage = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)
+    view = storage.as_strided(x.shape, x.stride(), 1)
+    return view.copy_(x)
+
+
+# ---------------------------------------------------------------- every op against eager
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_training_matches_eager(op, layout, dtype, shape):
+    run_case(op, shape, dtype, layout, training=True)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_eval_matches_eager(op, layout, dtype):
+    run_case(op, (4, 32, 6, 8), dtype, layout, training=False)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_without_affine_or_running_stats(op):
+    run_case(op, (4, 11, 3, 5), torch.float32, "nhwc", training=True, affine=False, track=False)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_non_contiguous_inputs(op, layout):
+    run_case(op, (2, 16, 4, 6), torch.bfloat16, layout, training=True, make_input=non_contiguous)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_misaligned_inputs(op, layout, dtype):
+    x = misaligned(activation((2, 16, 4, 4), dtype, layout, DEVICE))
+    assert x.data_ptr() % 16 != 0 and x.is_contiguous(memory_format=LAYOUTS[layout])
+    run_case(op, (2, 16, 4, 4), dtype, layout, training=True, make_input=misaligned)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_empty_batch(layout):
+    bn = BatchNormState(5)
+    x = activation((0, 5, 4, 4), torch.float32, layout, DEVICE).requires_grad_()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    out = RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, backend=BACKEND)
+    assert out.shape == x.shape
+    gx, gw, gb = torch.autograd.grad(out.sum(), [x, bn.weight, bn.bias])
+    assert gx.shape == x.shape and not gw.any() and not gb.any()
+    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)  # as eager leaves them
+
+
+# ---------------------------------------------------------------- the raw ops
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_ops_match_reference_ops(layout, dtype, training):
+    shape = (6, 40, 7, 8)
+    x, r, g = (activation(shape, dtype, layout, DEVICE) for _ in range(3))
+    w = torch.rand(40, device=DEVICE) + 0.5
+    b = torch.randn(40, device=DEVICE)
+    mean, invstd = torch.ops.resnet_fused.batch_stats(x, None, None, 0.1, 1e-5)
+    mean_r, invstd_r = torch.ops.resnet_fused.batch_stats(r, None, None, 0.1, 1e-5)
+    cases = {
+        "bn_relu_backward": (g, x, w, b, mean, invstd, training),
+        "bn_add_relu_backward": (g, x, r, w, b, mean, invstd, training),
+        "dual_bn_add_relu_backward": (g, x, w, b, mean, invstd, r, w.flip(0), None, mean_r, invstd_r, training),
+    }
+    for name, args in cases.items():
+        got = getattr(torch.ops.resnet_fused, name)(*args)
+        want = getattr(torch.ops.resnet_fused_reference, name)(*args)
+        for i, (a, e) in enumerate(zip(got, want)):
+            assert a.dtype == e.dtype and a.stride() == e.stride(), f"{name} output {i}"
+            tol = 2 * ROUNDING[dtype] if a.dim() == 4 else PER_CHANNEL_TOL
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=lambda m: f"{name} output {i}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", [(4, 19, 5, 7), (16, 64, 14, 14)], ids=shape_id)
+def test_backward_recomputes_the_forward_mask_exactly(layout, dtype, shape):
+    """grad_residual is grad_out exactly where the forward's output is positive: the
+    backward's pre-activation is the forward's, bit for bit (float32 and bfloat16 round no
+    positive pre-activation to 0)."""
+    x, r, g = (activation(shape, dtype, layout, DEVICE) for _ in range(3))
+    w, b = torch.rand(shape[1], device=DEVICE) + 0.5, torch.randn(shape[1], device=DEVICE)
+    mean, invstd = torch.ops.resnet_fused.batch_stats(x, None, None, 0.1, 1e-5)
+    out = torch.ops.resnet_fused.bn_add_relu(x, r, w, b, mean, invstd, True)
+    grad_residual = torch.ops.resnet_fused.bn_add_relu_backward(g, x, r, w, b, mean, invstd, True)[1]
+    assert torch.equal(grad_residual, torch.where(out > 0, g, torch.zeros_like(g)))
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_batch_stats_and_running_statistics(layout, dtype):
+    x = activation((16, 48, 13, 11), dtype, layout, DEVICE, scale=2.0, offset=0.5)
+    rm, rv = torch.randn(48, device=DEVICE), torch.rand(48, device=DEVICE) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    mean, invstd = RF.batch_stats(x, rm, rv, 0.3, 1e-3, backend=BACKEND)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    m = x.numel() // 48
+    assert mean.dtype == invstd.dtype == torch.float32
+    assert_close(mean, mean64, PER_CHANNEL_TOL, "mean")
+    assert_close(invstd, (var64 + 1e-3).rsqrt(), PER_CHANNEL_TOL, "invstd")
+    assert_close(rm, 0.3 * mean64 + 0.7 * rm0.double(), PER_CHANNEL_TOL, "running_mean")
+    assert_close(rv, 0.3 * var64 * m / (m - 1) + 0.7 * rv0.double(), PER_CHANNEL_TOL, "running_var")
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_statistics_are_stable_far_from_zero(layout, dtype):
+    """Mean 1000, std 3: a naive float32 sum of squares loses the variance entirely."""
+    x = activation((64, 32, 24, 24), dtype, layout, DEVICE, scale=3.0, offset=1000.0)
+    mean, invstd = RF.batch_stats(x, backend=BACKEND)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+
+
+def test_float64_is_rejected_by_the_cuda_kernels():
+    x = torch.randn(2, 3, 4, 4, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(TypeError, match="do not support float64 `input`"):
+        torch.ops.resnet_fused.batch_stats(x, None, None, 0.1, 1e-5)
+    with pytest.raises(TypeError, match="supports dtypes"):
+        RF.bn_relu(x, None, None, training=True, backend=BACKEND)
+
+
+def test_parameters_on_another_device_are_rejected():
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="`weight` on the device of `input`"):
+        torch.ops.resnet_fused.bn_relu(x, torch.ones(3), None, torch.zeros(3, device=DEVICE),
+                                       torch.ones(3, device=DEVICE), True)
+
+
+# ---------------------------------------------------------------- determinism, graphs, opcheck
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_results_are_bitwise_reproducible(layout):
+    shape = (32, 128, 28, 28)
+    x, r, g = (activation(shape, torch.bfloat16, layout, DEVICE) for _ in range(3))
+    w, b = torch.rand(128, device=DEVICE) + 0.5, torch.randn(128, device=DEVICE)
+    ops = torch.ops.resnet_fused
+
+    def run():
+        mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
+        return (mean, invstd, ops.bn_add_relu(x, r, w, b, mean, invstd, True),
+                *ops.bn_add_relu_backward(g, x, r, w, b, mean, invstd, True),
+                *ops.dual_bn_add_relu_backward(g, x, w, b, mean, invstd, r, w, b, mean, invstd, True))
+
+    first, second = run(), run()
+    for i, (a, b_) in enumerate(zip(first, second)):
+        assert torch.equal(a, b_), f"result {i} differs between two runs"
+
+
+def _graph_case(layout):
+    shape = (8, 64, 16, 16)
+    x, r, g = (activation(shape, torch.bfloat16, layout, DEVICE) for _ in range(3))
+    w, b = torch.rand(64, device=DEVICE) + 0.5, torch.randn(64, device=DEVICE)
+    rm, rv = torch.zeros(64, device=DEVICE), torch.ones(64, device=DEVICE)
+    return x, r, g, w, b, rm, rv
+
+
+def _capture(fn):
+    """fn captured in a CUDA graph after a warm-up on a side stream (as torch documents)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_cuda_graph_replay_equals_eager_ops(layout):
+    x, r, g, w, b, rm, rv = _graph_case(layout)
+    ops = torch.ops.resnet_fused
+
+    def step():
+        mean, invstd = ops.batch_stats(x, rm, rv, 0.1, 1e-5)
+        y = ops.bn_relu(x, w, b, mean, invstd, True)
+        z = ops.dual_bn_add_relu(y, w, b, mean, invstd, r, None, b, mean, invstd, True)
+        return (mean, invstd, y, z, *ops.bn_add_relu_backward(g, y, r, w, b, mean, invstd, True),
+                *ops.dual_bn_add_relu_backward(g, y, w, b, mean, invstd, r, None, b, mean, invstd, True))
+
+    stats0 = rm.clone(), rv.clone()
+    graph, captured = _capture(step)
+    for _ in range(2):  # the second replay runs on new input values
+        rm.copy_(stats0[0]), rv.copy_(stats0[1])
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed_stats = rm.clone(), rv.clone()
+        rm.copy_(stats0[0]), rv.copy_(stats0[1])
+        expected = step()
+        for i, (a, e) in enumerate(zip(captured, expected)):
+            assert torch.equal(a, e), f"output {i} of the replay differs from the eager call"
+        assert torch.equal(replayed_stats[0], rm) and torch.equal(replayed_stats[1], rv), "running statistics"
+        x.copy_(torch.randn_like(x))
+
+
+def test_cuda_graph_replay_of_a_training_step():
+    """Functional forward + autograd backward, captured whole, as a training loop would."""
+    x, r, g, w, b, rm, rv = _graph_case("nhwc")
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def train_step():
+        y = RF.bn_add_relu(x, r, rm, rv, w, b, training=True, backend=BACKEND)
+        return (y, *torch.autograd.grad(y, [x, w, b], g))
+
+    graph, captured = _capture(train_step)
+    graph.replay()
+    expected = train_step()
+    for i, (a, e) in enumerate(zip(captured, expected)):
+        assert torch.equal(a, e), f"output {i} of the replayed training step differs from the eager one"
+
+
+def _op_cases():
+    ns = torch.ops.resnet_fused
+    x = activation((3, 16, 4, 5), torch.float32, "nhwc", DEVICE)
+    r = activation((3, 16, 4, 5), torch.float32, "nhwc", DEVICE)
+    w, b = torch.rand(16, device=DEVICE) + 0.5, torch.randn(16, device=DEVICE)
+    rm, rv = torch.randn(16, device=DEVICE), torch.rand(16, device=DEVICE) + 0.5
+    m, i = rm, rv.rsqrt()
+    return [
+        (ns.batch_stats.default, (x, rm.clone(), rv.clone(), 0.1, 1e-5)),
+        (ns.batch_stats.default, (x.contiguous().half(), None, None, 0.1, 1e-5)),
+        (ns.bn_relu.default, (x, w, b, m, i, True)),
+        (ns.bn_relu.default, (x.contiguous().bfloat16(), None, None, m, i, False)),
+        (ns.bn_relu_backward.default, (r, x, w, b, m, i, True)),
+        (ns.bn_add_relu.default, (x, r, w, b, m, i, True)),
+        (ns.bn_add_relu_backward.default, (r, x, r, w, b, m, i, False)),
+        (ns.dual_bn_add_relu.default, (x, w, b, m, i, r, None, b, m, i, True)),
+        (ns.dual_bn_add_relu_backward.default, (r, x, w, b, m, i, r, w, None, m, i, True)),
+    ]
+
+
+def test_opcheck_on_cuda_tensors():
+    for op, args in _op_cases():
+        differentiable = not op.name().endswith(("backward", "batch_stats"))
+        args = tuple(
+            a.detach().clone().requires_grad_(differentiable and a.dim() == 4 and a.is_floating_point())
+            if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+# ---------------------------------------------------------------- 64-bit indexing
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_tensors_over_2_to_the_31_elements(layout):
+    """batch_stats, a fused forward and backward over 2^31 + 2^18 bfloat16 values: offsets
+    past 2^31 must be 64-bit. Reductions are checked against float64 sums over chunks, the
+    first and last samples elementwise. The backward's mask is taken from the kernel's own
+    forward (the same arithmetic); a float32 recomputation could flip a few of 2^31."""
+    C, H, W = 64, 64, 64
+    N = 2**31 // (C * H * W) + 1
+    numel, m = N * C * H * W, N * H * W
+    needed = 4 * 2 * numel + (3 << 30)  # x, out, grad_out, grad_input + chunked checks
+    free, _ = torch.cuda.mem_get_info()
+    if free < needed:
+        pytest.skip(f"needs {needed / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    x = torch.empty((N, C, H, W), device=DEVICE, dtype=torch.bfloat16, memory_format=LAYOUTS[layout]).normal_(0.5, 1)
+    w, b = torch.rand(C, device=DEVICE) + 0.5, torch.randn(C, device=DEVICE)
+    ops, ref = torch.ops.resnet_fused, torch.ops.resnet_fused_reference
+
+    def channel(t):
+        return t.view(1, -1, 1, 1)
+
+    def chunks(*tensors):
+        return zip(*(t.split(256) for t in tensors))
+
+    mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
+    mean64 = sum(xc.double().sum((0, 2, 3)) for (xc,) in chunks(x)) / m
+    var64 = sum(((xc.double() - channel(mean64)) ** 2).sum((0, 2, 3)) for (xc,) in chunks(x)) / m
+    assert_close(mean, mean64, PER_CHANNEL_TOL, "mean")
+    assert_close(invstd, (var64 + 1e-5).rsqrt(), PER_CHANNEL_TOL, "invstd")
+
+    out = ops.bn_relu(x, w, b, mean, invstd, True)
+    for part in (slice(0, 2), slice(N - 2, N)):
+        assert_close(out[part], ref.bn_relu(x[part], w, b, mean, invstd, True), ROUNDING[torch.bfloat16], "output")
+
+    g = torch.empty_like(x).normal_()
+    grad_x, grad_w, grad_b = ops.bn_relu_backward(g, x, w, b, mean, invstd, True)
+    sums = torch.zeros(4, C, device=DEVICE, dtype=torch.float64)  # sum(g), sum(g (x - mean)), and magnitudes
+    for xc, gc, oc in chunks(x, g, out):
+        masked = torch.where(oc > 0, gc.double(), 0.0)
+        centered = masked * (xc.double() - channel(mean.double()))
+        sums += torch.stack([masked.sum((0, 2, 3)), centered.sum((0, 2, 3)),
+                             masked.abs().sum((0, 2, 3)), centered.abs().sum((0, 2, 3))])
+    sum_g, sum_gc, mag_g, mag_gc = sums
+    assert ((grad_b - sum_g).abs() <= 1e-5 * mag_g + 1e-3).all(), "grad_bias"
+    assert ((grad_w - sum_gc * invstd).abs() <= 1e-5 * mag_gc * invstd + 1e-3).all(), "grad_weight"
+    scale = w * invstd
+    tail = slice(N - 2, N)
+    want = (torch.where(out[tail] > 0, g[tail].float(), 0.0) * channel(scale) - channel(scale * sum_g.float() / m)
+            - (x[tail].float() - channel(mean)) * channel(scale * invstd**2 * sum_gc.float() / m))
+    assert_close(grad_x[tail].float(), want, 4 * ROUNDING[torch.bfloat16], "grad_input of the last samples")
