@@ -9,8 +9,10 @@
 # pytest.log, the benchmark's kernels_cuda_nhwc.{json,txt} and bench.log. Stops at once
 # if the build fails; otherwise runs everything and exits non-zero if any test or
 # measurement failed. Prints each phase's wall time; the benchmark summary comes last.
+# Then the block suite (benchmarks.run) publishes its table and chart under DIR/results.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
-# TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100).
+# TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
+# SUITE_BUDGET (seconds for the block suite, default 120).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,7 @@ out="${out:-results/local/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 PYTHON="${PYTHON:-python3}"
+SUITE_BUDGET="${SUITE_BUDGET:-120}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$SECONDS
@@ -109,6 +112,16 @@ if [[ $bench_rc -ne 0 ]]; then
     tail -n 20 "$out/bench.log"
   fi
   echo "gpu_check: BENCHMARK FAILED or incomplete (rc=$bench_rc; full log: $out/bench.log)"
+  status=1
+fi
+
+phase "block benchmark suite (benchmarks.run, budget ${SUITE_BUDGET}s)"
+"$PYTHON" -m benchmarks.run --device cuda --budget "$SUITE_BUDGET" --publish "$out/results" >"$out/suite.log" 2>&1
+suite_rc=$?
+took "suite"
+tail -n 40 "$out/suite.log"
+if [[ $suite_rc -ne 0 ]]; then
+  echo "gpu_check: BLOCK SUITE FAILED or incomplete (rc=$suite_rc; full log: $out/suite.log)"
   status=1
 fi
 
