@@ -57,9 +57,19 @@ struct Lanes {
   }
   static Vec load(const T* p, int64_t n) {
     if (n == kSize) return load(p);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    // These builds' partial loads are masked loads that zero the lanes past n.
+    if constexpr (std::is_same_v<T, A>) {
+      return Vec::loadu(p, n);
+    } else {
+      return std::get<0>(at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n)));
+    }
+#else
+    // The baseline's partial loads leave the other lanes undefined.
     T buffer[kSize] = {};
     std::copy(p, p + n, buffer);
     return load(buffer);
+#endif
   }
   static void store(T* p, const Vec& v, int64_t n) {
     if constexpr (std::is_same_v<T, A>) {
@@ -203,34 +213,59 @@ void batch_stats_nhwc(const BatchStatsParams& p) {
   });
 }
 
+// The values of one NCHW channel, N planes of H*W, cut into blocks of about kBlockElements:
+// several whole planes when planes are small (7x7 at layer4), pieces of one plane when
+// they are large, so that per-block work (a horizontal sum, a merge) stays rare.
+struct PlaneBlock {
+  int64_t plane_begin, plane_end;  // n range
+  int64_t begin, end;              // element range within each plane
+  int64_t count() const { return (plane_end - plane_begin) * (end - begin); }
+};
+
+template <typename Fn>
+void for_each_plane_block(const ActivationGeometry& g, Fn&& fn) {
+  const int64_t HW = g.spatial;
+  if (HW >= kBlockElements) {
+    for (int64_t n = 0; n < g.batch; ++n) {
+      for (int64_t b0 = 0; b0 < HW; b0 += kBlockElements) fn(PlaneBlock{n, n + 1, b0, std::min(HW, b0 + kBlockElements)});
+    }
+  } else {
+    const int64_t planes = kBlockElements / HW;
+    for (int64_t n0 = 0; n0 < g.batch; n0 += planes) fn(PlaneBlock{n0, std::min(g.batch, n0 + planes), 0, HW});
+  }
+}
+
+// Calls fn(offset, lanes) for every vector of channel c's values in `block`.
+template <int64_t kSize, typename Fn>
+void for_each_vector(const ActivationGeometry& g, int64_t c, const PlaneBlock& block, Fn&& fn) {
+  for (int64_t n = block.plane_begin; n < block.plane_end; ++n) {
+    const int64_t plane = (n * g.channels + c) * g.spatial;
+    for (int64_t j = block.begin; j < block.end; j += kSize) fn(plane + j, std::min(kSize, block.end - j));
+  }
+}
+
 template <typename T>
 void batch_stats_nchw(const BatchStatsParams& p) {
   using L = Lanes<T>;
   using A = typename L::A;
   using Vec = typename L::Vec;
   const ActivationGeometry& g = p.geometry;
-  const int64_t C = g.channels, HW = g.spatial;
   const T* x = typed<T>(p.input);
 
-  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+  at::parallel_for(0, g.channels, 1, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       Moments moments;
-      for (int64_t n = 0; n < g.batch; ++n) {
-        const T* plane = x + (n * C + c) * HW;
-        for (int64_t b0 = 0; b0 < HW; b0 += kBlockElements) {
-          const int64_t len = std::min(kBlockElements, HW - b0);
-          Vec sum(0);
-          for (int64_t j = 0; j < len; j += L::kSize) sum = sum + L::load(plane + b0 + j, std::min(L::kSize, len - j));
-          const A block_mean = L::sum(sum) / static_cast<A>(len);
-          Vec m2(0);
-          for (int64_t j = 0; j < len; j += L::kSize) {
-            const int64_t lanes = std::min(L::kSize, len - j);
-            const Vec d = L::valid(L::load(plane + b0 + j, lanes) - Vec(block_mean), lanes);
-            m2 = at::vec::fmadd(d, d, m2);
-          }
-          moments.merge(static_cast<double>(len), block_mean, L::sum(m2));
-        }
-      }
+      for_each_plane_block(g, [&](const PlaneBlock& block) {
+        Vec sum(0);
+        for_each_vector<L::kSize>(g, c, block, [&](int64_t i, int64_t lanes) { sum = sum + L::load(x + i, lanes); });
+        const A block_mean = L::sum(sum) / static_cast<A>(block.count());
+        Vec m2(0);
+        for_each_vector<L::kSize>(g, c, block, [&](int64_t i, int64_t lanes) {
+          const Vec d = L::valid(L::load(x + i, lanes) - Vec(block_mean), lanes);
+          m2 = at::vec::fmadd(d, d, m2);
+        });
+        moments.merge(static_cast<double>(block.count()), block_mean, L::sum(m2));
+      });
       finalize_channel(p, c, moments);
     }
   });
@@ -423,24 +458,18 @@ void reduce_gradients_nchw(const BnActBackwardParams& p, const Sources<T>& src,
   using L = Lanes<T>;
   using Vec = typename L::Vec;
   const ActivationGeometry& g = p.geometry;
-  const int64_t C = g.channels, HW = g.spatial;
   const T* grad_out = typed<T>(p.grad_out);
-  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+  at::parallel_for(0, g.channels, 1, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
-      for (int64_t n = 0; n < g.batch; ++n) {
-        const int64_t plane = (n * C + c) * HW;
-        for (int64_t b0 = 0; b0 < HW; b0 += kBlockElements) {
-          const int64_t len = std::min(kBlockElements, HW - b0);
-          Vec a(0), b(0), d(0);
-          for (int64_t j = 0; j < len; j += L::kSize) {
-            ReduceStep<T, E, false>::run(src, grad_out, main, downsample, plane + b0 + j,
-                                         std::min(L::kSize, len - j), c, 0, a, b, d);
-          }
-          sums.g[c] += L::sum(a);
-          sums.g_centered[c] += L::sum(b);
-          sums.g_centered_d[c] += L::sum(d);
-        }
-      }
+      for_each_plane_block(g, [&](const PlaneBlock& block) {
+        Vec a(0), b(0), d(0);
+        for_each_vector<L::kSize>(g, c, block, [&](int64_t i, int64_t lanes) {
+          ReduceStep<T, E, false>::run(src, grad_out, main, downsample, i, lanes, c, 0, a, b, d);
+        });
+        sums.g[c] += L::sum(a);
+        sums.g_centered[c] += L::sum(b);
+        sums.g_centered_d[c] += L::sum(d);
+      });
     }
   });
 }
