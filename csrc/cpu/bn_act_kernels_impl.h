@@ -34,6 +34,7 @@ template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 constexpr int64_t kBlockElements = 16384;  // values reduced in the accumulation type before a merge
+constexpr int64_t kMinBlockRows = 16;      // wide channels_last rows: amortize a block's per-channel merge
 constexpr int64_t kMaxChunks = 64;         // bounds the per-chunk partials of channels_last reductions
 constexpr int64_t kGrainElements = 32768;  // elementwise work per parallel task
 
@@ -119,7 +120,30 @@ struct Moments {
     m2 += other_m2 + delta * delta * (count * n / total);
     count = total;
   }
-  void merge(const Moments& o) { merge(o.count, o.mean, o.m2); }
+};
+
+// Moments of every channel of a channels_last reduction, where all channels have seen the
+// same number of values: the merge weights are shared, and the loop over channels is a
+// plain vectorizable one.
+struct ChannelMoments {
+  double count = 0;
+  std::vector<double> mean, m2;
+  explicit ChannelMoments(int64_t channels) : mean(channels, 0.0), m2(channels, 0.0) {}
+
+  template <typename A>
+  void merge(double n, const A* other_mean, const A* other_m2) {
+    if (n == 0) return;
+    const double total = count + n;
+    const double mean_weight = n / total, m2_weight = count * n / total;
+    const int64_t channels = static_cast<int64_t>(mean.size());
+    for (int64_t c = 0; c < channels; ++c) {
+      const double delta = static_cast<double>(other_mean[c]) - mean[c];
+      mean[c] += delta * mean_weight;
+      m2[c] += static_cast<double>(other_m2[c]) + delta * delta * m2_weight;
+    }
+    count = total;
+  }
+  void merge(const ChannelMoments& o) { merge(o.count, o.mean.data(), o.m2.data()); }
 };
 
 template <typename T>
@@ -133,7 +157,7 @@ struct RowTiling {
   int64_t rows, rows_per_block, rows_per_chunk, chunks;
   explicit RowTiling(const ActivationGeometry& g) {
     rows = g.reduce_size();
-    rows_per_block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(g.channels, 1));
+    rows_per_block = std::max<int64_t>(kMinBlockRows, kBlockElements / std::max<int64_t>(g.channels, 1));
     const int64_t blocks = ceil_div(rows, rows_per_block);
     rows_per_chunk = ceil_div(blocks, std::min(blocks, kMaxChunks)) * rows_per_block;
     chunks = ceil_div(rows, rows_per_chunk);
@@ -174,43 +198,39 @@ void batch_stats_nhwc(const BatchStatsParams& p) {
   const int64_t C = g.channels;
   const T* x = typed<T>(p.input);
   const RowTiling tiling(g);
-  std::vector<Moments> partials(tiling.chunks * C);
+  std::vector<ChannelMoments> partials(tiling.chunks, ChannelMoments(C));
 
-  at::parallel_for(0, tiling.chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<A> sum(padded(C, L::kSize)), m2(padded(C, L::kSize)), block_mean(padded(C, L::kSize));
+  at::parallel_for(0, tiling.chunks, 1, [&, input = x](int64_t chunk_begin, int64_t chunk_end) {
+    const T* const x = input;  // a local: see Operands
+    std::vector<A> sums(padded(C, L::kSize)), m2s(padded(C, L::kSize)), block_means(padded(C, L::kSize));
+    A *sum = sums.data(), *m2 = m2s.data(), *block_mean = block_means.data();
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      Moments* moments = &partials[chunk * C];
       const int64_t chunk_rows_end = std::min(tiling.rows, (chunk + 1) * tiling.rows_per_chunk);
       for (int64_t r0 = chunk * tiling.rows_per_chunk; r0 < chunk_rows_end; r0 += tiling.rows_per_block) {
         const int64_t r1 = std::min(chunk_rows_end, r0 + tiling.rows_per_block);
-        std::fill(sum.begin(), sum.end(), A(0));
-        std::fill(m2.begin(), m2.end(), A(0));
+        std::fill(sums.begin(), sums.end(), A(0));
+        std::fill(m2s.begin(), m2s.end(), A(0));
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t j = 0; j < C; j += L::kSize) {
-            const Vec v = L::load(x + r * C + j, std::min(L::kSize, C - j)) + Vec::loadu(&sum[j]);
-            v.store(&sum[j]);
+            (L::load(x + r * C + j, std::min(L::kSize, C - j)) + Vec::loadu(sum + j)).store(sum + j);
           }
         }
         const A inv_rows = A(1) / static_cast<A>(r1 - r0);
-        for (int64_t j = 0; j < C; j += L::kSize) (Vec::loadu(&sum[j]) * Vec(inv_rows)).store(&block_mean[j]);
+        for (int64_t j = 0; j < C; j += L::kSize) (Vec::loadu(sum + j) * Vec(inv_rows)).store(block_mean + j);
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t j = 0; j < C; j += L::kSize) {
-            const Vec d = L::load(x + r * C + j, std::min(L::kSize, C - j)) - Vec::loadu(&block_mean[j]);
-            at::vec::fmadd(d, d, Vec::loadu(&m2[j])).store(&m2[j]);
+            const Vec d = L::load(x + r * C + j, std::min(L::kSize, C - j)) - Vec::loadu(block_mean + j);
+            at::vec::fmadd(d, d, Vec::loadu(m2 + j)).store(m2 + j);
           }
         }
-        for (int64_t c = 0; c < C; ++c) moments[c].merge(static_cast<double>(r1 - r0), block_mean[c], m2[c]);
+        partials[chunk].merge(static_cast<double>(r1 - r0), block_mean, m2);
       }
     }
   });
 
-  at::parallel_for(0, C, 64, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      Moments total;
-      for (int64_t chunk = 0; chunk < tiling.chunks; ++chunk) total.merge(partials[chunk * C + c]);
-      finalize_channel(p, c, total);
-    }
-  });
+  ChannelMoments total(C);
+  for (const ChannelMoments& part : partials) total.merge(part);
+  for (int64_t c = 0; c < C; ++c) finalize_channel(p, c, Moments{total.count, total.mean[c], total.m2[c]});
 }
 
 // The values of one NCHW channel, N planes of H*W, cut into blocks of about kBlockElements:
@@ -252,7 +272,8 @@ void batch_stats_nchw(const BatchStatsParams& p) {
   const ActivationGeometry& g = p.geometry;
   const T* x = typed<T>(p.input);
 
-  at::parallel_for(0, g.channels, 1, [&](int64_t c_begin, int64_t c_end) {
+  at::parallel_for(0, g.channels, 1, [&, input = x](int64_t c_begin, int64_t c_end) {
+    const T* const x = input;  // a local: see Operands
     for (int64_t c = c_begin; c < c_end; ++c) {
       Moments moments;
       for_each_plane_block(g, [&](const PlaneBlock& block) {
@@ -277,9 +298,21 @@ void batch_stats_nchw(const BatchStatsParams& p) {
 // whole vectors:
 //   forward:  pre    = fma(x, scale, shift)
 //   backward: grad_x = fma(g, scale, fma(x - mean, k2, k1))
+// Inner loops read them through Coefficients, raw pointers copied into locals: a vector
+// store may alias anything as far as the compiler knows, which would otherwise reload
+// every std::vector's data pointer at every step.
+template <typename A>
+struct Coefficients {
+  const A *scale, *shift, *mean, *k1, *k2;
+};
+
 template <typename A>
 struct BranchCoefficients {
   std::vector<A> scale, shift, mean, k1, k2;
+
+  Coefficients<A> at(int64_t channel) const {
+    return {&scale[channel], &shift[channel], &mean[channel], &k1[channel], &k2[channel]};
+  }
 
   BranchCoefficients(const BnBranch& b, int64_t C, int64_t lanes)
       : scale(padded(C, lanes)), shift(padded(C, lanes)), mean(padded(C, lanes)),
@@ -296,12 +329,29 @@ struct BranchCoefficients {
   }
 };
 
-// The activations one element of the fused sum reads.
+// Every activation an op touches. Parallel loops copy it into a local first: a vector
+// store may alias anything as far as the compiler knows, so pointers read through a
+// lambda's captures would be reloaded at every step.
 template <typename T>
-struct Sources {
+struct Operands {
   const T* x;
   const T* x_d;       // kDualAddRelu
   const T* residual;  // kAddRelu
+  const T* grad_out;  // backward
+  T* out;             // forward
+  T* grad_input;
+  T* grad_input_d;
+  T* grad_residual;
+
+  static Operands forward(const BnActForwardParams& p) {
+    return {typed<T>(p.main.input), typed<T>(p.downsample.input), typed<T>(p.residual), nullptr,
+            typed<T>(p.out), nullptr, nullptr, nullptr};
+  }
+  static Operands backward(const BnActBackwardParams& p) {
+    return {typed<T>(p.main.input), typed<T>(p.downsample.input), typed<T>(p.residual),
+            typed<T>(p.grad_out), nullptr, typed<T>(p.grad_input), typed<T>(p.grad_input_d),
+            typed<T>(p.grad_residual)};
+  }
 };
 
 template <typename T>
@@ -310,7 +360,7 @@ struct Loaded {
 };
 
 template <typename T, Epilogue E>
-Loaded<T> load_sources(const Sources<T>& s, int64_t i, int64_t n) {
+Loaded<T> load_sources(const Operands<T>& s, int64_t i, int64_t n) {
   using L = Lanes<T>;
   const auto x = L::load(s.x + i, n);
   // Members an epilogue does not use repeat x (never read; avoids constructing zeros).
@@ -321,16 +371,14 @@ Loaded<T> load_sources(const Sources<T>& s, int64_t i, int64_t n) {
 
 // The pre-activation, shared verbatim by the forward and the backward's mask.
 template <typename T, Epilogue E, bool kPerLane, typename A = acc_t<T>>
-typename Lanes<T>::Vec preactivation(const Loaded<T>& v, const BranchCoefficients<A>& main,
-                                     const BranchCoefficients<A>* downsample, int64_t channel,
-                                     int64_t j) {
+typename Lanes<T>::Vec preactivation(const Loaded<T>& v, const Coefficients<A>& main,
+                                     const Coefficients<A>& downsample, int64_t j) {
   using L = Lanes<T>;
-  auto pre = at::vec::fmadd(v.x, L::template coeff<kPerLane>(&main.scale[channel], j),
-                            L::template coeff<kPerLane>(&main.shift[channel], j));
+  auto pre = at::vec::fmadd(v.x, L::template coeff<kPerLane>(main.scale, j), L::template coeff<kPerLane>(main.shift, j));
   if constexpr (E == Epilogue::kAddRelu) pre = pre + v.residual;
   if constexpr (E == Epilogue::kDualAddRelu) {
-    pre = pre + at::vec::fmadd(v.x_d, L::template coeff<kPerLane>(&downsample->scale[channel], j),
-                               L::template coeff<kPerLane>(&downsample->shift[channel], j));
+    pre = pre + at::vec::fmadd(v.x_d, L::template coeff<kPerLane>(downsample.scale, j),
+                               L::template coeff<kPerLane>(downsample.shift, j));
   }
   return pre;
 }
@@ -359,15 +407,16 @@ void forward(const BnActForwardParams& p) {
   const BranchCoefficients<A> main(p.main, g.channels, L::kSize);
   const BranchCoefficients<A> downsample(E == Epilogue::kDualAddRelu ? p.downsample : p.main,
                                          g.channels, L::kSize);
-  const Sources<T> src{typed<T>(p.main.input), typed<T>(p.downsample.input), typed<T>(p.residual)};
-  T* out = typed<T>(p.out);
+  const Operands<T> operands = Operands<T>::forward(p);
   parallel_for_runs(g, [&](auto per_lane, int64_t offset, int64_t len, int64_t channel) {
     constexpr bool kPerLane = decltype(per_lane)::value;
+    const Operands<T> s = operands;
+    const Coefficients<A> cm = main.at(channel), cd = downsample.at(channel);
     for (int64_t j = 0; j < len; j += L::kSize) {
       const int64_t n = std::min(L::kSize, len - j);
-      const auto v = load_sources<T, E>(src, offset + j, n);
-      const auto pre = preactivation<T, E, kPerLane>(v, main, &downsample, channel, j);
-      L::store(out + offset + j, at::vec::maximum(pre, typename L::Vec(0)), n);
+      const auto v = load_sources<T, E>(s, offset + j, n);
+      const auto pre = preactivation<T, E, kPerLane>(v, cm, cd, j);
+      L::store(s.out + offset + j, at::vec::maximum(pre, typename L::Vec(0)), n);
     }
   });
 }
@@ -381,28 +430,36 @@ struct GradSums {
   explicit GradSums(int64_t C) : g(C, 0.0), g_centered(C, 0.0), g_centered_d(C, 0.0) {}
 };
 
+// total[0:n] += part[0:n], in double: a plain loop the compiler vectorizes.
+template <typename A>
+void accumulate(double* __restrict total, const A* __restrict part, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) total[i] += static_cast<double>(part[i]);
+}
+
 template <typename T, Epilogue E, bool kPerLane, typename A = acc_t<T>>
 struct ReduceStep {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
-  // Accumulates one vector of a run into (sum_g, sum_gc, sum_gc_d).
-  static void run(const Sources<T>& src, const T* grad_out, const BranchCoefficients<A>& main,
-                  const BranchCoefficients<A>& downsample, int64_t i, int64_t n, int64_t channel,
-                  int64_t j, Vec& sum_g, Vec& sum_gc, Vec& sum_gc_d) {
-    const auto v = load_sources<T, E>(src, i, n);
-    const Vec pre = preactivation<T, E, kPerLane>(v, main, &downsample, channel, j);
+  // Accumulates one vector of a run into (sum_g, sum_gc, sum_gc_d). With a residual, also
+  // writes grad_residual = g: the elementwise pass then reads it back instead of
+  // recomputing the mask from grad_out and the residual (one tensor less to read).
+  static void run(const Operands<T>& io, const Coefficients<A>& main, const Coefficients<A>& downsample,
+                  int64_t i, int64_t n, int64_t j, Vec& sum_g, Vec& sum_gc, Vec& sum_gc_d) {
+    const auto v = load_sources<T, E>(io, i, n);
+    const Vec pre = preactivation<T, E, kPerLane>(v, main, downsample, j);
     const Vec zero(0);
-    const Vec g = Vec::blendv(zero, L::load(grad_out + i, n), pre > zero);
+    const Vec g = Vec::blendv(zero, L::load(io.grad_out + i, n), pre > zero);
+    if constexpr (E == Epilogue::kAddRelu) L::store(io.grad_residual + i, g, n);
     sum_g = sum_g + g;
-    sum_gc = at::vec::fmadd(g, v.x - L::template coeff<kPerLane>(&main.mean[channel], j), sum_gc);
+    sum_gc = at::vec::fmadd(g, v.x - L::template coeff<kPerLane>(main.mean, j), sum_gc);
     if constexpr (E == Epilogue::kDualAddRelu) {
-      sum_gc_d = at::vec::fmadd(g, v.x_d - L::template coeff<kPerLane>(&downsample.mean[channel], j), sum_gc_d);
+      sum_gc_d = at::vec::fmadd(g, v.x_d - L::template coeff<kPerLane>(downsample.mean, j), sum_gc_d);
     }
   }
 };
 
 template <typename T, Epilogue E>
-void reduce_gradients_nhwc(const BnActBackwardParams& p, const Sources<T>& src,
+void reduce_gradients_nhwc(const BnActBackwardParams& p, const Operands<T>& operands,
                            const BranchCoefficients<acc_t<T>>& main,
                            const BranchCoefficients<acc_t<T>>& downsample, GradSums& sums) {
   using L = Lanes<T>;
@@ -410,12 +467,14 @@ void reduce_gradients_nhwc(const BnActBackwardParams& p, const Sources<T>& src,
   using Vec = typename L::Vec;
   const int64_t C = p.geometry.channels;
   const RowTiling tiling(p.geometry);
-  const T* grad_out = typed<T>(p.grad_out);
   std::vector<GradSums> partials(tiling.chunks, GradSums(C));
 
   at::parallel_for(0, tiling.chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t width = padded(C, L::kSize);
     std::vector<A> sg(width), sgc(width), sgcd(width);
+    const Operands<T> io = operands;
+    const Coefficients<A> cm = main.at(0), cd = downsample.at(0);
+    A *sum_g = sg.data(), *sum_gc = sgc.data(), *sum_gcd = sgcd.data();
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       GradSums& out = partials[chunk];
       const int64_t chunk_rows_end = std::min(tiling.rows, (chunk + 1) * tiling.rows_per_chunk);
@@ -426,45 +485,42 @@ void reduce_gradients_nhwc(const BnActBackwardParams& p, const Sources<T>& src,
         std::fill(sgcd.begin(), sgcd.end(), A(0));
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t j = 0; j < C; j += L::kSize) {
-            Vec a = Vec::loadu(&sg[j]), b = Vec::loadu(&sgc[j]), d = Vec::loadu(&sgcd[j]);
-            ReduceStep<T, E, true>::run(src, grad_out, main, downsample, r * C + j,
-                                        std::min(L::kSize, C - j), 0, j, a, b, d);
-            a.store(&sg[j]);
-            b.store(&sgc[j]);
-            d.store(&sgcd[j]);
+            constexpr bool kDual = E == Epilogue::kDualAddRelu;
+            Vec a = Vec::loadu(sum_g + j), b = Vec::loadu(sum_gc + j), d = kDual ? Vec::loadu(sum_gcd + j) : a;
+            ReduceStep<T, E, true>::run(io, cm, cd, r * C + j, std::min(L::kSize, C - j), j, a, b, d);
+            a.store(sum_g + j);
+            b.store(sum_gc + j);
+            if constexpr (kDual) d.store(sum_gcd + j);
           }
         }
-        for (int64_t c = 0; c < C; ++c) {
-          out.g[c] += sg[c];
-          out.g_centered[c] += sgc[c];
-          out.g_centered_d[c] += sgcd[c];
-        }
+        accumulate(out.g.data(), sum_g, C);
+        accumulate(out.g_centered.data(), sum_gc, C);
+        if constexpr (E == Epilogue::kDualAddRelu) accumulate(out.g_centered_d.data(), sum_gcd, C);
       }
     }
   });
   for (const GradSums& part : partials) {
-    for (int64_t c = 0; c < C; ++c) {
-      sums.g[c] += part.g[c];
-      sums.g_centered[c] += part.g_centered[c];
-      sums.g_centered_d[c] += part.g_centered_d[c];
-    }
+    accumulate(sums.g.data(), part.g.data(), C);
+    accumulate(sums.g_centered.data(), part.g_centered.data(), C);
+    accumulate(sums.g_centered_d.data(), part.g_centered_d.data(), C);
   }
 }
 
 template <typename T, Epilogue E>
-void reduce_gradients_nchw(const BnActBackwardParams& p, const Sources<T>& src,
+void reduce_gradients_nchw(const BnActBackwardParams& p, const Operands<T>& operands,
                            const BranchCoefficients<acc_t<T>>& main,
                            const BranchCoefficients<acc_t<T>>& downsample, GradSums& sums) {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
   const ActivationGeometry& g = p.geometry;
-  const T* grad_out = typed<T>(p.grad_out);
   at::parallel_for(0, g.channels, 1, [&](int64_t c_begin, int64_t c_end) {
+    const Operands<T> io = operands;
     for (int64_t c = c_begin; c < c_end; ++c) {
+      const Coefficients<acc_t<T>> cm = main.at(c), cd = downsample.at(c);
       for_each_plane_block(g, [&](const PlaneBlock& block) {
         Vec a(0), b(0), d(0);
         for_each_vector<L::kSize>(g, c, block, [&](int64_t i, int64_t lanes) {
-          ReduceStep<T, E, false>::run(src, grad_out, main, downsample, i, lanes, c, 0, a, b, d);
+          ReduceStep<T, E, false>::run(io, cm, cd, i, lanes, 0, a, b, d);
         });
         sums.g[c] += L::sum(a);
         sums.g_centered[c] += L::sum(b);
@@ -500,13 +556,13 @@ void backward(const BnActBackwardParams& p) {
   const int64_t C = g.channels;
   BranchCoefficients<A> main(p.main, C, L::kSize);
   BranchCoefficients<A> downsample(E == Epilogue::kDualAddRelu ? p.downsample : p.main, C, L::kSize);
-  const Sources<T> src{typed<T>(p.main.input), typed<T>(p.downsample.input), typed<T>(p.residual)};
+  const Operands<T> operands = Operands<T>::backward(p);
 
   GradSums sums(C);
   if (g.layout == Layout::kNHWC) {
-    reduce_gradients_nhwc<T, E>(p, src, main, downsample, sums);
+    reduce_gradients_nhwc<T, E>(p, operands, main, downsample, sums);
   } else {
-    reduce_gradients_nchw<T, E>(p, src, main, downsample, sums);
+    reduce_gradients_nchw<T, E>(p, operands, main, downsample, sums);
   }
   const double M = static_cast<double>(g.reduce_size());
   branch_gradients(main, p.main, sums.g, sums.g_centered, C, M, p.training, p.grad_weight, p.grad_bias);
@@ -515,29 +571,31 @@ void backward(const BnActBackwardParams& p) {
                      p.grad_weight_d, p.grad_bias_d);
   }
 
-  const T* grad_out = typed<T>(p.grad_out);
-  T* grad_input = typed<T>(p.grad_input);
-  T* grad_input_d = typed<T>(p.grad_input_d);
-  T* grad_residual = typed<T>(p.grad_residual);
   parallel_for_runs(g, [&](auto per_lane, int64_t offset, int64_t len, int64_t channel) {
     constexpr bool kPerLane = decltype(per_lane)::value;
-    auto coeff = [&](const std::vector<A>& a, int64_t j) { return L::template coeff<kPerLane>(&a[channel], j); };
+    const Operands<T> s = operands;
+    const Coefficients<A> cm = main.at(channel), cd = downsample.at(channel);
+    auto coeff = [](const A* a, int64_t j) { return L::template coeff<kPerLane>(a, j); };
     for (int64_t j = 0; j < len; j += L::kSize) {
       const int64_t n = std::min(L::kSize, len - j);
       const int64_t i = offset + j;
-      const auto v = load_sources<T, E>(src, i, n);
-      const Vec pre = preactivation<T, E, kPerLane>(v, main, &downsample, channel, j);
-      const Vec zero(0);
-      const Vec grad = Vec::blendv(zero, L::load(grad_out + i, n), pre > zero);
-      const Vec dx = at::vec::fmadd(grad, coeff(main.scale, j),
-                                    at::vec::fmadd(v.x - coeff(main.mean, j), coeff(main.k2, j), coeff(main.k1, j)));
-      L::store(grad_input + i, dx, n);
-      if constexpr (E == Epilogue::kAddRelu) L::store(grad_residual + i, grad, n);
+      Vec grad(0), x(0), x_d(0);
+      if constexpr (E == Epilogue::kAddRelu) {
+        grad = L::load(s.grad_residual + i, n);  // the masked gradient the reduction wrote
+        x = L::load(s.x + i, n);
+      } else {
+        const auto v = load_sources<T, E>(s, i, n);
+        const Vec pre = preactivation<T, E, kPerLane>(v, cm, cd, j);
+        grad = Vec::blendv(Vec(0), L::load(s.grad_out + i, n), pre > Vec(0));
+        x = v.x;
+        x_d = v.x_d;
+      }
+      const Vec dx = at::vec::fmadd(grad, coeff(cm.scale, j), at::vec::fmadd(x - coeff(cm.mean, j), coeff(cm.k2, j), coeff(cm.k1, j)));
+      L::store(s.grad_input + i, dx, n);
       if constexpr (E == Epilogue::kDualAddRelu) {
-        const Vec dx_d = at::vec::fmadd(
-            grad, coeff(downsample.scale, j),
-            at::vec::fmadd(v.x_d - coeff(downsample.mean, j), coeff(downsample.k2, j), coeff(downsample.k1, j)));
-        L::store(grad_input_d + i, dx_d, n);
+        const Vec dx_d =
+            at::vec::fmadd(grad, coeff(cd.scale, j), at::vec::fmadd(x_d - coeff(cd.mean, j), coeff(cd.k2, j), coeff(cd.k1, j)));
+        L::store(s.grad_input_d + i, dx_d, n);
       }
     }
   });
