@@ -352,8 +352,14 @@ def run(
     layout: str = "channels_last",
     budget_ms: Optional[float] = None,
     copy_gbs: Optional[float] = None,
+    budget_s: Optional[float] = None,
 ) -> list[dict]:
-    """Benchmarks every (op, shape, dtype) on each backend and eagerly; one dict per row."""
+    """Benchmarks every (op, shape, dtype) on each backend and eagerly; one dict per row.
+
+    ``budget_ms`` is the timing budget of one measurement; ``budget_s``, if given, bounds
+    the whole run instead: half of it is spread over the measurements (the other half
+    covers setup, warm-up and the error checks), at least 5 ms each.
+    """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is available (use --device cpu)")
@@ -365,6 +371,10 @@ def run(
     for name in names:
         backends.get(name)  # validates the name
     batch = batch or DEFAULT_BATCH[dev.type]
+    dtypes = list(dtypes)
+    if budget_s is not None:
+        measurements = len(parse_shapes(shapes)) * len(dtypes) * len(op_names) * (1 + len(names))
+        budget_ms = max(5.0, 0.5 * budget_s * 1e3 / measurements)
     budget_ms = budget_ms or DEFAULT_BUDGET_MS[dev.type]
     memory_format = LAYOUTS[layout]
     if copy_gbs is None:

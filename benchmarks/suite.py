@@ -297,7 +297,8 @@ class Runner:
             return [row]
         self.log(f"{progress} {task.label()}: running (budget {budget or 0:.0f} s)")
         try:
-            results = kernels.run(device=self.device, dtype=task.config.precision.activation_dtype, budget_s=budget)
+            results = kernels.run(device=str(self.device), dtypes=(task.config.precision.name,),
+                                  layout=task.config.layout, budget_s=budget)
         except Exception as error:
             row["status"] = f"error: {type(error).__name__}: {error}"
             self.log(f"{progress} {task.label()}: {row['status']}\n{traceback.format_exc()}")
