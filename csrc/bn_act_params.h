@@ -47,7 +47,6 @@ enum class Epilogue : int8_t {
   kDualAddRelu,   // relu(bn(x) + bn_d(x_d))           BN3 with a conv+BN downsample
 };
 
-inline bool has_residual(Epilogue e) { return e == Epilogue::kAddRelu; }
 inline bool has_downsample(Epilogue e) { return e == Epilogue::kDualAddRelu; }
 
 struct BnBranch {

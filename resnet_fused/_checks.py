@@ -154,3 +154,57 @@ def check_branch(
             raise TypeError(f"{op}(): expected `{arg}{suffix}` to be a Tensor, got None")
     for arg, t in (("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd)):
         check_per_channel(op, arg + suffix, t, name, input)
+
+
+# ---------------------------------------------------------------- per op, with the op's own arguments
+
+
+def _bn_relu(input, weight, bias, mean, invstd, training, *, op="bn_relu"):
+    check_branch(op, input, weight, bias, mean, invstd)
+
+
+def _bn_relu_backward(grad_out, input, weight, bias, mean, invstd, training):
+    op = "bn_relu_backward"
+    _bn_relu(input, weight, bias, mean, invstd, training, op=op)
+    check_like(op, "grad_out", grad_out, "input", input)
+
+
+def _bn_add_relu(input, residual, weight, bias, mean, invstd, training, *, op="bn_add_relu"):
+    check_branch(op, input, weight, bias, mean, invstd)
+    check_like(op, "residual", residual, "input", input)
+
+
+def _bn_add_relu_backward(grad_out, input, residual, weight, bias, mean, invstd, training):
+    op = "bn_add_relu_backward"
+    _bn_add_relu(input, residual, weight, bias, mean, invstd, training, op=op)
+    check_like(op, "grad_out", grad_out, "input", input)
+
+
+def _dual_bn_add_relu(input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d, training,
+                      *, op="dual_bn_add_relu"):
+    check_branch(op, input, weight, bias, mean, invstd)
+    check_branch(op, input_d, weight_d, bias_d, mean_d, invstd_d, "_d")
+    check_like(op, "input_d", input_d, "input", input)
+
+
+def _dual_bn_add_relu_backward(grad_out, *args):
+    op = "dual_bn_add_relu_backward"
+    _dual_bn_add_relu(*args, op=op)
+    check_like(op, "grad_out", grad_out, "input", args[0])
+
+
+def _batch_stats(input, running_mean, running_var, momentum, eps):
+    check_batch_stats("batch_stats", input, running_mean, running_var)
+
+
+# Validation of every op of the set, called with the op's arguments: by the fake kernels,
+# and by every Python-defined backend before it computes (resnet_fused.ops.define).
+OP_CHECKS = {
+    "batch_stats": _batch_stats,
+    "bn_relu": _bn_relu,
+    "bn_relu_backward": _bn_relu_backward,
+    "bn_add_relu": _bn_add_relu,
+    "bn_add_relu_backward": _bn_add_relu_backward,
+    "dual_bn_add_relu": _dual_bn_add_relu,
+    "dual_bn_add_relu_backward": _dual_bn_add_relu_backward,
+}

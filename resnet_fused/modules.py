@@ -249,6 +249,8 @@ class _FusedBlock:
     def _conv_bn_add_relu(self, conv_name: str, bn_name: str, out: Tensor, x: Tensor) -> Tensor:
         conv, bn = getattr(self, conv_name), getattr(self, bn_name)
         dtype = _fold_dtype(out, conv, bn)
+        if dtype is not None and self.downsample is not None and _records_autograd(x, *self.downsample):
+            dtype = None  # a trainable shortcut: the folded add (cuDNN's) has no derivative
         if dtype is not None:
             folded = self._folded(conv_name, conv, bn, dtype)
             return folding.conv_bias_add_relu(out.to(dtype), conv, folded, self._shortcut(x).to(dtype))

@@ -20,7 +20,7 @@ the graph (running statistics) and get gradients of their own if they require th
 
 from __future__ import annotations
 
-from types import ModuleType
+import functools
 from typing import Optional
 
 import torch
@@ -41,16 +41,29 @@ OP_NAMES = (
 MUTATED_ARGS = {"batch_stats": ("running_mean", "running_var")}
 
 
-def define(namespace: str, implementations: ModuleType) -> None:
+def define(namespace: str, implementations: object) -> None:
     """Defines the op set in ``namespace`` from Python functions named like the ops.
 
     Schemas are inferred from the functions' annotations; tests check they equal the
-    C++ schemas of ``csrc/ops.cpp``.
+    C++ schemas of ``csrc/ops.cpp``. Each op validates its arguments
+    (``_checks.OP_CHECKS``) before the implementation runs, as the C++ ops do.
     """
     for name in OP_NAMES:
         torch.library.custom_op(
-            f"{namespace}::{name}", getattr(implementations, name), mutates_args=MUTATED_ARGS.get(name, ())
+            f"{namespace}::{name}", _validated(name, getattr(implementations, name)),
+            mutates_args=MUTATED_ARGS.get(name, ()),
         )
+
+
+def _validated(name: str, implementation):
+    check = _checks.OP_CHECKS[name]
+
+    @functools.wraps(implementation)  # keeps the signature the schema is inferred from
+    def op(*args):
+        check(*args)
+        return implementation(*args)
+
+    return op
 
 
 # ---------------------------------------------------------------- fake kernels
@@ -64,67 +77,33 @@ def _activation_like(input: Tensor) -> Tensor:
     return torch.empty_like(input, memory_format=_checks.activation_memory_format(input))
 
 
-def _fake_batch_stats(input, running_mean, running_var, momentum, eps):
-    _checks.check_batch_stats("batch_stats", input, running_mean, running_var)
-    return _per_channel_like(input), _per_channel_like(input)
-
-
-def _fake_bn_relu(input, weight, bias, mean, invstd, training):
-    _checks.check_branch("bn_relu", input, weight, bias, mean, invstd)
-    return _activation_like(input)
-
-
-def _fake_bn_relu_backward(grad_out, input, weight, bias, mean, invstd, training):
-    op = "bn_relu_backward"
-    _checks.check_branch(op, input, weight, bias, mean, invstd)
-    _checks.check_like(op, "grad_out", grad_out, "input", input)
+def _branch_grads(input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _activation_like(input), _per_channel_like(input), _per_channel_like(input)
 
 
-def _fake_bn_add_relu(input, residual, weight, bias, mean, invstd, training):
-    _checks.check_branch("bn_add_relu", input, weight, bias, mean, invstd)
-    _checks.check_like("bn_add_relu", "residual", residual, "input", input)
-    return _activation_like(input)
-
-
-def _fake_bn_add_relu_backward(grad_out, input, residual, weight, bias, mean, invstd, training):
-    op = "bn_add_relu_backward"
-    _checks.check_branch(op, input, weight, bias, mean, invstd)
-    _checks.check_like(op, "grad_out", grad_out, "input", input)
-    _checks.check_like(op, "residual", residual, "input", input)
-    return _activation_like(input), _activation_like(input), _per_channel_like(input), _per_channel_like(input)
-
-
-def _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d):
-    _checks.check_branch(op, input, weight, bias, mean, invstd)
-    _checks.check_branch(op, input_d, weight_d, bias_d, mean_d, invstd_d, "_d")
-    _checks.check_like(op, "input_d", input_d, "input", input)
-
-
-def _fake_dual_bn_add_relu(input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d, training):
-    _check_dual("dual_bn_add_relu", input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
-    return _activation_like(input)
-
-
-def _fake_dual_bn_add_relu_backward(
-    grad_out, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d, training
-):
-    op = "dual_bn_add_relu_backward"
-    _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
-    _checks.check_like(op, "grad_out", grad_out, "input", input)
-    main = (_activation_like(input), _per_channel_like(input), _per_channel_like(input))
-    return (*main, _activation_like(input), _per_channel_like(input), _per_channel_like(input))
-
-
-_FAKES = {
-    "batch_stats": _fake_batch_stats,
-    "bn_relu": _fake_bn_relu,
-    "bn_relu_backward": _fake_bn_relu_backward,
-    "bn_add_relu": _fake_bn_add_relu,
-    "bn_add_relu_backward": _fake_bn_add_relu_backward,
-    "dual_bn_add_relu": _fake_dual_bn_add_relu,
-    "dual_bn_add_relu_backward": _fake_dual_bn_add_relu_backward,
+# What each op returns, from its arguments (all activations take the main input's layout).
+_FAKE_OUTPUTS = {
+    "batch_stats": lambda input, *_: (_per_channel_like(input), _per_channel_like(input)),
+    "bn_relu": lambda input, *_: _activation_like(input),
+    "bn_relu_backward": lambda grad_out, input, *_: _branch_grads(input),
+    "bn_add_relu": lambda input, *_: _activation_like(input),
+    "bn_add_relu_backward": lambda grad_out, input, *_: (
+        _activation_like(input), _activation_like(input), _per_channel_like(input), _per_channel_like(input)
+    ),
+    "dual_bn_add_relu": lambda input, *_: _activation_like(input),
+    "dual_bn_add_relu_backward": lambda grad_out, input, *_: (*_branch_grads(input), *_branch_grads(input)),
 }
+
+
+def _fake(name: str):
+    check, outputs = _checks.OP_CHECKS[name], _FAKE_OUTPUTS[name]
+
+    def fake(*args):
+        check(*args)
+        return outputs(*args)
+
+    return fake
+
 
 # ---------------------------------------------------------------- autograd
 
@@ -209,9 +188,24 @@ def _backward_formulas(ops):
     }
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "resnet_fused: the backward ops are not differentiable (double backward, e.g. a gradient "
+        "penalty, is not supported); use the reference composites of torch.nn.functional instead"
+    )
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
 def register(namespace: str) -> None:
     """Registers the fake kernels and autograd formulas of every op in ``namespace``."""
-    for name, fake in _FAKES.items():
-        torch.library.register_fake(f"{namespace}::{name}", fake)
+    for name in OP_NAMES:
+        torch.library.register_fake(f"{namespace}::{name}", _fake(name))
     for name, (backward, setup_context) in _backward_formulas(getattr(torch.ops, namespace)).items():
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
+    # Differentiating a backward op must fail loudly, not silently give zero gradients.
+    for name in OP_NAMES:
+        if name.endswith("_backward"):
+            torch.library.register_autograd(f"{namespace}::{name}", _no_double_backward, setup_context=_no_setup)

@@ -80,7 +80,8 @@ def _scale_shift(
 def _normalized(
     input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 ) -> Tensor:
-    scale, shift = _scale_shift(mean.to(accumulation_dtype(input.dtype)), invstd, weight, bias)
+    acc = accumulation_dtype(input.dtype)
+    scale, shift = _scale_shift(mean.to(acc), invstd.to(acc), weight, bias)
     return input.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)
 
 
@@ -139,8 +140,12 @@ def _branch_backward(
     mean: Tensor,
     invstd: Tensor,
     training: bool,
+    memory_format: torch.memory_format,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one BN branch given the masked upstream gradient ``g`` (acc dtype)."""
+    """Gradients of one BN branch given the masked upstream gradient ``g`` (acc dtype).
+
+    ``grad_input`` takes ``memory_format``, the layout of the op's main input.
+    """
     acc = g.dtype
     mean, invstd = mean.to(acc), invstd.to(acc)
     reduce_size = input.numel() // max(input.shape[1], 1)
@@ -156,8 +161,7 @@ def _branch_backward(
             - centered * _per_channel(invstd * invstd * sum_g_centered / reduce_size)
         )
     grad_input = (grad_input * _per_channel(scale)).to(input.dtype)
-    grad_input = grad_input.contiguous(memory_format=activation_memory_format(input))
-    return grad_input, sum_g_centered * invstd, sum_g
+    return grad_input.contiguous(memory_format=memory_format), sum_g_centered * invstd, sum_g
 
 
 def _masked_grad(grad_out: Tensor, pre: Tensor) -> Tensor:
@@ -174,7 +178,7 @@ def bn_relu_backward(
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     g = _masked_grad(grad_out, _normalized(input, mean, invstd, weight, bias))
-    return _branch_backward(g, input, weight, mean, invstd, training)
+    return _branch_backward(g, input, weight, mean, invstd, training, activation_memory_format(input))
 
 
 def bn_add_relu_backward(
@@ -189,8 +193,9 @@ def bn_add_relu_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     pre = _normalized(input, mean, invstd, weight, bias) + residual.to(accumulation_dtype(input.dtype))
     g = _masked_grad(grad_out, pre)
-    grad_input, grad_weight, grad_bias = _branch_backward(g, input, weight, mean, invstd, training)
-    grad_residual = g.to(residual.dtype).contiguous(memory_format=activation_memory_format(input))
+    memory_format = activation_memory_format(input)
+    grad_input, grad_weight, grad_bias = _branch_backward(g, input, weight, mean, invstd, training, memory_format)
+    grad_residual = g.to(residual.dtype).contiguous(memory_format=memory_format)
     return grad_input, grad_residual, grad_weight, grad_bias
 
 
@@ -212,6 +217,7 @@ def dual_bn_add_relu_backward(
         input_d, mean_d, invstd_d, weight_d, bias_d
     )
     g = _masked_grad(grad_out, pre)
-    main = _branch_backward(g, input, weight, mean, invstd, training)
-    downsample = _branch_backward(g, input_d, weight_d, mean_d, invstd_d, training)
+    memory_format = activation_memory_format(input)
+    main = _branch_backward(g, input, weight, mean, invstd, training, memory_format)
+    downsample = _branch_backward(g, input_d, weight_d, mean_d, invstd_d, training, memory_format)
     return (*main, *downsample)

@@ -37,11 +37,11 @@ from block_helpers import (
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from helpers import LAYOUTS
 from resnet_fused import folding, use_backend
 from resnet_fused.modules import FusedBasicBlock, FusedBottleneck
 
 CONFIGS = list(BLOCK_CONFIGS)
-LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 FUSED = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 
 
@@ -267,6 +267,24 @@ def test_eval_with_autograd(config):
     inputs = inputs_for(config, 2, torch.float64)
     grads = random_like_outputs(plain, inputs)
     assert_close_scaled(train(fused, inputs, grads).tensors(), train(plain, inputs, grads).tensors(), 1e-10)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_eval_trainable_shortcut_only(device):
+    """Frozen main branch, trainable downsample: the last stage must stay differentiable
+    (the folded conv + bias + add + ReLU, cuDNN's on a GPU, has no derivative)."""
+    plain, fused = pair("bottleneck_stride2_downsample", torch.float64 if device == "cpu" else torch.float32,
+                        device=device)
+    x = inputs_for("bottleneck_stride2_downsample", 1, plain.conv1.weight.dtype, device=device)[0]
+    grads = []
+    for block in (plain, fused):
+        block.eval()
+        for name, p in block.named_parameters():
+            p.requires_grad_(name.startswith("downsample"))
+        out = block(x)
+        grads.append(dict(zip(["conv", "bn_weight", "bn_bias"],
+                              torch.autograd.grad(out.square().sum(), list(block.downsample.parameters())))))
+    assert_close_scaled(grads[1], grads[0], 1e-10 if device == "cpu" else 1e-4)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

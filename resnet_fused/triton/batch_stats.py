@@ -156,7 +156,6 @@ def batch_stats(
     momentum: float,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    _checks.check_batch_stats(NAME, input, running_mean, running_var)
     _runtime.check_runnable(NAME, input)
     memory_format = _checks.activation_memory_format(input)
     x = input.contiguous(memory_format=memory_format)

@@ -471,7 +471,6 @@ def _backward(op: str, epilogue: int, training: bool, grad_out: Tensor, input: T
 def bn_relu(
     input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool
 ) -> Tensor:
-    _checks.check_branch("bn_relu", input, weight, bias, mean, invstd)
     return _forward("bn_relu", RELU.value, input, (weight, bias, mean, invstd))
 
 
@@ -484,11 +483,8 @@ def bn_relu_backward(
     invstd: Tensor,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    op = "bn_relu_backward"
-    _checks.check_branch(op, input, weight, bias, mean, invstd)
-    _checks.check_like(op, "grad_out", grad_out, "input", input)
     grad_input, grad_weight, grad_bias, *_ = _backward(
-        op, RELU.value, training, grad_out, input, (weight, bias, mean, invstd)
+        "bn_relu_backward", RELU.value, training, grad_out, input, (weight, bias, mean, invstd)
     )
     return grad_input, grad_weight, grad_bias
 
@@ -502,10 +498,7 @@ def bn_add_relu(
     invstd: Tensor,
     training: bool,
 ) -> Tensor:
-    op = "bn_add_relu"
-    _checks.check_branch(op, input, weight, bias, mean, invstd)
-    _checks.check_like(op, "residual", residual, "input", input)
-    return _forward(op, ADD_RELU.value, input, (weight, bias, mean, invstd), residual)
+    return _forward("bn_add_relu", ADD_RELU.value, input, (weight, bias, mean, invstd), residual)
 
 
 def bn_add_relu_backward(
@@ -518,20 +511,10 @@ def bn_add_relu_backward(
     invstd: Tensor,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    op = "bn_add_relu_backward"
-    _checks.check_branch(op, input, weight, bias, mean, invstd)
-    _checks.check_like(op, "grad_out", grad_out, "input", input)
-    _checks.check_like(op, "residual", residual, "input", input)
     grad_input, grad_weight, grad_bias, grad_residual, _, _ = _backward(
-        op, ADD_RELU.value, training, grad_out, input, (weight, bias, mean, invstd), residual
+        "bn_add_relu_backward", ADD_RELU.value, training, grad_out, input, (weight, bias, mean, invstd), residual
     )
     return grad_input, grad_residual, grad_weight, grad_bias
-
-
-def _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d):
-    _checks.check_branch(op, input, weight, bias, mean, invstd)
-    _checks.check_branch(op, input_d, weight_d, bias_d, mean_d, invstd_d, "_d")
-    _checks.check_like(op, "input_d", input_d, "input", input)
 
 
 def dual_bn_add_relu(
@@ -547,10 +530,8 @@ def dual_bn_add_relu(
     invstd_d: Tensor,
     training: bool,
 ) -> Tensor:
-    op = "dual_bn_add_relu"
-    _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
     return _forward(
-        op, DUAL_ADD_RELU.value, input, (weight, bias, mean, invstd), input_d, (weight_d, bias_d, mean_d, invstd_d)
+        "dual_bn_add_relu", DUAL_ADD_RELU.value, input, (weight, bias, mean, invstd), input_d, (weight_d, bias_d, mean_d, invstd_d)
     )
 
 
@@ -568,10 +549,7 @@ def dual_bn_add_relu_backward(
     invstd_d: Tensor,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    op = "dual_bn_add_relu_backward"
-    _check_dual(op, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d)
-    _checks.check_like(op, "grad_out", grad_out, "input", input)
     return _backward(
-        op, DUAL_ADD_RELU.value, training, grad_out, input, (weight, bias, mean, invstd), input_d,
+        "dual_bn_add_relu_backward", DUAL_ADD_RELU.value, training, grad_out, input, (weight, bias, mean, invstd), input_d,
         (weight_d, bias_d, mean_d, invstd_d),
     )
