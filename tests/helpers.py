@@ -20,3 +20,39 @@ def non_contiguous(x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         wide[..., ::2] = x
     return wide[..., ::2].requires_grad_(x.requires_grad) if x.is_leaf else wide[..., ::2]
+
+
+def opcheck_cases(ns, device="cpu", reduced_dtypes=(torch.float16, torch.bfloat16)):
+    """(op, args) covering every op of namespace `ns`: activations in both layouts at once,
+    training and eval, optional arguments absent, and the reduced dtypes the backend runs."""
+    x = activation((3, 6, 4, 5), device=device)  # channels_last
+    r = activation((3, 6, 4, 5), layout="nchw", device=device)  # a second activation in the other layout
+    w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    rm, rv = torch.randn(6, device=device), torch.rand(6, device=device) + 0.5
+    m, i = rm, rv.rsqrt()
+    cases = [
+        (ns.batch_stats.default, (x, rm.clone(), rv.clone(), 0.1, 1e-5)),
+        (ns.batch_stats.default, (x.contiguous(), None, None, 0.1, 1e-5)),
+        (ns.bn_relu.default, (x, w, b, m, i, True)),
+        (ns.bn_relu.default, (x.contiguous(), None, None, m, i, False)),
+        (ns.bn_relu_backward.default, (r, x, w, b, m, i, True)),
+        (ns.bn_add_relu.default, (x, r, w, b, m, i, True)),
+        (ns.bn_add_relu_backward.default, (r, x, r, w, b, m, i, False)),
+        (ns.dual_bn_add_relu.default, (x, w, b, m, i, r, None, b, m, i, True)),
+        (ns.dual_bn_add_relu_backward.default, (r, x, w, b, m, i, r, w, None, m, i, True)),
+    ]
+    for dtype in reduced_dtypes:
+        cases.append((ns.bn_add_relu.default, (x.to(dtype), r.to(dtype), w, b, m, i, True)))
+    return cases
+
+
+def assert_opcheck(ns, device="cpu", reduced_dtypes=(torch.float16, torch.bfloat16)):
+    """torch.library.opcheck passes for every case of `opcheck_cases`."""
+    for op, args in opcheck_cases(ns, device, reduced_dtypes):
+        differentiable = not op.name().endswith(("backward", "batch_stats"))
+        args = tuple(
+            a.detach().clone().requires_grad_(differentiable and a.dim() == 4) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)

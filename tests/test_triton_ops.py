@@ -23,7 +23,7 @@ import torch
 
 import resnet_fused
 from resnet_fused import _extension, functional as RF, ops
-from helpers import LAYOUTS, activation
+from helpers import LAYOUTS, activation, assert_opcheck
 
 pytest.importorskip("triton")
 from resnet_fused.triton import _runtime, compile_report  # noqa: E402
@@ -327,29 +327,7 @@ def test_cuda_graph_capture_and_replay():
 
 @cuda
 def test_opcheck_on_cuda():
-    x = activation((3, 6, 4, 5), torch.float32, "nhwc", "cuda")
-    r = activation((3, 6, 4, 5), torch.float32, "nhwc", "cuda")
-    w, b, rm, rv = torch.rand(6, device="cuda") + 0.5, torch.randn(6, device="cuda"), torch.randn(6, device="cuda"), \
-        torch.rand(6, device="cuda") + 0.5
-    m, i = rm, rv.rsqrt()
-    cases = [
-        (T.batch_stats.default, (x, rm.clone(), rv.clone(), 0.1, 1e-5)),
-        (T.batch_stats.default, (x.contiguous(), None, None, 0.1, 1e-5)),
-        (T.bn_relu.default, (x, w, b, m, i, True)),
-        (T.bn_relu_backward.default, (r, x, w, b, m, i, True)),
-        (T.bn_add_relu.default, (x, r, w, b, m, i, True)),
-        (T.bn_add_relu_backward.default, (r, x, r, w, b, m, i, False)),
-        (T.dual_bn_add_relu.default, (x, w, b, m, i, r, None, b, m, i, True)),
-        (T.dual_bn_add_relu_backward.default, (r, x, w, b, m, i, r, w, None, m, i, True)),
-    ]
-    for op, args in cases:
-        differentiable = not op.name().endswith(("backward", "batch_stats"))
-        args = tuple(
-            a.detach().clone().requires_grad_(differentiable and a.dim() == 4) if isinstance(a, torch.Tensor) else a
-            for a in args
-        )
-        result = torch.library.opcheck(op, args)
-        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+    assert_opcheck(T, "cuda")
 
 
 @cuda
