@@ -56,3 +56,29 @@ def assert_opcheck(ns, device="cpu", reduced_dtypes=(torch.float16, torch.bfloat
         )
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def assert_compiles_like_eager(backend, shape=(2, 8, 5, 5), dtype=torch.float32, device="cpu", compiler="inductor"):
+    """A block tail (bn_relu, then bn_add_relu) under torch.compile(fullgraph=True): no graph
+    break, and the output, the input gradient and the running statistics equal eager's."""
+    import resnet_fused.functional as RF
+
+    def tail(x, r, w, b, rm, rv):
+        y = RF.bn_relu(x, rm, rv, w, b, True, backend=backend)
+        return RF.bn_add_relu(y, r, rm, rv, w, b, True, backend=backend)
+
+    channels = shape[1]
+    x = activation(shape, dtype, device=device).requires_grad_()
+    r = activation(shape, dtype, device=device)
+    w, b = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device)
+    eager_stats, compiled_stats = (
+        (torch.zeros(channels, device=device), torch.ones(channels, device=device)) for _ in range(2)
+    )
+    torch._dynamo.reset()
+    want = tail(x, r, w, b, *eager_stats)
+    got = torch.compile(tail, fullgraph=True, backend=compiler)(x, r, w, b, *compiled_stats)
+    torch.testing.assert_close(got, want)
+    (grad_got,), (grad_want,) = (torch.autograd.grad(out.float().sum(), x) for out in (got, want))
+    torch.testing.assert_close(grad_got, grad_want)
+    for a, e in zip(compiled_stats, eager_stats):
+        torch.testing.assert_close(a, e)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
+from test_ops import BatchNormState, eager, fused
 
 pytestmark = pytest.mark.cuda
 
@@ -53,50 +53,6 @@ def assert_close(actual, expected, tol, what):
     torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
-class BatchNormState:
-    """A BatchNorm's parameters and running statistics (float32, like nn.BatchNorm2d)."""
-
-    def __init__(self, channels, affine=True, track=True):
-        f32 = dict(device=DEVICE, dtype=torch.float32)
-        self.weight = (torch.rand(channels, **f32) + 0.5).requires_grad_() if affine else None
-        self.bias = torch.randn(channels, **f32).requires_grad_() if affine else None
-        self.running_mean = torch.randn(channels, **f32) * 0.1 if track else None
-        self.running_var = torch.rand(channels, **f32) + 0.5 if track else None
-
-    def clone(self, dtype=None):
-        other = BatchNormState.__new__(BatchNormState)
-        for name in ("weight", "bias"):
-            t = getattr(self, name)
-            setattr(other, name, None if t is None else t.detach().to(dtype or t.dtype).requires_grad_())
-        for name in ("running_mean", "running_var"):
-            t = getattr(self, name)
-            setattr(other, name, None if t is None else t.to(dtype or t.dtype).clone())
-        return other
-
-
-def eager(op, x, other, bn, bn_d, training, relu=True):
-    """The eager composite each fused op replaces (`relu=False`: its pre-activation)."""
-    y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, 0.1, 1e-5)
-    if op == "bn_add_relu":
-        y = y + other
-    elif op == "dual_bn_add_relu":
-        y = y + F.batch_norm(other, bn_d.running_mean, bn_d.running_var, bn_d.weight, bn_d.bias, training, 0.2, 1e-4)
-    return torch.relu(y) if relu else y
-
-
-def fused(op, x, other, bn, bn_d, training, backend):
-    if op == "bn_relu":
-        return RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, 0.1, 1e-5, backend=backend)
-    if op == "bn_add_relu":
-        return RF.bn_add_relu(
-            x, other, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, 0.1, 1e-5, backend=backend
-        )
-    return RF.dual_bn_add_relu(
-        x, other, bn.running_mean, bn.running_var, bn_d.running_mean, bn_d.running_var,
-        bn.weight, bn.bias, bn_d.weight, bn_d.bias, training, 0.1, 1e-5, 0.2, 1e-4, backend=backend,
-    )
-
-
 def run_case(op, shape, dtype, layout, training, *, affine=True, track=True, make_input=None):
     """The CUDA op against eager float64 and the reference backend: outputs, every
     gradient, running statistics.
@@ -108,7 +64,7 @@ def run_case(op, shape, dtype, layout, training, *, affine=True, track=True, mak
     C = shape[1]
     x = activation(shape, dtype, layout, DEVICE)
     other = activation(shape, dtype, layout, DEVICE) if op != "bn_relu" else None
-    bn, bn_d = BatchNormState(C, affine, track), BatchNormState(C, affine, track)
+    bn, bn_d = BatchNormState(C, affine, track, DEVICE), BatchNormState(C, affine, track, DEVICE)
     upstream = activation(shape, dtype, layout, DEVICE)
     with torch.no_grad():
         pre64 = eager(op, x.double(), None if other is None else other.double(), bn.clone(torch.float64),
@@ -195,7 +151,7 @@ def test_misaligned_inputs(op, layout, dtype):
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_empty_batch(layout):
-    bn = BatchNormState(5)
+    bn = BatchNormState(5, device=DEVICE)
     x = activation((0, 5, 4, 4), torch.float32, layout, DEVICE).requires_grad_()
     rm, rv = bn.running_mean.clone(), bn.running_var.clone()
     out = RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, backend=BACKEND)
