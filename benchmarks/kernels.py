@@ -7,8 +7,8 @@
 Ops: ``batch_stats``; the fused forwards ``bn_relu``, ``bn_add_relu``, ``dual_bn_add_relu``
 (normalizing with given statistics); their ``*_backward`` ops (training mode); and the
 training forwards ``train_*`` = batch_stats + the fused op, against eager
-``F.batch_norm(training=True)`` + ``relu`` (+ add). Every op runs on each backend
-available on the device and as the eager PyTorch composite it replaces:
+``F.batch_norm(training=True)`` + ``relu`` (+ add). Every op runs on the backends (below)
+and as the eager PyTorch composite it replaces:
 
 =========================  =====================================================
 op                         eager composite
@@ -30,13 +30,17 @@ its replays are timed with ``triton.testing.do_bench`` (L2 flushed between repla
 host launch overhead counts for neither side; on the CPU, medians of wall-clock runs.
 Each fused row also carries ``rel_err``, ||fused - eager|| / ||eager|| of the first
 output, against the eager composite on float32 copies of the inputs (so the baseline's own
-reduced-precision rounding does not count): a fast wrong result cannot pass unnoticed. Rows of the ``cuda`` backend also
-break the op into its kernels (``kernels``: device time per call from the torch profiler,
-L2 flushed before each call, and each streaming kernel's own % of copy bandwidth), which
-separates the streaming passes from the fixed cost of the small reduction-finalize kernels.
+reduced-precision rounding does not count): a fast wrong result cannot pass unnoticed.
+On CUDA, rows of the ``cuda`` and ``triton`` backends also break the op into its kernels
+(``kernels``: device time per call from the torch profiler, L2 flushed before each call,
+and each streaming kernel's own % of copy bandwidth), which separates the streaming passes
+from the fixed cost of the small reduction-finalize kernels.
 
+Backends: every one available on the device but ``reference`` (the tests' oracle, not a
+contender; name it in ``--backends`` to time it). ``--budget-s`` bounds the whole run.
 Prints every row, then a summary per op (last), and writes JSON plus the tables to the
-results directory (``--out``, else ``$RESNET_FUSED_RESULTS``, else results/local).
+results directory (``--out``, else ``$RESNET_FUSED_RESULTS``, else results/local), again
+after every shape, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -236,38 +240,56 @@ def eager_callable(op: str, t: Tensors) -> Callable[[], object]:
     return lambda: torch.autograd.grad(out, wrt, t.grad, retain_graph=True)
 
 
-# The CUDA backend's kernels per op, with the activation-sized passes each makes per call
-# (csrc/cuda/bn_act_kernels.cu); finalize kernels move only per-channel vectors.
-CUDA_KERNEL_PASSES = {
-    "batch_stats": {"batch_stats_kernel": 1},
-    "bn_relu": {"forward_kernel": 2},
-    "bn_add_relu": {"forward_kernel": 3},
-    "dual_bn_add_relu": {"forward_kernel": 3},
-    "bn_relu_backward": {"backward_reduce_kernel": 2, "backward_elementwise_kernel": 3},
-    "bn_add_relu_backward": {"backward_reduce_kernel": 3, "backward_elementwise_kernel": 5},
-    "dual_bn_add_relu_backward": {"backward_reduce_kernel": 3, "backward_elementwise_kernel": 5},
-    "train_bn_relu": {"batch_stats_kernel": 1, "forward_kernel": 2},
-    "train_bn_add_relu": {"batch_stats_kernel": 1, "forward_kernel": 3},
-    "train_dual_bn_add_relu": {"batch_stats_kernel": 2, "forward_kernel": 3},  # statistics of both inputs
+# Each backend's kernels, as the profiler names them, by their role in an op.
+KERNEL_ROLES = {
+    "cuda": {  # csrc/cuda/bn_act_kernels.cu; the names carry the resnet_fused namespace
+        "batch_stats_finalize_kernel": "statistics finalize",
+        "backward_finalize_kernel": "backward finalize",
+        "batch_stats_kernel": "statistics",
+        "backward_reduce_kernel": "backward reduce",
+        "backward_elementwise_kernel": "backward elementwise",
+        "forward_kernel": "forward",
+    },
+    "triton": {  # resnet_fused/triton; the names are the @triton.jit functions'
+        "_finalize_kernel": "statistics finalize",
+        "_backward_finalize_kernel": "backward finalize",
+        "_partials_kernel": "statistics",
+        "_backward_reduce_kernel": "backward reduce",
+        "_backward_elementwise_kernel": "backward elementwise",
+        "_forward_kernel": "forward",
+    },
 }
-FINALIZE_KERNELS = ("batch_stats_finalize_kernel", "backward_finalize_kernel")
+# The activation-sized passes each streaming role makes per call (the finalize kernels
+# move only per-channel vectors): the same design in both backends.
+ROLE_PASSES = {
+    "batch_stats": {"statistics": 1},
+    "bn_relu": {"forward": 2},
+    "bn_add_relu": {"forward": 3},
+    "dual_bn_add_relu": {"forward": 3},
+    "bn_relu_backward": {"backward reduce": 2, "backward elementwise": 3},
+    "bn_add_relu_backward": {"backward reduce": 3, "backward elementwise": 5},
+    "dual_bn_add_relu_backward": {"backward reduce": 3, "backward elementwise": 5},
+    "train_bn_relu": {"statistics": 1, "forward": 2},
+    "train_bn_add_relu": {"statistics": 1, "forward": 3},
+    "train_dual_bn_add_relu": {"statistics": 2, "forward": 3},  # statistics of both inputs
+}
 
 
-def kernel_kind(name: str) -> Optional[str]:
-    """The resnet_fused CUDA kernel a profiler kernel name belongs to, if any."""
+def kernel_role(backend: str, name: str) -> Optional[str]:
+    """The role of the profiler's kernel ``name`` if it is one of ``backend``'s kernels."""
+    roles = KERNEL_ROLES.get(backend, {})
+    if backend == "triton":
+        return roles.get(name)
     if "resnet_fused" not in name:
         return None
-    for kind in (*FINALIZE_KERNELS, "batch_stats_kernel", "forward_kernel", "backward_reduce_kernel",
-                 "backward_elementwise_kernel"):
-        if kind in name:
-            return kind
-    return None
+    return next((role for kernel, role in roles.items() if kernel in name), None)
 
 
-def kernel_breakdown(op: str, fn: Callable[[], object], activation_bytes: int, copy_gbs: float,
+def kernel_breakdown(op: str, backend: str, fn: Callable[[], object], activation_bytes: int, copy_gbs: float,
                      iterations: int = 10) -> dict:
-    """Device time per call of each resnet_fused kernel fn launches (torch profiler, L2
-    flushed before every call), and each streaming kernel's share of copy bandwidth."""
+    """Device time per call of each of ``backend``'s kernels that fn launches, by role
+    (torch profiler, L2 flushed before every call), and each streaming kernel's share of
+    copy bandwidth."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -281,16 +303,16 @@ def kernel_breakdown(op: str, fn: Callable[[], object], activation_bytes: int, c
         torch.cuda.synchronize()
     total_us: dict[str, float] = {}
     for event in prof.events():
-        kind = kernel_kind(event.name) if event.device_type == DeviceType.CUDA else None
-        if kind:
-            total_us[kind] = total_us.get(kind, 0.0) + event.time_range.elapsed_us()
+        role = kernel_role(backend, event.name) if event.device_type == DeviceType.CUDA else None
+        if role:
+            total_us[role] = total_us.get(role, 0.0) + event.time_range.elapsed_us()
     kernels = {}
-    for kind, us in total_us.items():
+    for role, us in total_us.items():
         entry = {"us": us / iterations}
-        passes = CUDA_KERNEL_PASSES[op].get(kind)
+        passes = ROLE_PASSES[op].get(role)
         if passes:
             entry["pct_copy"] = 100 * passes * activation_bytes / (entry["us"] * 1e3) / copy_gbs
-        kernels[kind] = entry
+        kernels[role] = entry
     return kernels
 
 
@@ -339,7 +361,7 @@ def timed(fn: Callable[[], object], device: torch.device, budget_ms: float) -> t
 
 
 def default_backends(device: torch.device) -> list[str]:
-    return resnet_fused.available_backends(device)
+    return [name for name in resnet_fused.available_backends(device) if name != "reference"]
 
 
 def run(
@@ -353,12 +375,14 @@ def run(
     budget_ms: Optional[float] = None,
     copy_gbs: Optional[float] = None,
     budget_s: Optional[float] = None,
+    on_progress: Optional[Callable[[list[dict]], None]] = None,
 ) -> list[dict]:
     """Benchmarks every (op, shape, dtype) on each backend and eagerly; one dict per row.
 
     ``budget_ms`` is the timing budget of one measurement; ``budget_s``, if given, bounds
     the whole run instead: half of it is spread over the measurements (the other half
-    covers setup, warm-up and the error checks), at least 5 ms each.
+    covers setup, warm-up, autotuning and the error checks), 5 to 40 ms each.
+    ``on_progress`` gets the rows so far after each (shape, dtype).
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -374,7 +398,7 @@ def run(
     dtypes = list(dtypes)
     if budget_s is not None:
         measurements = len(parse_shapes(shapes)) * len(dtypes) * len(op_names) * (1 + len(names))
-        budget_ms = max(5.0, 0.5 * budget_s * 1e3 / measurements)
+        budget_ms = min(max(5.0, 0.5 * budget_s * 1e3 / measurements), DEFAULT_BUDGET_MS[dev.type])
     budget_ms = budget_ms or DEFAULT_BUDGET_MS[dev.type]
     memory_format = LAYOUTS[layout]
     if copy_gbs is None:
@@ -418,9 +442,9 @@ def run(
                                kernel_gbs=row["kernel_bytes"] / ms / 1e6)
                     row.update(pct_copy=100 * row["gbs"] / copy_gbs, kernel_pct_copy=100 * row["kernel_gbs"] / copy_gbs,
                                speedup_vs_eager=None if name == "eager" or eager_ms is None else eager_ms / ms)
-                    if name == "cuda":
+                    if name in KERNEL_ROLES and dev.type == "cuda":
                         try:
-                            row["kernels"] = kernel_breakdown(op_name, fn, t.numel * element, copy_gbs)
+                            row["kernels"] = kernel_breakdown(op_name, name, fn, t.numel * element, copy_gbs)
                         except Exception as error:  # the profiler is a diagnostic: never fail the row
                             row["kernels"] = {"error": f"{type(error).__name__}: {error}"}
                     rows.append(row)
@@ -428,6 +452,8 @@ def run(
             del t, t32
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+            if on_progress is not None:
+                on_progress(rows)
     return rows
 
 
@@ -504,6 +530,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, help="N (default: 128 on CUDA, 8 on the CPU)")
     parser.add_argument("--layout", default="channels_last", choices=sorted(LAYOUTS))
     parser.add_argument("--budget-ms", type=float, help="timing budget per measurement (default: 40 CUDA, 100 CPU)")
+    parser.add_argument("--budget-s", type=float, help="bound on the whole run, in seconds (sets --budget-ms)")
     parser.add_argument("--out", help=f"results directory (default: ${common.RESULTS_ENV} or results/local)")
     args = parser.parse_args(argv)
 
@@ -517,15 +544,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device)
     env = common.environment(device)
     print(f"{env['card']} | torch {env['torch']} | triton {env['triton']} | {env['git_commit']} | {env['timestamp']}")
-    rows = run(args.device, dtypes, args.shapes, split(args.ops), split(args.backends), args.batch, args.layout,
-               args.budget_ms)
-    env["copy_gbs"] = rows[0]["copy_gbs"] if rows else None
-
     out = common.results_dir(args.out)
     stem = f"kernels_{device.type}_{LAYOUTS[args.layout] == torch.channels_last and 'nhwc' or 'nchw'}"
-    common.write_json(out / f"{stem}.json", env, rows)
+
+    def write(rows):
+        env["copy_gbs"] = rows[0]["copy_gbs"] if rows else None
+        common.write_json(out / f"{stem}.json", env, rows)
+        (out / f"{stem}.txt").write_text(f"{env}\n\n{rows_table(rows)}\n\n{summary_table(rows)}\n")
+
+    rows = run(args.device, dtypes, args.shapes, split(args.ops), split(args.backends), args.batch, args.layout,
+               args.budget_ms, budget_s=args.budget_s, on_progress=write)
+    write(rows)
     table, summary = rows_table(rows), summary_table(rows)
-    (out / f"{stem}.txt").write_text(f"{env}\n\n{table}\n\n{summary}\n")
     print(f"\n{table}\n\nwritten: {out / (stem + '.json')}, {out / (stem + '.txt')}\n")
     print(f"summary ({env['card']}, copy {env['copy_gbs']:.0f} GB/s; '%copy' by inputs read once and outputs "
           f"written once; 'kernel' by the fused kernels' own traffic; 'per kernel': the slowest streaming "

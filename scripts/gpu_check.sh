@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check: from a bare checkout on a GPU machine (torch with CUDA already
 # installed, no network), build the extension, report the kernels' resources, run every
-# CUDA-marked test, and benchmark the kernels at the ResNet-50 stage shapes.
+# CUDA-marked test, and benchmark the kernels and the blocks.
 #
 #   scripts/gpu_check.sh [--out DIR]        # or RESNET_FUSED_RESULTS=DIR scripts/gpu_check.sh
 #
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
-# pytest.log, the benchmark's kernels_cuda_nhwc.{json,txt} and bench.log. Stops at once
-# if the build fails; otherwise runs everything and exits non-zero if any test or
-# measurement failed. Prints each phase's wall time; the benchmark summary comes last.
-# Then the block suite (benchmarks.run) publishes its table and chart under DIR/results.
+# pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt} and bench.log, the
+# block suite's suite.log and results/ (its published table and chart). Stops at once if
+# the build fails; otherwise runs every phase and exits non-zero if any test or
+# measurement failed. Each phase after the build has a time cap, so the whole script
+# stays near 7 minutes even when a phase runs long (about 8 at the caps); a capped phase
+# says so and keeps what it wrote. Prints each phase's wall time; the kernel summary and
+# the suite's table come last.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
-# SUITE_BUDGET (seconds for the block suite, default 120).
+# TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 90), SUITE_BUDGET (s, default 90).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +32,10 @@ out="${out:-results/local/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 PYTHON="${PYTHON:-python3}"
-SUITE_BUDGET="${SUITE_BUDGET:-120}"
+TESTS_BUDGET="${TESTS_BUDGET:-150}"
+KERNELS_BUDGET="${KERNELS_BUDGET:-90}"
+SUITE_BUDGET="${SUITE_BUDGET:-90}"
+GRACE=30  # the benchmarks end near their budget by themselves; the cap is for a hang
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$SECONDS
@@ -41,6 +47,17 @@ phase() {
   phase_start=$SECONDS
 }
 took() { printf -- '--- %s: %ds\n' "$1" $((SECONDS - phase_start)); }
+# capped SECONDS COMMAND...: runs COMMAND, stopped after SECONDS; says so when it was.
+capped() {
+  local cap=$1
+  shift
+  timeout --kill-after=10 "$cap" "$@"
+  local rc=$?
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    echo "gpu_check: STOPPED at its cap of ${cap}s (raise it through the environment)"
+  fi
+  return $rc
+}
 
 phase "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader \
@@ -89,25 +106,34 @@ else
 fi
 took "ptxas report"
 
-phase "CUDA-marked tests (pytest -m cuda)"
-"$PYTHON" -m pytest -m cuda -q -p no:cacheprovider -rfEs tests >"$out/pytest.log" 2>&1
+phase "CUDA-marked tests (pytest -m cuda, cap ${TESTS_BUDGET}s)"
+# Verbose, so a capped run's log shows how far it got; parallel where pytest-xdist is
+# installed (4 processes share the GPU; the Triton tests pin one configuration each).
+pytest_args=(-m cuda -v -p no:cacheprovider -rfEs --durations=15)
+if "$PYTHON" -c "import xdist" 2>/dev/null; then pytest_args+=(-n 4); fi
+if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout=120); fi
+capped "$TESTS_BUDGET" "$PYTHON" -m pytest "${pytest_args[@]}" tests >"$out/pytest.log" 2>&1
 tests_rc=$?
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -30
-tail -n 1 "$out/pytest.log"
+grep -E "^=+ .*(passed|failed|error|skipped).* =+$" "$out/pytest.log" | tail -n 1
 if [[ $tests_rc -ne 0 ]]; then
   echo "gpu_check: TESTS FAILED (rc=$tests_rc; full log: $out/pytest.log)"
   status=1
 fi
 took "tests"
 
-phase "kernel benchmark (N=128, channels_last, bf16 and fp32)"
-"$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16,fp32 --out "$out" >"$out/bench.log" 2>&1
+phase "kernel benchmark (N=128, channels_last, bf16 and fp32, budget ${KERNELS_BUDGET}s)"
+capped $((KERNELS_BUDGET + GRACE)) "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16,fp32 \
+  --budget-s "$KERNELS_BUDGET" --out "$out" >"$out/bench.log" 2>&1
 bench_rc=$?
 took "benchmark"
 sed -n '/^summary (/,$p' "$out/bench.log"
 if [[ $bench_rc -ne 0 ]]; then
   if grep -q "^summary (" "$out/bench.log"; then
     grep -E "FAILED" "$out/bench.log" | head -20
+  elif [[ -s "$out/kernels_cuda_nhwc.txt" ]]; then
+    echo "summary of the shapes measured before it stopped:"
+    sed -n '/^op .* largest /,$p' "$out/kernels_cuda_nhwc.txt"
   else
     tail -n 20 "$out/bench.log"
   fi
@@ -116,7 +142,8 @@ if [[ $bench_rc -ne 0 ]]; then
 fi
 
 phase "block benchmark suite (benchmarks.run, budget ${SUITE_BUDGET}s)"
-"$PYTHON" -m benchmarks.run --device cuda --budget "$SUITE_BUDGET" --publish "$out/results" >"$out/suite.log" 2>&1
+capped $((SUITE_BUDGET + GRACE)) "$PYTHON" -m benchmarks.run --device cuda --budget "$SUITE_BUDGET" \
+  --publish "$out/results" >"$out/suite.log" 2>&1
 suite_rc=$?
 took "suite"
 tail -n 40 "$out/suite.log"

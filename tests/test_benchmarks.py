@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import metrics, report, run
+from benchmarks import kernels, metrics, report, run
 
 METADATA = ("card", "driver", "torch", "triton", "cudnn", "git_commit", "timestamp", "copy_gbs")
 
@@ -140,3 +140,38 @@ def test_publish_lays_out_the_run_and_latest_md(tmp_path):
 def test_publish_refuses_a_cpu_run():
     with pytest.raises(SystemExit, match="--publish records the GPU run"):
         run.main(["--device", "cpu", "--publish", "unused"])
+
+
+def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tmp_path, capsys):
+    out = tmp_path / "kernels"
+    rc = kernels.main(["--device", "cpu", "--batch", "2", "--shapes", "layer2.128", "--dtype", "fp32",
+                       "--ops", "bn_add_relu,bn_add_relu_backward", "--budget-s", "2", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "kernels_cpu_nhwc.json").read_text())
+    rows = data["rows"]
+    assert {r["backend"] for r in rows} == {"eager", "cpu"}  # the reference is left out by default
+    assert {r["op"] for r in rows} == {"bn_add_relu", "bn_add_relu_backward"}
+    for r in rows:
+        assert r["median_ms"] > 0
+        if r["backend"] == "cpu":
+            assert r["rel_err"] < 1e-5 and r["speedup_vs_eager"] > 0
+    assert "summary (" in capsys.readouterr().out and (out / "kernels_cpu_nhwc.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "backend, name, role",
+    [
+        ("cuda", "void resnet_fused::cuda::(anonymous namespace)::batch_stats_finalize_kernel<float>(...)",
+         "statistics finalize"),
+        ("cuda", "void resnet_fused::cuda::(anonymous namespace)::batch_stats_kernel<(Layout)0, 8, __nv_bfloat16>",
+         "statistics"),
+        ("cuda", "void resnet_fused::cuda::(anonymous namespace)::backward_elementwise_kernel<(Epilogue)1>",
+         "backward elementwise"),
+        ("cuda", "void at::native::batch_norm_collect_statistics_kernel<float>", None),
+        ("triton", "_backward_reduce_kernel", "backward reduce"),
+        ("triton", "_finalize_kernel", "statistics finalize"),
+        ("triton", "triton_poi_fused_relu_0", None),
+    ],
+)
+def test_kernel_roles_from_profiler_names(backend, name, role):
+    assert kernels.kernel_role(backend, name) == role

@@ -27,6 +27,7 @@ from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opch
 
 pytest.importorskip("triton")
 from resnet_fused.triton import _runtime, compile_report  # noqa: E402
+from resnet_fused.triton import batch_stats as batch_stats_module, bn_act as bn_act_module  # noqa: E402
 
 T = torch.ops.resnet_fused_triton
 R = torch.ops.resnet_fused_reference
@@ -226,11 +227,46 @@ def test_every_kernel_compiles_for_sm90_without_spills(dtype, capsys):
     assert all(r.local_bytes == 0 for r in rows), [r for r in rows if r.local_bytes]
 
 
+@not_interpreting
+def test_pinning_selects_one_configuration_and_names_a_bad_index():
+    kernel = bn_act_module._forward_kernel
+    with _runtime.pinned_config(None):
+        assert _runtime.pinned_config_of(kernel) is None
+        with _runtime.pinned_config(2):
+            assert _runtime.pinned_config_of(kernel) is kernel.configs[2]
+            assert _runtime.pinned_config_of(bn_act_module._backward_finalize_kernel) is None  # not autotuned
+        assert _runtime.pinned_index() is None
+        with _runtime.pinned_config(len(kernel.configs)), pytest.raises(ValueError, match="_forward_kernel has 4 conf"):
+            _runtime.pinned_config_of(kernel)
+    code = "import resnet_fused.triton._runtime"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=_child_env(RESNET_FUSED_TRITON_CONFIG="first"))
+    assert result.returncode != 0 and "RESNET_FUSED_TRITON_CONFIG='first': expected the index" in result.stderr
+    result = subprocess.run([sys.executable, "-c", code + "; print(resnet_fused.triton._runtime.pinned_index())"],
+                            capture_output=True, text=True, check=True, env=_child_env(RESNET_FUSED_TRITON_CONFIG="3"))
+    assert result.stdout.strip() == "3"
+
+
 # ---------------------------------------------------------------- on a GPU
 
 cuda = pytest.mark.cuda
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_SHAPES = [(4, 19, 5, 7), (3, 8, 1, 1), (2, 67, 9, 11), (8, 256, 14, 14), (2, 64, 56, 56)]
+AUTOTUNED = [batch_stats_module._partials_kernel, bn_act_module._forward_kernel,
+             bn_act_module._backward_reduce_kernel, bn_act_module._backward_elementwise_kernel]
+
+
+@pytest.fixture(autouse=True)
+def _one_configuration(request):
+    """Each test runs one autotune configuration (RESNET_FUSED_TRITON_CONFIG, default the
+    first): autotuning would compile and time every configuration at each new shape,
+    minutes over the suite. test_every_configuration_on_cuda checks each configuration,
+    and tests marked ``autotune`` let the autotuner choose."""
+    if request.node.get_closest_marker("autotune") or _runtime.INTERPRET:
+        yield
+        return
+    with _runtime.pinned_config(_runtime.pinned_index() or 0):
+        yield
 
 
 def dtype_id(d):
@@ -243,6 +279,23 @@ def dtype_id(d):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_ops_match_reference_on_cuda(shape, dtype, layout):
     check_ops_against_reference("cuda", dtype, layout, shape)
+
+
+@cuda
+@pytest.mark.parametrize("index", range(len(_runtime.TUNING.elementwise)))
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_every_configuration_on_cuda(index, layout):
+    """Every op with the index-th configuration of every autotuned kernel, at a shape
+    whose tiles have tails in rows and lanes for every TILE of the lists."""
+    assert all(len(k.configs) == len(_runtime.TUNING.elementwise) for k in AUTOTUNED)
+    with _runtime.pinned_config(index):
+        check_ops_against_reference("cuda", torch.bfloat16, layout, (3, 200, 13, 11))
+
+
+@cuda
+@pytest.mark.autotune
+def test_autotuned_ops_match_reference_on_cuda():
+    check_ops_against_reference("cuda", torch.bfloat16, "nhwc", (8, 96, 28, 28))
 
 
 @cuda
@@ -287,6 +340,7 @@ def test_deterministic(layout):
 
 
 @cuda
+@pytest.mark.autotune
 def test_cuda_graph_capture_and_replay():
     """A training step's ops captured once (after autotuning) and replayed on new data."""
     shape, C = (8, 64, 28, 28), 64

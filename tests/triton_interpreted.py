@@ -100,6 +100,12 @@ def test_ops_match_reference(shape, layout, dtype):
     check_ops_against_reference("cpu", dtype, layout, shape)
 
 
+def test_pinned_configuration_launches_the_kernels_directly():
+    """The path the GPU tests take (no autotuner), here with the interpreter's one configuration."""
+    with _runtime.pinned_config(0):
+        check_ops_against_reference("cpu", torch.float32, "nchw", (2, 5, 3, 3))
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_functional_training_matches_reference(op, layout):

@@ -17,8 +17,10 @@ from typing import Any, Callable, Optional
 
 import torch
 import triton
+import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+PIN_ENV = "RESNET_FUSED_TRITON_CONFIG"
 
 DEVICE_TYPES = ("cpu",) if INTERPRET else ("cuda",)
 DTYPES = (torch.float16, torch.float32) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
@@ -63,12 +65,67 @@ class Launch:
     args: dict[str, Any]
 
     def __call__(self) -> None:
-        self.kernel[self.grid](**self.args)
+        config = pinned_config_of(self.kernel)
+        if config is None:
+            self.kernel[self.grid](**self.args)
+        else:
+            self.kernel.fn[self.grid](**self.args, **config.all_kwargs())
 
 
 def run(launches: list[Launch]) -> None:
     for launch in launches:
         launch()
+
+
+# ---------------------------------------------------------------- pinned configurations
+#
+# Autotuning compiles and times every configuration on the first call for each key, and
+# tests meet a new key at nearly every shape: a GPU test run would spend minutes in it.
+# Pinning runs every autotuned kernel with one configuration of its list instead; the
+# tests pin one after another to check each (tests/test_triton_ops.py).
+
+
+def _pin_from_env() -> Optional[int]:
+    value = os.environ.get(PIN_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{PIN_ENV}={value!r}: expected the index of an autotune configuration (0, 1, ...)")
+    return int(value)
+
+
+_pinned: Optional[int] = _pin_from_env()
+
+
+def pinned_index() -> Optional[int]:
+    """The pinned configuration index; None while the autotuner chooses."""
+    return _pinned
+
+
+def pinned_config_of(kernel: Any) -> Optional[triton.Config]:
+    """The configuration ``kernel`` runs with while pinned; None: autotune (or not autotuned)."""
+    if _pinned is None or not isinstance(kernel, triton.runtime.Autotuner):
+        return None
+    if _pinned >= len(kernel.configs):
+        raise ValueError(
+            f"Triton configuration {_pinned} is pinned ({PIN_ENV} or pinned_config), but "
+            f"{kernel.fn.__name__} has {len(kernel.configs)} configurations"
+        )
+    return kernel.configs[_pinned]
+
+
+@contextlib.contextmanager
+def pinned_config(index: Optional[int]):
+    """Runs every autotuned kernel with its ``index``-th configuration, without autotuning
+    (None: autotune). The default comes from ``RESNET_FUSED_TRITON_CONFIG``."""
+    global _pinned
+    if index is not None and index < 0:
+        raise ValueError(f"pinned_config: index must be >= 0 or None, got {index}")
+    previous, _pinned = _pinned, index
+    try:
+        yield
+    finally:
+        _pinned = previous
 
 
 # ---------------------------------------------------------------- launch configurations
@@ -133,6 +190,15 @@ else:
         lane_granule=16,
         finalize_tile=2048,
     )
+
+
+def autotune(configs: list[triton.Config], key: list[str]):
+    """``triton.autotune`` timing each candidate for 25 ms after 5 ms of warm-up (Triton's
+    default: 100 and 25). The kernels are memory-bound and take 10-500 us at the shapes
+    that matter, so that is still 50-2500 runs per candidate, and a first call at a new
+    shape costs a fifth of the default's time."""
+    bench = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
+    return triton.autotune(configs=configs, key=key, do_bench=bench)
 
 
 @functools.lru_cache(maxsize=None)

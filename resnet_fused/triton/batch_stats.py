@@ -31,7 +31,7 @@ from ._runtime import Launch
 NAME = "batch_stats"
 
 
-@triton.autotune(configs=_runtime.TUNING.reduce, key=["lanes", "CHANNELS_LAST", "BLOCK_L"])
+@_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L"])
 @triton.jit
 def _partials_kernel(
     x_ptr, part_ptr,

@@ -119,7 +119,7 @@ def _grad_input(g, x, scale, mean, coef_ptr, channel, C, TRAINING: tl.constexpr,
 # ---------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=_runtime.TUNING.elementwise, key=["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
+@_runtime.autotune(_runtime.TUNING.elementwise, ["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
 @triton.jit
 def _forward_kernel(
     x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
@@ -151,7 +151,7 @@ def _forward_kernel(
 # ---------------------------------------------------------------- backward
 
 
-@triton.autotune(configs=_runtime.TUNING.reduce, key=["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
+@_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
 @triton.jit
 def _backward_reduce_kernel(
     grad_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
@@ -246,7 +246,7 @@ def _backward_finalize_kernel(
                           coef_ptr + 2 * C, channel, C, reduce_size, TRAINING, HAS_WEIGHT_D)
 
 
-@triton.autotune(configs=_runtime.TUNING.elementwise, key=["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
+@_runtime.autotune(_runtime.TUNING.elementwise, ["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
 @triton.jit
 def _backward_elementwise_kernel(
     grad_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
