@@ -3,7 +3,11 @@
 # installed, no network), build the extension, report the kernels' resources, run every
 # CUDA-marked test, and benchmark the kernels and the blocks.
 #
-#   scripts/gpu_check.sh [--out DIR]        # or RESNET_FUSED_RESULTS=DIR scripts/gpu_check.sh
+#   scripts/gpu_check.sh [--out DIR] [--only PHASES]   # or RESNET_FUSED_RESULTS=DIR ...
+#
+# PHASES, comma-separated (default all): ptxas, tests, kernels, suite; the build always
+# runs (incremental when build/ is there), e.g. a rerun after a fix: --only tests.
+# PYTEST_ARGS replaces the test selection "tests" (e.g. PYTEST_ARGS="tests/test_cuda_ops.py -k graph").
 #
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt} and bench.log, the
@@ -20,14 +24,22 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out="${RESNET_FUSED_RESULTS:-}"
+only=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --out=*) out="${1#--out=}"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument $1 (expected --out DIR)" >&2; exit 2 ;;
+    --only) only="$2"; shift 2 ;;
+    --only=*) only="${1#--only=}"; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument $1 (expected --out DIR, --only PHASES)" >&2; exit 2 ;;
   esac
 done
+only="${only:-ptxas,tests,kernels,suite}"
+for p in ${only//,/ }; do
+  case "$p" in ptxas|tests|kernels|suite) ;; *) echo "gpu_check: unknown phase $p in --only (expected ptxas, tests, kernels, suite)" >&2; exit 2 ;; esac
+done
+want() { [[ ",$only," == *",$1,"* ]]; }
 out="${out:-results/local/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
@@ -82,12 +94,20 @@ phase "build (setup.py build_ext --inplace, RESNET_FUSED_CUDA=1)"
 arch="${TORCH_CUDA_ARCH_LIST//./}"
 arch="${arch//+PTX/}"
 arch="${arch// /;}"
-"$PYTHON" scripts/ptxas_report.py --arch "${arch//;/,}" >"$out/ptxas.txt" 2>&1 &
-ptxas_pid=$!
+if want ptxas; then
+  "$PYTHON" scripts/ptxas_report.py --arch "${arch//;/,}" >"$out/ptxas.txt" 2>&1 &
+  ptxas_pid=$!
+fi
+# The Triton kernels the benchmarks autotune, compiled ahead on half the cores (the
+# autotuner would compile them one by one): Triton needs no extension, only the GPU.
+if (want kernels || want suite) && "$PYTHON" -c "import triton" 2>/dev/null; then
+  timeout 240 "$PYTHON" scripts/triton_precompile.py --jobs $(( (MAX_JOBS + 1) / 2 )) >"$out/triton_precompile.log" 2>&1 &
+  precompile_pid=$!
+fi
 if ! RESNET_FUSED_CUDA=1 "$PYTHON" setup.py build_ext --inplace >"$out/build.log" 2>&1; then
   tail -n 60 "$out/build.log"
   echo "gpu_check: BUILD FAILED (full log: $out/build.log)" >&2
-  kill "$ptxas_pid" 2>/dev/null
+  kill ${ptxas_pid:-} ${precompile_pid:-} 2>/dev/null
   exit 1
 fi
 "$PYTHON" -c 'import torch, resnet_fused
@@ -96,60 +116,77 @@ print("resnet_fused backends on cuda:", resnet_fused.available_backends("cuda"))
   || { echo "gpu_check: the built extension has no CUDA kernels" >&2; exit 1; }
 took "build"
 
-phase "kernel resources (ptxas -v)"
-if wait "$ptxas_pid"; then
-  tail -n 1 "$out/ptxas.txt"
-else
-  grep -E "spills / local memory|failed|error" "$out/ptxas.txt" | head -20
-  echo "gpu_check: ptxas report: spills, local memory or a compile error (full table: $out/ptxas.txt)"
-  status=1
-fi
-took "ptxas report"
-
-phase "CUDA-marked tests (pytest -m cuda, cap ${TESTS_BUDGET}s)"
-# Verbose, so a capped run's log shows how far it got; parallel where pytest-xdist is
-# installed (4 processes share the GPU; the Triton tests pin one configuration each).
-pytest_args=(-m cuda -v -p no:cacheprovider -rfEs --durations=15)
-if "$PYTHON" -c "import xdist" 2>/dev/null; then pytest_args+=(-n 4); fi
-if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout=120); fi
-capped "$TESTS_BUDGET" "$PYTHON" -m pytest "${pytest_args[@]}" tests >"$out/pytest.log" 2>&1
-tests_rc=$?
-grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -30
-grep -E "^=+ .*(passed|failed|error|skipped).* =+$" "$out/pytest.log" | tail -n 1
-if [[ $tests_rc -ne 0 ]]; then
-  echo "gpu_check: TESTS FAILED (rc=$tests_rc; full log: $out/pytest.log)"
-  status=1
-fi
-took "tests"
-
-phase "kernel benchmark (N=128, channels_last, bf16 and fp32, budget ${KERNELS_BUDGET}s)"
-capped $((KERNELS_BUDGET + GRACE)) "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16,fp32 \
-  --budget-s "$KERNELS_BUDGET" --out "$out" >"$out/bench.log" 2>&1
-bench_rc=$?
-took "benchmark"
-sed -n '/^summary (/,$p' "$out/bench.log"
-if [[ $bench_rc -ne 0 ]]; then
-  if grep -q "^summary (" "$out/bench.log"; then
-    grep -E "FAILED" "$out/bench.log" | head -20
-  elif [[ -s "$out/kernels_cuda_nhwc.txt" ]]; then
-    echo "summary of the shapes measured before it stopped:"
-    sed -n '/^op .* largest /,$p' "$out/kernels_cuda_nhwc.txt"
+if want ptxas; then
+  phase "kernel resources (ptxas -v)"
+  if wait "$ptxas_pid"; then
+    tail -n 1 "$out/ptxas.txt"
   else
-    tail -n 20 "$out/bench.log"
+    grep -E "spills / local memory|failed|error" "$out/ptxas.txt" | head -20
+    echo "gpu_check: ptxas report: spills, local memory or a compile error (full table: $out/ptxas.txt)"
+    status=1
   fi
-  echo "gpu_check: BENCHMARK FAILED or incomplete (rc=$bench_rc; full log: $out/bench.log)"
-  status=1
+  took "ptxas report"
 fi
 
-phase "block benchmark suite (benchmarks.run, budget ${SUITE_BUDGET}s)"
-capped $((SUITE_BUDGET + GRACE)) "$PYTHON" -m benchmarks.run --device cuda --budget "$SUITE_BUDGET" \
-  --publish "$out/results" >"$out/suite.log" 2>&1
-suite_rc=$?
-took "suite"
-tail -n 40 "$out/suite.log"
-if [[ $suite_rc -ne 0 ]]; then
-  echo "gpu_check: BLOCK SUITE FAILED or incomplete (rc=$suite_rc; full log: $out/suite.log)"
-  status=1
+if want tests; then
+  phase "CUDA-marked tests (pytest -m cuda, cap ${TESTS_BUDGET}s)"
+  # Verbose, so a capped run's log shows how far it got; parallel where pytest-xdist is
+  # installed (4 processes share the GPU; the Triton tests pin one configuration each).
+  pytest_args=(-m cuda -v -p no:cacheprovider -rfEs --durations=15)
+  if "$PYTHON" -c "import xdist" 2>/dev/null; then pytest_args+=(-n 4); fi
+  if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout=120); fi
+  capped "$TESTS_BUDGET" "$PYTHON" -m pytest "${pytest_args[@]}" ${PYTEST_ARGS:-tests} >"$out/pytest.log" 2>&1
+  tests_rc=$?
+  grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -30
+  grep -E "^=+ .*(passed|failed|error|skipped).* =+$" "$out/pytest.log" | tail -n 1
+  if [[ $tests_rc -ne 0 ]]; then
+    echo "gpu_check: TESTS FAILED (rc=$tests_rc; full log: $out/pytest.log)"
+    status=1
+  fi
+  took "tests"
+fi
+
+if want kernels; then
+  phase "Triton kernels compiled ahead (scripts/triton_precompile.py)"
+  if [[ -n "${precompile_pid:-}" ]]; then
+    wait "$precompile_pid" || echo "gpu_check: the Triton precompile failed (the autotuner compiles instead; $out/triton_precompile.log)"
+    tail -n 1 "$out/triton_precompile.log"
+    precompile_pid=""
+  fi
+  took "precompile (waited for)"
+
+  phase "kernel benchmark (N=128, channels_last, bf16 and fp32, budget ${KERNELS_BUDGET}s)"
+  capped $((KERNELS_BUDGET + GRACE)) "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16,fp32 \
+    --budget-s "$KERNELS_BUDGET" --out "$out" >"$out/bench.log" 2>&1
+  bench_rc=$?
+  took "benchmark"
+  sed -n '/^summary (/,$p' "$out/bench.log"
+  if [[ $bench_rc -ne 0 ]]; then
+    if grep -q "^summary (" "$out/bench.log"; then
+      grep -E "FAILED" "$out/bench.log" | head -20
+    elif [[ -s "$out/kernels_cuda_nhwc.txt" ]]; then
+      echo "summary of the shapes measured before it stopped:"
+      sed -n '/^op .* largest /,$p' "$out/kernels_cuda_nhwc.txt"
+    else
+      tail -n 20 "$out/bench.log"
+    fi
+    echo "gpu_check: BENCHMARK FAILED or incomplete (rc=$bench_rc; full log: $out/bench.log)"
+    status=1
+  fi
+fi
+
+if want suite; then
+  [[ -n "${precompile_pid:-}" ]] && wait "$precompile_pid"
+  phase "block benchmark suite (benchmarks.run, budget ${SUITE_BUDGET}s)"
+  capped $((SUITE_BUDGET + GRACE)) "$PYTHON" -m benchmarks.run --device cuda --budget "$SUITE_BUDGET" \
+    --publish "$out/results" >"$out/suite.log" 2>&1
+  suite_rc=$?
+  took "suite"
+  tail -n 40 "$out/suite.log"
+  if [[ $suite_rc -ne 0 ]]; then
+    echo "gpu_check: BLOCK SUITE FAILED or incomplete (rc=$suite_rc; full log: $out/suite.log)"
+    status=1
+  fi
 fi
 
 printf '\n=== done in %ds: %s (results in %s)\n' $((SECONDS - start)) "$([[ $status -eq 0 ]] && echo OK || echo FAILURES)" "$out"

@@ -247,6 +247,19 @@ def test_pinning_selects_one_configuration_and_names_a_bad_index():
     assert result.stdout.strip() == "3"
 
 
+@not_interpreting
+def test_precompile_plans_each_kernel_specialization_once():
+    """scripts/triton_precompile.py's work list: every compilation of a spec, shared ones once."""
+    spec = ("bfloat16", (128, 64, 56, 56), "nhwc")
+    planned = compile_report.distinct_compilations([spec])
+    launched = compile_report._compilations(spec)
+    assert 0 < len(planned) <= len(launched)
+    assert {fn.__name__ for fn, _, _ in launched} == {launched[i][0].__name__ for _, i in planned}
+    assert compile_report.distinct_compilations([spec, spec]) == planned
+    other_dtype = compile_report.distinct_compilations([spec, ("float32",) + spec[1:]])
+    assert len(planned) < len(other_dtype) < 2 * len(planned)  # the finalize kernels read no activation
+
+
 # ---------------------------------------------------------------- on a GPU
 
 cuda = pytest.mark.cuda

@@ -45,16 +45,24 @@ class KernelResources:
     shared_bytes: int
 
 
-def representative_launches(dtype: torch.dtype) -> Iterator[tuple[str, Launch]]:
-    """(variant, launch) for every kernel an op launches, layer1 shape, both layouts."""
-    for memory_format, layout in ((torch.channels_last, "nhwc"), (torch.contiguous_format, "nchw")):
+LAYOUTS = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
+
+
+def representative_launches(
+    dtype: torch.dtype, shape: tuple[int, int, int, int] = SHAPE, layouts: tuple[str, ...] = tuple(LAYOUTS)
+) -> Iterator[tuple[str, Launch]]:
+    """(variant, launch) for every kernel an op launches at ``shape`` (default: layer1's
+    at batch 128), in each layout. The tensors are uninitialized CPU tensors: only their
+    dtype, shape and alignment matter, and their memory is never touched."""
+    for layout in layouts:
+        memory_format = LAYOUTS[layout]
         channels_last = memory_format == torch.channels_last
 
         def activation():
-            return torch.empty(SHAPE, dtype=dtype, memory_format=memory_format)
+            return torch.empty(shape, dtype=dtype, memory_format=memory_format)
 
         x, y, grad = activation(), activation(), activation()
-        channels = SHAPE[1]
+        channels = shape[1]
 
         def per_channel():
             return torch.empty(channels)
@@ -175,3 +183,56 @@ def format_table(rows: list[KernelResources]) -> str:
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+# ---------------------------------------------------------------- warming the cache on a GPU machine
+#
+# Autotuning compiles every configuration of a kernel serially, on the first call of each
+# key: about 300 compiles for the kernel benchmark's shapes. precompile() compiles them
+# ahead, in parallel processes, through the JIT's own warm-up path (so each binary lands
+# in Triton's on-disk cache under the very key a launch looks up; a triton.compile of
+# _source(), as above, does not reproduce that key). It needs the GPU's driver, not the
+# extension: the GPU check runs it while nvcc builds.
+
+Spec = tuple[str, tuple[int, int, int, int], str]  # dtype name, shape, layout
+
+
+def _compilations(spec: Spec) -> list[tuple[triton.JITFunction, dict, dict]]:
+    dtype, shape, layout = spec
+    return [c for _, launch in representative_launches(getattr(torch, dtype), shape, (layout,)) for c in _configs(launch)]
+
+
+def _warm(tasks: list[tuple[Spec, int]]) -> int:
+    """Compiles the ``index``-th compilation of each ``(spec, index)``; returns how many."""
+    by_spec: dict[Spec, list] = {}
+    for spec, index in tasks:
+        fn, args, options = by_spec.setdefault(spec, _compilations(spec))[index]
+        fn.warmup(grid=(1,), **args, **options)
+    return len(tasks)
+
+
+def distinct_compilations(specs: list[Spec]) -> list[tuple[Spec, int]]:
+    """(spec, index) of each distinct kernel specialization the specs launch: shapes that
+    differ only in sizes Triton does not specialize on share their kernels."""
+    tasks, seen = [], set()
+    for spec in specs:
+        for index, (fn, args, options) in enumerate(_compilations(spec)):
+            key = (_source(fn, args).hash(), tuple(sorted(options.items())))
+            if key not in seen:
+                seen.add(key)
+                tasks.append((spec, index))
+    return tasks
+
+
+def precompile(specs: list[Spec], jobs: int) -> int:
+    """Compiles every kernel and configuration the ops launch at each (dtype, shape, layout)
+    for the current GPU, in ``jobs`` processes; returns the number of distinct kernels."""
+    import concurrent.futures
+    import multiprocessing
+
+    tasks = distinct_compilations(specs)
+    jobs = max(1, min(jobs, len(tasks)))
+    shares = [tasks[i::jobs] for i in range(jobs)]
+    context = multiprocessing.get_context("spawn")  # CUDA and fork do not mix
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        return sum(pool.map(_warm, shares))
