@@ -22,8 +22,9 @@ train_*                    ``relu(F.batch_norm(x, training=True) [+ ...])``
 
 Bytes: ``bytes`` counts each input read once and each output written once (the issue's
 rule; per-channel vectors ignored); ``kernel_bytes`` is the traffic the fused kernels make
-by design: the backward reads its inputs twice (reduction pass, then elementwise pass),
-a training forward reads its input once for statistics and once to normalize. ``% copy``
+by design: the backward reads its inputs twice (reduction pass, then elementwise pass;
+``bn_add_relu_backward``'s reduction writes ``grad_residual = g`` and its elementwise pass
+reads that and ``x`` alone: 7 passes, not 8), a training forward reads its input once for statistics and once to normalize. ``% copy``
 divides achieved bandwidth by the device-to-device copy bandwidth measured in the same
 run (benchmarks/common.py). Timing: on CUDA each callable is captured in a CUDA graph and
 its replays are timed with ``triton.testing.do_bench`` (L2 flushed between replays), so
@@ -123,7 +124,7 @@ OPS = {
         Op("bn_add_relu", 3, 3),
         Op("dual_bn_add_relu", 3, 3),
         Op("bn_relu_backward", 3, 5),  # reads grad_out, x twice; writes grad_x
-        Op("bn_add_relu_backward", 5, 8),  # + residual read twice, grad_residual written
+        Op("bn_add_relu_backward", 5, 7),  # + residual; grad_residual written by the reduction, read back
         Op("dual_bn_add_relu_backward", 5, 8),  # + x_d read twice, grad_x_d written
         Op("train_bn_relu", 2, 3),  # x read for statistics, then to normalize
         Op("train_bn_add_relu", 3, 4),
@@ -267,7 +268,7 @@ ROLE_PASSES = {
     "bn_add_relu": {"forward": 3},
     "dual_bn_add_relu": {"forward": 3},
     "bn_relu_backward": {"backward reduce": 2, "backward elementwise": 3},
-    "bn_add_relu_backward": {"backward reduce": 3, "backward elementwise": 5},
+    "bn_add_relu_backward": {"backward reduce": 4, "backward elementwise": 3},
     "dual_bn_add_relu_backward": {"backward reduce": 3, "backward elementwise": 5},
     "train_bn_relu": {"statistics": 1, "forward": 2},
     "train_bn_add_relu": {"statistics": 1, "forward": 3},

@@ -79,9 +79,15 @@ constexpr StreamConfig kStatsConfig{4, 1};
 constexpr StreamConfig forward_config(Epilogue e) {
   return {e == Epilogue::kDualAddRelu ? 3 : 4, e == Epilogue::kRelu ? 1 : 2};
 }
-// grad_out, input [+ residual | input_d]; both backward passes
-constexpr StreamConfig backward_config(Epilogue e) {
+// Backward reduce pass: grad_out, input [+ residual | input_d] (kAddRelu also writes
+// grad_residual = g here).
+constexpr StreamConfig backward_reduce_config(Epilogue e) {
   return e == Epilogue::kRelu ? StreamConfig{3, 2} : StreamConfig{2, 3};
+}
+// Backward elementwise pass: grad_out, input [+ input_d]; kAddRelu streams grad_residual
+// (= g) and input instead, like kRelu.
+constexpr StreamConfig backward_elementwise_config(Epilogue e) {
+  return e == Epilogue::kDualAddRelu ? StreamConfig{2, 3} : StreamConfig{3, 2};
 }
 
 // Per-channel sums of the backward reduction: sum(g), sum(g * (x - mean)) and, for the
@@ -578,11 +584,13 @@ struct BackwardLoads {
 };
 
 // Pass 1: per (split, channel) partial sums of g, g * (x - mean) [, g * (x_d - mean_d)],
-// written to partials[k][split][channel].
+// written to partials[k][split][channel]; kAddRelu also writes grad_residual = g (exact in
+// T: g is grad_out or 0), which saves its elementwise pass a third input: 7 activation
+// passes in all instead of 8.
 template <typename T, int V, Epilogue E, Layout L>
-__global__ void __launch_bounds__(kThreads, backward_config(E).blocks_per_sm)
+__global__ void __launch_bounds__(kThreads, backward_reduce_config(E).blocks_per_sm)
     backward_reduce_kernel(BackwardArgs<T> a, Shape shape, float* __restrict__ partials) {
-  constexpr int U = backward_config(E).unroll(V);
+  constexpr int U = backward_reduce_config(E).unroll(V);
   constexpr int K = num_sums(E);
   Walk<L, V> walk(shape);
   Sums<float, K * V> sums;
@@ -601,15 +609,17 @@ __global__ void __launch_bounds__(kThreads, backward_config(E).blocks_per_sm)
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (!in.valid[u]) continue;
+        float grad_residual[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          const float g = in.template masked<E>(u, i, main, down);
+          const float g = grad_residual[i] = in.template masked<E>(u, i, main, down);
           sums.value[i] += g;
           sums.value[V + i] = __fmaf_rn(g, in.x[u][i] - mean[i], sums.value[V + i]);
           if constexpr (E == Epilogue::kDualAddRelu) {
             sums.value[2 * V + i] = __fmaf_rn(g, in.o[u][i] - mean_d[i], sums.value[2 * V + i]);
           }
         }
+        if constexpr (E == Epilogue::kAddRelu) store<T, V>(a.grad_other + in.offset[u], grad_residual);
       }
     }
   }
@@ -710,11 +720,15 @@ __global__ void __launch_bounds__(kFinalizeThreads) backward_finalize_kernel(Bac
   }
 }
 
-// Pass 2: grad_input (and grad_residual = g, or grad_input_d) from the coefficients.
+// Pass 2: grad_input (and grad_input_d) from the coefficients. For kAddRelu the masked
+// gradient g is grad_residual, written by pass 1: the pass streams it in place of
+// grad_out, with input alone, as kRelu's does (and needs no mask).
 template <typename T, int V, Epilogue E, Layout L>
-__global__ void __launch_bounds__(kThreads, backward_config(E).blocks_per_sm)
+__global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).blocks_per_sm)
     backward_elementwise_kernel(BackwardArgs<T> a, Shape shape, const float* __restrict__ coefficients) {
-  constexpr int U = backward_config(E).unroll(V);
+  constexpr int U = backward_elementwise_config(E).unroll(V);
+  constexpr Epilogue kLoads = E == Epilogue::kAddRelu ? Epilogue::kRelu : E;  // what the pass streams
+  if constexpr (E == Epilogue::kAddRelu) a.grad_out = a.grad_other;
   Walk<L, V> walk(shape);
   if (!walk.active) return;
   const int64_t C = shape.channels;
@@ -731,22 +745,26 @@ __global__ void __launch_bounds__(kThreads, backward_config(E).blocks_per_sm)
 
   while (walk.valid()) {
     BackwardLoads<T, V, U> in;
-    in.template load<E>(a, walk);
+    in.template load<kLoads>(a, walk);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (!in.valid[u]) continue;
-      float grad_x[V], grad_other[V];
+      float grad_x[V], grad_x_d[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const float g = in.template masked<E>(u, i, main, down);
+        float g;
+        if constexpr (E == Epilogue::kAddRelu) {
+          g = in.g[u][i];
+        } else {
+          g = in.template masked<E>(u, i, main, down);
+        }
         grad_x[i] = __fmaf_rn(g, main.scale[i], __fmaf_rn(in.x[u][i], k1[i], k0[i]));
-        if constexpr (E == Epilogue::kAddRelu) grad_other[i] = g;
         if constexpr (E == Epilogue::kDualAddRelu) {
-          grad_other[i] = __fmaf_rn(g, down.scale[i], __fmaf_rn(in.o[u][i], k1_d[i], k0_d[i]));
+          grad_x_d[i] = __fmaf_rn(g, down.scale[i], __fmaf_rn(in.o[u][i], k1_d[i], k0_d[i]));
         }
       }
       store<T, V>(a.grad_input + in.offset[u], grad_x);
-      if constexpr (E != Epilogue::kRelu) store<T, V>(a.grad_other + in.offset[u], grad_other);
+      if constexpr (E == Epilogue::kDualAddRelu) store<T, V>(a.grad_other + in.offset[u], grad_x_d);
     }
   }
 }
@@ -974,7 +992,7 @@ cudaError_t launch_bn_act_forward(const BnActForwardParams& p, cudaStream_t stre
 
 size_t bn_act_backward_workspace_bytes(const ActivationGeometry& g, Epilogue e) {
   if (g.numel() == 0) return 0;
-  const int64_t splits = reduction_splits(g, backward_config(e));
+  const int64_t splits = reduction_splits(g, backward_reduce_config(e));
   return sizeof(float) * static_cast<size_t>((num_sums(e) * splits + num_coefficients(e)) * g.channels);
 }
 
@@ -995,7 +1013,7 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
     const int vector = launch_vector(g, {a.grad_out, a.input, a.other, a.grad_input, a.grad_other});
     return with_epilogue(p.epilogue, [&](auto epilogue) {
       constexpr Epilogue E = decltype(epilogue)::value;
-      const int64_t splits = reduction_splits(g, backward_config(E));
+      const int64_t splits = reduction_splits(g, backward_reduce_config(E));
       float* partials = static_cast<float*>(p.workspace);
       float* coefficients = partials + num_sums(E) * splits * C;
       return with_layout_and_vector<T>(g.layout, vector, [&](auto layout, auto vec) {
@@ -1023,7 +1041,7 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
         error = cudaGetLastError();
         if (error != cudaSuccess) return error;
 
-        const Launch elementwise = make_launch(g, V, wave_grid_y(g, V, backward_config(E)));
+        const Launch elementwise = make_launch(g, V, wave_grid_y(g, V, backward_elementwise_config(E)));
         backward_elementwise_kernel<T, V, E, L>
             <<<elementwise.grid, elementwise.block, 0, stream>>>(a, elementwise.shape, coefficients);
         return cudaGetLastError();

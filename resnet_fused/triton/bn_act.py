@@ -11,12 +11,14 @@ One kernel family, the tail chosen by the ``EPILOGUE`` constexpr:
 Forward: ``_forward_kernel``, one pass. Backward, with g = grad_out * (pre > 0):
 
 1. ``_backward_reduce_kernel``: per-channel partials of sum(g) and sum(g * (x - mean))
-   (and sum(g * (y - mean_d))), over the deterministic partition of ``_reduce``.
+   (and sum(g * (y - mean_d))), over the deterministic partition of ``_reduce``; for
+   ``ADD_RELU`` it also writes grad_residual = g.
 2. ``_backward_finalize_kernel``: merges them into grad_bias = sum(g), grad_weight =
    invstd * sum(g * (x - mean)) and, in training, the coefficients of
    grad_x = fma(g, scale, fma(x - mean, k2, k1)) with k1 = -scale * sum(g) / M and
    k2 = -scale * invstd^2 * sum(g * (x - mean)) / M (eval: grad_x = scale * g).
-3. ``_backward_elementwise_kernel``: grad_x, and grad_residual = g or grad_x_d.
+3. ``_backward_elementwise_kernel``: grad_x (for ``ADD_RELU`` from grad_residual and x:
+   7 activation passes in all instead of 8), and grad_x_d for ``DUAL_ADD_RELU``.
 
 Every kernel forms the pre-activation with ``_coefficients`` and ``_preactivation`` —
 pinned fma's, so no compiler contraction choice can differ between kernels — and the
@@ -156,7 +158,7 @@ def _forward_kernel(
 def _backward_reduce_kernel(
     grad_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     y_ptr, weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr,
-    part_ptr,
+    part_ptr, grad_y_ptr,
     C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
     EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
@@ -194,6 +196,8 @@ def _backward_reduce_kernel(
             if EPILOGUE != RELU:
                 y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
+            if EPILOGUE == ADD_RELU:  # grad_residual = g, written here: the elementwise pass then reads it
+                tl.store(grad_y_ptr + offsets, g.to(grad_y_ptr.dtype.element_ty), mask=mask)
             sum_g += g
             sum_gc += g * (x - mean)
             if EPILOGUE == DUAL_ADD_RELU:
@@ -261,21 +265,24 @@ def _backward_elementwise_kernel(
     scale, shift, mean = _tile_coefficients(
         weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C, HAS_WEIGHT, HAS_BIAS, CHANNELS_LAST
     )
-    dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    y = x
-    scale_d, shift_d, mean_d = scale, shift, mean
-    if EPILOGUE != RELU:
-        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if EPILOGUE == DUAL_ADD_RELU:
-        scale_d, shift_d, mean_d = _tile_coefficients(
-            weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr, channel, C, HAS_WEIGHT_D, HAS_BIAS_D, CHANNELS_LAST
-        )
-    g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
+    if EPILOGUE == ADD_RELU:
+        # The reduce pass wrote g as grad_residual (exact: g is grad_out or 0): two
+        # inputs instead of three, and no mask to recompute.
+        g = tl.load(grad_y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = x
+        scale_d, shift_d, mean_d = scale, shift, mean
+        if EPILOGUE == DUAL_ADD_RELU:
+            y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            scale_d, shift_d, mean_d = _tile_coefficients(
+                weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr, channel, C, HAS_WEIGHT_D, HAS_BIAS_D,
+                CHANNELS_LAST,
+            )
+        g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
     grad_x = _grad_input(g, x, scale, mean, coef_ptr, channel, C, TRAINING, CHANNELS_LAST)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-    if EPILOGUE == ADD_RELU:
-        tl.store(grad_y_ptr + offsets, g.to(grad_y_ptr.dtype.element_ty), mask=mask)
     if EPILOGUE == DUAL_ADD_RELU:
         grad_y = _grad_input(g, y, scale_d, mean_d, coef_ptr + 2 * C, channel, C, TRAINING, CHANNELS_LAST)
         tl.store(grad_y_ptr + offsets, grad_y.to(grad_y_ptr.dtype.element_ty), mask=mask)
@@ -406,7 +413,8 @@ def backward_launches(
         Launch(
             _backward_reduce_kernel,
             lambda meta: (part.programs,),
-            dict(grad_ptr=grad, **inputs, part_ptr=partials, **part.kernel_args(), EPILOGUE=epilogue),
+            dict(grad_ptr=grad, **inputs, part_ptr=partials, grad_y_ptr=grad_input if grad_y is None else grad_y,
+                 **part.kernel_args(), EPILOGUE=epilogue),
         ),
         Launch(_backward_finalize_kernel, lambda meta: (triton.cdiv(C, block_c),), finalize_args),
         Launch(
