@@ -13,6 +13,11 @@ name           implementation                                              devic
 ``auto``       the fastest available one for the tensor's device
 =============  ==========================================================  ============
 
+``auto``'s order on a GPU architecture is the one the kernel benchmark measured there
+(``auto_order.json``, written by ``scripts/auto_order.py`` from a benchmark run: the
+backends by the geometric mean of their time over every op and shape, per dtype); where
+nothing was measured, ``AUTO_ORDER``'s default.
+
 Choose per call (``backend=`` on every functional op), globally with
 ``RESNET_FUSED_BACKEND`` (read at import) or :func:`set_backend`, or for a block of code
 with :func:`use_backend`. A backend that is not available, or that cannot run the given
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import os
 import warnings
 from typing import Iterator, Optional, Union
@@ -36,10 +43,45 @@ from . import _extension
 NAMES = ("auto", "cuda", "triton", "cpu", "reference")
 ENV_VAR = "RESNET_FUSED_BACKEND"
 
-# Preference of `auto` per device type, first available wins. On CUDA the C++ kernels come
-# before Triton by assumption: neither has been measured on a GPU yet (docs/performance.md);
-# the benchmark's kernel table decides once it has.
+# Preference of `auto` per device type where no measurement says otherwise, first
+# available wins. On CUDA the C++ kernels come before Triton by assumption, until the
+# kernel benchmark has run on a GPU of the architecture (auto_order.json).
 AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+AUTO_ORDER_FILE = os.path.join(os.path.dirname(__file__), "auto_order.json")
+
+
+def _load_measured(path: str) -> dict[str, dict[str, tuple[str, ...]]]:
+    """{device key ("cuda:sm_90"): {dtype name: backends, fastest first}} from ``path``."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return {key: {dtype: tuple(entry["order"]) for dtype, entry in by_dtype.items()}
+            for key, by_dtype in data.get("measured", {}).items()}
+
+
+MEASURED_ORDER = _load_measured(AUTO_ORDER_FILE)
+
+
+@functools.lru_cache(maxsize=None)
+def device_key(device_type: str, index: Optional[int]) -> str:
+    """The key of a device's measurements: ``cuda:sm_<major><minor>``, or the device type."""
+    if device_type != "cuda":
+        return device_type
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"cuda:sm_{major}{minor}"
+
+
+def auto_order(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The backends ``auto`` tries on ``device`` / ``dtype`` tensors, in order."""
+    if MEASURED_ORDER:
+        key = device_key(device.type, device.index if device.index is not None else
+                         (torch.cuda.current_device() if device.type == "cuda" else None))
+        measured = MEASURED_ORDER.get(key, {}).get(str(dtype).removeprefix("torch."))
+        if measured:
+            return measured
+    return AUTO_ORDER.get(device.type, ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +183,13 @@ def get(name: str) -> Backend:
 _warned: set[tuple[str, torch.dtype]] = set()
 
 
+def _why_not(name: str, dtype: torch.dtype) -> str:
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        return "not registered"
+    return backend.unavailable or f"no {str(dtype).removeprefix('torch.')} kernels"
+
+
 def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:
     """The backend that runs an op on ``device`` / ``dtype`` tensors."""
     name = _selected if requested is None else _validate_name(requested)
@@ -148,16 +197,14 @@ def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] =
         backend = _REGISTRY[name]
         backend.check(device, dtype)
         return backend
-    for candidate in AUTO_ORDER.get(device.type, ()):
-        if _REGISTRY[candidate].supports(device, dtype):
+    order = auto_order(device, dtype)
+    for candidate in order:
+        if candidate in _REGISTRY and _REGISTRY[candidate].supports(device, dtype):
             return _REGISTRY[candidate]
     key = (device.type, dtype)
-    if device.type in AUTO_ORDER and key not in _warned:
+    if order and key not in _warned:
         _warned.add(key)
-        reasons = "; ".join(
-            f"{c}: {_REGISTRY[c].unavailable or 'no ' + str(dtype).removeprefix('torch.') + ' kernels'}"
-            for c in AUTO_ORDER[device.type]
-        )
+        reasons = "; ".join(f"{c}: {_why_not(c, dtype)}" for c in order)
         warnings.warn(
             f"resnet_fused: no compiled kernel runs {dtype} on {device.type} ({reasons}); "
             f"using the plain-PyTorch reference path",

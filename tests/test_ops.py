@@ -16,9 +16,12 @@ fused code and are compared at float32 precision whatever the input dtype.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,6 +455,49 @@ def test_backend_env_var_and_missing_extension():
     env = {**__import__("os").environ, "RESNET_FUSED_BACKEND": "reference"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "reference ['resnet_fused']", out
+
+
+def test_auto_follows_the_measured_order(monkeypatch):
+    """auto_order.json's order for the device and dtype wins; elsewhere AUTO_ORDER's default."""
+    assert all(set(order) <= set(backends.NAMES) - {"auto"}
+               for by_dtype in backends._load_measured(backends.AUTO_ORDER_FILE).values() for order in by_dtype.values())
+    monkeypatch.setattr(backends, "MEASURED_ORDER", {"cpu": {"float32": ("reference", "cpu")}})
+    assert backends.resolve(torch.device("cpu"), torch.float32, "auto").name == "reference"
+    default = "cpu" if "cpu" in CPU_BACKENDS else "reference"
+    assert backends.resolve(torch.device("cpu"), torch.float64, "auto").name == default
+
+
+def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
+    spec = importlib.util.spec_from_file_location("auto_order", Path(__file__).parent.parent / "scripts" / "auto_order.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def row(backend, op, shape, ms, dtype="bfloat16", **extra):
+        return dict(backend=backend, op=op, shape=shape, dtype=dtype, layout="channels_last", median_ms=ms, **extra)
+
+    rows = [row("eager", "bn_relu", "layer1.64", 0.1), row("cuda", "bn_relu", "layer1.64", 2.0),
+            row("triton", "bn_relu", "layer1.64", 1.0), row("cuda", "bn_relu", "layer2.128", 1.0),
+            row("triton", "bn_relu", "layer2.128", 4.0),  # geometric means: cuda sqrt(2), triton 2
+            row("triton", "batch_stats", "layer1.64", 0.1),  # no cuda row: not a common case
+            row("cuda", "bn_relu", "layer1.64", None, dtype="float32", error="RuntimeError: x"),
+            row("triton", "bn_relu", "layer1.64", 1.0, dtype="float32")]
+    run = tmp_path / "kernels_cuda_nhwc.json"
+    env = dict(device="cuda", arch="sm_90", card="NVIDIA H200", timestamp="2026-11-27T00:00:00+00:00", git_commit="abc")
+    run.write_text(json.dumps({"environment": env, "rows": rows}))
+    out = tmp_path / "auto_order.json"
+    out.write_text(json.dumps({"about": "kept", "measured": {"cuda:sm_80": {"bfloat16": {"order": ["triton"]}}}}))
+    assert script.main([str(run), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["about"] == "kept" and table["measured"]["cuda:sm_80"] == {"bfloat16": {"order": ["triton"]}}
+    entry = table["measured"]["cuda:sm_90"]["bfloat16"]
+    assert entry["order"] == ["cuda", "triton"] and entry["cases"] == 2 and entry["card"] == "NVIDIA H200"
+    assert entry["geomean_ms"]["cuda"] == pytest.approx(2**0.5, rel=1e-5)
+    assert "float32" not in table["measured"]["cuda:sm_90"]  # one backend measured: nothing to rank
+    assert backends._load_measured(str(out))["cuda:sm_90"] == {"bfloat16": ("cuda", "triton")}
+    cpu_run = tmp_path / "kernels_cpu_nhwc.json"
+    cpu_run.write_text(json.dumps({"environment": dict(env, device="cpu", arch=None), "rows": rows}))
+    with pytest.raises(SystemExit):
+        script.main([str(cpu_run), "--out", str(out)])
 
 
 def test_auto_warns_once_when_falling_back(monkeypatch):
