@@ -10,7 +10,8 @@
 # PYTEST_ARGS replaces the test selection "tests" (e.g. PYTEST_ARGS="tests/test_cuda_ops.py -k graph").
 #
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
-# pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt} and bench.log, the
+# pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
+# auto_order.json it implies (scripts/auto_order.py), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart). Stops at once if
 # the build fails; otherwise runs every phase and exits non-zero if any test or
 # measurement failed. Each phase after the build has a time cap, so the whole script
@@ -172,6 +173,11 @@ if want kernels; then
     fi
     echo "gpu_check: BENCHMARK FAILED or incomplete (rc=$bench_rc; full log: $out/bench.log)"
     status=1
+  fi
+  # auto's backend order as this run measured it (copy it to resnet_fused/ to adopt it)
+  if [[ -s "$out/kernels_cuda_nhwc.json" ]]; then
+    "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --out "$out/auto_order.json" \
+      || echo "gpu_check: no auto order from this run"
   fi
 fi
 
