@@ -74,8 +74,23 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
         return FoldedConv(weight, shift.to(dtype))
 
 
+_ABSENT = object()
+
+
+def _member(module: nn.Module, store: dict, name: str) -> Optional[Tensor]:
+    """``getattr(module, name)`` for a registered parameter or buffer, without the
+    microsecond of ``Module.__getattr__`` (this runs for every folded conv call)."""
+    value = store.get(name, _ABSENT)
+    return getattr(module, name) if value is _ABSENT else value
+
+
 def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], ...]:
-    return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
+    params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
+    return (
+        _member(conv, params, "weight"), _member(conv, params, "bias"),
+        _member(bn, bn_params, "weight"), _member(bn, bn_params, "bias"),
+        _member(bn, bn_buffers, "running_mean"), _member(bn, bn_buffers, "running_var"),
+    )  # fmt: skip
 
 
 def _state(t: Tensor) -> tuple:
