@@ -51,6 +51,7 @@ import copy
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -382,8 +383,10 @@ def run(
 
     ``budget_ms`` is the timing budget of one measurement; ``budget_s``, if given, bounds
     the whole run instead: half of it is spread over the measurements (the other half
-    covers setup, warm-up, autotuning and the error checks), 5 to 40 ms each.
-    ``on_progress`` gets the rows so far after each (shape, dtype).
+    covers setup, warm-up, autotuning and the error checks), 5 to 40 ms each, and it is a
+    deadline: (shape, dtype, op) cases it leaves no time for are skipped (shapes run in
+    order, layer1 first), and the profiler breakdowns are dropped while the run is behind
+    schedule. ``on_progress`` gets the rows so far after each (shape, dtype).
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -407,13 +410,29 @@ def run(
         print(f"copy bandwidth on {dev}: {copy_gbs:.0f} GB/s (bytes read + written)")
 
     rows = []
+    started = time.perf_counter()
+    cases = len(parse_shapes(shapes)) * len(dtypes) * len(op_names)
+    done = skipped = 0
+
+    def out_of_time() -> bool:
+        return budget_s is not None and time.perf_counter() - started > budget_s
+
+    def behind_schedule() -> bool:
+        return budget_s is not None and (time.perf_counter() - started) / budget_s > done / cases
+
     for shape in parse_shapes(shapes):
         for dtype_name in dtypes:
+            if out_of_time():
+                skipped += len(op_names)
+                continue
             dtype = DTYPES[dtype_name]
             t = Tensors(batch, shape, dtype, memory_format, dev)
             t32 = t.as_float32()
             element = t.x.element_size()
             for op_name in op_names:
+                if out_of_time():
+                    skipped += 1
+                    continue
                 op = OPS[op_name]
                 base = dict(op=op_name, shape=shape.name, n=batch, c=shape.channels, h=shape.size, w=shape.size,
                             dtype=str(dtype).removeprefix("torch."), layout=layout,
@@ -443,18 +462,21 @@ def run(
                                kernel_gbs=row["kernel_bytes"] / ms / 1e6)
                     row.update(pct_copy=100 * row["gbs"] / copy_gbs, kernel_pct_copy=100 * row["kernel_gbs"] / copy_gbs,
                                speedup_vs_eager=None if name == "eager" or eager_ms is None else eager_ms / ms)
-                    if name in KERNEL_ROLES and dev.type == "cuda":
+                    if name in KERNEL_ROLES and dev.type == "cuda" and not behind_schedule():
                         try:
                             row["kernels"] = kernel_breakdown(op_name, name, fn, t.numel * element, copy_gbs)
                         except Exception as error:  # the profiler is a diagnostic: never fail the row
                             row["kernels"] = {"error": f"{type(error).__name__}: {error}"}
                     rows.append(row)
                 del expected, eager_fn, variants
+                done += 1
             del t, t32
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             if on_progress is not None:
                 on_progress(rows)
+    if skipped:
+        print(f"budget of {budget_s:.0f} s reached: {skipped} of {cases} (shape, dtype, op) cases not measured")
     return rows
 
 
@@ -548,13 +570,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = common.results_dir(args.out)
     stem = f"kernels_{device.type}_{LAYOUTS[args.layout] == torch.channels_last and 'nhwc' or 'nchw'}"
 
+    env["copy_gbs"] = common.copy_bandwidth_gbs(device)
+    print(f"copy bandwidth on {device}: {env['copy_gbs']:.0f} GB/s (bytes read + written)", flush=True)
+
     def write(rows):
-        env["copy_gbs"] = rows[0]["copy_gbs"] if rows else None
         common.write_json(out / f"{stem}.json", env, rows)
         (out / f"{stem}.txt").write_text(f"{env}\n\n{rows_table(rows)}\n\n{summary_table(rows)}\n")
 
     rows = run(args.device, dtypes, args.shapes, split(args.ops), split(args.backends), args.batch, args.layout,
-               args.budget_ms, budget_s=args.budget_s, on_progress=write)
+               args.budget_ms, env["copy_gbs"], budget_s=args.budget_s, on_progress=write)
     write(rows)
     table, summary = rows_table(rows), summary_table(rows)
     print(f"\n{table}\n\nwritten: {out / (stem + '.json')}, {out / (stem + '.txt')}\n")

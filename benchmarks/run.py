@@ -126,12 +126,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if reason:
             print(f"  {name} ({config.precision.name}): unavailable: {reason}", flush=True)
 
-    runner = suite.Runner(device, env, budget_s=budget, rep_ms=rep_ms, profile=args.profile, start=start)
-    rows = runner.run(tasks)
-    report.add_speedups(rows)
-
     out_dir = common.results_dir(args.out) if not args.publish else Path(args.publish) / report.run_directory_name(env)
     out_dir.mkdir(parents=True, exist_ok=True)
+    runner = suite.Runner(device, env, budget_s=budget, rep_ms=rep_ms, profile=args.profile, start=start)
+    # results.json after every task: a run stopped from outside keeps what it measured
+    rows = runner.run(tasks, on_progress=lambda rows: common.write_json(out_dir / "results.json", env, rows))
+    report.add_speedups(rows)
+
     rendered = report.tables(rows, env)
     common.write_json(out_dir / "results.json", env, rows)
     report.write_csv(out_dir / "results.csv", rows)

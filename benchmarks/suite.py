@@ -29,7 +29,7 @@ WARN_REL_ERR = {"bf16": 5e-2, "fp32": 1e-2}
 
 # Seconds a task of each kind takes before one has run: (kind, family) -> (GPU, CPU).
 PRIOR_S = {
-    ("block", "eager"): (2, 3), ("block", "fused"): (2, 3), ("block", "compile"): (15, 30),
+    ("block", "eager"): (2, 3), ("block", "fused"): (2, 3), ("block", "compile"): (40, 30),
     ("model", "eager"): (6, 15), ("model", "fused"): (6, 15), ("model", "compile"): (90, 300),
 }
 KERNELS_BUDGET_SHARE = 0.15  # of the whole budget, for benchmarks.kernels.run
@@ -205,7 +205,8 @@ class Runner:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, tasks: list[Task]) -> list[dict]:
+    def run(self, tasks: list[Task], on_progress: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+        """Rows of every task, in order; ``on_progress`` gets the rows so far after each."""
         rows = []
         for i, task in enumerate(tasks, 1):
             progress = f"[{i:>3}/{len(tasks)} {self.elapsed_s():5.0f}s]"
@@ -214,6 +215,8 @@ class Runner:
             else:
                 new = [self._run_one(task, progress)]
             rows += [{**row, **self.env} for row in new]
+            if on_progress is not None:
+                on_progress(rows)
         return rows
 
     def _run_one(self, task: Task, progress: str) -> dict:

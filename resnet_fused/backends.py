@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import warnings
@@ -64,21 +63,19 @@ def _load_measured(path: str) -> dict[str, dict[str, tuple[str, ...]]]:
 MEASURED_ORDER = _load_measured(AUTO_ORDER_FILE)
 
 
-@functools.lru_cache(maxsize=None)
-def device_key(device_type: str, index: Optional[int]) -> str:
-    """The key of a device's measurements: ``cuda:sm_<major><minor>``, or the device type."""
-    if device_type != "cuda":
-        return device_type
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"cuda:sm_{major}{minor}"
+def device_key(device: torch.device) -> str:
+    """The key of a device's measurements: ``cuda:sm_<major><minor>``, or the device type.
+    (``get_device_properties``: torch caches it, and torch.compile folds it to a constant.)"""
+    if device.type != "cuda":
+        return device.type
+    props = torch.cuda.get_device_properties(device)
+    return f"cuda:sm_{props.major}{props.minor}"
 
 
 def auto_order(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     """The backends ``auto`` tries on ``device`` / ``dtype`` tensors, in order."""
     if MEASURED_ORDER:
-        key = device_key(device.type, device.index if device.index is not None else
-                         (torch.cuda.current_device() if device.type == "cuda" else None))
-        measured = MEASURED_ORDER.get(key, {}).get(str(dtype).removeprefix("torch."))
+        measured = MEASURED_ORDER.get(device_key(device), {}).get(str(dtype).removeprefix("torch."))
         if measured:
             return measured
     return AUTO_ORDER.get(device.type, ())

@@ -15,3 +15,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def releases_gpu_memory():
+    """For tests of tens of GiB: the caching allocator hands their blocks back after them,
+    so the other test processes sharing the GPU (pytest-xdist) can have the memory."""
+    yield
+    torch.cuda.empty_cache()

@@ -158,6 +158,13 @@ def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tm
     assert "summary (" in capsys.readouterr().out and (out / "kernels_cpu_nhwc.txt").exists()
 
 
+def test_kernel_benchmark_budget_is_a_deadline(capsys):
+    rows = kernels.run(device="cpu", dtypes=("fp32",), shapes="layer2.128", ops=["bn_relu"], batch=2,
+                       copy_gbs=1.0, budget_s=1e-9)
+    assert rows == []
+    assert "budget of 0 s reached: 1 of 1 (shape, dtype, op) cases not measured" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "backend, name, role",
     [

@@ -465,6 +465,10 @@ def test_auto_follows_the_measured_order(monkeypatch):
     assert backends.resolve(torch.device("cpu"), torch.float32, "auto").name == "reference"
     default = "cpu" if "cpu" in CPU_BACKENDS else "reference"
     assert backends.resolve(torch.device("cpu"), torch.float64, "auto").name == default
+    # the lookup traces under torch.compile without a graph break
+    x = activation((2, 3, 4, 4))
+    compiled = torch.compile(lambda x: RF.bn_relu(x, None, None, training=True), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), RF.bn_relu(x, None, None, training=True, backend="reference"))
 
 
 def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):

@@ -320,8 +320,9 @@ def test_functional_training_matches_reference_on_cuda(op, layout, dtype):
 
 
 @cuda
+@pytest.mark.xdist_group("over_2_31")
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-def test_more_than_2_31_elements(layout):
+def test_more_than_2_31_elements(layout, releases_gpu_memory):
     """int64 offsets: the last elements of a 2^31 + 2^16-element tensor are right."""
     shape = (2, 4, 16384, 16385)
     if torch.cuda.mem_get_info()[0] < 24 * 2**30:
