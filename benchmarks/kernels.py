@@ -227,19 +227,30 @@ def eager_callable(op: str, t: Tensors) -> Callable[[], object]:
     if op == "train_dual_bn_add_relu":
         return lambda: F.relu(train_bn(t.x, t.rm, t.rv, t.w, t.b) + train_bn(t.other, t.rm_d, t.rv_d, t.w_d, t.b_d))
 
-    # backward ops: autograd through the training composite, graph built once and retained
-    x, w, b = (v.detach().requires_grad_() for v in (t.x, t.w, t.b))
-    y = F.batch_norm(x, None, None, w, b, True, MOMENTUM, EPS)
-    wrt = [x, w, b]
-    if op == "bn_add_relu_backward":
-        other = t.other.detach().requires_grad_()
-        y, wrt = y + other, wrt + [other]
-    elif op == "dual_bn_add_relu_backward":
-        other, w_d, b_d = (v.detach().requires_grad_() for v in (t.other, t.w_d, t.b_d))
-        y = y + F.batch_norm(other, None, None, w_d, b_d, True, MOMENTUM, EPS)
-        wrt += [other, w_d, b_d]
-    out = F.relu(y)
-    return lambda: torch.autograd.grad(out, wrt, t.grad, retain_graph=True)
+    # backward ops: autograd through the training composite. The forward graph is built
+    # once, on the first call, and retained: built on the stream that calls first (the
+    # CUDA-graph capture stream, see _graph), so its backward can be captured there.
+    graph = {}
+
+    def forward():
+        x, w, b = (v.detach().requires_grad_() for v in (t.x, t.w, t.b))
+        y = F.batch_norm(x, None, None, w, b, True, MOMENTUM, EPS)
+        wrt = [x, w, b]
+        if op == "bn_add_relu_backward":
+            other = t.other.detach().requires_grad_()
+            y, wrt = y + other, wrt + [other]
+        elif op == "dual_bn_add_relu_backward":
+            other, w_d, b_d = (v.detach().requires_grad_() for v in (t.other, t.w_d, t.b_d))
+            y = y + F.batch_norm(other, None, None, w_d, b_d, True, MOMENTUM, EPS)
+            wrt += [other, w_d, b_d]
+        return F.relu(y), wrt
+
+    def backward():
+        if not graph:
+            graph["out"], graph["wrt"] = forward()
+        return torch.autograd.grad(graph["out"], graph["wrt"], t.grad, retain_graph=True)
+
+    return backward
 
 
 # Each backend's kernels, as the profiler names them, by their role in an op.
@@ -331,15 +342,18 @@ def relative_error(actual, expected) -> float:
 
 
 def _graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph after two warm-up calls, all on one side stream (the
+    stream an eager backward's forward graph is built on, which autograd runs it on)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
+    side.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         fn()
+    torch.cuda.current_stream().wait_stream(side)
     return graph
 
 
