@@ -22,6 +22,7 @@
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
 # TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60), SUITE_BUDGET (s, default 90).
 set -uo pipefail
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 
 out="${RESNET_FUSED_RESULTS:-}"
@@ -32,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     --out=*) out="${1#--out=}"; shift ;;
     --only) only="$2"; shift 2 ;;
     --only=*) only="${1#--only=}"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$self"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (expected --out DIR, --only PHASES)" >&2; exit 2 ;;
   esac
 done

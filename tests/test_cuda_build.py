@@ -3,6 +3,7 @@
 - The CUDA sources stay torch-free (the build-time rule of DESIGN.md section 4).
 - An extension built with CUDA registers a CUDA kernel for every op, and the ``cuda``
   backend reports itself available.
+- The GPU check script parses, and rejects an unknown phase before it touches anything.
 - The kernels' own source, compiled for the CPU against a CUDA stand-in
   (``tests/cuda_emulation``), computes every op correctly under AddressSanitizer and
   UBSan: index math, tails, layouts, the misaligned-pointer fallback, the two-level
@@ -85,3 +86,14 @@ def test_cuda_kernels_compute_every_op_under_cpu_emulation(tmp_path):
     report = run.stdout + run.stderr
     assert run.returncode == 0, "\n".join(line for line in report.splitlines() if not line.startswith("ok "))[-6000:]
     assert " 0 failed checks" in report
+
+
+def test_gpu_check_script_parses_and_names_a_bad_phase(tmp_path):
+    script = ROOT / "scripts" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    bad = subprocess.run(["bash", str(script), "--out", str(tmp_path / "out"), "--only", "tests,bogus"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown phase bogus in --only" in bad.stderr, bad.stderr
+    assert not (tmp_path / "out").exists()
+    shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--only PHASES" in shown and "TESTS_BUDGET" in shown and "set -uo" not in shown
