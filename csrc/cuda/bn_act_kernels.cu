@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <type_traits>
 
@@ -127,12 +128,37 @@ __device__ __forceinline__ Pack<T, V> load(const T* p) {
   return *reinterpret_cast<const Pack<T, V>*>(p);
 }
 
+__device__ __forceinline__ uint32_t bits_of(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
 template <typename T, int V>
 __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
-  Pack<T, V> pack;
+  if constexpr (sizeof(T) * V == 16) {
+    // A full vector leaves as four 32-bit words in one st.global.v4: stored as a Pack, or
+    // even as a uint4, it was cut by nvcc into four 32-bit stores in two of the four
+    // unrolled stores of forward_kernel<kRelu, NCHW> (CUDA 13.0, every dtype).
+    constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
+    uint32_t words[4];
 #pragma unroll
-  for (int i = 0; i < V; ++i) pack.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+    for (int w = 0; w < 4; ++w) {
+      words[w] = 0;
+#pragma unroll
+      for (int j = 0; j < kPerWord; ++j) words[w] |= bits_of(from_float<T>(in[w * kPerWord + j])) << (16 * j);
+    }
+#ifdef __CUDA_ARCH__
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(words[0]), "r"(words[1]), "r"(words[2]),
+                 "r"(words[3])
+                 : "memory");
+#else  // the CPU emulation (tests/cuda_emulation)
+    std::memcpy(p, words, sizeof words);
+#endif
+  } else {
+    Pack<T, V> pack;
+#pragma unroll
+    for (int i = 0; i < V; ++i) pack.v[i] = from_float<T>(in[i]);
+    *reinterpret_cast<Pack<T, V>*>(p) = pack;
+  }
 }
 
 // ---------------------------------------------------------------- the math
@@ -372,7 +398,9 @@ struct Sums {
 __device__ __forceinline__ int pow2_ceil(int n) { return n <= 1 ? 1 : 1 << (32 - __clz(n - 1)); }
 
 // Merges the states of a block's rows (threadIdx.y) column by column (threadIdx.x) in a
-// fixed tree order; row 0 ends up with the block's state. Every thread must call it.
+// fixed tree order; row 0 ends up with the block's state. Every thread must call it, and
+// a shared buffer serves one call (there is no barrier before the first save: a second
+// call on the same buffer would need one).
 template <int Slots, typename State>
 __device__ void block_reduce_rows(State& state, typename State::template Shared<Slots>& shared) {
   const int width = blockDim.x, height = blockDim.y;

@@ -83,6 +83,16 @@ struct __nv_bfloat16 {
 inline float __half2float(__half h) { return static_cast<float>(h.value); }
 inline __half __float2half_rn(float f) { return {static_cast<_Float16>(f)}; }  // IEEE round to nearest even
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline unsigned short __half_as_ushort(__half h) {
+  unsigned short u;
+  std::memcpy(&u, &h.value, sizeof u);
+  return u;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
 inline float __uint_as_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
