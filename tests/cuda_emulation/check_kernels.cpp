@@ -457,6 +457,8 @@ int main(int argc, char** argv) {
     check_statistics_far_from_zero<float>(layout, "float32");
     check_statistics_far_from_zero<__nv_bfloat16>(layout, "bfloat16");
   }
-  std::printf("%d emulated launches, %d failed checks\n", emulation::launches, failures);
+  failures += emulation::barrier_errors;
+  std::printf("%d emulated launches, %d barrier errors, %d failed checks\n", emulation::launches,
+              emulation::barrier_errors, failures);
   return failures == 0 ? 0 : 1;
 }

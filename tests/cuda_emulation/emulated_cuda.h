@@ -5,7 +5,12 @@
 // at a time, each until it reaches __syncthreads() or returns, so a barrier releases no
 // thread before every thread of the block has arrived — the CUDA semantics,
 // deterministically. Fibers switch with a few instructions of x86-64 assembly (ucontext's
-// swapcontext makes a system call per switch, 10x slower here); other hosts skip the test. Blocks run one after another, which is one legal CUDA
+// swapcontext makes a system call per switch, 10x slower here); other hosts skip the test.
+// Between two barriers the fibers run in thread order, or in reverse order with
+// EMULATION_THREAD_ORDER=reverse: a shared-memory race (a read not separated from the
+// write it depends on by a barrier) then fails in one of the two runs. Every barrier is
+// checked: all threads of a pass must wait at the same __syncthreads() (by source line),
+// and none may return while others wait (barrier_errors). Blocks run one after another, which is one legal CUDA
 // schedule (the kernels never wait on other blocks); __shared__ variables become
 // function statics, one per kernel instantiation, which is all one running block needs.
 // Device intrinsics map to their IEEE host equivalents (compile with -ffp-contract=off so
@@ -151,6 +156,12 @@ struct Fiber {
 inline dim3 thread_index, block_index, block_dim, grid_dim;
 inline void* scheduler = nullptr;  // the scheduler's saved stack pointer
 inline Fiber* current = nullptr;
+inline const bool reverse_order = [] {
+  const char* order = std::getenv("EMULATION_THREAD_ORDER");
+  return order != nullptr && std::strcmp(order, "reverse") == 0;
+}();
+inline int barrier_line = 0;  // the __syncthreads() the running pass's waiting threads reached
+inline int barrier_errors = 0;
 inline void (*job)() = nullptr;    // what every fiber of the running block executes
 inline std::vector<std::vector<char>> stacks;
 constexpr size_t kStackBytes = 256 * 1024;
@@ -184,14 +195,33 @@ inline void run_block(const dim3& block, void (*block_job)()) {
   // One pass runs every live thread up to its next barrier (or its end).
   for (bool live = true; live;) {
     live = false;
-    for (unsigned t = 0; t < threads; ++t) {
+    barrier_line = 0;
+    bool returned = false;
+    for (unsigned i = 0; i < threads; ++i) {
+      const unsigned t = reverse_order ? threads - 1 - i : i;
       if (fibers[t].done) continue;
       thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
       current = &fibers[t];
       emulation_switch_stack(&scheduler, fibers[t].stack_pointer);
       live = live || !fibers[t].done;
+      returned = returned || fibers[t].done;
+    }
+    if (live && returned && barrier_errors++ < 10) {
+      std::fprintf(stderr, "emulated block: threads returned while others wait at the barrier of line %d\n",
+                   barrier_line);
     }
   }
+}
+
+// __syncthreads(): this fiber waits until every live thread of the block has arrived.
+inline void barrier(int line) {
+  if (barrier_line == 0) {
+    barrier_line = line;
+  } else if (barrier_line != line && barrier_errors++ < 10) {
+    std::fprintf(stderr, "emulated block: threads wait at different barriers (lines %d and %d)\n", barrier_line,
+                 line);
+  }
+  emulation_switch_stack(&current->stack_pointer, scheduler);
 }
 
 template <typename... Params>
@@ -234,7 +264,7 @@ Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_
 
 }  // namespace emulation
 
-inline void __syncthreads() { emulation::emulation_switch_stack(&emulation::current->stack_pointer, emulation::scheduler); }
+#define __syncthreads() ::emulation::barrier(__LINE__)
 
 #define threadIdx ::emulation::thread_index
 #define blockIdx ::emulation::block_index
