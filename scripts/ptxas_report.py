@@ -6,7 +6,10 @@
 
 Prints one row per kernel and architecture (registers, spill stores and loads, stack
 frame = local memory, static shared memory) and exits with status 1 if any kernel spills
-or uses local memory, 2 if a source does not compile. The sources are torch-free
+or uses local memory, 2 if a source does not compile. Where cuobjdump is found (the CUDA
+toolkit's or the one Triton bundles), it also reads the machine code: every store of a
+vectorized streaming kernel (forward, backward elementwise; V > 1) must be one 128-bit
+STG.E.128, and status 1 says when nvcc split one (it did once, see store() in the .cu). The sources are torch-free
 (csrc/cuda/*.cu include only the CUDA runtime and csrc/*.h), so this needs nvcc only,
 not a GPU or torch. Flags follow the build's (setup.py and torch.utils.cpp_extension).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import os
 import re
 import shutil
@@ -71,11 +75,45 @@ def gencode(arch: str) -> str:
     return f"-gencode=arch=compute_{arch},code=sm_{arch}"
 
 
-def compile_source(nvcc: str, source: Path, archs: list[str]) -> tuple[Path, int, str]:
+def find_cuobjdump(nvcc: str) -> str | None:
+    candidates = [shutil.which("cuobjdump"), os.path.join(os.path.dirname(nvcc), "cuobjdump")]
+    spec = importlib.util.find_spec("triton")  # Triton bundles one; found without importing it
+    if spec and spec.submodule_search_locations:
+        candidates.append(os.path.join(spec.submodule_search_locations[0], "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def compile_source(nvcc: str, source: Path, archs: list[str], cuobjdump: str | None) -> tuple[Path, int, str, str]:
+    """(source, nvcc's status, its -Xptxas -v log, the object's SASS or "")."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, *NVCC_FLAGS, *map(gencode, archs), "-c", str(source), "-o", os.path.join(tmp, "k.o")]
+        obj = os.path.join(tmp, "k.o")
+        cmd = [nvcc, *NVCC_FLAGS, *map(gencode, archs), "-c", str(source), "-o", obj]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=source.parent)
-    return source, proc.returncode, proc.stdout + proc.stderr
+        sass = ""
+        if proc.returncode == 0 and cuobjdump:
+            sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True).stdout
+    return source, proc.returncode, proc.stdout + proc.stderr, sass
+
+
+STREAMING = re.compile(r"(forward_kernel|backward_elementwise_kernel)I\w+?Li(\d+)E")
+
+
+def narrow_stores(sass: str) -> tuple[int, list[tuple[str, str, int]]]:
+    """The vectorized streaming kernels (x archs) checked, and (arch, mangled kernel, count)
+    for each one with a store that is not one 128-bit STG.E.128."""
+    checked, found, arch = 0, [], "?"
+    for part in re.split(r"\n(?=\s*(?:Function : |arch = ))", sass):
+        if m := re.match(r"\s*arch = (sm_\w+)", part):
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", part)
+        kernel = STREAMING.search(m.group(1)) if m else None
+        if kernel and int(kernel.group(2)) > 1:
+            checked += 1
+            narrow = [s for s in re.findall(r"\bSTG\.E(?:\.[A-Z0-9_]+)*", part) if ".128" not in s]
+            if narrow:
+                found.append((arch, m.group(1), len(narrow)))
+    return checked, found
 
 
 def parse(source: str, log: str) -> list[Kernel]:
@@ -122,10 +160,13 @@ def main() -> int:
     if not SOURCES:
         sys.exit("ptxas_report: no csrc/cuda/*.cu sources")
 
+    cuobjdump = find_cuobjdump(nvcc)
     kernels: list[Kernel] = []
+    narrow: list[tuple[str, str, int]] = []
+    streaming = 0
     failed = False
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for source, rc, log in pool.map(lambda s: compile_source(nvcc, s, archs), SOURCES):
+        for source, rc, log, sass in pool.map(lambda s: compile_source(nvcc, s, archs, cuobjdump), SOURCES):
             rel = source.relative_to(ROOT)
             if rc != 0:
                 failed = True
@@ -135,6 +176,9 @@ def main() -> int:
                 if "warning" in line.lower():
                     print(f"{rel}: {line.strip()}")
             kernels += parse(str(rel), log)
+            checked, found = narrow_stores(sass)
+            streaming += checked
+            narrow += found
     if failed:
         return 2
     demangle(kernels)
@@ -149,12 +193,21 @@ def main() -> int:
             f"{k.stack:>5}  {k.smem:>6}{flag}"
         )
     bad = [k for k in kernels if not k.clean]
+    if cuobjdump is None:
+        print("\nvector stores: not checked (no cuobjdump found)")
+    else:
+        named = [Kernel("", arch, mangled) for arch, mangled, _ in narrow]
+        demangle(named)
+        for k, (_, _, count) in zip(named, narrow):
+            print(f"{k.name} {k.arch}: {count} stores narrower than 128 bits  <-- split vector stores")
+        verdict = f"{len(narrow)} with narrower stores" if narrow else "every store one STG.E.128"
+        print(f"\nvector stores: {streaming} vectorized streaming kernels x archs, {verdict} (SASS, cuobjdump)")
     print(
         f"\nptxas: {len(kernels)} kernels x archs ({', '.join('sm_' + a for a in archs)}), "
         f"max {max((k.registers for k in kernels), default=0)} registers, "
         + (f"{len(bad)} with spills or local memory" if bad else "no spills, no local memory")
     )
-    return 1 if bad else 0
+    return 1 if bad or narrow else 0
 
 
 if __name__ == "__main__":
