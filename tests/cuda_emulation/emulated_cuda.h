@@ -10,7 +10,8 @@
 // EMULATION_THREAD_ORDER=reverse: a shared-memory race (a read not separated from the
 // write it depends on by a barrier) then fails in one of the two runs. Every barrier is
 // checked: all threads of a pass must wait at the same __syncthreads() (by source line),
-// and none may return while others wait (barrier_errors). Blocks run one after another, which is one legal CUDA
+// and none may return while others wait (barrier_errors). __shared__ variables start each
+// block as NaN bytes (poison()). Blocks run one after another, which is one legal CUDA
 // schedule (the kernels never wait on other blocks); __shared__ variables become
 // function statics, one per kernel instantiation, which is all one running block needs.
 // Device intrinsics map to their IEEE host equivalents (compile with -ffp-contract=off so
@@ -162,6 +163,7 @@ inline const bool reverse_order = [] {
 }();
 inline int barrier_line = 0;  // the __syncthreads() the running pass's waiting threads reached
 inline int barrier_errors = 0;
+inline long long block_serial = 0;  // counts the blocks run, to poison shared memory once per block
 inline void (*job)() = nullptr;    // what every fiber of the running block executes
 inline std::vector<std::vector<char>> stacks;
 constexpr size_t kStackBytes = 256 * 1024;
@@ -187,6 +189,7 @@ inline void* start_frame(std::vector<char>& stack) {
 
 // Runs job() for every thread of one block.
 inline void run_block(const dim3& block, void (*block_job)()) {
+  ++block_serial;
   const unsigned threads = block.x * block.y * block.z;
   std::vector<Fiber> fibers(threads);
   if (stacks.size() < threads) stacks.resize(threads, std::vector<char>(kStackBytes));
@@ -211,6 +214,18 @@ inline void run_block(const dim3& block, void (*block_job)()) {
                    barrier_line);
     }
   }
+}
+
+// Fills a __shared__ variable with 0xff bytes (NaN as float or double) the first time a
+// thread of the running block reaches its declaration (the test's source rewrite adds the
+// call): on a GPU shared memory starts with whatever the last block left.
+inline void poison(void* shared, size_t bytes) {
+  static std::vector<std::pair<void*, long long>> seen;  // (variable, block that poisoned it)
+  auto entry = std::find_if(seen.begin(), seen.end(), [&](const auto& e) { return e.first == shared; });
+  if (entry == seen.end()) entry = seen.insert(seen.end(), {shared, 0});
+  if (entry->second == block_serial) return;
+  entry->second = block_serial;
+  std::memset(shared, 0xff, bytes);
 }
 
 // __syncthreads(): this fiber waits until every live thread of the block has arrived.
