@@ -7,8 +7,9 @@ each one's resources.
 
 Prints one row per distinct compiled kernel (registers per thread, local memory per
 thread = spills or stack, shared memory) and exits with status 1 if any kernel uses
-local memory. Needs Triton and torch, not a GPU: the argument sets are the ones the ops
-launch, built on CPU tensors (resnet_fused.triton.compile_report).
+local memory, or if an elementwise kernel stores narrower than 128-bit vectors. Needs
+Triton and torch, not a GPU: the argument sets are the ones the ops launch, built on CPU
+tensors (resnet_fused.triton.compile_report).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def main() -> int:
     print(f"Triton kernels compiled for {compile_report.TARGET}, shape {compile_report.SHAPE}:")
     print(compile_report.format_table(rows))
     spilling = [r for r in rows if r.local_bytes]
-    print(f"{len(rows)} kernels, {len(spilling)} using local memory, most registers {max(r.registers for r in rows)}")
-    return 1 if spilling else 0
+    narrow = [r for r in rows if r.narrow_stores]
+    print(f"{len(rows)} kernels, {len(spilling)} using local memory, most registers {max(r.registers for r in rows)}, "
+          f"{len(narrow)} elementwise kernels with stores narrower than 128 bits")
+    return 1 if spilling or narrow else 0
 
 
 if __name__ == "__main__":

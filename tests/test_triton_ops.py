@@ -225,6 +225,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(dtype, capsys):
         "_backward_finalize_kernel", "_backward_elementwise_kernel",
     }
     assert all(r.local_bytes == 0 for r in rows), [r for r in rows if r.local_bytes]
+    elementwise = [r for r in rows if r.kernel in compile_report.ELEMENTWISE_KERNELS]
+    assert elementwise and all(r.narrow_stores == 0 for r in elementwise), [r for r in elementwise if r.narrow_stores]
 
 
 @not_interpreting

@@ -4,7 +4,9 @@
 
 For each compiled kernel: registers per thread, local memory per thread (spills or
 stack: what Triton's ``CompiledKernel.n_spills`` reports once loaded on a GPU; read
-here from the cubin with cuobjdump, the same number) and shared memory. The argument
+here from the cubin with cuobjdump, the same number), shared memory and, for the
+elementwise kernels, the stores narrower than one 128-bit vector in the machine code
+(0: every activation store is an STG.E.128). The argument
 sets are those the ops launch (``batch_stats.launches``, ``bn_act.forward_launches``,
 ``bn_act.backward_launches``) for ResNet-50's layer1 BN3 at batch 128 (256 channels,
 56x56) in both layouts, on uninitialized CPU tensors (only their dtype, shape and
@@ -19,7 +21,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -43,6 +45,7 @@ class KernelResources:
     registers: int
     local_bytes: int  # per thread; > 0: spills (or a stack array)
     shared_bytes: int
+    narrow_stores: Optional[int] = None  # elementwise kernels: stores narrower than 128 bits
 
 
 LAYOUTS = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
@@ -124,18 +127,30 @@ def _cuobjdump() -> str:
     return found
 
 
-def _resources(cubin: bytes) -> tuple[int, int]:
-    """(registers, local bytes) per thread of the one kernel in ``cubin``."""
+# The streaming kernels whose every store is an activation vector: at the report's shape
+# (256 channels, 56x56: runs of 16-byte multiples) each must be one 128-bit STG.E.128.
+ELEMENTWISE_KERNELS = ("_forward_kernel", "_backward_elementwise_kernel")
+
+
+def _cuobjdump_of(cubin: bytes, *flags: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run(
-            [_cuobjdump(), "--dump-resource-usage", f.name], check=True, capture_output=True, text=True
-        ).stdout
+        return subprocess.run([_cuobjdump(), *flags, f.name], check=True, capture_output=True, text=True).stdout
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, local bytes) per thread of the one kernel in ``cubin``."""
+    usage = _cuobjdump_of(cubin, "--dump-resource-usage")
     match = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
     if match is None:
         raise RuntimeError(f"unexpected cuobjdump output:\n{usage}")
     return int(match.group(1)), int(match.group(2))
+
+
+def _narrow_stores(cubin: bytes) -> int:
+    """Global stores in ``cubin``'s machine code narrower than 128 bits."""
+    return sum(".128" not in s for s in re.findall(r"\bSTG\.E(?:\.[A-Z0-9_]+)*", _cuobjdump_of(cubin, "-sass")))
 
 
 def _configs(launch: Launch) -> Iterator[tuple[triton.JITFunction, dict, dict]]:
@@ -168,18 +183,22 @@ def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResource
                     continue
                 seen.add(key)
                 compiled = triton.compile(source, target=TARGET, options=options)
-                registers, local_bytes = _resources(compiled.asm["cubin"])
+                cubin = compiled.asm["cubin"]
+                registers, local_bytes = _resources(cubin)
                 rows.append(KernelResources(
                     fn.__name__, variant, _describe(fn, args, options), registers, local_bytes,
                     compiled.metadata.shared,
+                    _narrow_stores(cubin) if fn.__name__ in ELEMENTWISE_KERNELS else None,
                 ))
     return rows
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = ("kernel", "variant", "config", "regs", "local B", "shared B")
+    header = ("kernel", "variant", "config", "regs", "local B", "shared B", "narrow st")
     table = [header] + [
-        (r.kernel, r.variant, r.config, str(r.registers), str(r.local_bytes), str(r.shared_bytes)) for r in rows
+        (r.kernel, r.variant, r.config, str(r.registers), str(r.local_bytes), str(r.shared_bytes),
+         "-" if r.narrow_stores is None else str(r.narrow_stores))
+        for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
