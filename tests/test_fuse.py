@@ -254,6 +254,7 @@ def test_cuda_torchvision_model_autocast(name, no_tf32):
 
 
 @pytest.mark.cuda
+@pytest.mark.timeout(360)  # a cold Inductor compile of a whole model, beside other test processes
 @pytest.mark.parametrize("training", [True, False])
 def test_cuda_compile_inductor_resnet18(training, no_tf32):
     model, _ = resnet_fused.fuse(torchvision_model("resnet18", torch.float32).cuda())
