@@ -230,7 +230,7 @@ def eager_callable(op: str, t: Tensors) -> Callable[[], object]:
     # backward ops: autograd through the training composite. The forward graph is built
     # once, on the first call, and retained: built on the stream that calls first (the
     # CUDA-graph capture stream, see _graph), so its backward can be captured there.
-    graph = {}
+    forward_graph = {}  # "out", "wrt": built by the first call
 
     def forward():
         x, w, b = (v.detach().requires_grad_() for v in (t.x, t.w, t.b))
@@ -246,9 +246,9 @@ def eager_callable(op: str, t: Tensors) -> Callable[[], object]:
         return F.relu(y), wrt
 
     def backward():
-        if not graph:
-            graph["out"], graph["wrt"] = forward()
-        return torch.autograd.grad(graph["out"], graph["wrt"], t.grad, retain_graph=True)
+        if not forward_graph:
+            forward_graph["out"], forward_graph["wrt"] = forward()
+        return torch.autograd.grad(forward_graph["out"], forward_graph["wrt"], t.grad, retain_graph=True)
 
     return backward
 
@@ -414,8 +414,10 @@ def run(
         backends.get(name)  # validates the name
     batch = batch or DEFAULT_BATCH[dev.type]
     dtypes = list(dtypes)
+    shape_list = parse_shapes(shapes)
+    cases = len(shape_list) * len(dtypes) * len(op_names)
     if budget_s is not None:
-        measurements = len(parse_shapes(shapes)) * len(dtypes) * len(op_names) * (1 + len(names))
+        measurements = cases * (1 + len(names))
         budget_ms = min(max(5.0, 0.5 * budget_s * 1e3 / measurements), DEFAULT_BUDGET_MS[dev.type])
     budget_ms = budget_ms or DEFAULT_BUDGET_MS[dev.type]
     memory_format = LAYOUTS[layout]
@@ -425,7 +427,6 @@ def run(
 
     rows = []
     started = time.perf_counter()
-    cases = len(parse_shapes(shapes)) * len(dtypes) * len(op_names)
     done = skipped = 0
 
     def out_of_time() -> bool:
@@ -434,7 +435,7 @@ def run(
     def behind_schedule() -> bool:
         return budget_s is not None and (time.perf_counter() - started) / budget_s > done / cases
 
-    for shape in parse_shapes(shapes):
+    for shape in shape_list:
         for dtype_name in dtypes:
             if out_of_time():
                 skipped += len(op_names)

@@ -171,6 +171,11 @@ def _describe(fn: triton.JITFunction, args: dict, options: dict) -> str:
     return " ".join(shown + [f"{k}={v}" for k, v in options.items()])
 
 
+def _kernel_key(source: ASTSource, options: dict) -> tuple:
+    """What makes two compilations one kernel: the specialized source and the options."""
+    return source.hash(), tuple(sorted(options.items()))
+
+
 def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResources]:
     """Compiles every kernel and configuration for ``TARGET``; one row per distinct kernel."""
     rows, seen = [], set()
@@ -178,7 +183,7 @@ def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResource
         for variant, launch in representative_launches(dtype):
             for fn, args, options in _configs(launch):
                 source = _source(fn, args)
-                key = (source.hash(), tuple(sorted(options.items())))
+                key = _kernel_key(source, options)
                 if key in seen:
                     continue
                 seen.add(key)
@@ -236,7 +241,7 @@ def distinct_compilations(specs: list[Spec]) -> list[tuple[Spec, int]]:
     tasks, seen = [], set()
     for spec in specs:
         for index, (fn, args, options) in enumerate(_compilations(spec)):
-            key = (_source(fn, args).hash(), tuple(sorted(options.items())))
+            key = _kernel_key(_source(fn, args), options)
             if key not in seen:
                 seen.add(key)
                 tasks.append((spec, index))
