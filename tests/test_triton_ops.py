@@ -240,6 +240,9 @@ def test_pinning_selects_one_configuration_and_names_a_bad_index():
         assert _runtime.pinned_index() is None
         with _runtime.pinned_config(len(kernel.configs)), pytest.raises(ValueError, match="_forward_kernel has 4 conf"):
             _runtime.pinned_config_of(kernel)
+        with pytest.raises(ValueError, match="pinned_config: index must be >= 0 or None, got -1"):
+            with _runtime.pinned_config(-1):
+                pass
     code = "import resnet_fused.triton._runtime"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=_child_env(RESNET_FUSED_TRITON_CONFIG="first"))
