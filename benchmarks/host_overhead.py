@@ -1,16 +1,26 @@
-"""Host (Python) time of a fused block's forward against torchvision's, at a size where
-the kernels cost next to nothing.
+"""Host (Python) time of a fused block against torchvision's, at a size where the kernels
+cost next to nothing.
 
-    python benchmarks/host_overhead.py            # CPU, 1x64x8x8 input, ResNet-50 layer1[0]
+    python benchmarks/host_overhead.py                      # CPU, 1x64x8x8, ResNet-50 layer1[0]
+    python benchmarks/host_overhead.py --device cuda        # + bf16 autocast, channels_last
+    python benchmarks/host_overhead.py --device cuda --profile 25
 
-On a GPU at small batch the host, not the device, bounds a forward: what a block adds
-per call in Python (its structural check, the fold cache, the functional layer) is then
-what users wait for. Prints the median wall time per call (``time.perf_counter``, after
-warm-up) of the whole block and of the parts that run on every call, eval and training.
+On a GPU the host, not the device, bounds a step whenever the host takes longer per
+block than the kernels: what a block adds per call in Python (its structural check, the
+fold cache, the functional layer, the op dispatch, the Triton launcher) is then what
+users wait for. Prints the median wall time per call (``time.perf_counter``, after
+warm-up, the device synchronized at the end of each timed loop) of the whole block, per
+backend, in eval, training forward and training step (forward + backward), and of the
+parts that run on every call. ``--profile N`` adds cProfile's N most expensive functions
+(own time) of each fused training step.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -28,39 +38,104 @@ import resnet_fused  # noqa: E402
 from resnet_fused import modules  # noqa: E402
 
 
-def median_us(fn: Callable[[], object], calls: int = 2000, repeats: int = 5) -> float:
-    for _ in range(calls // 10):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_us(fn: Callable[[], object], device: torch.device, calls: int = 2000, repeats: int = 5) -> float:
+    for _ in range(max(calls // 10, 3)):
         fn()
+    _sync(device)
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        _sync(device)
         runs.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(runs)
 
 
-def main() -> int:
+def _profile(fn: Callable[[], object], device: torch.device, calls: int, top: int) -> str:
+    for _ in range(10):
+        fn()
+    _sync(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    profiler.disable()
+    out = __import__("io").StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--backends", default=None,
+                        help="fused backends, comma-separated (default: every one available on the device)")
+    parser.add_argument("--calls", type=int, default=500, help="calls per timed loop (default 500)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print cProfile's N most expensive functions of each fused training step")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    backends = args.backends.split(",") if args.backends else [
+        b for b in resnet_fused.available_backends(device.type) if b not in ("auto", "reference")
+    ]
+
     torch.manual_seed(0)
-    plain = torchvision.models.resnet50().layer1[0]
-    fused = torchvision.models.resnet50().layer1[0]
-    resnet_fused.fuse(fused)
-    x = torch.randn(1, 64, 8, 8)
-    rows = []
-    for mode in ("eval", "train"):
-        plain.train(mode == "train")
-        fused.train(mode == "train")
-        with torch.no_grad() if mode == "eval" else torch.enable_grad():
-            rows.append((f"{mode}: torchvision Bottleneck forward", median_us(lambda: plain(x), 500)))
-            rows.append((f"{mode}: FusedBottleneck forward", median_us(lambda: fused(x), 500)))
-    rows.append(("unsupported_reason (every forward)", median_us(lambda: modules.unsupported_reason(fused))))
+    plain = torchvision.models.resnet50().layer1[0].to(device)
+    fused = resnet_fused.fuse(torchvision.models.resnet50().layer1[0].to(device))[0]
+    x = torch.randn(1, 64, 8, 8, device=device)
+    if device.type == "cuda":  # as the benchmark suite runs the blocks
+        plain, fused, x = (t.to(memory_format=torch.channels_last) for t in (plain, fused, x))
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+    x_grad = x.clone().requires_grad_()
+
+    def forward(block: torch.nn.Module, input: torch.Tensor) -> Callable[[], object]:
+        def run():
+            with autocast():
+                return block(input)
+        return run
+
+    def step(block: torch.nn.Module) -> Callable[[], None]:
+        def run():
+            with autocast():
+                out = block(x_grad)
+            out.sum().backward()
+        return run
+
+    providers = [("torchvision", plain, contextlib.nullcontext)]
+    providers += [(f"fused {b}", fused, lambda b=b: resnet_fused.use_backend(b)) for b in backends]
+    rows, profiles = [], []
+    for label, block, backend in providers:
+        with backend():
+            block.eval()
+            with torch.no_grad():
+                rows.append((f"eval forward, {label}", median_us(forward(block, x), device, args.calls)))
+            block.train()
+            rows.append((f"train forward, {label}", median_us(forward(block, x_grad), device, args.calls)))
+            rows.append((f"train step, {label}", median_us(step(block), device, args.calls // 2)))
+            if args.profile and block is fused:
+                profiles.append((label, _profile(step(block), device, args.calls // 2, args.profile)))
+    rows.append(("unsupported_reason (every forward)", median_us(lambda: modules.unsupported_reason(fused), device)))
     fused.eval()
     with torch.no_grad():
         rows.append(("fold cache lookup (every folded conv)",
-                     median_us(lambda: fused._folded("conv1", fused.conv1, fused.bn1, torch.float32))))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {tuple(x.shape)}")
+                     median_us(lambda: fused._folded("conv1", fused.conv1, fused.bn1, torch.float32), device)))
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, input {tuple(x.shape)}"
+          + (", bf16 autocast, channels_last" if device.type == "cuda" else ""))
     for name, us in rows:
-        print(f"  {name:<42} {us:8.1f} us")
+        print(f"  {name:<44} {us:8.1f} us")
+    for label, text in profiles:
+        print(f"\ncProfile of one training step, {label} (own time, {args.calls // 2} steps):\n{text}")
     return 0
 
 

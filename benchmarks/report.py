@@ -28,7 +28,7 @@ KEY_FIELDS = ("workload", "shape", "batch", "channels", "width", "hw", "mode", "
 METRIC_FIELDS = (
     "median_ms", "p20_ms", "p80_ms", "spread_pct", "images_per_s", "speedup_vs_eager", "speedup_vs_compile",
     "gflop", "tflops", "pct_of_matmul_peak", "saved_for_backward_mb", "peak_mem_mb", "profiled_ms",
-    "conv_pct", "bn_pct", "eltwise_pct", "other_pct", "compile_s", "rel_err_vs_eager",
+    "conv_pct", "bn_pct", "eltwise_pct", "other_pct", "compile_s", "rel_err_vs_eager", "eager_rel_err_vs_fp32",
 )
 
 
@@ -114,6 +114,7 @@ COLUMNS = (
      if r.get("conv_pct") is not None else ""),
     ("compile s", lambda r: _fmt(r.get("compile_s"), ".1f")),
     ("rel err", lambda r: _fmt(r.get("rel_err_vs_eager"), ".1e")),
+    ("eager err", lambda r: _fmt(r.get("eager_rel_err_vs_fp32"), ".1e")),
     ("status", lambda r: "" if r["status"] == "ok" else r["status"]),
 )
 

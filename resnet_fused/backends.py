@@ -38,6 +38,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from . import _extension
+from . import ops as _op_set
 
 NAMES = ("auto", "cuda", "triton", "cpu", "reference")
 ENV_VAR = "RESNET_FUSED_BACKEND"
@@ -101,6 +102,15 @@ class Backend:
         if dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             raise TypeError(f"resnet_fused backend {self.name!r} supports dtypes {names}, got {dtype}")
+
+    @property
+    def calls(self) -> object:
+        """The ops to call: the registered ``torch.ops`` under torch.compile (graph nodes
+        with fake kernels), the same ops without torch.library's Python layers in eager
+        mode (:func:`resnet_fused.ops.eager_ops`)."""
+        if torch.compiler.is_compiling():
+            return self.ops
+        return _op_set.eager_ops(self.ops.name)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return (

@@ -41,7 +41,7 @@ def batch_stats(
     differentiate through the statistics themselves when ``training=True``.
     """
     _checks.check_batch_stats("batch_stats", input, running_mean, running_var)
-    ops = backends.resolve(input.device, input.dtype, backend).ops
+    ops = backends.resolve(input.device, input.dtype, backend).calls
     return ops.batch_stats(input.detach(), running_mean, running_var, momentum, eps)
 
 
@@ -73,7 +73,7 @@ def bn_relu(
     it into the BatchNorm reduction: two reads of ``input`` and the gradient, one write.
     """
     _checks.check_batch_norm("bn_relu", input, weight, bias, running_mean, running_var, training)
-    ops = backends.resolve(input.device, input.dtype, backend).ops
+    ops = backends.resolve(input.device, input.dtype, backend).calls
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     return ops.bn_relu(input, weight, bias, mean, invstd, training)
 
@@ -99,7 +99,7 @@ def bn_add_relu(
     op = "bn_add_relu"
     _checks.check_batch_norm(op, input, weight, bias, running_mean, running_var, training)
     _checks.check_like(op, "residual", residual, "input", input)
-    ops = backends.resolve(input.device, input.dtype, backend).ops
+    ops = backends.resolve(input.device, input.dtype, backend).calls
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     return ops.bn_add_relu(input, residual, weight, bias, mean, invstd, training)
 
@@ -133,7 +133,7 @@ def dual_bn_add_relu(
     _checks.check_batch_norm(op, input, weight, bias, running_mean, running_var, training)
     _checks.check_batch_norm(op, input_d, weight_d, bias_d, running_mean_d, running_var_d, training, "_d")
     _checks.check_like(op, "input_d", input_d, "input", input)
-    ops = backends.resolve(input.device, input.dtype, backend).ops
+    ops = backends.resolve(input.device, input.dtype, backend).calls
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     mean_d, invstd_d = _statistics(ops, input_d, running_mean_d, running_var_d, training, momentum_d, eps_d)
     return ops.dual_bn_add_relu(

@@ -124,8 +124,9 @@ def _has_global_hooks() -> bool:
 
 _BASIC_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))
 _BOTTLENECK_PAIRS = _BASIC_PAIRS + (("conv3", "bn3"),)
-_BASIC_MODULES = frozenset(("conv1", "bn1", "conv2", "bn2", "relu", "downsample"))
-_BOTTLENECK_MODULES = _BASIC_MODULES | {"conv3", "bn3"}
+# Tuples, not sets: torch 2.11's Dynamo cannot trace `dict.keys() - frozenset`.
+_BASIC_MODULES = ("conv1", "bn1", "conv2", "bn2", "relu", "downsample")
+_BOTTLENECK_MODULES = _BASIC_MODULES + ("conv3", "bn3")
 
 
 def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
@@ -141,7 +142,8 @@ def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
         return "its forward is replaced on the instance"
     bottleneck = isinstance(block, Bottleneck)
     modules = block._modules
-    extra = modules.keys() - (_BOTTLENECK_MODULES if bottleneck else _BASIC_MODULES)
+    allowed = _BOTTLENECK_MODULES if bottleneck else _BASIC_MODULES
+    extra = [name for name in modules if name not in allowed]
     if extra:
         return f"extra submodules {', '.join(sorted(extra))}"
     for conv_name, bn_name in _BOTTLENECK_PAIRS if bottleneck else _BASIC_PAIRS:

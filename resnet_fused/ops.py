@@ -10,7 +10,8 @@ Each backend implements the same seven ops in its own namespace:
 
 :func:`register` attaches one set of fake kernels and autograd formulas to a namespace,
 so every backend behaves identically under autograd, ``torch.compile`` and
-``torch.library.opcheck``. Each fused forward's backward is its own op (``bn_relu`` ->
+``torch.library.opcheck``. :func:`eager_ops` runs the same ops and formulas in eager mode
+without torch.library's Python layers (see there). Each fused forward's backward is its own op (``bn_relu`` ->
 ``bn_relu_backward``, ...). ``batch_stats`` mutates the running statistics and is not
 differentiable; the fused ops account for the statistics instead: with
 ``training=True`` their ``mean`` and ``invstd`` are ``input``'s batch statistics and
@@ -21,7 +22,8 @@ the graph (running statistics) and get gradients of their own if they require th
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from types import SimpleNamespace
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +42,9 @@ OP_NAMES = (
 )
 MUTATED_ARGS = {"batch_stats": ("running_mean", "running_var")}
 
+# The Python implementation of each op, per namespace defined by `define` (validated).
+_IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
+
 
 def define(namespace: str, implementations: object) -> None:
     """Defines the op set in ``namespace`` from Python functions named like the ops.
@@ -48,11 +53,10 @@ def define(namespace: str, implementations: object) -> None:
     C++ schemas of ``csrc/ops.cpp``. Each op validates its arguments
     (``_checks.OP_CHECKS``) before the implementation runs, as the C++ ops do.
     """
-    for name in OP_NAMES:
-        torch.library.custom_op(
-            f"{namespace}::{name}", _validated(name, getattr(implementations, name)),
-            mutates_args=MUTATED_ARGS.get(name, ()),
-        )
+    validated = {name: _validated(name, getattr(implementations, name)) for name in OP_NAMES}
+    for name, implementation in validated.items():
+        torch.library.custom_op(f"{namespace}::{name}", implementation, mutates_args=MUTATED_ARGS.get(name, ()))
+    _IMPLEMENTATIONS[namespace] = validated
 
 
 def _validated(name: str, implementation):
@@ -209,3 +213,74 @@ def register(namespace: str) -> None:
     for name in OP_NAMES:
         if name.endswith("_backward"):
             torch.library.register_autograd(f"{namespace}::{name}", _no_double_backward, setup_context=_no_setup)
+
+
+# ---------------------------------------------------------------- eager mode
+
+
+def _direct(namespace: str, name: str) -> Callable:
+    """``namespace::name`` without the dispatcher's autograd layer: the Python
+    implementation itself, or the C++ op below autograd (its CPU or CUDA kernel)."""
+    implementation = _IMPLEMENTATIONS.get(namespace, {}).get(name)
+    if implementation is not None:
+        return implementation
+    op = getattr(getattr(torch.ops, namespace), name).default
+
+    def below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return below_autograd
+
+
+def _backward_op(namespace: str, name: str) -> Callable:
+    direct, registered = _direct(namespace, name), getattr(getattr(torch.ops, namespace), name)
+
+    def backward_op(*args):
+        # create_graph=True: through the registered op, whose own backward raises.
+        return registered(*args) if torch.is_grad_enabled() else direct(*args)
+
+    return backward_op
+
+
+def _batch_stats(direct: Callable) -> Callable:
+    def batch_stats(input, running_mean, running_var, momentum, eps):
+        result = direct(input, running_mean, running_var, momentum, eps)
+        # What torch.library does for a mutated argument: caches keyed on tensor versions
+        # (the blocks' folded weights) must see the update.
+        for running in (running_mean, running_var):
+            if running is not None and not running.is_inference():  # inference tensors have no version
+                torch.autograd.graph.increment_version(running)
+        return result
+
+    return batch_stats
+
+
+@functools.lru_cache(maxsize=None)
+def eager_ops(namespace: str) -> SimpleNamespace:
+    """The ops of ``namespace`` for eager mode, with the autograd formulas of :func:`register`.
+
+    A call through ``torch.ops`` crosses into Python three times (torch.library's autograd
+    kernel, its ``autograd.Function``, the redispatch) and rebuilds the argument list
+    from the schema (``fill_defaults``): tens of microseconds per op, which bound a
+    training step on a GPU whose host is slower than its kernels. Here each fused forward
+    is one ``autograd.Function`` calling the implementation directly. torch.compile calls
+    the registered ops instead (:meth:`resnet_fused.backends.Backend.calls`).
+    """
+    backward_ops = SimpleNamespace(**{name: _backward_op(namespace, name) for name in OP_NAMES if name.endswith("_backward")})
+    functions = {
+        name: _function(f"{namespace}_{name}", _direct(namespace, name), setup_context, backward).apply
+        for name, (backward, setup_context) in _backward_formulas(backward_ops).items()
+    }
+    return SimpleNamespace(batch_stats=_batch_stats(_direct(namespace, "batch_stats")), **functions)
+
+
+def _function(name: str, op: Callable, setup_context: Callable, backward: Callable) -> type:
+    # forward(ctx, ...) rather than a separate setup_context: Function.apply then binds
+    # no default arguments (inspect.signature, ~10 us a call).
+    def forward(ctx, *inputs):
+        output = op(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})

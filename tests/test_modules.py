@@ -394,6 +394,17 @@ class TestFoldCache:
         self.check(tol=2e-2, dtype=torch.bfloat16)  # bfloat16 convolutions: eager's own error
         self.check()
 
+    def test_running_statistics_of_a_training_batch_norm(self):
+        """A BatchNorm put in training on its own (the block stays in eval, its cache too)
+        updates its running statistics through the fused op, which bumps their versions."""
+        self.check()
+        for model in (self.plain, self.fused):
+            model.bn1.train()
+            with torch.no_grad():
+                model(self.x)
+            model.bn1.eval()
+        self.check()
+
     def test_data_in_place_edit_refreshed_by_eval(self):
         """A write through ``.data`` bumps no version counter; ``eval()`` drops the cache."""
         self.check()

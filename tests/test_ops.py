@@ -418,6 +418,38 @@ def test_double_backward_is_an_error(backend):
         torch.autograd.grad(gx.square().sum(), w)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_running_statistics_updates_bump_versions(backend):
+    """As any in-place op does: caches keyed on versions (the folded weights) see the update."""
+    x = activation((4, 3, 2, 2))
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    for update in (
+        lambda: RF.batch_stats(x, running_mean, running_var, backend=backend),
+        lambda: RF.bn_relu(x, running_mean, running_var, training=True, backend=backend),
+    ):
+        before = running_mean._version, running_var._version
+        update()
+        assert running_mean._version > before[0] and running_var._version > before[1]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eager_calls_skip_torch_library_python_layers(backend, monkeypatch):
+    """In eager mode a fused op is one autograd.Function over its implementation: torch.library's
+    autograd kernel (which rebuilds every argument list with fill_defaults, tens of microseconds
+    an op on a GPU host) stays out of forward and backward. torch.compile still sees the ops."""
+    def fail(*args):
+        raise AssertionError("torch.library's autograd layer ran in eager mode")
+
+    monkeypatch.setattr(torch._library.utils, "fill_defaults", fail)
+    x = activation((2, 4, 3, 3)).requires_grad_()
+    w = (torch.rand(4) + 0.5).requires_grad_()
+    y = RF.bn_add_relu(x, activation((2, 4, 3, 3)), None, None, w, None, True, backend=backend)
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+    with pytest.raises(AssertionError, match="autograd layer ran"):  # the check above can fail
+        getattr(torch.ops, resnet_fused.backends.get(backend).ops.name).bn_relu(x, w, None, torch.zeros(4), torch.ones(4), True)
+
+
 # ---------------------------------------------------------------- backend selection
 
 
