@@ -10,6 +10,7 @@ process, on the same device, so a percentage never mixes two runs.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -81,6 +82,19 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _source_hash() -> str:
+    """SHA-1 (10 digits) of the measured code: the package, kernels and benchmarks. Names the
+    code where git cannot (a copied working tree whose .git is older or unreadable)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha1()
+    for folder in ("resnet_fused", "csrc", "benchmarks"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".cpp", ".cu", ".h", ".json"):
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def environment(device: torch.device) -> dict:
     """What a result row must carry: the machine, the software, the code, the time."""
     env = {
@@ -88,6 +102,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "git_commit": _git_commit(),
+        "source_sha1": _source_hash(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),

@@ -205,7 +205,8 @@ def heading(env: dict) -> str:
     software = f"torch {env['torch']}, Triton {env['triton']}"
     if env.get("cudnn"):
         software += f", cuDNN {env['cudnn']}, CUDA {env['cuda']}, driver {env['driver']}"
-    return (f"{env['card']} · {software} · commit {env['git_commit']} · {env['timestamp']}\n"
+    source = f" (source {env['source_sha1']})" if env.get("source_sha1") else ""
+    return (f"{env['card']} · {software} · commit {env['git_commit']}{source} · {env['timestamp']}\n"
             f"ceilings measured in this run: copy {env['copy_gbs']:.0f} GB/s"
             + (f", bf16 matmul {env['bf16_matmul_tflops']:.0f} TFLOP/s" if env.get("bf16_matmul_tflops") else ""))
 
