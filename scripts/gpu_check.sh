@@ -5,22 +5,25 @@
 #
 #   scripts/gpu_check.sh [--out DIR] [--only PHASES]   # or RESNET_FUSED_RESULTS=DIR ...
 #
-# PHASES, comma-separated (default all): ptxas, tests, kernels, suite; the build always
+# PHASES, comma-separated (default all): ptxas, tests, kernels, suite, profile; the build always
 # runs (incremental when build/ is there), e.g. a rerun after a fix: --only tests.
 # PYTEST_ARGS replaces the test selection "tests" (e.g. PYTEST_ARGS="tests/test_cuda_ops.py -k graph").
 #
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py), triton_precompile.log, the
-# block suite's suite.log and results/ (its published table and chart). Stops at once if
+# block suite's suite.log and results/ (its published table and chart), and profile.log (where
+# a ResNet-50 training step's host and device time go, benchmarks/step_profile.py). Stops at once if
 # the build fails; otherwise runs every phase and exits non-zero if any test or
 # measurement failed. Each phase after the build has a time cap, and the benchmarks end
-# at their budgets by themselves: about 6 minutes expected, under 8 even if every phase
-# runs to its cap (build ~1.5 min); a capped phase says so and keeps what it wrote. Prints each phase's wall time; the kernel summary and
-# the suite's table come last.
+# at their budgets by themselves: about 5 minutes (an H200, 2026-11-27: 4.5 before the
+# profile phase existed, build 33 s), under 8 even if every phase runs to its cap; a capped
+# phase says so and keeps what it wrote. Prints each phase's wall time; the kernel summary,
+# the suite's table and the step profile's totals come last.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
-# TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60), SUITE_BUDGET (s, default 90).
+# TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60), SUITE_BUDGET (s, default 90),
+# PROFILE_CAP (s, default 60).
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
@@ -37,9 +40,9 @@ while [[ $# -gt 0 ]]; do
     *) echo "gpu_check: unknown argument $1 (expected --out DIR, --only PHASES)" >&2; exit 2 ;;
   esac
 done
-only="${only:-ptxas,tests,kernels,suite}"
+only="${only:-ptxas,tests,kernels,suite,profile}"
 for p in ${only//,/ }; do
-  case "$p" in ptxas|tests|kernels|suite) ;; *) echo "gpu_check: unknown phase $p in --only (expected ptxas, tests, kernels, suite)" >&2; exit 2 ;; esac
+  case "$p" in ptxas|tests|kernels|suite|profile) ;; *) echo "gpu_check: unknown phase $p in --only (expected ptxas, tests, kernels, suite, profile)" >&2; exit 2 ;; esac
 done
 want() { [[ ",$only," == *",$1,"* ]]; }
 out="${out:-results/local/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -49,6 +52,7 @@ PYTHON="${PYTHON:-python3}"
 TESTS_BUDGET="${TESTS_BUDGET:-150}"
 KERNELS_BUDGET="${KERNELS_BUDGET:-60}"
 SUITE_BUDGET="${SUITE_BUDGET:-90}"
+PROFILE_CAP="${PROFILE_CAP:-60}"
 GRACE=30  # the benchmarks end near their budget by themselves; the cap is for a hang
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1  # a capped phase's log keeps its last lines
@@ -197,6 +201,14 @@ if want suite; then
     echo "gpu_check: BLOCK SUITE FAILED or incomplete (rc=$suite_rc; full log: $out/suite.log)"
     status=1
   fi
+fi
+
+if want profile; then
+  phase "ResNet-50 training step, host and device (benchmarks/step_profile.py, cap ${PROFILE_CAP}s)"
+  capped "$PROFILE_CAP" "$PYTHON" benchmarks/step_profile.py --device cuda --providers eager,fused-cuda,fused-triton \
+    --steps 2 >"$out/profile.log" 2>&1 || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
+  took "profile"
+  grep -E "^[a-z-]+: wall|^  kernels" "$out/profile.log"
 fi
 
 printf '\n=== done in %ds: %s (results in %s)\n' $((SECONDS - start)) "$([[ $status -eq 0 ]] && echo OK || echo FAILURES)" "$out"

@@ -182,3 +182,19 @@ def test_kernel_benchmark_budget_is_a_deadline(capsys):
 )
 def test_kernel_roles_from_profiler_names(backend, name, role):
     assert kernels.kernel_role(backend, name) == role
+
+
+def test_step_profile_names_phases_and_backward_nodes(capsys):
+    """The step timeline (benchmarks/step_profile.py) splits a step into forward, backward and
+    optimizer host time and lists the backward nodes: the fused blocks' own nodes among them."""
+    from benchmarks import step_profile
+
+    step_profile.main(["--device", "cpu", "--size", "tiny", "--workload", "resnet50",
+                       "--providers", "eager,fused-cpu", "--steps", "1", "--top", "40"])
+    out = capsys.readouterr().out
+    eager, fused = out.split("\nfused-cpu: ")
+    for text in (eager, fused):
+        assert "wall " in text and "forward " in text and "backward " in text and "optimizer " in text
+        assert "ConvolutionBackward0" in text
+    assert "NativeBatchNormBackward0" in eager and "resnet_fused" not in eager
+    assert "resnet_fused_bn_reluBackward" in fused and "resnet_fused_dual_bn_add_reluBackward" in fused
