@@ -36,6 +36,7 @@ import warnings
 from typing import Iterator, Optional, Union
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import _extension
 from . import ops as _op_set
@@ -105,10 +106,11 @@ class Backend:
 
     @property
     def calls(self) -> object:
-        """The ops to call: the registered ``torch.ops`` under torch.compile (graph nodes
-        with fake kernels), the same ops without torch.library's Python layers in eager
-        mode (:func:`resnet_fused.ops.eager_ops`)."""
-        if torch.compiler.is_compiling():
+        """The ops to call: the registered ``torch.ops`` while a graph is traced
+        (torch.compile, torch.export, a dispatch mode such as make_fx's or FakeTensorMode:
+        opaque nodes with fake kernels), the same ops without torch.library's Python
+        layers in plain eager mode (:func:`resnet_fused.ops.eager_ops`)."""
+        if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
             return self.ops
         return _op_set.eager_ops(self.ops.name)
 

@@ -234,11 +234,16 @@ def _direct(namespace: str, name: str) -> Callable:
 
 
 def _backward_op(namespace: str, name: str) -> Callable:
-    direct, registered = _direct(namespace, name), getattr(getattr(torch.ops, namespace), name)
+    direct = _direct(namespace, name)
+    # create_graph=True (or torch.func.grad, which differentiates with it): the gradients it
+    # returns must fail when differentiated, as the registered ops' do.
+    guarded = type(f"{namespace}_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(direct), "setup_context": staticmethod(_no_setup),
+        "backward": staticmethod(_no_double_backward),
+    })  # fmt: skip
 
     def backward_op(*args):
-        # create_graph=True: through the registered op, whose own backward raises.
-        return registered(*args) if torch.is_grad_enabled() else direct(*args)
+        return guarded.apply(*args) if torch.is_grad_enabled() else direct(*args)
 
     return backward_op
 
@@ -269,18 +274,31 @@ def eager_ops(namespace: str) -> SimpleNamespace:
     """
     backward_ops = SimpleNamespace(**{name: _backward_op(namespace, name) for name in OP_NAMES if name.endswith("_backward")})
     functions = {
-        name: _function(f"{namespace}_{name}", _direct(namespace, name), setup_context, backward).apply
+        name: _function(f"{namespace}_{name}", _direct(namespace, name), setup_context, backward)
         for name, (backward, setup_context) in _backward_formulas(backward_ops).items()
     }
     return SimpleNamespace(batch_stats=_batch_stats(_direct(namespace, "batch_stats")), **functions)
 
 
-def _function(name: str, op: Callable, setup_context: Callable, backward: Callable) -> type:
-    # forward(ctx, ...) rather than a separate setup_context: Function.apply then binds
-    # no default arguments (inspect.signature, ~10 us a call).
+def _function(name: str, op: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """``op`` with ``backward``: one autograd.Function for plain eager calls, and one with a
+    separate ``setup_context`` for torch.func transforms (``torch.func.grad``), which require
+    it. The first exists because Function.apply binds default arguments
+    (``inspect.signature``, ~10 us a call) whenever ``setup_context`` is separate."""
+
     def forward(ctx, *inputs):
         output = op(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    plain = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    transformable = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(op), "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
+    })  # fmt: skip
+
+    def apply(*inputs):
+        if torch._C._are_functorch_transforms_active():
+            return transformable.apply(*inputs)
+        return plain.apply(*inputs)
+
+    return apply

@@ -419,6 +419,38 @@ def test_double_backward_is_an_error(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_graph_tracing_sees_the_registered_ops(backend):
+    """Under a tracing dispatch mode (make_fx with fake tensors) the ops are opaque graph
+    nodes with fake kernels, not the eager path's implementation."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    namespace = resnet_fused.backends.get(backend).ops.name
+
+    def f(x, w):
+        return RF.bn_relu(x, None, None, w, None, True, backend=backend)
+
+    graph = make_fx(f, tracing_mode="fake")(activation((2, 4, 3, 3)), torch.rand(4) + 0.5).graph
+    targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    assert {f"{namespace}.batch_stats.default", f"{namespace}.bn_relu.default"} <= targets
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_func_grad_matches_autograd(backend):
+    """torch.func.grad differentiates the fused ops as autograd does; a second order fails loudly."""
+    x, residual = activation((2, 4, 3, 3)), activation((2, 4, 3, 3))
+    w = torch.rand(4) + 0.5
+
+    def loss(w):
+        return RF.bn_add_relu(x, residual, None, None, w, None, True, backend=backend).square().sum()
+
+    w_autograd = w.clone().requires_grad_()
+    loss(w_autograd).backward()
+    assert torch.equal(torch.func.grad(loss)(w), w_autograd.grad)  # the same kernels and formulas
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.func.grad(lambda w: torch.func.grad(loss)(w).square().sum())(w)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_running_statistics_updates_bump_versions(backend):
     """As any in-place op does: caches keyed on versions (the folded weights) see the update."""
     x = activation((4, 3, 2, 2))
