@@ -2,18 +2,25 @@
 
 ``publish`` lays a run out for the repository: ``<root>/<card>-<date>/`` holds its
 files and ``<root>/LATEST.md`` (linked from the README) shows its chart and tables.
-Every file here is written by the tool; none is edited by hand.
+Every file here is written by the tool; none is edited by hand. After a change to the
+tables or charts, a run's files are rendered again from its measurements:
+
+    python -m benchmarks.report results/<card>-<date> [--latest results]
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
+import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
+from . import common
 from .providers import BASELINES, NAMES
 from .workloads import MODES
 
@@ -27,6 +34,7 @@ MODE_TITLES = {
 KEY_FIELDS = ("workload", "shape", "batch", "channels", "width", "hw", "mode", "provider", "dtype", "layout", "status")
 METRIC_FIELDS = (
     "median_ms", "p20_ms", "p80_ms", "spread_pct", "images_per_s", "speedup_vs_eager", "speedup_vs_compile",
+    "kernel_speedup_vs_eager",
     "gflop", "tflops", "pct_of_matmul_peak", "saved_for_backward_mb", "peak_mem_mb", "profiled_ms",
     "conv_pct", "bn_pct", "eltwise_pct", "other_pct", "compile_s", "rel_err_vs_eager", "eager_rel_err_vs_fp32",
 )
@@ -44,6 +52,11 @@ def add_speedups(rows: list[dict]) -> None:
         for r in rows
         if r.get("provider") in BASELINES and r.get("status") == "ok"
     }
+    eager_kernels = {
+        _group_key(r): r["profiled_ms"]
+        for r in rows
+        if r.get("provider") == "eager" and r.get("status") == "ok" and r.get("profiled_ms")
+    }
     for row in rows:
         if row.get("status") != "ok" or row["workload"] == "kernels":
             continue
@@ -51,6 +64,10 @@ def add_speedups(rows: list[dict]) -> None:
             ms = baselines.get((_group_key(row), baseline))
             if ms is not None:
                 row[f"speedup_vs_{baseline}"] = ms / row["median_ms"]
+        # The same by the kernels' own time: what the step would gain where the host did not bound it.
+        kernels_ms = eager_kernels.get(_group_key(row))
+        if kernels_ms and row.get("profiled_ms"):
+            row["kernel_speedup_vs_eager"] = kernels_ms / row["profiled_ms"]
 
 
 # ---------------------------------------------------------------- tables
@@ -106,6 +123,8 @@ COLUMNS = (
     ("img/s", lambda r: _fmt(r.get("images_per_s"), ",.0f")),
     ("×eager", lambda r: _fmt(r.get("speedup_vs_eager"), ".2f")),
     ("×compile", lambda r: _fmt(r.get("speedup_vs_compile"), ".2f")),
+    ("kernel ms", lambda r: _fmt(r.get("profiled_ms"), ".3f")),
+    ("×eager kernels", lambda r: _fmt(r.get("kernel_speedup_vs_eager"), ".2f")),
     ("TFLOP/s", lambda r: _num(r.get("tflops"))),
     ("% mm peak", lambda r: _fmt(r.get("pct_of_matmul_peak"), ".0f")),
     ("saved MB", lambda r: _num(r.get("saved_for_backward_mb"))),
@@ -138,7 +157,7 @@ def tables(rows: list[dict], env: dict) -> list[Table]:
     for dtype, layout in _ordered({(r["dtype"], r["layout"]) for r in shown}, []):
         subset = [r for r in shown if (r["dtype"], r["layout"]) == (dtype, layout)]
         out.append(_summary(subset, f"Summary, {dtype}, {layout}: geometric-mean speedup over the shapes, "
-                                    f"vs eager / vs torch.compile", unavailable))
+                                    f"vs eager / vs torch.compile (by the kernels' time, vs eager)", unavailable))
         for workload in _ordered({r["workload"] for r in subset}, WORKLOAD_ORDER):
             for mode in _ordered({r["mode"] for r in subset if r["workload"] == workload}, MODES):
                 group = [r for r in subset if (r["workload"], r["mode"]) == (workload, mode)]
@@ -160,7 +179,9 @@ def _summary(rows: list[dict], title: str, unavailable: dict) -> Table:
             for p in provider_names:
                 ok = [r for r in rows if (r["workload"], r["mode"], r["provider"], r["status"]) == (workload, mode, p, "ok")]
                 parts = [_geomean([r[f"speedup_vs_{b}"] for r in ok if f"speedup_vs_{b}" in r]) for b in BASELINES]
-                cells.append(" / ".join("–" if v is None else f"{v:.2f}" for v in parts) if ok else "")
+                kernels = _geomean([r["kernel_speedup_vs_eager"] for r in ok if "kernel_speedup_vs_eager" in r])
+                cell = " / ".join("–" if v is None else f"{v:.2f}" for v in parts)
+                cells.append((cell + ("" if kernels is None else f" ({kernels:.2f})")) if ok else "")
             if any(cells):
                 body.append([workload, mode, *cells])
     notes = [f"{p}: {status}" for p, status in unavailable.items()]
@@ -304,3 +325,33 @@ def write_latest(root: Path, run_dir: Path, env: dict, rendered: list[Table], ch
         f"Files: [{run_dir.name}/]({run_dir.name}/) (results.json, results.csv, table.md, charts)", 1)
     path.write_text(text)
     return path
+
+
+def write_run(out_dir: Path, env: dict, rows: list[dict]) -> tuple[list[Table], list[Path]]:
+    """A run's files from its rows (speedups added): results.json, results.csv, the charts
+    and table.md. Returns the tables and the charts' paths."""
+    add_speedups(rows)
+    rendered = tables(rows, env)
+    common.write_json(out_dir / "results.json", env, rows)
+    write_csv(out_dir / "results.csv", rows)
+    chart_paths = charts(out_dir, rows, env)
+    (out_dir / "table.md").write_text(markdown(env, rendered, chart_paths, out_dir))
+    return rendered, chart_paths
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Render a run's tables, CSV and charts again from its results.json.")
+    parser.add_argument("run_dir", type=Path, help="a run's directory (holds results.json)")
+    parser.add_argument("--latest", type=Path, metavar="ROOT", help="also rewrite ROOT/LATEST.md (a published run)")
+    args = parser.parse_args(argv)
+    data = json.loads((args.run_dir / "results.json").read_text())
+    rendered, chart_paths = write_run(args.run_dir, data["environment"], data["rows"])
+    written = [args.run_dir / "table.md", *chart_paths]
+    if args.latest:
+        written.append(write_latest(args.latest, args.run_dir, data["environment"], rendered, chart_paths))
+    print("rendered from the run's measurements: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,13 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     runner = suite.Runner(device, env, budget_s=budget, rep_ms=rep_ms, profile=args.profile, start=start)
     # results.json after every task: a run stopped from outside keeps what it measured
     rows = runner.run(tasks, on_progress=lambda rows: common.write_json(out_dir / "results.json", env, rows))
-    report.add_speedups(rows)
-
-    rendered = report.tables(rows, env)
-    common.write_json(out_dir / "results.json", env, rows)
-    report.write_csv(out_dir / "results.csv", rows)
-    chart_paths = report.charts(out_dir, rows, env)
-    (out_dir / "table.md").write_text(report.markdown(env, rendered, chart_paths, out_dir))
+    rendered, chart_paths = report.write_run(out_dir, env, rows)
 
     print()
     print(report.heading(env))

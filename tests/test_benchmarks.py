@@ -107,16 +107,18 @@ def test_saved_for_backward_counts_each_storage_once_without_parameters():
 
 
 def test_speedups_compare_same_shape_mode_dtype_and_layout():
-    def row(provider, ms, shape="layer1", dtype="bf16"):
+    def row(provider, ms, shape="layer1", dtype="bf16", kernels_ms=None):
         return dict(workload="bottleneck", shape=shape, mode="train", dtype=dtype, layout="channels_last",
-                    provider=provider, status="ok", median_ms=ms)
+                    provider=provider, status="ok", median_ms=ms, profiled_ms=kernels_ms)
 
-    rows = [row("eager", 3.0), row("compile", 2.0), row("fused-cuda", 1.0), row("fused-cuda", 5.0, shape="layer2"),
-            row("eager", 10.0, dtype="fp32"), row("fused-cuda", 4.0, dtype="fp32")]
+    rows = [row("eager", 3.0, kernels_ms=2.4), row("compile", 2.0), row("fused-cuda", 1.0, kernels_ms=0.8),
+            row("fused-cuda", 5.0, shape="layer2"), row("eager", 10.0, dtype="fp32"), row("fused-cuda", 4.0, dtype="fp32")]
     report.add_speedups(rows)
     assert rows[2]["speedup_vs_eager"] == 3.0 and rows[2]["speedup_vs_compile"] == 2.0
+    assert rows[2]["kernel_speedup_vs_eager"] == pytest.approx(3.0)  # 2.4 / 0.8 ms of kernels
     assert "speedup_vs_eager" not in rows[3]  # no eager layer2 row
     assert rows[5]["speedup_vs_eager"] == 2.5 and "speedup_vs_compile" not in rows[5]
+    assert "kernel_speedup_vs_eager" not in rows[5]  # nothing profiled
 
 
 def test_publish_lays_out_the_run_and_latest_md(tmp_path):
@@ -135,6 +137,17 @@ def test_publish_lays_out_the_run_and_latest_md(tmp_path):
     assert "NVIDIA H200, 2026-11-27" in latest and "commit abc1234" in latest
     assert "![speedup chart](nvidia-h200-2026-11-27/speedup-bf16-channels_last.png)" in latest
     assert "| layer1 | fused-cuda | 1.000 | 2.00 |" in latest and (run_dir / "speedup-bf16-channels_last.png").exists()
+
+
+def test_report_renders_a_run_again_from_its_measurements(tmp_path, capsys):
+    rc, out, rows = _run(tmp_path)
+    assert rc == 0
+    measured = (out / "results.json").read_text()
+    (out / "table.md").unlink()
+    assert report.main([str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert "kernel ms" in table and "×eager kernels" in table
+    assert (out / "results.json").read_text() == measured  # the measurements are not touched
 
 
 def test_publish_refuses_a_cpu_run():
