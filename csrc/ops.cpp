@@ -2,11 +2,16 @@
 //
 // Implementations register per backend with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda);
 // fake (meta) kernels and autograd formulas are registered from Python
-// (resnet_fused/ops.py). Per-channel arrays (mean, invstd, parameter gradients) are in the
+// (resnet_fused/ops.py); the version bump of batch_stats' in-place writes here. Per-channel arrays (mean, invstd, parameter gradients) are in the
 // accumulation type: float64 for float64 activations, float32 otherwise.
 
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <vector>
 
 // `import resnet_fused._C` loads this shared object, which runs the static registrations
 // below. The module itself is empty: everything is reached through torch.ops.resnet_fused.
@@ -52,4 +57,35 @@ TORCH_LIBRARY(resnet_fused, m) {
       "Tensor mean_d, Tensor invstd_d, bool training) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_input_d, "
       "Tensor grad_weight_d, Tensor grad_bias_d)");
+}
+
+namespace {
+
+// batch_stats writes the running statistics in place (`Tensor(a!)?` in its schema): bump
+// their version counters afterwards, as every in-place op does, so that autograd's
+// saved-tensor checks and caches keyed on versions (the blocks' folded weights) see the
+// update. (torch's autogradNotImplementedInplaceOrViewFallback bumps mutated outputs only.)
+void bump_mutated_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                            torch::jit::Stack* stack) {
+  const c10::FunctionSchema& schema = op.schema();
+  const size_t num_arguments = schema.arguments().size();
+  const size_t first = stack->size() - num_arguments;
+  std::vector<at::Tensor> mutated;
+  for (size_t i = 0; i < num_arguments; ++i) {
+    const c10::IValue& argument = (*stack)[first + i];
+    if (schema.is_mutable({c10::SchemaArgType::input, i}) && argument.isTensor()) {
+      mutated.push_back(argument.toTensor());
+    }
+  }
+  {
+    c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : mutated) torch::autograd::impl::bump_version(t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, ADInplaceOrView, m) {
+  m.impl("batch_stats", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_arguments>());
 }

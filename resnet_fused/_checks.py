@@ -124,6 +124,14 @@ def check_batch_size(input: Tensor) -> None:
         )
 
 
+def as_float(op: str, name: str, value: object) -> float:
+    """``value`` as a Python float, as the schema's ``float`` would take it; else a TypeError
+    naming the argument (Python-implemented ops are called without the schema in eager mode)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}(): expected `{name}` to be a float, got {type(value).__name__}")
+    return float(value)
+
+
 def check_batch_stats(
     op: str, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor]
 ) -> None:
@@ -195,6 +203,8 @@ def _dual_bn_add_relu_backward(grad_out, *args):
 
 def _batch_stats(input, running_mean, running_var, momentum, eps):
     check_batch_stats("batch_stats", input, running_mean, running_var)
+    as_float("batch_stats", "momentum", momentum)
+    as_float("batch_stats", "eps", eps)
 
 
 # Validation of every op of the set, called with the op's arguments: by the fake kernels,

@@ -104,12 +104,11 @@ class Backend:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             raise TypeError(f"resnet_fused backend {self.name!r} supports dtypes {names}, got {dtype}")
 
-    @property
-    def calls(self) -> object:
-        """The ops to call: the registered ``torch.ops`` while a graph is traced
-        (torch.compile, torch.export, a dispatch mode such as make_fx's or FakeTensorMode:
-        opaque nodes with fake kernels), the same ops without torch.library's Python
-        layers in plain eager mode (:func:`resnet_fused.ops.eager_ops`)."""
+    def callable_ops(self) -> object:
+        """The ops to call now: in plain eager mode the implementations without torch.library's
+        Python layers (:func:`resnet_fused.ops.eager_ops`); while a graph is traced
+        (torch.compile, torch.export, a dispatch mode such as make_fx's or FakeTensorMode's)
+        the registered ``torch.ops``, opaque nodes with fake kernels."""
         if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
             return self.ops
         return _op_set.eager_ops(self.ops.name)

@@ -10,9 +10,9 @@ Each backend implements the same seven ops in its own namespace:
 
 :func:`register` attaches one set of fake kernels and autograd formulas to a namespace,
 so every backend behaves identically under autograd, ``torch.compile`` and
-``torch.library.opcheck``. :func:`eager_ops` runs the same ops and formulas in eager mode
-without torch.library's Python layers (see there). Each fused forward's backward is its own op (``bn_relu`` ->
-``bn_relu_backward``, ...). ``batch_stats`` mutates the running statistics and is not
+``torch.library.opcheck``; :func:`eager_ops` runs the same implementations and formulas
+in plain eager mode without torch.library's Python layers. Each fused forward's backward
+is its own op (``bn_relu`` -> ``bn_relu_backward``, ...). ``batch_stats`` mutates the running statistics and is not
 differentiable; the fused ops account for the statistics instead: with
 ``training=True`` their ``mean`` and ``invstd`` are ``input``'s batch statistics and
 their gradient is part of ``grad_input``; with ``training=False`` they are constants of
@@ -213,14 +213,35 @@ def register(namespace: str) -> None:
     for name in OP_NAMES:
         if name.endswith("_backward"):
             torch.library.register_autograd(f"{namespace}::{name}", _no_double_backward, setup_context=_no_setup)
+    _EAGER_OPS[namespace] = _build_eager_ops(namespace)
 
 
 # ---------------------------------------------------------------- eager mode
+#
+# A call through ``torch.ops`` crosses into Python three times (torch.library's autograd
+# kernel, its autograd.Function, the redispatch) and rebuilds the argument list from the
+# schema (``fill_defaults``): tens of microseconds per op, which bound a training step on a
+# GPU whose host is slower than its kernels. In plain eager mode each fused forward is
+# instead one autograd.Function over the implementation itself, with the same formulas;
+# whatever traces a graph (torch.compile, export, dispatch modes, compiled autograd, torch.func
+# transforms other than grad and jvp) gets the registered ops.
+
+_EAGER_OPS: dict[str, SimpleNamespace] = {}
+
+
+def eager_ops(namespace: str) -> SimpleNamespace:
+    """The ops of ``namespace`` for plain eager mode (built by :func:`register`)."""
+    return _EAGER_OPS[namespace]
+
+
+def _autograd_function(name: str, **methods: Callable) -> type:
+    return type(name, (torch.autograd.Function,), {k: staticmethod(f) for k, f in methods.items()})
 
 
 def _direct(namespace: str, name: str) -> Callable:
     """``namespace::name`` without the dispatcher's autograd layer: the Python
-    implementation itself, or the C++ op below autograd (its CPU or CUDA kernel)."""
+    implementation itself, or the C++ op below autograd (its ADInplaceOrView kernel, then
+    its CPU or CUDA kernel)."""
     implementation = _IMPLEMENTATIONS.get(namespace, {}).get(name)
     if implementation is not None:
         return implementation
@@ -234,71 +255,69 @@ def _direct(namespace: str, name: str) -> Callable:
 
 
 def _backward_op(namespace: str, name: str) -> Callable:
-    direct = _direct(namespace, name)
-    # create_graph=True (or torch.func.grad, which differentiates with it): the gradients it
+    direct, registered = _direct(namespace, name), getattr(getattr(torch.ops, namespace), name)
+    # create_graph=True (torch.func.grad differentiates with it too): the gradients it
     # returns must fail when differentiated, as the registered ops' do.
-    guarded = type(f"{namespace}_{name}", (torch.autograd.Function,), {
-        "forward": staticmethod(direct), "setup_context": staticmethod(_no_setup),
-        "backward": staticmethod(_no_double_backward),
-    })  # fmt: skip
+    guarded = _autograd_function(f"{namespace}_{name}", forward=direct, setup_context=_no_setup,
+                                 backward=_no_double_backward)
 
     def backward_op(*args):
+        if torch.compiler.is_compiling():  # compiled autograd traces the backward
+            return registered(*args)
         return guarded.apply(*args) if torch.is_grad_enabled() else direct(*args)
 
     return backward_op
 
 
-def _batch_stats(direct: Callable) -> Callable:
+def _batch_stats(namespace: str) -> Callable:
+    direct = _direct(namespace, "batch_stats")
+    if namespace not in _IMPLEMENTATIONS:
+        return direct  # the C++ op bumps the running statistics' versions itself (csrc/ops.cpp)
+
     def batch_stats(input, running_mean, running_var, momentum, eps):
         result = direct(input, running_mean, running_var, momentum, eps)
-        # What torch.library does for a mutated argument: caches keyed on tensor versions
-        # (the blocks' folded weights) must see the update.
-        for running in (running_mean, running_var):
-            if running is not None and not running.is_inference():  # inference tensors have no version
-                torch.autograd.graph.increment_version(running)
+        # As the registered op does for a mutated argument: a kernel that writes through a
+        # raw pointer (Triton) bumps no version counter.
+        torch.autograd.graph.increment_version([t for t in (running_mean, running_var) if t is not None])
         return result
 
     return batch_stats
 
 
-@functools.lru_cache(maxsize=None)
-def eager_ops(namespace: str) -> SimpleNamespace:
-    """The ops of ``namespace`` for eager mode, with the autograd formulas of :func:`register`.
-
-    A call through ``torch.ops`` crosses into Python three times (torch.library's autograd
-    kernel, its ``autograd.Function``, the redispatch) and rebuilds the argument list
-    from the schema (``fill_defaults``): tens of microseconds per op, which bound a
-    training step on a GPU whose host is slower than its kernels. Here each fused forward
-    is one ``autograd.Function`` calling the implementation directly. torch.compile calls
-    the registered ops instead (:meth:`resnet_fused.backends.Backend.calls`).
-    """
+def _build_eager_ops(namespace: str) -> SimpleNamespace:
     backward_ops = SimpleNamespace(**{name: _backward_op(namespace, name) for name in OP_NAMES if name.endswith("_backward")})
     functions = {
-        name: _function(f"{namespace}_{name}", _direct(namespace, name), setup_context, backward)
+        name: _function(namespace, name, setup_context, backward)
         for name, (backward, setup_context) in _backward_formulas(backward_ops).items()
     }
-    return SimpleNamespace(batch_stats=_batch_stats(_direct(namespace, "batch_stats")), **functions)
+    return SimpleNamespace(batch_stats=_batch_stats(namespace), **functions)
 
 
-def _function(name: str, op: Callable, setup_context: Callable, backward: Callable) -> Callable:
-    """``op`` with ``backward``: one autograd.Function for plain eager calls, and one with a
-    separate ``setup_context`` for torch.func transforms (``torch.func.grad``), which require
-    it. The first exists because Function.apply binds default arguments
-    (``inspect.signature``, ~10 us a call) whenever ``setup_context`` is separate."""
+_DIFFERENTIATING_TRANSFORMS = ("Grad", "Jvp")
+
+
+def _function(namespace: str, name: str, setup_context: Callable, backward: Callable) -> Callable:
+    """The fused forward ``namespace::name`` with ``backward``: one autograd.Function for
+    plain eager calls and one with a separate ``setup_context`` for torch.func.grad, which
+    requires it (vmap and functionalize get the registered op). Two, because Function.apply
+    binds default arguments (``inspect.signature``, ~10 us a call) whenever
+    ``setup_context`` is separate."""
+    op, registered = _direct(namespace, name), getattr(getattr(torch.ops, namespace), name)
 
     def forward(ctx, *inputs):
         output = op(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
-    plain = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-    transformable = type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(op), "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
-    })  # fmt: skip
+    plain = _autograd_function(f"{namespace}_{name}", forward=forward, backward=backward)
+    transformable = _autograd_function(f"{namespace}_{name}_transformable", forward=op,
+                                       setup_context=setup_context, backward=backward)
 
     def apply(*inputs):
-        if torch._C._are_functorch_transforms_active():
+        if not torch._C._are_functorch_transforms_active():
+            return plain.apply(*inputs)
+        if torch._C._functorch.peek_interpreter_stack().key().name in _DIFFERENTIATING_TRANSFORMS:
             return transformable.apply(*inputs)
-        return plain.apply(*inputs)
+        return registered(*inputs)
 
     return apply

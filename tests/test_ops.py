@@ -418,6 +418,81 @@ def test_double_backward_is_an_error(backend):
         torch.autograd.grad(gx.square().sum(), w)
 
 
+def _fused_call(op: str, backend: str, training: bool):
+    """(function of the differentiable tensors through the functional API, the same through the
+    registered ops called directly, the tensors): eval mode gives mean and invstd gradients."""
+    x, y = activation((3, 4, 2, 3)), activation((3, 4, 2, 3), layout="nchw")
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    mean, var = torch.randn(4), torch.rand(4) + 0.5
+    ops = backends.get(backend).ops
+    tensors = [t.clone().requires_grad_() for t in (x, y, w, b, mean, var)]
+
+    def functional(x, y, w, b, mean, var):
+        stats = (None, None) if training else (mean, var)
+        if op == "bn_relu":
+            return RF.bn_relu(x, *stats, w, b, training, backend=backend)
+        if op == "bn_add_relu":
+            return RF.bn_add_relu(x, y, *stats, w, b, training, backend=backend)
+        return RF.dual_bn_add_relu(x, y, *stats, *stats, w, b, b, w, training, backend=backend)
+
+    def registered(x, y, w, b, mean, var):
+        if training:
+            mean, invstd = ops.batch_stats(x.detach(), None, None, 0.1, 1e-5)
+        else:
+            invstd = torch.rsqrt(var + 1e-5)
+        if op == "bn_relu":
+            return ops.bn_relu(x, w, b, mean, invstd, training)
+        if op == "bn_add_relu":
+            return ops.bn_add_relu(x, y, w, b, mean, invstd, training)
+        if training:
+            mean_d, invstd_d = ops.batch_stats(y.detach(), None, None, 0.1, 1e-5)
+        else:
+            mean_d, invstd_d = mean, invstd
+        return ops.dual_bn_add_relu(x, w, b, mean, invstd, y, b, w, mean_d, invstd_d, training)
+
+    return functional, registered, tensors
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("op", ["bn_relu", "bn_add_relu", "dual_bn_add_relu"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eager_path_equals_the_registered_ops(backend, op, training):
+    """The eager path (one autograd.Function over the implementation) and torch.library's
+    registered autograd run the same kernels and formulas: every gradient bitwise equal."""
+    functional, registered, tensors = _fused_call(op, backend, training)
+    grad = activation((3, 4, 2, 3))
+    results = []
+    for fn in (functional, registered):
+        inputs = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*inputs)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad for t in inputs])
+    for name, eager, library in zip(("out", "x", "y", "w", "b", "mean", "var"), *results):
+        if eager is None or library is None:
+            assert eager is None and library is None, name
+        else:
+            assert torch.equal(eager, library), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scalar_arguments_are_checked_before_any_kernel(backend):
+    x, running_mean, running_var = activation((2, 4, 3, 3)), torch.zeros(4), torch.ones(4)
+    with pytest.raises(TypeError, match=r"bn_relu\(\): expected `momentum` to be a float, got NoneType"):
+        RF.bn_relu(x, running_mean, running_var, training=True, momentum=None, backend=backend)
+    with pytest.raises(TypeError, match=r"dual_bn_add_relu\(\): expected `eps_d` to be a float, got str"):
+        RF.dual_bn_add_relu(x, x, running_mean, running_var, None, None, training=True, eps_d="1e-5", backend=backend)
+    assert torch.equal(running_mean, torch.zeros(4))  # no statistics were taken
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_functionalize_runs_the_registered_ops(backend):
+    """torch.func transforms other than grad (functionalize, vmap) get the registered ops."""
+    _, _, (x, y, w, b, mean, var) = _fused_call("bn_relu", backend, training=False)
+    f = lambda x: RF.bn_relu(x, mean.detach(), var.detach(), w.detach(), b.detach(), False, backend=backend)  # noqa: E731
+    x = x.detach()
+    assert torch.equal(torch.func.functionalize(f)(x), f(x))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_graph_tracing_sees_the_registered_ops(backend):
     """Under a tracing dispatch mode (make_fx with fake tensors) the ops are opaque graph
@@ -452,12 +527,15 @@ def test_torch_func_grad_matches_autograd(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_running_statistics_updates_bump_versions(backend):
-    """As any in-place op does: caches keyed on versions (the folded weights) see the update."""
+    """As any in-place op does: caches keyed on versions (the folded weights) see the update,
+    in eager mode and through the registered op (what dispatch modes and compile call)."""
     x = activation((4, 3, 2, 2))
     running_mean, running_var = torch.zeros(3), torch.ones(3)
+    registered = backends.get(backend).ops
     for update in (
         lambda: RF.batch_stats(x, running_mean, running_var, backend=backend),
         lambda: RF.bn_relu(x, running_mean, running_var, training=True, backend=backend),
+        lambda: registered.batch_stats(x, running_mean, running_var, 0.1, 1e-5),
     ):
         before = running_mean._version, running_var._version
         update()
