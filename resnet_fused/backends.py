@@ -65,13 +65,26 @@ def _load_measured(path: str) -> dict[str, dict[str, tuple[str, ...]]]:
 MEASURED_ORDER = _load_measured(AUTO_ORDER_FILE)
 
 
-def device_key(device: torch.device) -> str:
-    """The key of a device's measurements: ``cuda:sm_<major><minor>``, or the device type.
-    (``get_device_properties``: torch caches it, and torch.compile folds it to a constant.)"""
-    if device.type != "cuda":
-        return device.type
+_CUDA_DEVICE_KEYS: dict[int, str] = {}  # device index -> key; `auto` asks on every op call
+
+
+def _cuda_device_key(device: Union[int, torch.device]) -> str:
     props = torch.cuda.get_device_properties(device)
     return f"cuda:sm_{props.major}{props.minor}"
+
+
+def device_key(device: torch.device) -> str:
+    """The key of a device's measurements: ``cuda:sm_<major><minor>``, or the device type.
+    (Traced by torch.compile, which folds it to a constant: the cache stays out of the graph.)"""
+    if device.type != "cuda":
+        return device.type
+    if torch.compiler.is_compiling():
+        return _cuda_device_key(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    key = _CUDA_DEVICE_KEYS.get(index)
+    if key is None:
+        key = _CUDA_DEVICE_KEYS[index] = _cuda_device_key(index)
+    return key
 
 
 def auto_order(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:

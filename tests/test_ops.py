@@ -613,6 +613,21 @@ def test_auto_follows_the_measured_order(monkeypatch):
     torch.testing.assert_close(compiled(x), RF.bn_relu(x, None, None, training=True, backend="reference"))
 
 
+def test_cuda_device_key_is_cached_per_device(monkeypatch):
+    """`auto` looks the key up on every op call: the device properties are read once per device."""
+    calls = []
+
+    class Props:
+        major, minor = 9, 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: calls.append(index) or Props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(backends, "_CUDA_DEVICE_KEYS", {})
+    for device in ("cuda:0", "cuda", "cuda:0", "cuda:1"):
+        assert backends.device_key(torch.device(device)) == "cuda:sm_90"
+    assert calls == [0, 1]
+
+
 def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
     spec = importlib.util.spec_from_file_location("auto_order", Path(__file__).parent.parent / "scripts" / "auto_order.py")
     script = importlib.util.module_from_spec(spec)
