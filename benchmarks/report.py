@@ -252,6 +252,7 @@ def charts(directory: Path, rows: list[dict], env: dict) -> list[Path]:
 PROVIDER_COLORS = {
     "compile": "#7f7f7f", "compile-max-autotune": "#bcbcbc", "fused-cuda": "#d62728",
     "fused-triton": "#1f77b4", "fused-cpu": "#2ca02c", "fused-reference": "#ff7f0e",
+    "compile-fused-cuda": "#8c1a1a",
 }
 
 

@@ -211,3 +211,24 @@ def test_step_profile_names_phases_and_backward_nodes(capsys):
         assert "ConvolutionBackward0" in text
     assert "NativeBatchNormBackward0" in eager and "resnet_fused" not in eager
     assert "resnet_fused_bn_reluBackward" in fused and "resnet_fused_dual_bn_add_reluBackward" in fused
+
+
+def test_compile_fused_provider_fuses_then_compiles(monkeypatch):
+    """compile-fused-cuda: the blocks fused first, torch.compile over the fused model, the
+    cuda backend selected around every call; on a machine without it, unavailable."""
+    import torchvision
+
+    import resnet_fused
+    from benchmarks import providers
+
+    assert providers.fused_backend("compile-fused-cuda") == "cuda" and providers.fused_backend("compile") is None
+    assert "cuda" in providers.unavailable("compile-fused-cuda", torch.device("cpu"), torch.float32)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append((model, kwargs)) or model)
+    monkeypatch.setattr(providers, "fused_backend", lambda name: "cpu")  # the same path, runnable here
+    prepared = providers.prepare("compile-fused-cuda", torchvision.models.resnet18())
+    (model, kwargs), = compiled
+    assert model is prepared.module and kwargs == {"fullgraph": True}
+    assert isinstance(model.layer1[0], resnet_fused.FusedBasicBlock)
+    with prepared.context():
+        assert resnet_fused.get_backend() == "cpu"
