@@ -18,8 +18,8 @@
 # measurement failed. Each phase after the build has a time cap, and the benchmarks end
 # at their budgets by themselves: about 5 minutes (an H200, 2026-11-27: 4.5 before the
 # profile phase existed, build 33 s), under 8 even if every phase runs to its cap; a capped
-# phase says so and keeps what it wrote. Prints each phase's wall time; the kernel summary,
-# the suite's table and the step profile's totals come last.
+# phase says so and keeps what it wrote. Prints each phase's wall time, the suite's table and
+# the step profile's totals; the kernel summary comes last.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
 # TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60), SUITE_BUDGET (s, default 90),
@@ -209,6 +209,12 @@ if want profile; then
     --steps 2 >"$out/profile.log" 2>&1 || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
   took "profile"
   grep -E "^[a-z-]+: wall|^  kernels" "$out/profile.log"
+fi
+
+# The issue's "short table last": the kernels' summary closes the log (and the device's output tail).
+if want kernels && grep -q "^summary (" "$out/bench.log" 2>/dev/null; then
+  printf '\n=== kernel summary (printed above; repeated to come last)\n'
+  sed -n '/^summary (/,$p' "$out/bench.log"
 fi
 
 printf '\n=== done in %ds: %s (results in %s)\n' $((SECONDS - start)) "$([[ $status -eq 0 ]] && echo OK || echo FAILURES)" "$out"
