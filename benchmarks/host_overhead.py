@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import io
 import pstats
 import statistics
 import sys
@@ -35,24 +36,20 @@ if __package__ in (None, ""):
 import torchvision  # noqa: E402
 
 import resnet_fused  # noqa: E402
+from benchmarks import common  # noqa: E402
 from resnet_fused import modules  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_us(fn: Callable[[], object], device: torch.device, calls: int = 2000, repeats: int = 5) -> float:
     for _ in range(max(calls // 10, 3)):
         fn()
-    _sync(device)
+    common.sync(device)
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        _sync(device)
+        common.sync(device)
         runs.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(runs)
 
@@ -60,14 +57,14 @@ def median_us(fn: Callable[[], object], device: torch.device, calls: int = 2000,
 def _profile(fn: Callable[[], object], device: torch.device, calls: int, top: int) -> str:
     for _ in range(10):
         fn()
-    _sync(device)
+    common.sync(device)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):
         fn()
-    _sync(device)
+    common.sync(device)
     profiler.disable()
-    out = __import__("io").StringIO()
+    out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
     return out.getvalue()
 

@@ -24,8 +24,8 @@ Bytes: ``bytes`` counts each input read once and each output written once (the i
 rule; per-channel vectors ignored); ``kernel_bytes`` is the traffic the fused kernels make
 by design: the backward reads its inputs twice (reduction pass, then elementwise pass;
 ``bn_add_relu_backward``'s reduction writes ``grad_residual = g`` and its elementwise pass
-reads that and ``x`` alone: 7 passes, not 8), a training forward reads its input once for statistics and once to normalize. ``% copy``
-divides achieved bandwidth by the device-to-device copy bandwidth measured in the same
+reads that and ``x`` alone: 7 passes, not 8), a training forward reads its input once for
+statistics and once to normalize. ``% copy`` divides achieved bandwidth by the device-to-device copy bandwidth measured in the same
 run (benchmarks/common.py). Timing: on CUDA each callable is captured in a CUDA graph and
 its replays are timed with ``triton.testing.do_bench`` (L2 flushed between replays), so
 host launch overhead counts for neither side; on the CPU, medians of wall-clock runs.

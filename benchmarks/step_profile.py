@@ -10,7 +10,8 @@ times the step (wall, CUDA events or the host clock), then records a few steps w
 torch.profiler and prints, per step:
 
 - wall time, the kernels' total time, and the host time of the forward (with autograd),
-  the backward and the optimizer, from ``record_function`` ranges on the calling thread
+  the backward and the optimizer, from the suite's own step (``workloads.make_step``) with
+  its phases named by ``record_function`` ranges on the calling thread
   (the backward range waits for the autograd engine, whose nodes run on its own threads);
 - the backward nodes (``autograd::engine::evaluate_function: ...``) by total host time;
 - the ops by their own (self) host time.
@@ -28,41 +29,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common, providers  # noqa: E402
 from benchmarks.workloads import (LAYOUTS, SIZES, Precision, cases, default_precision,  # noqa: E402
-                                  default_size, make_inputs)
-
-
-def _step(case, model, run, inputs, precision, device):
-    """The suite's training step (workloads.make_step), with its three phases named."""
-    model.train()
-    x = inputs.x
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if case.is_model else None
-
-    def step():
-        if optimizer is None:
-            model.zero_grad(set_to_none=True)
-            x.grad = None
-        with record_function("step: forward"), precision.autocast(device):
-            out = run(x)
-            loss = F.cross_entropy(out, inputs.labels) if case.is_model else None
-        with record_function("step: backward"):
-            if loss is not None:
-                loss.backward()
-            else:
-                out.backward(inputs.grad)
-        if optimizer is not None:
-            with record_function("step: optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-    return step
+                                  default_size, make_inputs, make_step)
 
 
 def _wall_ms(step, device: torch.device, steps: int) -> float:
@@ -130,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{name}: unavailable: {reason}")
             continue
         prepared = providers.prepare(name, copy.deepcopy(model))
-        step = _step(case, prepared.module, prepared.run, inputs, precision, device)
+        step = make_step(case, "train", prepared.module, prepared.run, inputs, precision, device, named_phases=True)
         with prepared.context():
             for _ in range(3):  # warm-up: cuDNN plans, autotuning, allocator
                 step()

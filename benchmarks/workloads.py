@@ -160,14 +160,21 @@ def make_inputs(case: Case, precision: Precision, layout: str, device: torch.dev
     return Inputs(randn(*shape, dtype=dtype).requires_grad_(), grad=randn(*shape, dtype=dtype))
 
 
+def _unnamed(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def make_step(
     case: Case, mode: str, model: nn.Module, run: Callable[[Tensor], Tensor], inputs: Inputs,
-    precision: Precision, device: torch.device,
+    precision: Precision, device: torch.device, *, named_phases: bool = False,
 ) -> Callable[[], Tensor]:
     """One step of ``mode``: returns the forward output. ``run`` is the provider's callable
-    (``model`` itself, its compiled wrapper, ...); ``model`` owns the parameters."""
+    (``model`` itself, its compiled wrapper, ...); ``model`` owns the parameters.
+    ``named_phases``: a training step's forward, backward and optimizer run inside
+    ``record_function("step: <phase>")`` ranges, for the profiler (benchmarks/step_profile.py)."""
     model.train(mode != "infer")
     autocast = precision.autocast
+    phase = torch.profiler.record_function if named_phases else _unnamed
     x = inputs.x if mode == "train" else inputs.x.detach()
     if mode == "infer":
         def step():
@@ -181,20 +188,23 @@ def make_step(
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
         def step():
-            with autocast(device):
+            with phase("step: forward"), autocast(device):
                 logits = run(x)
                 loss = F.cross_entropy(logits, inputs.labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with phase("step: backward"):
+                loss.backward()
+            with phase("step: optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             return logits.detach()
     else:
         def step():
             model.zero_grad(set_to_none=True)
             x.grad = None
-            with autocast(device):
+            with phase("step: forward"), autocast(device):
                 y = run(x)
-            y.backward(inputs.grad)
+            with phase("step: backward"):
+                y.backward(inputs.grad)
             return y.detach()
     return step
 

@@ -2,8 +2,9 @@
 //
 // Implementations register per backend with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda);
 // fake (meta) kernels and autograd formulas are registered from Python
-// (resnet_fused/ops.py); the version bump of batch_stats' in-place writes here. Per-channel arrays (mean, invstd, parameter gradients) are in the
-// accumulation type: float64 for float64 activations, float32 otherwise.
+// (resnet_fused/ops.py); the version bump of batch_stats' in-place writes is here.
+// Per-channel arrays (mean, invstd, parameter gradients) are in the accumulation type:
+// float64 for float64 activations, float32 otherwise.
 
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>

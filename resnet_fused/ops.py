@@ -12,8 +12,9 @@ Each backend implements the same seven ops in its own namespace:
 so every backend behaves identically under autograd, ``torch.compile`` and
 ``torch.library.opcheck``; :func:`eager_ops` runs the same implementations and formulas
 in plain eager mode without torch.library's Python layers. Each fused forward's backward
-is its own op (``bn_relu`` -> ``bn_relu_backward``, ...). ``batch_stats`` mutates the running statistics and is not
-differentiable; the fused ops account for the statistics instead: with
+is its own op (``bn_relu`` -> ``bn_relu_backward``, ...). ``batch_stats`` mutates the
+running statistics and is not differentiable; the fused ops account for the statistics
+instead: with
 ``training=True`` their ``mean`` and ``invstd`` are ``input``'s batch statistics and
 their gradient is part of ``grad_input``; with ``training=False`` they are constants of
 the graph (running statistics) and get gradients of their own if they require them.
@@ -238,6 +239,11 @@ def _autograd_function(name: str, **methods: Callable) -> type:
     return type(name, (torch.autograd.Function,), {k: staticmethod(f) for k, f in methods.items()})
 
 
+def _registered(namespace: str, name: str):
+    """The registered op ``torch.ops.<namespace>.<name>``."""
+    return getattr(getattr(torch.ops, namespace), name)
+
+
 def _direct(namespace: str, name: str) -> Callable:
     """``namespace::name`` without the dispatcher's autograd layer: the Python
     implementation itself, or the C++ op below autograd (its ADInplaceOrView kernel, then
@@ -245,7 +251,7 @@ def _direct(namespace: str, name: str) -> Callable:
     implementation = _IMPLEMENTATIONS.get(namespace, {}).get(name)
     if implementation is not None:
         return implementation
-    op = getattr(getattr(torch.ops, namespace), name).default
+    op = _registered(namespace, name).default
 
     def below_autograd(*args):
         with torch._C._AutoDispatchBelowAutograd():
@@ -255,7 +261,7 @@ def _direct(namespace: str, name: str) -> Callable:
 
 
 def _backward_op(namespace: str, name: str) -> Callable:
-    direct, registered = _direct(namespace, name), getattr(getattr(torch.ops, namespace), name)
+    direct, registered = _direct(namespace, name), _registered(namespace, name)
     # create_graph=True (torch.func.grad differentiates with it too): the gradients it
     # returns must fail when differentiated, as the registered ops' do.
     guarded = _autograd_function(f"{namespace}_{name}", forward=direct, setup_context=_no_setup,
@@ -302,7 +308,7 @@ def _function(namespace: str, name: str, setup_context: Callable, backward: Call
     requires it (vmap and functionalize get the registered op). Two, because Function.apply
     binds default arguments (``inspect.signature``, ~10 us a call) whenever
     ``setup_context`` is separate."""
-    op, registered = _direct(namespace, name), getattr(getattr(torch.ops, namespace), name)
+    op, registered = _direct(namespace, name), _registered(namespace, name)
 
     def forward(ctx, *inputs):
         output = op(*inputs)
