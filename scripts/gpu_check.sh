@@ -16,8 +16,9 @@
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py). Stops at once if
 # the build fails; otherwise runs every phase and exits non-zero if any test or
 # measurement failed. Each phase after the build has a time cap, and the benchmarks end
-# at their budgets by themselves: about 5 minutes (an H200, 2026-11-27: 4.5 before the
-# profile phase existed, build 33 s), under 8 even if every phase runs to its cap; a capped
+# at their budgets by themselves: 4.5 minutes measured on an H200 (2026-11-27, build 33 s)
+# before the profile phase (capped at 60 s, not yet timed) was added; under 8 even if every
+# phase runs to its cap; a capped
 # phase says so and keeps what it wrote. Prints each phase's wall time, the suite's table and
 # the step profile's totals; the kernel summary comes last.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
