@@ -257,19 +257,19 @@ def eager_callable(op: str, t: Tensors) -> Callable[[], object]:
 KERNEL_ROLES = {
     "cuda": {  # csrc/cuda/bn_act_kernels.cu; the names carry the resnet_fused namespace
         "batch_stats_finalize_kernel": "statistics finalize",
-        "backward_finalize_kernel": "backward finalize",
+        "bn_act_backward_finalize_kernel": "backward finalize",
         "batch_stats_kernel": "statistics",
-        "backward_reduce_kernel": "backward reduce",
-        "backward_elementwise_kernel": "backward elementwise",
-        "forward_kernel": "forward",
+        "bn_act_backward_reduce_kernel": "backward reduce",
+        "bn_act_backward_elementwise_kernel": "backward elementwise",
+        "bn_act_forward_kernel": "forward",
     },
     "triton": {  # resnet_fused/triton; the names are the @triton.jit functions'
-        "_finalize_kernel": "statistics finalize",
-        "_backward_finalize_kernel": "backward finalize",
-        "_partials_kernel": "statistics",
-        "_backward_reduce_kernel": "backward reduce",
-        "_backward_elementwise_kernel": "backward elementwise",
-        "_forward_kernel": "forward",
+        "_batch_stats_finalize_kernel": "statistics finalize",
+        "_bn_act_backward_finalize_kernel": "backward finalize",
+        "_batch_stats_partials_kernel": "statistics",
+        "_bn_act_backward_reduce_kernel": "backward reduce",
+        "_bn_act_backward_elementwise_kernel": "backward elementwise",
+        "_bn_act_forward_kernel": "forward",
     },
 }
 # The activation-sized passes each streaming role makes per call (the finalize kernels

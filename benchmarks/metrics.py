@@ -52,7 +52,8 @@ def classify(name: str) -> str:
 
 def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> dict:
     """Per-step device time by category from the profiler: ``<category>_pct``,
-    ``profiled_ms`` (their sum) and ``top_kernels`` (the five largest, ms per step).
+    ``profiled_ms`` (their sum) and ``kernels``: every kernel or operator with its ms per
+    step, largest first, from which a report applies the classification again.
 
     CUDA: kernel (and memcpy/memset) time. CPU: the self time of every operator.
     """
@@ -70,16 +71,29 @@ def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> d
             continue
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0:
-            per_name[event.key] += us / iters / 1e3
-    per_category = Counter()
-    for name, ms in per_name.items():
+            per_name[event.key[:KERNEL_NAME_CHARS]] += us / iters / 1e3
+    kernels = [[name, round(ms, 4)] for name, ms in per_name.most_common()]
+    out = category_shares(kernels)
+    if out:
+        out["kernels"] = kernels
+    return out
+
+
+# Kernel names are kept this long in results (C++ template arguments make them longer).
+KERNEL_NAME_CHARS = 160
+
+
+def category_shares(kernels: Iterable[tuple[str, float]]) -> dict:
+    """``<category>_pct`` and ``profiled_ms`` from (name, ms) pairs, by :func:`classify`;
+    empty when there is no time. A rendering of stored ``kernels`` applies today's rules."""
+    per_category: Counter[str] = Counter()
+    for name, ms in kernels:
         per_category[classify(name)] += ms
     total = sum(per_category.values())
     if total == 0:
         return {}
     out = {f"{c}_pct": 100 * per_category[c] / total for c in CATEGORIES}
     out["profiled_ms"] = total
-    out["top_kernels"] = [[name[:160], round(ms, 4)] for name, ms in per_name.most_common(5)]
     return out
 
 

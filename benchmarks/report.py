@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import common
+from . import common, metrics
 from .providers import BASELINES, NAMES
 from .workloads import MODES
 
@@ -352,6 +352,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--latest", type=Path, metavar="ROOT", help="also rewrite ROOT/LATEST.md (a published run)")
     args = parser.parse_args(argv)
     data = json.loads((args.run_dir / "results.json").read_text())
+    for row in data["rows"]:
+        if row.get("kernels"):  # the breakdown by today's classification rules
+            row.update(metrics.category_shares(row["kernels"]))
     rendered, chart_paths = write_run(args.run_dir, data["environment"], data["rows"])
     written = [args.run_dir / "table.md", *chart_paths]
     if args.latest:

@@ -95,7 +95,7 @@ def compile_source(nvcc: str, source: Path, archs: list[str], cuobjdump: str | N
     return source, proc.returncode, proc.stdout + proc.stderr, sass
 
 
-STREAMING = re.compile(r"(forward_kernel|backward_elementwise_kernel)I\w+?Li(\d+)E")
+STREAMING = re.compile(r"(bn_act_forward_kernel|bn_act_backward_elementwise_kernel)I\w+?Li(\d+)E")
 
 
 def narrow_stores(sass: str) -> tuple[int, list[tuple[str, str, int]]]:

@@ -1,6 +1,8 @@
 """The benchmark suite (benchmarks/): a tiny CPU run end to end, and its measuring parts."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +96,48 @@ def test_classify_kernel_names(name, category):
     assert metrics.classify(name) == category
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _kernel_names() -> dict[str, list[str]]:
+    """Every kernel resnet_fused launches, by backend, as its source defines it."""
+    cuda = (REPOSITORY / "csrc" / "cuda" / "bn_act_kernels.cu").read_text()
+    triton = "".join(p.read_text() for p in (REPOSITORY / "resnet_fused" / "triton").glob("*.py"))
+    return {
+        "cuda": re.findall(r"__global__ void\b[^;{]*?\b(\w+_kernel)\(", cuda),
+        "triton": re.findall(r"@triton\.jit\s+def (\w+_kernel)\(", triton),
+    }
+
+
+def test_every_resnet_fused_kernel_counts_as_batchnorm_and_has_a_role():
+    # The blocks' breakdown files resnet_fused's kernels under bn by their names, and the
+    # kernel benchmark times them by role: a renamed or new kernel must keep both.
+    names = _kernel_names()
+    assert len(names["cuda"]) == 6 and len(names["triton"]) == 6, names
+    for backend, found in names.items():
+        for name in found:
+            profiled = f"void resnet_fused::cuda::(anonymous namespace)::{name}<__nv_bfloat16, 8>" if (
+                backend == "cuda") else name
+            assert metrics.classify(profiled) == "bn", profiled
+            assert kernels.kernel_role(backend, profiled) is not None, profiled
+        assert sorted(found) == sorted(kernels.KERNEL_ROLES[backend])
+
+
+def test_report_classifies_a_run_again_from_its_kernels(tmp_path):
+    rc, out, _ = _run(tmp_path)
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    profiled = [r for r in data["rows"] if r.get("kernels")]
+    assert profiled and all(len(r["kernels"]) > 1 for r in profiled)
+    measured = [{c: r[f"{c}_pct"] for c in metrics.CATEGORIES} for r in profiled]
+    for r in profiled:  # as a run classified by other rules would have them
+        r.update(conv_pct=0.0, bn_pct=0.0, eltwise_pct=0.0, other_pct=100.0)
+    (out / "results.json").write_text(json.dumps(data))
+    assert report.main([str(out)]) == 0
+    rendered = [r for r in json.loads((out / "results.json").read_text())["rows"] if r.get("kernels")]
+    assert [{c: r[f"{c}_pct"] for c in metrics.CATEGORIES} for r in rendered] == measured
+
+
 def test_saved_for_backward_counts_each_storage_once_without_parameters():
     x = torch.randn(1000, requires_grad=True)
     p = torch.randn(500, requires_grad=True)
@@ -185,11 +229,11 @@ def test_kernel_benchmark_budget_is_a_deadline(capsys):
          "statistics finalize"),
         ("cuda", "void resnet_fused::cuda::(anonymous namespace)::batch_stats_kernel<(Layout)0, 8, __nv_bfloat16>",
          "statistics"),
-        ("cuda", "void resnet_fused::cuda::(anonymous namespace)::backward_elementwise_kernel<(Epilogue)1>",
+        ("cuda", "void resnet_fused::cuda::(anonymous namespace)::bn_act_backward_elementwise_kernel<(Epilogue)1>",
          "backward elementwise"),
         ("cuda", "void at::native::batch_norm_collect_statistics_kernel<float>", None),
-        ("triton", "_backward_reduce_kernel", "backward reduce"),
-        ("triton", "_finalize_kernel", "statistics finalize"),
+        ("triton", "_bn_act_backward_reduce_kernel", "backward reduce"),
+        ("triton", "_batch_stats_finalize_kernel", "statistics finalize"),
         ("triton", "triton_poi_fused_relu_0", None),
     ],
 )

@@ -221,8 +221,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(dtype, capsys):
         print(f"\nTriton kernels for {compile_report.TARGET} ({dtype}):\n{compile_report.format_table(rows)}")
     kernels = {r.kernel for r in rows}
     assert kernels == {
-        "_partials_kernel", "_finalize_kernel", "_forward_kernel", "_backward_reduce_kernel",
-        "_backward_finalize_kernel", "_backward_elementwise_kernel",
+        "_batch_stats_partials_kernel", "_batch_stats_finalize_kernel", "_bn_act_forward_kernel", "_bn_act_backward_reduce_kernel",
+        "_bn_act_backward_finalize_kernel", "_bn_act_backward_elementwise_kernel",
     }
     assert all(r.local_bytes == 0 for r in rows), [r for r in rows if r.local_bytes]
     elementwise = [r for r in rows if r.kernel in compile_report.ELEMENTWISE_KERNELS]
@@ -231,14 +231,14 @@ def test_every_kernel_compiles_for_sm90_without_spills(dtype, capsys):
 
 @not_interpreting
 def test_pinning_selects_one_configuration_and_names_a_bad_index():
-    kernel = bn_act_module._forward_kernel
+    kernel = bn_act_module._bn_act_forward_kernel
     with _runtime.pinned_config(None):
         assert _runtime.pinned_config_of(kernel) is None
         with _runtime.pinned_config(2):
             assert _runtime.pinned_config_of(kernel) is kernel.configs[2]
-            assert _runtime.pinned_config_of(bn_act_module._backward_finalize_kernel) is None  # not autotuned
+            assert _runtime.pinned_config_of(bn_act_module._bn_act_backward_finalize_kernel) is None  # not autotuned
         assert _runtime.pinned_index() is None
-        with _runtime.pinned_config(len(kernel.configs)), pytest.raises(ValueError, match="_forward_kernel has 4 conf"):
+        with _runtime.pinned_config(len(kernel.configs)), pytest.raises(ValueError, match="_bn_act_forward_kernel has 4 conf"):
             _runtime.pinned_config_of(kernel)
         with pytest.raises(ValueError, match="pinned_config: index must be >= 0 or None, got -1"):
             with _runtime.pinned_config(-1):
@@ -270,8 +270,8 @@ def test_precompile_plans_each_kernel_specialization_once():
 cuda = pytest.mark.cuda
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_SHAPES = [(4, 19, 5, 7), (3, 8, 1, 1), (2, 67, 9, 11), (8, 256, 14, 14), (2, 64, 56, 56)]
-AUTOTUNED = [batch_stats_module._partials_kernel, bn_act_module._forward_kernel,
-             bn_act_module._backward_reduce_kernel, bn_act_module._backward_elementwise_kernel]
+AUTOTUNED = [batch_stats_module._batch_stats_partials_kernel, bn_act_module._bn_act_forward_kernel,
+             bn_act_module._bn_act_backward_reduce_kernel, bn_act_module._bn_act_backward_elementwise_kernel]
 
 
 @pytest.fixture(autouse=True)

@@ -137,7 +137,7 @@ __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
   if constexpr (sizeof(T) * V == 16) {
     // A full vector leaves as four 32-bit words in one st.global.v4: stored as a Pack, or
     // even as a uint4, it was cut by nvcc into four 32-bit stores in two of the four
-    // unrolled stores of forward_kernel<kRelu, NCHW> (CUDA 13.0, every dtype).
+    // unrolled stores of bn_act_forward_kernel<kRelu, NCHW> (CUDA 13.0, every dtype).
     constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
     uint32_t words[4];
 #pragma unroll
@@ -533,7 +533,7 @@ struct ForwardArgs {
 
 template <typename T, int V, Epilogue E, Layout L>
 __global__ void __launch_bounds__(kThreads, forward_config(E).blocks_per_sm)
-    forward_kernel(ForwardArgs<T> a, Shape shape) {
+    bn_act_forward_kernel(ForwardArgs<T> a, Shape shape) {
   constexpr int U = forward_config(E).unroll(V);
   Walk<L, V> walk(shape);
   if (!walk.active) return;
@@ -617,7 +617,7 @@ struct BackwardLoads {
 // passes in all instead of 8.
 template <typename T, int V, Epilogue E, Layout L>
 __global__ void __launch_bounds__(kThreads, backward_reduce_config(E).blocks_per_sm)
-    backward_reduce_kernel(BackwardArgs<T> a, Shape shape, float* __restrict__ partials) {
+    bn_act_backward_reduce_kernel(BackwardArgs<T> a, Shape shape, float* __restrict__ partials) {
   constexpr int U = backward_reduce_config(E).unroll(V);
   constexpr int K = num_sums(E);
   Walk<L, V> walk(shape);
@@ -716,7 +716,7 @@ __device__ void finalize_branch(const BackwardFinalize& f, const Branch& b, int6
 }
 
 template <Epilogue E>
-__global__ void __launch_bounds__(kFinalizeThreads) backward_finalize_kernel(BackwardFinalize f) {
+__global__ void __launch_bounds__(kFinalizeThreads) bn_act_backward_finalize_kernel(BackwardFinalize f) {
   constexpr int K = num_sums(E);
   const int64_t C = f.channels;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
@@ -753,7 +753,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) backward_finalize_kernel(Bac
 // grad_out, with input alone, as kRelu's does (and needs no mask).
 template <typename T, int V, Epilogue E, Layout L>
 __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).blocks_per_sm)
-    backward_elementwise_kernel(BackwardArgs<T> a, Shape shape, const float* __restrict__ coefficients) {
+    bn_act_backward_elementwise_kernel(BackwardArgs<T> a, Shape shape, const float* __restrict__ coefficients) {
   constexpr int U = backward_elementwise_config(E).unroll(V);
   constexpr Epilogue kLoads = E == Epilogue::kAddRelu ? Epilogue::kRelu : E;  // what the pass streams
   if constexpr (E == Epilogue::kAddRelu) a.grad_out = a.grad_other;
@@ -1011,7 +1011,7 @@ cudaError_t launch_bn_act_forward(const BnActForwardParams& p, cudaStream_t stre
         constexpr Layout L = decltype(layout)::value;
         constexpr int V = decltype(vec)::value;
         const Launch l = make_launch(g, V, wave_grid_y(g, V, forward_config(E)));
-        forward_kernel<T, V, E, L><<<l.grid, l.block, 0, stream>>>(a, l.shape);
+        bn_act_forward_kernel<T, V, E, L><<<l.grid, l.block, 0, stream>>>(a, l.shape);
         return cudaGetLastError();
       });
     });
@@ -1048,7 +1048,7 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
         constexpr Layout L = decltype(layout)::value;
         constexpr int V = decltype(vec)::value;
         const Launch reduce = make_launch(g, V, splits);
-        backward_reduce_kernel<T, V, E, L><<<reduce.grid, reduce.block, 0, stream>>>(a, reduce.shape, partials);
+        bn_act_backward_reduce_kernel<T, V, E, L><<<reduce.grid, reduce.block, 0, stream>>>(a, reduce.shape, partials);
         cudaError_t error = cudaGetLastError();
         if (error != cudaSuccess) return error;
 
@@ -1065,12 +1065,12 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
         f.grad_weight_d = static_cast<float*>(p.grad_weight_d);
         f.grad_bias_d = static_cast<float*>(p.grad_bias_d);
         f.coefficients = coefficients;
-        backward_finalize_kernel<E><<<finalize_grid(C), kFinalizeBlock, 0, stream>>>(f);
+        bn_act_backward_finalize_kernel<E><<<finalize_grid(C), kFinalizeBlock, 0, stream>>>(f);
         error = cudaGetLastError();
         if (error != cudaSuccess) return error;
 
         const Launch elementwise = make_launch(g, V, wave_grid_y(g, V, backward_elementwise_config(E)));
-        backward_elementwise_kernel<T, V, E, L>
+        bn_act_backward_elementwise_kernel<T, V, E, L>
             <<<elementwise.grid, elementwise.block, 0, stream>>>(a, elementwise.shape, coefficients);
         return cudaGetLastError();
       });

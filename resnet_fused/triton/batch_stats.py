@@ -2,13 +2,13 @@
 
 Two kernels, one read of the input (``_reduce`` describes the partition):
 
-1. ``_partials_kernel``: each program streams one chunk of one channel group in
+1. ``_batch_stats_partials_kernel``: each program streams one chunk of one channel group in
    ``[TILE // BLOCK_L, BLOCK_L]`` tiles. Every lane of the tile keeps its own Welford
    (mean, M2) in fp32 over the values it visits; lanes visit values in lockstep, so a
    lane's count follows from the loop indices and is never stored. At the end the lanes
    are merged per channel (Chan et al.: the count-weighted mean of the lane means, and
    the lane M2s plus the spread of the lane means) into one (count, mean, M2) partial.
-2. ``_finalize_kernel``: one program per few channels loads all of their partials at
+2. ``_batch_stats_finalize_kernel``: one program per few channels loads all of their partials at
    once, merges them the same way, and writes mean and invstd = 1/sqrt(var + eps)
    (biased variance), and the running statistics with the unbiased variance, exactly
    as eager BatchNorm updates them.
@@ -33,7 +33,7 @@ NAME = "batch_stats"
 
 @_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L"])
 @triton.jit
-def _partials_kernel(
+def _batch_stats_partials_kernel(
     x_ptr, part_ptr,
     C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
     CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, TILE: tl.constexpr,
@@ -81,7 +81,7 @@ def _partials_kernel(
 
 
 @triton.jit
-def _finalize_kernel(
+def _batch_stats_finalize_kernel(
     part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
     C, chunks, momentum, one_minus_momentum, eps, unbias,
     HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -124,9 +124,9 @@ def launches(
     block_c, block_s = part.finalize_blocks()
     has_running = running_mean is not None
     return [
-        Launch(_partials_kernel, lambda meta: (part.programs,), dict(x_ptr=x, part_ptr=partials, **part.kernel_args())),
+        Launch(_batch_stats_partials_kernel, lambda meta: (part.programs,), dict(x_ptr=x, part_ptr=partials, **part.kernel_args())),
         Launch(
-            _finalize_kernel,
+            _batch_stats_finalize_kernel,
             lambda meta: (triton.cdiv(part.channels, block_c),),
             dict(
                 part_ptr=partials, mean_ptr=mean, invstd_ptr=invstd,

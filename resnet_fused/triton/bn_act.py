@@ -8,16 +8,16 @@ One kernel family, the tail chosen by the ``EPILOGUE`` constexpr:
 ``DUAL_ADD_RELU``  relu(bn(x) + bn_d(y))         ``dual_bn_add_relu``, y the downsample
 =================  ============================  =======================================
 
-Forward: ``_forward_kernel``, one pass. Backward, with g = grad_out * (pre > 0):
+Forward: ``_bn_act_forward_kernel``, one pass. Backward, with g = grad_out * (pre > 0):
 
-1. ``_backward_reduce_kernel``: per-channel partials of sum(g) and sum(g * (x - mean))
+1. ``_bn_act_backward_reduce_kernel``: per-channel partials of sum(g) and sum(g * (x - mean))
    (and sum(g * (y - mean_d))), over the deterministic partition of ``_reduce``; for
    ``ADD_RELU`` it also writes grad_residual = g.
-2. ``_backward_finalize_kernel``: merges them into grad_bias = sum(g), grad_weight =
+2. ``_bn_act_backward_finalize_kernel``: merges them into grad_bias = sum(g), grad_weight =
    invstd * sum(g * (x - mean)) and, in training, the coefficients of
    grad_x = fma(g, scale, fma(x - mean, k2, k1)) with k1 = -scale * sum(g) / M and
    k2 = -scale * invstd^2 * sum(g * (x - mean)) / M (eval: grad_x = scale * g).
-3. ``_backward_elementwise_kernel``: grad_x (for ``ADD_RELU`` from grad_residual and x:
+3. ``_bn_act_backward_elementwise_kernel``: grad_x (for ``ADD_RELU`` from grad_residual and x:
    7 activation passes in all instead of 8), and grad_x_d for ``DUAL_ADD_RELU``.
 
 Every kernel forms the pre-activation with ``_coefficients`` and ``_preactivation`` —
@@ -123,7 +123,7 @@ def _grad_input(g, x, scale, mean, coef_ptr, channel, C, TRAINING: tl.constexpr,
 
 @_runtime.autotune(_runtime.TUNING.elementwise, ["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
 @triton.jit
-def _forward_kernel(
+def _bn_act_forward_kernel(
     x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     y_ptr, weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr,
     out_ptr,
@@ -155,7 +155,7 @@ def _forward_kernel(
 
 @_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
 @triton.jit
-def _backward_reduce_kernel(
+def _bn_act_backward_reduce_kernel(
     grad_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     y_ptr, weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr,
     part_ptr, grad_y_ptr,
@@ -228,7 +228,7 @@ def _branch_gradients(sum_g, sum_gc, weight_ptr, invstd_ptr, grad_weight_ptr, gr
 
 
 @triton.jit
-def _backward_finalize_kernel(
+def _bn_act_backward_finalize_kernel(
     part_ptr, weight_ptr, invstd_ptr, weight_d_ptr, invstd_d_ptr,
     grad_weight_ptr, grad_bias_ptr, grad_weight_d_ptr, grad_bias_d_ptr, coef_ptr,
     C, chunks, reduce_size,
@@ -252,7 +252,7 @@ def _backward_finalize_kernel(
 
 @_runtime.autotune(_runtime.TUNING.elementwise, ["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
 @triton.jit
-def _backward_elementwise_kernel(
+def _bn_act_backward_elementwise_kernel(
     grad_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     y_ptr, weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr,
     coef_ptr, grad_x_ptr, grad_y_ptr,
@@ -368,7 +368,7 @@ def forward_launches(
         y_ptr=x if y is None else y, **_branch_args(downsample, "_d", main),
         out_ptr=out, **view.kernel_args(), EPILOGUE=epilogue,
     )
-    return [Launch(_forward_kernel, view.grid, args)]
+    return [Launch(_bn_act_forward_kernel, view.grid, args)]
 
 
 def backward_launches(
@@ -411,14 +411,14 @@ def backward_launches(
     )
     return [
         Launch(
-            _backward_reduce_kernel,
+            _bn_act_backward_reduce_kernel,
             lambda meta: (part.programs,),
             dict(grad_ptr=grad, **inputs, part_ptr=partials, grad_y_ptr=grad_input if grad_y is None else grad_y,
                  **part.kernel_args(), EPILOGUE=epilogue),
         ),
-        Launch(_backward_finalize_kernel, lambda meta: (triton.cdiv(C, block_c),), finalize_args),
+        Launch(_bn_act_backward_finalize_kernel, lambda meta: (triton.cdiv(C, block_c),), finalize_args),
         Launch(
-            _backward_elementwise_kernel,
+            _bn_act_backward_elementwise_kernel,
             view.grid,
             dict(
                 grad_ptr=grad, **inputs, coef_ptr=coefficients, grad_x_ptr=grad_input,

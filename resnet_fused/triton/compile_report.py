@@ -129,7 +129,7 @@ def _cuobjdump() -> str:
 
 # The streaming kernels whose every store is an activation vector: at the report's shape
 # (256 channels, 56x56: runs of 16-byte multiples) each must be one 128-bit STG.E.128.
-ELEMENTWISE_KERNELS = ("_forward_kernel", "_backward_elementwise_kernel")
+ELEMENTWISE_KERNELS = ("_bn_act_forward_kernel", "_bn_act_backward_elementwise_kernel")
 
 
 def _cuobjdump_of(cubin: bytes, *flags: str) -> str:
