@@ -61,13 +61,13 @@ def test_cuda_kernels_are_registered_when_built_with_cuda():
 def _emulated_kernel_source() -> str:
     """bn_act_kernels.cu with each `kernel<<<grid, block, shared, stream>>>(args)` launch
     rewritten to `::emulation::launch(kernel, grid, block, shared, stream)(args)`, and each
-    `__shared__ T name;` followed by `::emulation::poison(&name, sizeof(name));` (NaN bytes
+    `__shared__ T name;` (or `name[N]`) followed by `::emulation::poison(&name, sizeof(name));` (NaN bytes
     once per block: a read of a slot no thread of the block wrote fails the checks)."""
     source = (CUDA_SOURCES / "bn_act_kernels.cu").read_text()
     launch = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>", re.S)
     emulated, count = launch.subn(r"::emulation::launch(\1, \2)", source)
     assert count == source.count("<<<") > 0, "a kernel launch the rewrite does not understand"
-    shared = re.compile(r"(__shared__[^;]*\b(\w+));")
+    shared = re.compile(r"(__shared__[^;]*?\b(\w+)(?:\[[^\]]*\])?);")  # a name, or an array
     emulated, count = shared.subn(r"\1; ::emulation::poison(&\2, sizeof(\2));", emulated)
     assert count == source.count("__shared__") > 0, "a __shared__ declaration the rewrite does not understand"
     return emulated

@@ -64,18 +64,22 @@ constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 // register cap of its __launch_bounds__; its grid is one wave of them) and the vectors a
 // thread loads before it uses the first: 64 bytes in flight per thread at 3 or 4 resident
 // blocks of 256 threads, 96 at 2, so 48-64 KB per SM (scalar accesses need more loads for
-// the same bytes).
+// the same bytes). A kernel that only reads needs twice that (read_only): by Little's law
+// the bytes in flight are the read bandwidth times the latency, and where a kernel that
+// writes as much as it reads gets half its traffic from fire-and-forget stores, every
+// byte of a reduction is a load (batch_stats read at 73% of copy bandwidth with 64).
 struct StreamConfig {
   int blocks_per_sm;
   int inputs;  // activations streamed in
+  bool read_only = false;
 
   constexpr int unroll(int vec) const {
-    const int loads = vec == 1 ? 8 : blocks_per_sm >= 3 ? 4 : 6;
+    const int loads = (vec == 1 ? 8 : blocks_per_sm >= 3 ? 4 : 6) * (read_only ? 2 : 1);
     return loads / inputs > 1 ? loads / inputs : 1;
   }
 };
 
-constexpr StreamConfig kStatsConfig{4, 1};
+constexpr StreamConfig kStatsConfig{3, 1, true};
 // input [+ residual | input_d]
 constexpr StreamConfig forward_config(Epilogue e) {
   return {e == Epilogue::kDualAddRelu ? 3 : 4, e == Epilogue::kRelu ? 1 : 2};
@@ -484,34 +488,60 @@ struct StatsFinalize {
   double momentum, eps;
 };
 
-// Block (kFinalizeChannels, kFinalizeLanes): lane y merges partials y, y + lanes, ... of
-// its channel in double, then the lanes merge in a fixed tree.
-__global__ void __launch_bounds__(kFinalizeThreads) batch_stats_finalize_kernel(StatsFinalize f) {
+// Calls fn(count, mean, m2) for partials y, y + kFinalizeLanes, ... of channel c (lane
+// y = threadIdx.y), kFinalizeBatch independent loads at a time.
+template <typename Fn>
+__device__ __forceinline__ void for_each_partial(const StatsFinalize& f, int64_t c, Fn&& fn) {
   const int64_t C = f.channels;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
-  Moments<double, 1> moments;
-  if (c < C) {
-    for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
-      float count[kFinalizeBatch], mean[kFinalizeBatch], m2[kFinalizeBatch];
+  for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
+    float count[kFinalizeBatch], mean[kFinalizeBatch], m2[kFinalizeBatch];
 #pragma unroll
-      for (int b = 0; b < kFinalizeBatch; ++b) {
-        const int64_t s = first + b * kFinalizeLanes;
-        count[b] = s < f.splits ? f.count[s] : 0.f;
-        mean[b] = s < f.splits ? f.mean[s * C + c] : 0.f;
-        m2[b] = s < f.splits ? f.m2[s * C + c] : 0.f;
-      }
-#pragma unroll
-      for (int b = 0; b < kFinalizeBatch; ++b) {
-        const double partial_mean[1] = {mean[b]}, partial_m2[1] = {m2[b]};
-        moments.merge(count[b], partial_mean, partial_m2);
-      }
+    for (int b = 0; b < kFinalizeBatch; ++b) {
+      const int64_t s = first + b * kFinalizeLanes;
+      count[b] = s < f.splits ? f.count[s] : 0.f;
+      mean[b] = s < f.splits ? f.mean[s * C + c] : 0.f;
+      m2[b] = s < f.splits ? f.m2[s * C + c] : 0.f;
     }
+#pragma unroll
+    for (int b = 0; b < kFinalizeBatch; ++b) fn(count[b], mean[b], m2[b]);
   }
-  __shared__ Moments<double, 1>::Shared<kFinalizeThreads> shared;
-  block_reduce_rows<kFinalizeThreads>(moments, shared);
-  if (threadIdx.y != 0 || c >= f.channels) return;
-  const double count = moments.count, mean = moments.mean[0];
-  const double var = moments.m2[0] / count;
+}
+
+// Block (kFinalizeChannels, kFinalizeLanes). The partial moments (n_s, mean_s, m2_s) of a
+// channel merge in two passes of plain sums in double, each ending in a fixed tree over
+// the lanes: N = sum(n_s), mean = sum(n_s * mean_s) / N, then
+// m2 = sum(m2_s + n_s * (mean_s - mean)^2) -- Chan et al.'s merge with the serial chain
+// of divisions a pairwise Welford merge has taken off the critical path.
+__global__ void __launch_bounds__(kFinalizeThreads) batch_stats_finalize_kernel(StatsFinalize f) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
+  const bool active = c < f.channels;
+
+  Sums<double, 2> weighted;  // N, sum(n_s * mean_s)
+  if (active) {
+    for_each_partial(f, c, [&](float count, float mean, float) {
+      weighted.value[0] += count;
+      weighted.value[1] += static_cast<double>(count) * mean;
+    });
+  }
+  __shared__ Sums<double, 2>::Shared<kFinalizeThreads> weighted_shared;
+  block_reduce_rows<kFinalizeThreads>(weighted, weighted_shared);
+  __shared__ double channel_mean[kFinalizeChannels];
+  if (threadIdx.y == 0) channel_mean[threadIdx.x] = weighted.value[1] / fmax(weighted.value[0], 1.0);
+  __syncthreads();
+  const double mean = channel_mean[threadIdx.x];
+
+  Sums<double, 1> m2;
+  if (active) {
+    for_each_partial(f, c, [&](float count, float partial_mean, float partial_m2) {
+      const double spread = partial_mean - mean;
+      m2.value[0] += partial_m2 + count * spread * spread;
+    });
+  }
+  __shared__ Sums<double, 1>::Shared<kFinalizeThreads> m2_shared;
+  block_reduce_rows<kFinalizeThreads>(m2, m2_shared);
+  if (threadIdx.y != 0 || !active) return;
+  const double count = weighted.value[0];
+  const double var = m2.value[0] / count;
   f.out_mean[c] = static_cast<float>(mean);
   f.out_invstd[c] = static_cast<float>(1.0 / sqrt(var + f.eps));
   if (f.running_mean != nullptr) {

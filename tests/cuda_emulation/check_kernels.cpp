@@ -347,15 +347,18 @@ void run_case(const Case& k, uint64_t seed) {
 
 // Mean 1000, std 3: a float32 sum of squares would lose the variance entirely. The
 // tolerances are tests/test_cuda_ops.py's: mean to 1e-6, invstd to 1e-5, relative.
+// Statistics of N(1000, 3) values of shape (N, C, S) on `multiprocessors` emulated SMs,
+// merged from at least `min_partials` partials per channel.
 template <typename T>
-void check_statistics_far_from_zero(Layout layout, const char* dtype) {
-  char buf[128];
-  std::snprintf(buf, sizeof buf, "%s %s statistics of N(1000, 3)", dtype, layout == Layout::kNHWC ? "nhwc" : "nchw");
+void check_statistics_far_from_zero(Layout layout, const char* dtype, int64_t N = 16, int64_t C = 32,
+                                    int64_t S = 144, int multiprocessors = 6, int64_t min_partials = 1) {
+  char buf[192];
+  std::snprintf(buf, sizeof buf, "%s %s statistics of N(1000, 3) (%" PRId64 ", %" PRId64 ", %" PRId64 ") sms=%d",
+                dtype, layout == Layout::kNHWC ? "nhwc" : "nchw", N, C, S, multiprocessors);
   if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
   current_case = buf;
   const int before = failures;
-  const int64_t N = 16, C = 32, S = 144;
-  emulation::multiprocessors = 6;
+  emulation::multiprocessors = multiprocessors;
   Rng rng(7);
   Activation<T> x(N, C, S, layout, 0);
   fill(x, rng, 1000.0, 3.0);
@@ -366,7 +369,9 @@ void check_statistics_far_from_zero(Layout layout, const char* dtype) {
   g.layout = layout;
   g.dtype = kDType<T>;
   std::vector<float> mean(C), invstd(C);
-  Workspace ws(cuda::batch_stats_workspace_bytes(g));
+  const size_t workspace_bytes = cuda::batch_stats_workspace_bytes(g);  // partials: [splits][2C + 1] floats
+  if (static_cast<int64_t>(workspace_bytes / sizeof(float) / (2 * C + 1)) < min_partials) fail("too few partials");
+  Workspace ws(workspace_bytes);
   BatchStatsParams p;
   p.geometry = g;
   p.input = x.data;
@@ -457,6 +462,9 @@ int main(int argc, char** argv) {
     check_statistics_far_from_zero<float>(layout, "float32");
     check_statistics_far_from_zero<__nv_bfloat16>(layout, "bfloat16");
   }
+  // Over 256 partials per channel (520 * 1024 rows of one vector, 100 SMs): a finalize
+  // lane loads its partials in several rounds.
+  check_statistics_far_from_zero<float>(Layout::kNHWC, "float32", 1, 4, 520 * 1024, 100, 257);
   failures += emulation::barrier_errors;
   std::printf("%d emulated launches, %d barrier errors, %d failed checks\n", emulation::launches,
               emulation::barrier_errors, failures);

@@ -62,8 +62,10 @@ inline cudaError_t last_error = cudaSuccess;
 inline int launches = 0;
 }  // namespace emulation
 
+// Each emulated SM count is a device of its own: the kernels cache the count per device,
+// and a case that sets another count must not get the first case's.
 inline cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = emulation::multiprocessors;
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
