@@ -5,7 +5,9 @@ Two kernels, one read of the input (``_reduce`` describes the partition):
 1. ``_batch_stats_partials_kernel``: each program streams one chunk of one channel group in
    ``[TILE // BLOCK_L, BLOCK_L]`` tiles. Every lane of the tile keeps its own Welford
    (mean, M2) in fp32 over the values it visits; lanes visit values in lockstep, so a
-   lane's count follows from the loop indices and is never stored. At the end the lanes
+   lane's count follows from the loop indices and is never stored (channels_last loads
+   two row tiles per step: the kernel only reads, so it needs twice the loads in flight
+   of a kernel that also writes). At the end the lanes
    are merged per channel (Chan et al.: the count-weighted mean of the lane means, and
    the lane M2s plus the spread of the lane means) into one (count, mean, M2) partial.
 2. ``_batch_stats_finalize_kernel``: one program per few channels loads all of their partials at
@@ -31,6 +33,15 @@ from ._runtime import Launch
 NAME = "batch_stats"
 
 
+@triton.jit
+def _welford_update(mean, m2, x, mask, weight):
+    """One more value per lane where ``mask``: ``weight`` is 1 / (the lane's new count).
+    (Triton's fp32 division is approximate, within 2 ulp: harmless in a Welford weight.)"""
+    delta = x - mean
+    updated = mean + delta * weight
+    return tl.where(mask, updated, mean), tl.where(mask, m2 + delta * (x - updated), m2)
+
+
 @_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L"])
 @triton.jit
 def _batch_stats_partials_kernel(
@@ -47,23 +58,32 @@ def _batch_stats_partials_kernel(
     lane_visits = _reduce.visits(lane_end - lane_begin, l, BLOCK_L)
     mean = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     m2 = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
-    for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
-        row = row_begin + a * BLOCK_R + r
-        row_ptr = x_ptr + base + row.to(tl.int64) * row_stride
-        for b in range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L)):
-            lane = lane_begin + b * BLOCK_L + l
-            mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
-            x = tl.load(row_ptr[:, None] + lane[None, :], mask=mask, other=0.0).to(tl.float32)
-            # A valid lane has been updated a * (its lane visits) + b times before. (Triton's
-            # fp32 division is approximate, within 2 ulp: harmless in a Welford weight.)
-            if CHANNELS_LAST:
-                weight = 1.0 / (a + 1)  # one lane block: the same count for every lane
-            else:
+    if CHANNELS_LAST:
+        # One lane block, the same count for every lane: row tile t is its (t + 1)-th
+        # value. Two tiles per step: every byte this kernel moves is a load, and two
+        # loads in flight per step double the bytes in flight without growing the state.
+        lane = lane_begin + l
+        lane_mask = (lane < lane_end)[None, :]
+        for a in range(0, tl.cdiv(row_end - row_begin, 2 * BLOCK_R)):
+            row = row_begin + 2 * a * BLOCK_R + r
+            mask = (row < row_end)[:, None] & lane_mask
+            next_mask = (row + BLOCK_R < row_end)[:, None] & lane_mask
+            offsets = row.to(tl.int64)[:, None] * row_stride + lane[None, :]
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            next_x = tl.load(x_ptr + offsets + BLOCK_R * row_stride, mask=next_mask, other=0.0).to(tl.float32)
+            mean, m2 = _welford_update(mean, m2, x, mask, 1.0 / (2 * a + 1))
+            mean, m2 = _welford_update(mean, m2, next_x, next_mask, 1.0 / (2 * a + 2))
+    else:
+        for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
+            row = row_begin + a * BLOCK_R + r
+            row_ptr = x_ptr + base + row.to(tl.int64) * row_stride
+            for b in range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L)):
+                lane = lane_begin + b * BLOCK_L + l
+                mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
+                x = tl.load(row_ptr[:, None] + lane[None, :], mask=mask, other=0.0).to(tl.float32)
+                # A valid lane has been updated a * (its lane visits) + b times before.
                 weight = (1.0 / (a * lane_visits + b + 1).to(tl.float32))[None, :]
-            delta = x - mean
-            updated = mean + delta * weight
-            m2 = tl.where(mask, m2 + delta * (x - updated), m2)
-            mean = tl.where(mask, updated, mean)
+                mean, m2 = _welford_update(mean, m2, x, mask, weight)
 
     count = (_reduce.visits(row_end - row_begin, r, BLOCK_R)[:, None] * lane_visits[None, :]).to(tl.float32)
     total = _reduce.sum_per_channel(count, CHANNELS_LAST)
