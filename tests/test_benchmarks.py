@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import kernels, metrics, report, run
+from benchmarks import kernels, metrics, providers, report, run, suite, workloads
 
 METADATA = ("card", "driver", "torch", "triton", "cudnn", "git_commit", "timestamp", "copy_gbs")
 
@@ -197,6 +197,20 @@ def test_report_renders_a_run_again_from_its_measurements(tmp_path, capsys):
 def test_publish_refuses_a_cpu_run():
     with pytest.raises(SystemExit, match="--publish records the GPU run"):
         run.main(["--device", "cpu", "--publish", "unused"])
+
+
+def test_plan_puts_resnet50_against_torch_compile_right_after_the_design_targets():
+    size = workloads.SIZES["gpu"]
+    cases = [c for w in ("bottleneck", "basicblock", "resnet50") for c in workloads.cases(w, size)]
+    config = suite.Config(workloads.Precision("bf16"), "channels_last")
+    tasks = suite.plan([config], cases, ["train", "fwd_train", "infer"], list(providers.NAMES), kernels=True)
+    priorities = [suite.priority(t) for t in tasks]
+    assert priorities == sorted(priorities) and set(priorities) == {1, 2, 3, 4}
+    second = [(t.case.workload, t.mode, t.provider) for t in tasks if suite.priority(t) == 2]
+    assert second == [("resnet50", "train", "compile"), ("resnet50", "infer", "compile")]
+    first = {(t.case.workload if t.case else "kernels", t.provider) for t in tasks if suite.priority(t) == 1}
+    assert ("resnet50", "fused-cuda") in first and ("bottleneck", "eager") in first and ("kernels", "kernels") in first
+    assert not any(provider.startswith("compile") for workload, provider in first if workload == "resnet50")
 
 
 def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tmp_path, capsys):
