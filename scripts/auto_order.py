@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER_FILE = ROOT / "resnet_fused" / "auto_order.json"
-NOT_CONTENDERS = ("eager", "reference")
+NOT_CONTENDERS = ("eager", "reference", "torch")  # torch: the same-size copy, a yardstick
 
 
 def rank(rows: list[dict]) -> dict[str, dict]:

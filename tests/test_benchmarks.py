@@ -219,11 +219,16 @@ def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tm
                        "--ops", "bn_add_relu,bn_add_relu_backward", "--budget-s", "2", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "kernels_cpu_nhwc.json").read_text())
-    rows = data["rows"]
+    copies = [r for r in data["rows"] if r["op"] == "copy"]
+    rows = [r for r in data["rows"] if r["op"] != "copy"]
     assert {r["backend"] for r in rows} == {"eager", "cpu"}  # the reference is left out by default
     assert {r["op"] for r in rows} == {"bn_add_relu", "bn_add_relu_backward"}
+    # One copy of the activation per (shape, dtype): the yardstick of pct_size_copy.
+    assert len(copies) == 1 and copies[0]["backend"] == "torch" and copies[0]["pct_size_copy"] == 100
+    size_copy_gbs = copies[0]["gbs"]
     for r in rows:
         assert r["median_ms"] > 0
+        assert r["pct_size_copy"] == pytest.approx(100 * r["kernel_bytes"] / r["median_ms"] / 1e6 / size_copy_gbs)
         if r["backend"] == "cpu":
             assert r["rel_err"] < 1e-5 and r["speedup_vs_eager"] > 0
     assert "summary (" in capsys.readouterr().out and (out / "kernels_cpu_nhwc.txt").exists()

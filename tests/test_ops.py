@@ -640,6 +640,7 @@ def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
             row("triton", "bn_relu", "layer1.64", 1.0), row("cuda", "bn_relu", "layer2.128", 1.0),
             row("triton", "bn_relu", "layer2.128", 4.0),  # geometric means: cuda sqrt(2), triton 2
             row("triton", "batch_stats", "layer1.64", 0.1),  # no cuda row: not a common case
+            row("torch", "copy", "layer1.64", 0.05),  # the kernel benchmark's same-size copy: no contender
             row("cuda", "bn_relu", "layer1.64", None, dtype="float32", error="RuntimeError: x"),
             row("triton", "bn_relu", "layer1.64", 1.0, dtype="float32")]
     run = tmp_path / "kernels_cuda_nhwc.json"
