@@ -2,7 +2,9 @@
 //
 // Implementations register per backend with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda);
 // fake (meta) kernels and autograd formulas are registered from Python
-// (resnet_fused/ops.py); the version bump of batch_stats' in-place writes is here.
+// (resnet_fused/ops.py); the version bump of batch_stats' in-place writes is here. The
+// fused forwards are declared a second time, in resnet_fused_eager, for plain eager calls
+// (csrc/autograd.cpp).
 // Per-channel arrays (mean, invstd, parameter gradients) are in the accumulation type:
 // float64 for float64 activations, float32 otherwise.
 
@@ -21,6 +23,26 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+namespace {
+
+// The fused forwards' schemas, declared in both libraries below. Each normalizes with the
+// given per-channel mean and invstd; `training` says they are `input`'s own batch
+// statistics, so the backward differentiates through them (eval mode: running statistics,
+// constants).
+constexpr char kBnRelu[] =
+    "bn_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+    "bool training) -> Tensor";
+constexpr char kBnAddRelu[] =
+    "bn_add_relu(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, Tensor mean, "
+    "Tensor invstd, bool training) -> Tensor";
+// relu(bn(input) + bn_d(input_d)): the last stage of a block with a conv+BN downsample.
+constexpr char kDualBnAddRelu[] =
+    "dual_bn_add_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+    "Tensor input_d, Tensor? weight_d, Tensor? bias_d, Tensor mean_d, Tensor invstd_d, "
+    "bool training) -> Tensor";
+
+}  // namespace
+
 TORCH_LIBRARY(resnet_fused, m) {
   // Training-mode statistics; folds them into the running statistics when given. Not
   // differentiable: the fused ops below account for the statistics in their backward.
@@ -28,36 +50,37 @@ TORCH_LIBRARY(resnet_fused, m) {
       "batch_stats(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float momentum, float eps) -> (Tensor mean, Tensor invstd)");
 
-  // Each fused op normalizes with the given per-channel mean and invstd. `training` says
-  // they are `input`'s own batch statistics, so the backward differentiates through them
-  // (eval mode: running statistics, constants).
-  m.def(
-      "bn_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
-      "bool training) -> Tensor");
+  m.def(kBnRelu);
   m.def(
       "bn_relu_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor mean, Tensor invstd, bool training) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
-  m.def(
-      "bn_add_relu(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor invstd, bool training) -> Tensor");
+  m.def(kBnAddRelu);
   m.def(
       "bn_add_relu_backward(Tensor grad_out, Tensor input, Tensor residual, Tensor? weight, "
       "Tensor? bias, Tensor mean, Tensor invstd, bool training) "
       "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
 
-  // relu(bn(input) + bn_d(input_d)): the last stage of a block with a conv+BN downsample.
-  m.def(
-      "dual_bn_add_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
-      "Tensor input_d, Tensor? weight_d, Tensor? bias_d, Tensor mean_d, Tensor invstd_d, "
-      "bool training) -> Tensor");
+  m.def(kDualBnAddRelu);
   m.def(
       "dual_bn_add_relu_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor mean, Tensor invstd, Tensor input_d, Tensor? weight_d, Tensor? bias_d, "
       "Tensor mean_d, Tensor invstd_d, bool training) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_input_d, "
       "Tensor grad_weight_d, Tensor grad_bias_d)");
+}
+
+// The fused forwards of resnet_fused again, their backward bound in C++: one
+// torch::autograd::Function each around the same kernels and formulas (csrc/autograd.cpp).
+// resnet_fused/ops.py calls them for plain eager calls of the C++ backends, where a
+// forward and backward through torch.library's Python autograd layer cost tens of
+// microseconds of host time per op; torch.compile, export and the torch.func transforms
+// keep the ops above.
+TORCH_LIBRARY(resnet_fused_eager, m) {
+  m.def(kBnRelu);
+  m.def(kBnAddRelu);
+  m.def(kDualBnAddRelu);
 }
 
 namespace {

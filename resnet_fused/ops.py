@@ -301,6 +301,21 @@ def _build_eager_ops(namespace: str) -> SimpleNamespace:
 
 _DIFFERENTIATING_TRANSFORMS = ("Grad", "Jvp")
 
+# The C++ backends' fused forwards with the same formulas in a C++ autograd.Function
+# (csrc/autograd.cpp): a plain eager call and its backward never enter Python.
+NATIVE_EAGER_NAMESPACES = {"resnet_fused": "resnet_fused_eager"}
+
+
+def _native_eager(namespace: str, name: str) -> Optional[Callable]:
+    """``torch.ops.resnet_fused_eager.<name>`` for the C++ ops, if the extension has it."""
+    native = NATIVE_EAGER_NAMESPACES.get(namespace)
+    if native is None:
+        return None
+    try:
+        return _registered(native, name).default
+    except (AttributeError, RuntimeError):  # an extension built before these ops existed
+        return None
+
 
 def _function(namespace: str, name: str, setup_context: Callable, backward: Callable) -> Callable:
     """The fused forward ``namespace::name`` with ``backward``: one autograd.Function for
@@ -315,13 +330,14 @@ def _function(namespace: str, name: str, setup_context: Callable, backward: Call
         setup_context(ctx, inputs, output)
         return output
 
-    plain = _autograd_function(f"{namespace}_{name}", forward=forward, backward=backward)
     transformable = _autograd_function(f"{namespace}_{name}_transformable", forward=op,
                                        setup_context=setup_context, backward=backward)
+    plain = _native_eager(namespace, name) or _autograd_function(
+        f"{namespace}_{name}", forward=forward, backward=backward).apply
 
     def apply(*inputs):
         if not torch._C._are_functorch_transforms_active():
-            return plain.apply(*inputs)
+            return plain(*inputs)
         if torch._C._functorch.peek_interpreter_stack().key().name in _DIFFERENTIATING_TRANSFORMS:
             return transformable.apply(*inputs)
         return registered(*inputs)

@@ -474,6 +474,34 @@ def test_eager_path_equals_the_registered_ops(backend, op, training):
             assert torch.equal(eager, library), name
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs resnet_fused._C")
+@pytest.mark.parametrize("op, function", [("bn_relu", "BnRelu"), ("bn_add_relu", "BnAddRelu"),
+                                          ("dual_bn_add_relu", "DualBnAddRelu")])
+def test_cpp_backends_run_forward_and_backward_without_python(op, function):
+    """A plain eager call of a C++ backend records one C++ autograd node (csrc/autograd.cpp):
+    no resnet_fused Python code runs in its backward; without grad mode it records none."""
+    functional, _, tensors = _fused_call(op, "cpu", training=True)
+    inputs = [t.detach().clone().requires_grad_() for t in tensors]
+    out = functional(*inputs)
+    assert out.grad_fn.name() == f"torch::autograd::CppNode<resnet_fused::eager::{function}>"
+    python_calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and "resnet_fused" in frame.f_code.co_filename:
+            python_calls.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)  # CPU backward runs on this thread
+    try:
+        out.backward(activation(out.shape))
+    finally:
+        sys.setprofile(None)
+    assert python_calls == [] and inputs[0].grad is not None and inputs[2].grad is not None  # x, w
+    with torch.no_grad():
+        assert functional(*inputs).grad_fn is None
+    with torch.inference_mode():
+        assert torch.equal(functional(*inputs), out.detach())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_scalar_arguments_are_checked_before_any_kernel(backend):
     x, running_mean, running_var = activation((2, 4, 3, 3)), torch.zeros(4), torch.ones(4)
