@@ -11,8 +11,10 @@ fold cache, the functional layer, the op dispatch, the Triton launcher) is then 
 users wait for. Prints the median wall time per call (``time.perf_counter``, after
 warm-up, the device synchronized at the end of each timed loop) of the whole block, per
 backend, in eval, training forward and training step (forward + backward), and of the
-parts that run on every call. ``--profile N`` adds cProfile's N most expensive functions
-(own time) of each fused training step.
+parts that run on every call; for the C++ backends also with Python autograd Functions in
+place of their C++ ones (``resnet_fused.ops.python_eager_autograd``: what those save).
+``--profile N`` adds cProfile's N most expensive functions (own time) of each fused
+training step.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def _profile(fn: Callable[[], object], device: torch.device, calls: int, top: in
     return out.getvalue()
 
 
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -109,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
     providers = [("torchvision", plain, contextlib.nullcontext)]
     providers += [(f"fused {b}", fused, lambda b=b: resnet_fused.use_backend(b)) for b in backends]
+    # The C++ backends' eager calls record C++ autograd Functions; what the Python ones cost:
+    for b in backends:
+        namespace = resnet_fused.backends.get(b).ops.name
+        if namespace in resnet_fused.ops.NATIVE_EAGER_NAMESPACES:
+            providers.append((f"fused {b}, Python autograd", fused, lambda b=b, ns=namespace: _both(
+                resnet_fused.use_backend(b), resnet_fused.ops.python_eager_autograd(ns))))
     rows, profiles = [], []
     for label, block, backend in providers:
         with backend():
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             block.train()
             rows.append((f"train forward, {label}", median_us(forward(block, x_grad), device, args.calls)))
             rows.append((f"train step, {label}", median_us(step(block), device, args.calls // 2)))
-            if args.profile and block is fused:
+            if args.profile and block is fused and "Python" not in label:
                 profiles.append((label, _profile(step(block), device, args.calls // 2, args.profile)))
     rows.append(("unsupported_reason (every forward)", median_us(lambda: modules.unsupported_reason(fused), device)))
     fused.eval()

@@ -22,9 +22,10 @@ the graph (running statistics) and get gradients of their own if they require th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -290,13 +291,25 @@ def _batch_stats(namespace: str) -> Callable:
     return batch_stats
 
 
-def _build_eager_ops(namespace: str) -> SimpleNamespace:
+def _build_eager_ops(namespace: str, native: bool = True) -> SimpleNamespace:
     backward_ops = SimpleNamespace(**{name: _backward_op(namespace, name) for name in OP_NAMES if name.endswith("_backward")})
     functions = {
-        name: _function(namespace, name, setup_context, backward)
+        name: _function(namespace, name, setup_context, backward, native)
         for name, (backward, setup_context) in _backward_formulas(backward_ops).items()
     }
     return SimpleNamespace(batch_stats=_batch_stats(namespace), **functions)
+
+
+@contextlib.contextmanager
+def python_eager_autograd(namespace: str) -> Iterator[None]:
+    """Inside, plain eager calls of ``namespace`` use Python autograd.Functions even where
+    C++ ones exist (``NATIVE_EAGER_NAMESPACES``): what benchmarks/host_overhead.py compares."""
+    native = _EAGER_OPS[namespace]
+    _EAGER_OPS[namespace] = _build_eager_ops(namespace, native=False)
+    try:
+        yield
+    finally:
+        _EAGER_OPS[namespace] = native
 
 
 _DIFFERENTIATING_TRANSFORMS = ("Grad", "Jvp")
@@ -317,7 +330,7 @@ def _native_eager(namespace: str, name: str) -> Optional[Callable]:
         return None
 
 
-def _function(namespace: str, name: str, setup_context: Callable, backward: Callable) -> Callable:
+def _function(namespace: str, name: str, setup_context: Callable, backward: Callable, native: bool) -> Callable:
     """The fused forward ``namespace::name`` with ``backward``: one autograd.Function for
     plain eager calls and one with a separate ``setup_context`` for torch.func.grad, which
     requires it (vmap and functionalize get the registered op). Two, because Function.apply
@@ -332,7 +345,7 @@ def _function(namespace: str, name: str, setup_context: Callable, backward: Call
 
     transformable = _autograd_function(f"{namespace}_{name}_transformable", forward=op,
                                        setup_context=setup_context, backward=backward)
-    plain = _native_eager(namespace, name) or _autograd_function(
+    plain = (native and _native_eager(namespace, name)) or _autograd_function(
         f"{namespace}_{name}", forward=forward, backward=backward).apply
 
     def apply(*inputs):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import resnet_fused
 from benchmarks import kernels, metrics, providers, report, run, suite, workloads
 
 METADATA = ("card", "driver", "torch", "triton", "cudnn", "git_commit", "timestamp", "copy_gbs")
@@ -197,6 +198,16 @@ def test_report_renders_a_run_again_from_its_measurements(tmp_path, capsys):
 def test_publish_refuses_a_cpu_run():
     with pytest.raises(SystemExit, match="--publish records the GPU run"):
         run.main(["--device", "cpu", "--publish", "unused"])
+
+
+def test_host_overhead_times_blocks_and_the_cpp_autograd(capsys):
+    from benchmarks import host_overhead
+
+    assert host_overhead.main(["--calls", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "train step, torchvision" in out
+    if "cpu" in resnet_fused.available_backends("cpu"):
+        assert "train step, fused cpu " in out and "train step, fused cpu, Python autograd" in out
 
 
 def test_plan_puts_resnet50_against_torch_compile_right_after_the_design_targets():
