@@ -12,14 +12,14 @@
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py), triton_precompile.log, the
-# block suite's suite.log and results/ (its published table and chart), and profile.log (where
-# a ResNet-50 training step's host and device time go, benchmarks/step_profile.py). Stops at once if
+# block suite's suite.log and results/ (its published table and chart), profile.log (where
+# a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
+# host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
 # the build fails; otherwise runs every phase and exits non-zero if any test or
 # measurement failed. Each phase after the build has a time cap, and the benchmarks end
 # at their budgets by themselves: 4.5 minutes measured on an H200 (2026-11-27, build 33 s)
-# before the profile phase (capped at 60 s, not yet timed) was added; under 8 even if every
-# phase runs to its cap; a capped
-# phase says so and keeps what it wrote. Prints each phase's wall time, the suite's table and
+# before the profile phase (its two parts capped at 60 and 45 s, not yet timed) was added,
+# so about 6 expected; a capped phase says so and keeps what it wrote. Prints each phase's wall time, the suite's table and
 # the step profile's totals; the kernel summary comes last.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
@@ -208,8 +208,12 @@ if want profile; then
   phase "ResNet-50 training step, host and device (benchmarks/step_profile.py, cap ${PROFILE_CAP}s)"
   capped "$PROFILE_CAP" "$PYTHON" benchmarks/step_profile.py --device cuda --providers eager,fused-cuda,fused-triton \
     --steps 2 >"$out/profile.log" 2>&1 || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
-  took "profile"
   grep -E "^[a-z-]+: wall|^  kernels" "$out/profile.log"
+  # A block's host time, the CUDA backend also with Python autograd Functions (what the C++ ones save).
+  capped 45 "$PYTHON" benchmarks/host_overhead.py --device cuda --backends cuda --calls 100 \
+    >"$out/host_overhead.log" 2>&1 || { echo "gpu_check: HOST OVERHEAD FAILED ($out/host_overhead.log)"; status=1; }
+  grep -E "train step|train forward" "$out/host_overhead.log"
+  took "profile"
 fi
 
 # The issue's "short table last": the kernels' summary closes the log (and the device's output tail).
