@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = [("torchvision", plain, contextlib.nullcontext)]
     providers += [(f"fused {b}", fused, lambda b=b: resnet_fused.use_backend(b)) for b in backends]
     # The C++ backends' eager calls record C++ autograd Functions; what the Python ones cost:
-    for b in backends:
+    for b in (b for b in backends if b != "auto"):
         namespace = resnet_fused.backends.get(b).ops.name
         if namespace in resnet_fused.ops.NATIVE_EAGER_NAMESPACES:
             providers.append((f"fused {b}, Python autograd", fused, lambda b=b, ns=namespace: _both(

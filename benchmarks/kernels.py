@@ -428,7 +428,7 @@ def run(
     shape_list = parse_shapes(shapes)
     cases = len(shape_list) * len(dtypes) * len(op_names)
     if budget_s is not None:
-        measurements = cases * (1 + len(names))
+        measurements = cases * (1 + len(names)) + len(shape_list) * len(dtypes)  # + the same-size copies
         budget_ms = min(max(5.0, 0.5 * budget_s * 1e3 / measurements), DEFAULT_BUDGET_MS[dev.type])
     budget_ms = budget_ms or DEFAULT_BUDGET_MS[dev.type]
     memory_format = LAYOUTS[layout]

@@ -52,7 +52,7 @@ def classify(name: str) -> str:
 
 def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> dict:
     """Per-step device time by category from the profiler: ``<category>_pct``,
-    ``profiled_ms`` (their sum) and ``kernels``: every kernel or operator with its ms per
+    ``profiled_ms`` (their sum) and ``profiled_kernels``: every kernel or operator with its ms per
     step, largest first, from which a report applies the classification again.
 
     CUDA: kernel (and memcpy/memset) time. CPU: the self time of every operator.
@@ -75,7 +75,7 @@ def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> d
     kernels = [[name, round(ms, 4)] for name, ms in per_name.most_common()]
     out = category_shares(kernels)
     if out:
-        out["kernels"] = kernels
+        out["profiled_kernels"] = kernels
     return out
 
 
@@ -85,7 +85,7 @@ KERNEL_NAME_CHARS = 160
 
 def category_shares(kernels: Iterable[tuple[str, float]]) -> dict:
     """``<category>_pct`` and ``profiled_ms`` from (name, ms) pairs, by :func:`classify`;
-    empty when there is no time. A rendering of stored ``kernels`` applies today's rules."""
+    empty when there is no time. A rendering of stored ``profiled_kernels`` applies today's rules."""
     per_category: Counter[str] = Counter()
     for name, ms in kernels:
         per_category[classify(name)] += ms

@@ -200,7 +200,7 @@ def _detail(rows: list[dict], title: str) -> Table:
 
 def _kernels(rows: list[dict], env_keys: set) -> Table:
     keys = [k for k in dict.fromkeys(k for r in rows for k in r)
-            if k not in env_keys and not isinstance(rows[0].get(k), (list, dict))
+            if k not in env_keys and not any(isinstance(r.get(k), (list, dict)) for r in rows)
             and any(r.get(k) not in (None, "") for r in rows)]
     show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     body = [[show(r.get(k, "")) for k in keys] for r in rows]
@@ -353,8 +353,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     data = json.loads((args.run_dir / "results.json").read_text())
     for row in data["rows"]:
-        if row.get("kernels"):  # the breakdown by today's classification rules
-            row.update(metrics.category_shares(row["kernels"]))
+        if row.get("profiled_kernels"):  # the breakdown by today's classification rules
+            row.update(metrics.category_shares(row["profiled_kernels"]))
     rendered, chart_paths = write_run(args.run_dir, data["environment"], data["rows"])
     written = [args.run_dir / "table.md", *chart_paths]
     if args.latest:

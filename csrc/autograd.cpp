@@ -103,6 +103,8 @@ bool statistics_need_grad(bool training, const Tensor& mean, const Tensor& invst
 
 // relu(bn(input)).
 struct BnRelu : torch::autograd::Function<BnRelu> {
+  static constexpr bool is_traceable = true;  // compiled autograd traces the backward
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
                         const OptionalTensor& bias, const Tensor& mean, const Tensor& invstd, bool training) {
     static const auto op = registered<BnReluSignature>("resnet_fused::bn_relu");
@@ -128,6 +130,8 @@ struct BnRelu : torch::autograd::Function<BnRelu> {
 
 // relu(bn(input) + residual).
 struct BnAddRelu : torch::autograd::Function<BnAddRelu> {
+  static constexpr bool is_traceable = true;  // compiled autograd traces the backward
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& residual,
                         const OptionalTensor& weight, const OptionalTensor& bias, const Tensor& mean,
                         const Tensor& invstd, bool training) {
@@ -155,6 +159,8 @@ struct BnAddRelu : torch::autograd::Function<BnAddRelu> {
 
 // relu(bn(input) + bn_d(input_d)).
 struct DualBnAddRelu : torch::autograd::Function<DualBnAddRelu> {
+  static constexpr bool is_traceable = true;  // compiled autograd traces the backward
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
                         const OptionalTensor& bias, const Tensor& mean, const Tensor& invstd, const Tensor& input_d,
                         const OptionalTensor& weight_d, const OptionalTensor& bias_d, const Tensor& mean_d,

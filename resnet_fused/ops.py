@@ -224,9 +224,11 @@ def register(namespace: str) -> None:
 # kernel, its autograd.Function, the redispatch) and rebuilds the argument list from the
 # schema (``fill_defaults``): tens of microseconds per op, which bound a training step on a
 # GPU whose host is slower than its kernels. In plain eager mode each fused forward is
-# instead one autograd.Function over the implementation itself, with the same formulas;
-# whatever traces a graph (torch.compile, export, dispatch modes, compiled autograd, torch.func
-# transforms other than grad and jvp) gets the registered ops.
+# instead one autograd Function over the implementation itself, with the same formulas: C++
+# for the C++ backends (csrc/autograd.cpp), Python for the others; whatever traces a graph
+# (torch.compile, export, dispatch modes, torch.func transforms other than grad and jvp)
+# gets the registered ops. Compiled autograd traces an eager forward's backward: a Python
+# Function's through the registered backward ops, a C++ one as one node (is_traceable).
 
 _EAGER_OPS: dict[str, SimpleNamespace] = {}
 

@@ -505,6 +505,33 @@ def test_cpp_backends_run_forward_and_backward_without_python(op, function):
     assert "CppNode" in functional(*inputs).grad_fn.name()
 
 
+@pytest.mark.parametrize("op", ["bn_relu", "bn_add_relu", "dual_bn_add_relu"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compiled_autograd_traces_the_eager_backward_whole(backend, op):
+    """Compiled autograd (fullgraph) traces the backward of an eager forward: the C++
+    Functions as one node each (is_traceable), the Python ones through the registered
+    backward ops; the gradients are autograd's."""
+    from torch._dynamo import compiled_autograd
+
+    functional, _, tensors = _fused_call(op, backend, training=True)
+    inputs = [t.detach().clone().requires_grad_() for t in tensors]
+    out = functional(*inputs)
+    grad = activation(out.shape)
+    expected = torch.autograd.grad(out, inputs, grad, retain_graph=True, allow_unused=True)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend_fn(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    with compiled_autograd._enable(lambda gm: torch.compile(gm, backend=backend_fn, fullgraph=True)):
+        out.backward(grad)
+    assert len(graphs) == 1
+    for want, t in zip(expected, inputs):
+        assert (want is None and t.grad is None) or torch.equal(want, t.grad)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_scalar_arguments_are_checked_before_any_kernel(backend):
     x, running_mean, running_var = activation((2, 4, 3, 3)), torch.zeros(4), torch.ones(4)

@@ -433,7 +433,8 @@ int main(int argc, char** argv) {
       {16, 4, 12, 12, true, true, 5},   // NCHW: threads step across plane ends (vectors)
       {2, 67, 3, 5, true, false, 3},    // channels_last: three channel tiles, scalar
       {2, 264, 2, 4, true, false, 5},   // channels_last: several tiles of whole vectors
-      {2, 128, 48, 54, true, false, 40, true},  // > 128 partials per channel: finalize lanes merge several
+      {2, 128, 48, 54, true, false, 40, true},  // more partials than finalize lanes (64): lanes merge several
+      {1, 4, 512, 264, true, false, 100, true},  // > 256 backward partials (relu): a lane loads in rounds
   };
   uint64_t seed = 1;
   for (const Shape& s : shapes) {
