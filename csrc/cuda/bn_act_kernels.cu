@@ -488,22 +488,36 @@ struct StatsFinalize {
   double momentum, eps;
 };
 
-// Calls fn(count, mean, m2) for partials y, y + kFinalizeLanes, ... of channel c (lane
-// y = threadIdx.y), kFinalizeBatch independent loads at a time.
-template <typename Fn>
-__device__ __forceinline__ void for_each_partial(const StatsFinalize& f, int64_t c, Fn&& fn) {
-  const int64_t C = f.channels;
-  for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
-    float count[kFinalizeBatch], mean[kFinalizeBatch], m2[kFinalizeBatch];
+// kFinalizeBatch partials of channel c, from partial `first` in steps of kFinalizeLanes;
+// past the last split, zeros (a count of 0 adds nothing to either pass).
+struct PartialBatch {
+  float count[kFinalizeBatch], mean[kFinalizeBatch], m2[kFinalizeBatch];
+
+  __device__ PartialBatch(const StatsFinalize& f, int64_t c, int64_t first) {
 #pragma unroll
     for (int b = 0; b < kFinalizeBatch; ++b) {
       const int64_t s = first + b * kFinalizeLanes;
-      count[b] = s < f.splits ? f.count[s] : 0.f;
-      mean[b] = s < f.splits ? f.mean[s * C + c] : 0.f;
-      m2[b] = s < f.splits ? f.m2[s * C + c] : 0.f;
+      const bool valid = c < f.channels && s < f.splits;
+      count[b] = valid ? f.count[s] : 0.f;
+      mean[b] = valid ? f.mean[s * f.channels + c] : 0.f;
+      m2[b] = valid ? f.m2[s * f.channels + c] : 0.f;
     }
+  }
+};
+
+// Calls fn(count, mean, m2) for partials y, y + kFinalizeLanes, ... of channel c (lane
+// y = threadIdx.y): `head` holds the first kFinalizeBatch (every partial up to 256
+// splits, so the second pass reads no memory), later batches are loaded as they come.
+template <typename Fn>
+__device__ __forceinline__ void for_each_partial(const StatsFinalize& f, int64_t c, const PartialBatch& head,
+                                                 Fn&& fn) {
 #pragma unroll
-    for (int b = 0; b < kFinalizeBatch; ++b) fn(count[b], mean[b], m2[b]);
+  for (int b = 0; b < kFinalizeBatch; ++b) fn(head.count[b], head.mean[b], head.m2[b]);
+  for (int64_t first = threadIdx.y + kFinalizeBatch * kFinalizeLanes; first < f.splits;
+       first += kFinalizeBatch * kFinalizeLanes) {
+    const PartialBatch batch(f, c, first);
+#pragma unroll
+    for (int b = 0; b < kFinalizeBatch; ++b) fn(batch.count[b], batch.mean[b], batch.m2[b]);
   }
 }
 
@@ -516,9 +530,10 @@ __global__ void __launch_bounds__(kFinalizeThreads) batch_stats_finalize_kernel(
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
   const bool active = c < f.channels;
 
+  const PartialBatch head(f, c, threadIdx.y);
   Sums<double, 2> weighted;  // N, sum(n_s * mean_s)
   if (active) {
-    for_each_partial(f, c, [&](float count, float mean, float) {
+    for_each_partial(f, c, head, [&](float count, float mean, float) {
       weighted.value[0] += count;
       weighted.value[1] += static_cast<double>(count) * mean;
     });
@@ -532,7 +547,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) batch_stats_finalize_kernel(
 
   Sums<double, 1> m2;
   if (active) {
-    for_each_partial(f, c, [&](float count, float partial_mean, float partial_m2) {
+    for_each_partial(f, c, head, [&](float count, float partial_mean, float partial_m2) {
       const double spread = partial_mean - mean;
       m2.value[0] += partial_m2 + count * spread * spread;
     });
