@@ -11,7 +11,8 @@
 #
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
-# auto_order.json it implies (scripts/auto_order.py), triton_precompile.log, the
+# auto_order.json it implies (scripts/auto_order.py), a brief NCHW run of it
+# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
@@ -182,6 +183,10 @@ if want kernels; then
     echo "gpu_check: BENCHMARK FAILED or incomplete (rc=$bench_rc; full log: $out/bench.log)"
     status=1
   fi
+  # NCHW, the other layout, in brief: the forward at the target stages (kernels_cuda_nchw.*).
+  capped 45 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops bn_relu,bn_relu_backward \
+    --shapes layer1,layer2 --budget-s 25 --out "$out" >"$out/bench_nchw.log" 2>&1 \
+    || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
   # auto's backend order as this run measured it (copy it to resnet_fused/ to adopt it)
   if [[ -s "$out/kernels_cuda_nhwc.json" ]]; then
     "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --out "$out/auto_order.json" \
