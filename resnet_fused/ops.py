@@ -11,7 +11,9 @@ Each backend implements the same seven ops in its own namespace:
 :func:`register` attaches one set of fake kernels and autograd formulas to a namespace,
 so every backend behaves identically under autograd, ``torch.compile`` and
 ``torch.library.opcheck``; :func:`eager_ops` runs the same implementations and formulas
-in plain eager mode without torch.library's Python layers. Each fused forward's backward
+in plain eager mode without torch.library's Python layers (for ``resnet_fused``, through
+``resnet_fused_eager``: the fused forwards again, their formulas in C++ autograd Functions,
+``csrc/autograd.cpp``). Each fused forward's backward
 is its own op (``bn_relu`` -> ``bn_relu_backward``, ...). ``batch_stats`` mutates the
 running statistics and is not differentiable; the fused ops account for the statistics
 instead: with
@@ -333,10 +335,11 @@ def _native_eager(namespace: str, name: str) -> Optional[Callable]:
 
 
 def _function(namespace: str, name: str, setup_context: Callable, backward: Callable, native: bool) -> Callable:
-    """The fused forward ``namespace::name`` with ``backward``: one autograd.Function for
-    plain eager calls and one with a separate ``setup_context`` for torch.func.grad, which
-    requires it (vmap and functionalize get the registered op). Two, because Function.apply
-    binds default arguments (``inspect.signature``, ~10 us a call) whenever
+    """The fused forward ``namespace::name`` with ``backward``: one autograd Function for
+    plain eager calls (with ``native``, the C++ one of csrc/autograd.cpp where it exists) and
+    a Python one with a separate ``setup_context`` for torch.func.grad, which requires it
+    (vmap and functionalize get the registered op). Two Python ones elsewhere, because
+    Function.apply binds default arguments (``inspect.signature``, ~10 us a call) whenever
     ``setup_context`` is separate."""
     op, registered = _direct(namespace, name), _registered(namespace, name)
 
