@@ -22,6 +22,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from block_helpers import (
     BLOCK_CONFIGS,
     assert_close_scaled,
@@ -116,6 +117,29 @@ def test_train_float64_several_steps(config, backend):
     with use_backend(backend):  # "reference": what runs where the extension is not built
         fused_run = train(fused, inputs, grads)
     assert_close_scaled(fused_run.tensors(), train(plain, inputs, grads).tensors(), 1e-10)
+
+
+class Checkpointed(nn.Module):
+    """A block under activation checkpointing, as memory-bound training wraps them."""
+
+    def __init__(self, block: nn.Module, reentrant: bool):
+        super().__init__()
+        self.block, self.reentrant = block, reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("config", ["bottleneck", "basic_stride2_downsample"])
+def test_train_under_activation_checkpointing(config, reentrant):
+    """The recomputed forward (which, as eager's, updates the running statistics a second
+    time) and its backward match torchvision's block under the same checkpointing."""
+    plain, fused = pair(config, torch.float64)
+    inputs = inputs_for(config, 2, torch.float64)
+    grads = random_like_outputs(plain, inputs)
+    fused_run = train(Checkpointed(fused, reentrant), inputs, grads)
+    assert_close_scaled(fused_run.tensors(), train(Checkpointed(plain, reentrant), inputs, grads).tensors(), 1e-10)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
