@@ -201,6 +201,19 @@ def fused_callable(op: str, ns, t: Tensors) -> Callable[[], object]:
     return train
 
 
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _add_bandwidths(row: dict, copy_gbs: float, size_copy_gbs: Optional[float]) -> None:
+    """A timed row's GB/s, by the issue's bytes and by the kernels' own traffic, and their
+    shares of the 1 GiB copy and (when it was measured) of the same-size copy."""
+    ms = row["median_ms"]
+    row["gbs"], row["kernel_gbs"] = row["bytes"] / ms / 1e6, row["kernel_bytes"] / ms / 1e6
+    row["pct_copy"], row["kernel_pct_copy"] = 100 * row["gbs"] / copy_gbs, 100 * row["kernel_gbs"] / copy_gbs
+    row["pct_size_copy"] = None if size_copy_gbs is None else 100 * row["kernel_gbs"] / size_copy_gbs
+
+
 def _copy_callable(x: torch.Tensor) -> Callable[[], object]:
     """A device copy of ``x`` into a tensor of its own: the op-sized yardstick."""
     out = torch.empty_like(x)
@@ -455,30 +468,28 @@ def run(
             t = Tensors(batch, shape, dtype, memory_format, dev)
             t32 = t.as_float32()
             element = t.x.element_size()
+            case = dict(shape=shape.name, n=batch, c=shape.channels, h=shape.size, w=shape.size,
+                        dtype=str(dtype).removeprefix("torch."), layout=layout)
+            copy_bytes = 2 * t.numel * element
+            copy_row = dict(op="copy", **case, bytes=copy_bytes, kernel_bytes=copy_bytes, copy_gbs=copy_gbs,
+                            backend="torch")
             size_copy_gbs = None
-            copy_row = dict(op="copy", shape=shape.name, n=batch, c=shape.channels, h=shape.size, w=shape.size,
-                            dtype=str(dtype).removeprefix("torch."), layout=layout, backend="torch",
-                            bytes=2 * t.numel * element, kernel_bytes=2 * t.numel * element, copy_gbs=copy_gbs)
             try:
-                copy_times, copy_timing = timed(_copy_callable(t.x), dev, budget_ms)
+                times, timing = timed(_copy_callable(t.x), dev, budget_ms)
             except Exception as error:
-                copy_row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                copy_row["error"] = _error_text(error)
             else:
-                ms = copy_times["median_ms"]
-                size_copy_gbs = copy_row["bytes"] / ms / 1e6
-                copy_row.update(copy_times, timing=copy_timing, gbs=size_copy_gbs, kernel_gbs=size_copy_gbs,
-                                pct_copy=100 * size_copy_gbs / copy_gbs, kernel_pct_copy=100 * size_copy_gbs / copy_gbs,
-                                pct_size_copy=100.0)
+                copy_row.update(times, timing=timing)
+                size_copy_gbs = copy_bytes / times["median_ms"] / 1e6
+                _add_bandwidths(copy_row, copy_gbs, size_copy_gbs)
             rows.append(copy_row)
             for op_name in op_names:
                 if out_of_time():
                     skipped += 1
                     continue
                 op = OPS[op_name]
-                base = dict(op=op_name, shape=shape.name, n=batch, c=shape.channels, h=shape.size, w=shape.size,
-                            dtype=str(dtype).removeprefix("torch."), layout=layout,
-                            bytes=op.passes * t.numel * element, kernel_bytes=op.kernel_passes * t.numel * element,
-                            copy_gbs=copy_gbs)
+                base = dict(op=op_name, **case, bytes=op.passes * t.numel * element,
+                            kernel_bytes=op.kernel_passes * t.numel * element, copy_gbs=copy_gbs)
                 eager_fn = eager_callable(op_name, t)
                 expected = eager_callable(op_name, t32)()
                 variants = [("eager", eager_fn)]
@@ -493,17 +504,15 @@ def run(
                             row["rel_err"] = relative_error(fn(), expected)
                         times, timing = timed(fn, dev, budget_ms)
                     except Exception as error:  # one failing op must not stop the others
-                        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                        row["error"] = _error_text(error)
                         rows.append(row)
                         print(f"  {op_name} {shape.name} {row['dtype']} {name}: FAILED {row['error']}")
                         continue
                     ms = times["median_ms"]
                     eager_ms = ms if name == "eager" else eager_ms
-                    row.update(times, timing=timing, gbs=row["bytes"] / ms / 1e6,
-                               kernel_gbs=row["kernel_bytes"] / ms / 1e6)
-                    row.update(pct_copy=100 * row["gbs"] / copy_gbs, kernel_pct_copy=100 * row["kernel_gbs"] / copy_gbs,
-                               pct_size_copy=None if size_copy_gbs is None else 100 * row["kernel_gbs"] / size_copy_gbs,
-                               speedup_vs_eager=None if name == "eager" or eager_ms is None else eager_ms / ms)
+                    row.update(times, timing=timing)
+                    _add_bandwidths(row, copy_gbs, size_copy_gbs)
+                    row["speedup_vs_eager"] = None if name == "eager" or eager_ms is None else eager_ms / ms
                     # The breakdown of the target stages is what the bandwidth target is
                     # judged on: always taken there; elsewhere only while on schedule.
                     if name in KERNEL_ROLES and dev.type == "cuda" and (
