@@ -7,6 +7,7 @@ match wins, and docs/performance.md explains them.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from typing import Callable, Iterable, Optional
@@ -50,6 +51,14 @@ def classify(name: str) -> str:
     return "other"
 
 
+def _quiet_kineto() -> None:
+    """Silences the profiler library's own log lines for CPU runs (unless the user set
+    ``KINETO_LOG_LEVEL``). A CUDA build of torch on a machine without a GPU writes three per
+    profiled step ("profiler_start", "profiler_stop", "gpuGetDeviceCount failed"), in
+    between the progress lines. Read when the library first starts, so set before that."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> dict:
     """Per-step device time by category from the profiler: ``<category>_pct``,
     ``profiled_ms`` (their sum) and ``profiled_kernels``: every kernel or operator with its ms per
@@ -61,6 +70,8 @@ def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> d
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
+    if not cuda:
+        _quiet_kineto()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             step()

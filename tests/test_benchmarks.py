@@ -1,7 +1,10 @@
 """The benchmark suite (benchmarks/): a tiny CPU run end to end, and its measuring parts."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 import resnet_fused
 from benchmarks import kernels, metrics, providers, report, run, suite, workloads
 
+ROOT = Path(__file__).resolve().parents[1]
 METADATA = ("card", "driver", "torch", "triton", "cudnn", "git_commit", "timestamp", "copy_gbs")
 
 
@@ -140,6 +144,21 @@ def test_report_classifies_a_run_again_from_its_kernels(tmp_path):
     assert report.main([str(out)]) == 0
     rendered = [r for r in json.loads((out / "results.json").read_text())["rows"] if r.get("profiled_kernels")]
     assert [{c: r[f"{c}_pct"] for c in metrics.CATEGORIES} for r in rendered] == measured
+
+
+def test_cpu_breakdown_keeps_the_profiler_library_quiet():
+    """A CPU breakdown (a fresh process: the profiler library reads its log level once)
+    prints nothing of the profiler's own between the benchmark's progress lines."""
+    code = (
+        "import torch; from benchmarks import metrics; "
+        "shares = metrics.breakdown(lambda: torch.ones(64, 64).relu_().sum(), torch.device('cpu'), 2); "
+        "assert shares['eltwise_pct'] > 0, shares"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kineto_lines = re.findall(r"^[A-Z]+:\d{4}-\d\d-\d\d .*\.cpp:\d+\].*$", done.stdout + done.stderr, re.M)
+    assert kineto_lines == []
 
 
 def test_saved_for_backward_counts_each_storage_once_without_parameters():
