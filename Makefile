@@ -2,9 +2,10 @@
 #   make bench   set up, build and run the benchmark (GPU if there is one, else CPU)
 #   make test    set up, build and run the tests
 #
-# Both create .venv (with system site packages, so a preinstalled torch is reused),
-# install torch and the test/bench dependencies if missing, and build resnet_fused._C
-# in place against that torch.
+# Both create .venv (seeing the packages of the Python that creates it, so a
+# preinstalled torch is reused, also one in another virtual environment:
+# scripts/make_venv.py), install torch and the test/bench dependencies if missing, and
+# build resnet_fused._C in place against that torch.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ export MAX_JOBS
 .PHONY: setup build test bench clean
 
 $(PY):
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) scripts/make_venv.py $(VENV)
 
 # torch is only installed if missing (a preinstalled one is kept).
 DEPS := "torch>=2.6" torchvision numpy pytest ninja setuptools wheel scikit-learn tqdm matplotlib pytest-benchmark
