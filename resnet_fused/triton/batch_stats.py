@@ -69,8 +69,9 @@ def _batch_stats_partials_kernel(
             mask = (row < row_end)[:, None] & lane_mask
             next_mask = (row + BLOCK_R < row_end)[:, None] & lane_mask
             offsets = row.to(tl.int64)[:, None] * row_stride + lane[None, :]
+            next_offsets = (row + BLOCK_R).to(tl.int64)[:, None] * row_stride + lane[None, :]
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            next_x = tl.load(x_ptr + offsets + BLOCK_R * row_stride, mask=next_mask, other=0.0).to(tl.float32)
+            next_x = tl.load(x_ptr + next_offsets, mask=next_mask, other=0.0).to(tl.float32)
             mean, m2 = _welford_update(mean, m2, x, mask, 1.0 / (2 * a + 1))
             mean, m2 = _welford_update(mean, m2, next_x, next_mask, 1.0 / (2 * a + 2))
     else:
