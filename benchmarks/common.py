@@ -30,6 +30,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def quiet_cpu_profiler() -> None:
+    """Silences the profiler library's own log lines for a CPU run (unless the user set
+    ``KINETO_LOG_LEVEL``): a CUDA build of torch on a machine without a GPU writes three per
+    profiled region ("profiler_start", "profiler_stop", "gpuGetDeviceCount failed") in
+    between the benchmarks' output. Read when the library first starts, so call before that."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def measure(fn: Callable[[], object], device: torch.device, *, budget_ms: float = 100.0) -> dict:
     """Median, 20th and 80th percentile run time of ``fn`` in milliseconds."""
     if device.type == "cuda":

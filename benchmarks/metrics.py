@@ -7,7 +7,6 @@ match wins, and docs/performance.md explains them.
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from typing import Callable, Iterable, Optional
@@ -51,12 +50,8 @@ def classify(name: str) -> str:
     return "other"
 
 
-def _quiet_kineto() -> None:
-    """Silences the profiler library's own log lines for CPU runs (unless the user set
-    ``KINETO_LOG_LEVEL``). A CUDA build of torch on a machine without a GPU writes three per
-    profiled step ("profiler_start", "profiler_stop", "gpuGetDeviceCount failed"), in
-    between the progress lines. Read when the library first starts, so set before that."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+# Kernel names are kept this long in results (C++ template arguments make them longer).
+KERNEL_NAME_CHARS = 160
 
 
 def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> dict:
@@ -71,7 +66,7 @@ def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> d
 
     cuda = device.type == "cuda"
     if not cuda:
-        _quiet_kineto()
+        common.quiet_cpu_profiler()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             step()
@@ -88,10 +83,6 @@ def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> d
     if out:
         out["profiled_kernels"] = kernels
     return out
-
-
-# Kernel names are kept this long in results (C++ template arguments make them longer).
-KERNEL_NAME_CHARS = 160
 
 
 def category_shares(kernels: Iterable[tuple[str, float]]) -> dict:

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     model = case.build().to(device, memory_format=LAYOUTS[args.layout])
     inputs = make_inputs(case, precision, args.layout, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cpu":
+        common.quiet_cpu_profiler()
     print(f"{args.workload} {case.shape}, training step, {precision.name}, {args.layout}, N={case.batch}, "
           f"{common.environment(device)['card'] if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
     for name in args.providers.split(","):

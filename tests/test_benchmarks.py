@@ -146,14 +146,16 @@ def test_report_classifies_a_run_again_from_its_kernels(tmp_path):
     assert [{c: r[f"{c}_pct"] for c in metrics.CATEGORIES} for r in rendered] == measured
 
 
-def test_cpu_breakdown_keeps_the_profiler_library_quiet():
-    """A CPU breakdown (a fresh process: the profiler library reads its log level once)
-    prints nothing of the profiler's own between the benchmark's progress lines."""
-    code = (
-        "import torch; from benchmarks import metrics; "
-        "shares = metrics.breakdown(lambda: torch.ones(64, 64).relu_().sum(), torch.device('cpu'), 2); "
-        "assert shares['eltwise_pct'] > 0, shares"
-    )
+@pytest.mark.parametrize("code", [
+    "import torch; from benchmarks import metrics; "
+    "shares = metrics.breakdown(lambda: torch.ones(64, 64).relu_().sum(), torch.device('cpu'), 2); "
+    "assert shares['eltwise_pct'] > 0, shares",
+    "from benchmarks import step_profile; step_profile.main(['--device', 'cpu', '--size', 'tiny', "
+    "'--workload', 'bottleneck', '--shape', 'layer1', '--providers', 'eager', '--steps', '1'])",
+], ids=["breakdown", "step_profile"])
+def test_cpu_profiling_keeps_the_profiler_library_quiet(code):
+    """A CPU breakdown or step profile (a fresh process: the profiler library reads its log
+    level once) prints nothing of the profiler's own between the benchmark's lines."""
     env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
