@@ -25,8 +25,9 @@ rule; per-channel vectors ignored); ``kernel_bytes`` is the traffic the fused ke
 by design: the backward reads its inputs twice (reduction pass, then elementwise pass;
 ``bn_add_relu_backward``'s reduction writes ``grad_residual = g`` and its elementwise pass
 reads that and ``x`` alone: 7 passes, not 8), a training forward reads its input once for
-statistics and once to normalize. ``% copy`` divides achieved bandwidth by the device-to-device copy bandwidth measured in the same
-run (benchmarks/common.py): a 1 GiB copy, where fixed costs vanish. Each (shape, dtype) also
+statistics and once to normalize. ``% copy`` divides achieved bandwidth by the
+device-to-device copy bandwidth measured in the same run (benchmarks/common.py): a 1 GiB
+copy, where fixed costs vanish. Each (shape, dtype) also
 times a copy of its activation in the same harness (op ``copy``, backend ``torch``), and
 each row's ``pct_size_copy`` divides the op's bandwidth by its own traffic by that copy's:
 how close the op comes to what a plain copy reaches at that size, where the launch, the

@@ -221,8 +221,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(dtype, capsys):
         print(f"\nTriton kernels for {compile_report.TARGET} ({dtype}):\n{compile_report.format_table(rows)}")
     kernels = {r.kernel for r in rows}
     assert kernels == {
-        "_batch_stats_partials_kernel", "_batch_stats_finalize_kernel", "_bn_act_forward_kernel", "_bn_act_backward_reduce_kernel",
-        "_bn_act_backward_finalize_kernel", "_bn_act_backward_elementwise_kernel",
+        "_batch_stats_partials_kernel", "_batch_stats_finalize_kernel", "_bn_act_forward_kernel",
+        "_bn_act_backward_reduce_kernel", "_bn_act_backward_finalize_kernel", "_bn_act_backward_elementwise_kernel",
     }
     assert all(r.local_bytes == 0 for r in rows), [r for r in rows if r.local_bytes]
     elementwise = [r for r in rows if r.kernel in compile_report.ELEMENTWISE_KERNELS]

@@ -145,7 +145,10 @@ def launches(
     block_c, block_s = part.finalize_blocks()
     has_running = running_mean is not None
     return [
-        Launch(_batch_stats_partials_kernel, lambda meta: (part.programs,), dict(x_ptr=x, part_ptr=partials, **part.kernel_args())),
+        Launch(
+            _batch_stats_partials_kernel, lambda meta: (part.programs,),
+            dict(x_ptr=x, part_ptr=partials, **part.kernel_args()),
+        ),
         Launch(
             _batch_stats_finalize_kernel,
             lambda meta: (triton.cdiv(part.channels, block_c),),
