@@ -51,8 +51,13 @@ def _wall_ms(step, device: torch.device, steps: int) -> float:
 def _summary(prof, steps: int, top: int) -> str:
     events = prof.key_averages()
     per_step = lambda us: us / steps / 1e3  # noqa: E731  (us over all steps -> ms per step)
-    device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    phases = {e.key: per_step(e.cpu_time_total) for e in events if e.key.startswith("step: ")}
+    # With CUDA profiled, each range is also a GPU annotation under the same name (key_averages
+    # keeps the device type apart) spanning the range's kernels, with no host time: the
+    # kernels are the device events that are not annotations, the host phases the CPU ones.
+    device_us = sum(e.self_device_time_total for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+    phases = {e.key: per_step(e.cpu_time_total) for e in events
+              if e.key.startswith("step: ") and e.device_type == torch.autograd.DeviceType.CPU}
     lines = [f"  kernels {per_step(device_us):.2f} ms; host: "
              + ", ".join(f"{k.removeprefix('step: ')} {v:.2f} ms" for k, v in sorted(phases.items()))]
     nodes = sorted((e for e in events if e.key.startswith("autograd::engine::evaluate_function: ")),

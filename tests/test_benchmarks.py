@@ -312,6 +312,30 @@ def test_step_profile_names_phases_and_backward_nodes(capsys):
     assert "CppNode<resnet_fused::eager::BnRelu>" in fused and "CppNode<resnet_fused::eager::DualBnA" in fused
 
 
+def test_step_profile_host_phases_ignore_gpu_annotations():
+    """Profiled with CUDA, each ``step: <phase>`` range comes back twice from key_averages:
+    the host range and a GPU annotation of the same name, with no host time and the span of
+    the range's kernels as device time. The phases' host times are the host ranges', and the
+    kernels' time leaves the annotations out (the H200 run of 0794d15 printed 0.00 ms for
+    the phases and counted the kernels of a ResNet-50 step twice, 43 ms for 20)."""
+    from types import SimpleNamespace
+
+    from benchmarks import step_profile
+
+    CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(key, device_type, cpu_us, device_us=0.0, annotation=True):
+        return SimpleNamespace(key=key, device_type=device_type, is_user_annotation=annotation, count=2,
+                               cpu_time_total=cpu_us, self_cpu_time_total=cpu_us, self_device_time_total=device_us)
+
+    events = [event("step: forward", CPU, 9000.0), event("step: forward", CUDA, 0.0, 7000.0),
+              event("step: backward", CPU, 30000.0), event("step: backward", CUDA, 0.0, 12000.0),
+              event("sm90_xmma_fprop", CUDA, 0.0, 3000.0, annotation=False),
+              event("bn_act_forward_kernel", CUDA, 0.0, 2000.0, annotation=False)]
+    summary = step_profile._summary(SimpleNamespace(key_averages=lambda: events), steps=2, top=5)
+    assert summary.splitlines()[0] == "  kernels 2.50 ms; host: backward 15.00 ms, forward 4.50 ms"
+
+
 def test_compile_fused_provider_fuses_then_compiles(monkeypatch):
     """compile-fused-cuda: the blocks fused first, torch.compile over the fused model, the
     cuda backend selected around every call; on a machine without it, unavailable."""
