@@ -47,10 +47,11 @@ constexpr int kThreads = 256;             // threads per block of every streamin
 constexpr int64_t kRowTileVectors = 32;   // channel vectors per block along a channels_last row
 // A finalize block: channels (x) by lanes (y) that each merge every kFinalizeLanes-th
 // partial of their channel, kFinalizeBatch loads at a time, then merge across lanes. Many
-// lanes keep its serial chain of L2 round trips short: it is on every op's critical path.
+// lanes and one batch for up to 512 partials (a wave of 3 blocks on up to 170 SMs) keep
+// its serial chain of L2 round trips short: it is on every op's critical path.
 constexpr int kFinalizeChannels = 8;
 constexpr int kFinalizeLanes = 64;
-constexpr int kFinalizeBatch = 4;
+constexpr int kFinalizeBatch = 8;
 constexpr int kFinalizeThreads = kFinalizeChannels * kFinalizeLanes;
 constexpr int64_t kMaxGridY = 65535;
 // Values of one channel a reduction block may see: its float count stays exact (< 2^24).
@@ -72,14 +73,18 @@ struct StreamConfig {
   int blocks_per_sm;
   int inputs;  // activations streamed in
   bool read_only = false;
+  int max_unroll_8_lanes = 0;  // loads at most with 8-lane (16-bit) vectors; 0: no cap
 
   constexpr int unroll(int vec) const {
     const int loads = (vec == 1 ? 8 : blocks_per_sm >= 3 ? 4 : 6) * (read_only ? 2 : 1);
-    return loads / inputs > 1 ? loads / inputs : 1;
+    const int u = loads / inputs > 1 ? loads / inputs : 1;
+    return vec == 8 && max_unroll_8_lanes > 0 && u > max_unroll_8_lanes ? max_unroll_8_lanes : u;
   }
 };
 
-constexpr StreamConfig kStatsConfig{3, 1, true};
+// The statistics kernel holds the rows it loaded beside 2V + 1 floats of moments: with
+// 16-bit values (V = 8), six rows fit its 80 registers without a spill, eight do not.
+constexpr StreamConfig kStatsConfig{3, 1, true, 6};
 // input [+ residual | input_d]
 constexpr StreamConfig forward_config(Epilogue e) {
   return {e == Epilogue::kDualAddRelu ? 3 : 4, e == Epilogue::kRelu ? 1 : 2};
@@ -124,7 +129,17 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
-  __device__ float operator[](int i) const { return to_float(v[i]); }
+  __device__ float operator[](int i) const {
+    if constexpr (std::is_same_v<T, __nv_bfloat16> && V % 2 == 0) {
+      // From the 32-bit word holding values i and i ^ 1 (little-endian: the even one in
+      // its low half), one instruction each; per value, nvcc extracted, then shifted.
+      uint32_t word;
+      std::memcpy(&word, &v[i & ~1], sizeof word);
+      return __uint_as_float(i & 1 ? word & 0xffff0000u : word << 16);
+    } else {
+      return to_float(v[i]);
+    }
+  }
 };
 
 template <typename T, int V>
@@ -309,18 +324,37 @@ struct Moments {
     Acc m2[V][Slots];
   };
 
-  // One more row: x[i] is a value of channel i.
-  template <typename Values>
-  __device__ void add(const Values& x) {
+  // U more rows (x[u][i] is a value of channel i) merge into the state as one partial
+  // (Chan et al.): their own mean and squared deviations, as sums of (x - k) and (x - k)^2
+  // with k = the channel's value in the first row. k is one of the values, so
+  // U (mean - k)^2 <= U sum((x - mean)^2) and m2 = sum((x - k)^2) - U (mean - k)^2 loses
+  // at most log2(U) bits. Per value: a subtract, an add and an FMA; a Welford update per
+  // row costs two adds, two FMAs and a reciprocal, which made the bf16 statistics kernel
+  // issue-bound (4.9 instructions per byte loaded). Channel by channel, so the registers
+  // are the loaded rows and the state. U = 1 is a Welford update.
+  template <int U, typename Values>
+  __device__ __forceinline__ void add_rows(const Values (&x)[U]) {
     static_assert(std::is_same_v<Acc, float>, "streaming moments are float");
-    count += 1.f;
-    const float inv_count = __frcp_rn(count);
+    const float total = count + U;
+    const float weight = __fdiv_rn(U, total);  // of the new rows' mean
+    const float cross = count * weight;        // count * U / total
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const float delta = x[i] - mean[i];
-      mean[i] = __fmaf_rn(delta, inv_count, mean[i]);
-      m2[i] = __fmaf_rn(delta, x[i] - mean[i], m2[i]);
+      const float k = x[0][i];
+      float sum = 0.f, sum_squares = 0.f;
+#pragma unroll
+      for (int u = 1; u < U; ++u) {
+        const float d = x[u][i] - k;
+        sum = u == 1 ? d : sum + d;  // (0 + d would cost an add: -0 + 0 is +0)
+        sum_squares = u == 1 ? d * d : __fmaf_rn(d, d, sum_squares);
+      }
+      const float shift = sum * (1.f / U);  // rows' mean - k
+      const float rows_m2 = __fmaf_rn(-shift, sum, sum_squares);
+      const float delta = (k + shift) - mean[i];
+      mean[i] = __fmaf_rn(delta, weight, mean[i]);
+      m2[i] += __fmaf_rn(delta * delta, cross, rows_m2);
     }
+    count = total;
   }
 
   __device__ void merge(Acc other_count, const Acc (&other_mean)[V], const Acc (&other_m2)[V]) {
@@ -437,16 +471,25 @@ __global__ void __launch_bounds__(kThreads, kStatsConfig.blocks_per_sm)
   if (walk.active) {
     while (walk.valid()) {
       Pack<T, V> x[U];
-      bool valid[U];
+      int rows = 0;  // the valid rows come first: a walk only moves forward
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        valid[u] = walk.valid();
-        if (valid[u]) x[u] = load<T, V>(input + walk.offset);
+        if (walk.valid()) {
+          x[u] = load<T, V>(input + walk.offset);
+          ++rows;
+        }
         walk.next();
       }
+      if (rows == U) {
+        moments.add_rows(x);
+      } else {  // a thread's last step, at most: row by row
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (valid[u]) moments.add(x[u]);
+        for (int u = 0; u < U; ++u) {
+          if (u < rows) {
+            const Pack<T, V> row[1] = {x[u]};
+            moments.add_rows(row);
+          }
+        }
       }
     }
   }
@@ -489,7 +532,7 @@ struct StatsFinalize {
 };
 
 // kFinalizeBatch partials of channel c, from partial `first` in steps of kFinalizeLanes;
-// past the last split, zeros (a count of 0 adds nothing to either pass).
+// past the last split, zeros (a count of 0 adds nothing to the sums).
 struct PartialBatch {
   float count[kFinalizeBatch], mean[kFinalizeBatch], m2[kFinalizeBatch];
 
@@ -505,64 +548,51 @@ struct PartialBatch {
   }
 };
 
-// Calls fn(count, mean, m2) for partials y, y + kFinalizeLanes, ... of channel c (lane
-// y = threadIdx.y): `head` holds the first kFinalizeBatch (every partial up to 256
-// splits, so the second pass reads no memory), later batches are loaded as they come.
-template <typename Fn>
-__device__ __forceinline__ void for_each_partial(const StatsFinalize& f, int64_t c, const PartialBatch& head,
-                                                 Fn&& fn) {
-#pragma unroll
-  for (int b = 0; b < kFinalizeBatch; ++b) fn(head.count[b], head.mean[b], head.m2[b]);
-  for (int64_t first = threadIdx.y + kFinalizeBatch * kFinalizeLanes; first < f.splits;
-       first += kFinalizeBatch * kFinalizeLanes) {
-    const PartialBatch batch(f, c, first);
-#pragma unroll
-    for (int b = 0; b < kFinalizeBatch; ++b) fn(batch.count[b], batch.mean[b], batch.m2[b]);
-  }
-}
-
 // Block (kFinalizeChannels, kFinalizeLanes). The partial moments (n_s, mean_s, m2_s) of a
-// channel merge in two passes of plain sums in double, each ending in a fixed tree over
-// the lanes: N = sum(n_s), mean = sum(n_s * mean_s) / N, then
-// m2 = sum(m2_s + n_s * (mean_s - mean)^2) -- Chan et al.'s merge with the serial chain
-// of divisions a pairwise Welford merge has taken off the critical path.
+// channel merge in one pass of plain sums in double, shifted by k = the first partial's
+// mean: N = sum(n_s), S = sum(n_s (mean_s - k)), Q = sum(m2_s + n_s (mean_s - k)^2),
+// each ending in a fixed tree over the lanes; then mean = k + S / N and
+// m2 = Q - S^2 / N. That is Chan et al.'s merge without a serial chain of divisions, and
+// with one round of loads. k is one partial's mean, so S^2 / N = N (mean - k)^2 <=
+// (N / n_0) m2: the subtraction loses at most log2(2N / n_0 + 1) (about log2 of twice
+// the splits) of double's 53 bits.
 __global__ void __launch_bounds__(kFinalizeThreads) batch_stats_finalize_kernel(StatsFinalize f) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
   const bool active = c < f.channels;
+  const bool finalizes = threadIdx.y == 0 && active;  // the thread that writes channel c
+  // The running statistics and k, loaded now: their round trip overlaps the partials'.
+  const bool updates_running = finalizes && f.running_mean != nullptr;
+  const float running_mean = updates_running ? f.running_mean[c] : 0.f;
+  const float running_var = updates_running ? f.running_var[c] : 0.f;
+  const double k = active ? f.mean[c] : 0.0;
 
-  const PartialBatch head(f, c, threadIdx.y);
-  Sums<double, 2> weighted;  // N, sum(n_s * mean_s)
+  Sums<double, 3> sums;  // N, S, Q
   if (active) {
-    for_each_partial(f, c, head, [&](float count, float mean, float) {
-      weighted.value[0] += count;
-      weighted.value[1] += static_cast<double>(count) * mean;
-    });
+    for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
+      const PartialBatch batch(f, c, first);
+#pragma unroll
+      for (int b = 0; b < kFinalizeBatch; ++b) {
+        const double count = batch.count[b], spread = batch.mean[b] - k;
+        sums.value[0] += count;
+        sums.value[1] += count * spread;
+        sums.value[2] += batch.m2[b] + count * spread * spread;
+      }
+    }
   }
-  __shared__ Sums<double, 2>::Shared<kFinalizeThreads> weighted_shared;
-  block_reduce_rows<kFinalizeThreads>(weighted, weighted_shared);
-  __shared__ double channel_mean[kFinalizeChannels];
-  if (threadIdx.y == 0) channel_mean[threadIdx.x] = weighted.value[1] / fmax(weighted.value[0], 1.0);
-  __syncthreads();
-  const double mean = channel_mean[threadIdx.x];
-
-  Sums<double, 1> m2;
-  if (active) {
-    for_each_partial(f, c, head, [&](float count, float partial_mean, float partial_m2) {
-      const double spread = partial_mean - mean;
-      m2.value[0] += partial_m2 + count * spread * spread;
-    });
-  }
-  __shared__ Sums<double, 1>::Shared<kFinalizeThreads> m2_shared;
-  block_reduce_rows<kFinalizeThreads>(m2, m2_shared);
-  if (threadIdx.y != 0 || !active) return;
-  const double count = weighted.value[0];
-  const double var = m2.value[0] / count;
+  __shared__ Sums<double, 3>::Shared<kFinalizeThreads> shared;
+  block_reduce_rows<kFinalizeThreads>(sums, shared);
+  if (!finalizes) return;
+  const double count = sums.value[0];
+  const double shift = sums.value[1] / count;  // mean - k
+  const double m2 = sums.value[2] - shift * sums.value[1];
+  const double var = (m2 < 0 ? 0 : m2) / count;  // (rounding can leave m2 a hair below 0; NaN stays)
+  const double mean = k + shift;
   f.out_mean[c] = static_cast<float>(mean);
   f.out_invstd[c] = static_cast<float>(1.0 / sqrt(var + f.eps));
-  if (f.running_mean != nullptr) {
+  if (updates_running) {
     const double unbiased = var * count / (count - 1);
-    f.running_mean[c] = static_cast<float>(f.momentum * mean + (1 - f.momentum) * f.running_mean[c]);
-    f.running_var[c] = static_cast<float>(f.momentum * unbiased + (1 - f.momentum) * f.running_var[c]);
+    f.running_mean[c] = static_cast<float>(f.momentum * mean + (1 - f.momentum) * running_mean);
+    f.running_var[c] = static_cast<float>(f.momentum * unbiased + (1 - f.momentum) * running_var);
   }
 }
 
@@ -744,17 +774,29 @@ struct BackwardFinalize {
 //   eval:     k0 = k1 = 0
 // Folding the mean into k0 (in double) keeps a register per lane free; its rounding is
 // the one the forward's shift = bias - mean * scale already has.
-__device__ void finalize_branch(const BackwardFinalize& f, const Branch& b, int64_t c, double sum_g,
+// One channel of a branch as the finalize needs it, loaded before the partials are
+// reduced: the round trip of these loads overlaps theirs.
+struct BranchChannel {
+  float scale = 0.f, invstd = 0.f, mean = 0.f;
+
+  __device__ BranchChannel(const Branch& b, int64_t c, bool load) {
+    if (!load) return;
+    float shift;
+    channel_affine(b, c, scale, shift);
+    invstd = b.invstd[c];
+    mean = b.mean[c];
+  }
+};
+
+__device__ void finalize_branch(const BackwardFinalize& f, const BranchChannel& b, int64_t c, double sum_g,
                                 double sum_g_centered, float* grad_weight, float* grad_bias, float* k0, float* k1) {
-  float scale, shift;
-  channel_affine(b, c, scale, shift);
-  const double invstd = b.invstd[c];
+  const double invstd = b.invstd;
   grad_bias[c] = static_cast<float>(sum_g);
   grad_weight[c] = static_cast<float>(sum_g_centered * invstd);
   double slope = 0, intercept = 0;
   if (f.training) {
-    slope = -double(scale) * invstd * invstd * sum_g_centered / f.reduce_size;
-    intercept = -double(scale) * sum_g / f.reduce_size - double(b.mean[c]) * slope;
+    slope = -double(b.scale) * invstd * invstd * sum_g_centered / f.reduce_size;
+    intercept = -double(b.scale) * sum_g / f.reduce_size - double(b.mean) * slope;
   }
   k0[c] = static_cast<float>(intercept);
   k1[c] = static_cast<float>(slope);
@@ -765,6 +807,9 @@ __global__ void __launch_bounds__(kFinalizeThreads) bn_act_backward_finalize_ker
   constexpr int K = num_sums(E);
   const int64_t C = f.channels;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
+  const bool finalizes = threadIdx.y == 0 && c < C;  // the thread that writes channel c
+  const BranchChannel main(f.main, c, finalizes);
+  const BranchChannel down(f.down, c, finalizes && E == Epilogue::kDualAddRelu);
   Sums<double, K> sums;
   if (c < C) {
     for (int64_t first = threadIdx.y; first < f.splits; first += kFinalizeBatch * kFinalizeLanes) {
@@ -784,11 +829,11 @@ __global__ void __launch_bounds__(kFinalizeThreads) bn_act_backward_finalize_ker
   }
   __shared__ typename Sums<double, K>::template Shared<kFinalizeThreads> shared;
   block_reduce_rows<kFinalizeThreads>(sums, shared);
-  if (threadIdx.y != 0 || c >= C) return;
-  finalize_branch(f, f.main, c, sums.value[0], sums.value[1], f.grad_weight, f.grad_bias, f.coefficients,
+  if (!finalizes) return;
+  finalize_branch(f, main, c, sums.value[0], sums.value[1], f.grad_weight, f.grad_bias, f.coefficients,
                   f.coefficients + C);
   if constexpr (E == Epilogue::kDualAddRelu) {
-    finalize_branch(f, f.down, c, sums.value[0], sums.value[2], f.grad_weight_d, f.grad_bias_d,
+    finalize_branch(f, down, c, sums.value[0], sums.value[2], f.grad_weight_d, f.grad_bias_d,
                     f.coefficients + 2 * C, f.coefficients + 3 * C);
   }
 }
