@@ -14,7 +14,7 @@
 // and every thread issues U independent loads per input before it uses the first.
 //
 // Reductions are two-level and deterministic: each block reduces its values in a fixed
-// order (per-thread Welford or plain float sums, then a shared-memory tree over the
+// order (per-thread moments or plain float sums, then a shared-memory tree over the
 // block's rows) into one partial per (split, channel) in the workspace; a finalize
 // kernel merges a channel's partials in double, in a fixed order, and writes the results
 // (batch_stats: mean, invstd, running statistics; backward: weight and bias gradients and
@@ -310,7 +310,7 @@ struct Walk<Layout::kNCHW, V> {
 
 // ---------------------------------------------------------------- reduction states
 
-// Count, mean and sum of squared deviations of V channels (Welford; Chan et al. to merge).
+// Count, mean and sum of squared deviations of V channels (Chan et al. to merge).
 template <typename Acc, int V>
 struct Moments {
   Acc count = 0;
@@ -326,17 +326,17 @@ struct Moments {
 
   // U more rows (x[u][i] is a value of channel i) merge into the state as one partial
   // (Chan et al.): their own mean and squared deviations, as sums of (x - k) and (x - k)^2
-  // with k = the channel's value in the first row. k is one of the values, so
-  // U (mean - k)^2 <= U sum((x - mean)^2) and m2 = sum((x - k)^2) - U (mean - k)^2 loses
-  // at most log2(U) bits. Per value: a subtract, an add and an FMA; a Welford update per
-  // row costs two adds, two FMAs and a reciprocal, which made the bf16 statistics kernel
-  // issue-bound (4.9 instructions per byte loaded). Channel by channel, so the registers
-  // are the loaded rows and the state. U = 1 is a Welford update.
+  // with k = the channel's value in the first row. k is one of the values, so by
+  // Cauchy-Schwarz U (mean - k)^2 <= (U - 1) m2, and m2 = sum((x - k)^2) - U (mean - k)^2
+  // loses at most log2(U) bits. Per value: a subtract, an add and an FMA; a Welford update
+  // per row costs two adds, two FMAs and a reciprocal, which made the bf16 statistics
+  // kernel issue-bound (4.9 instructions per byte loaded). Channel by channel, so the
+  // registers are the loaded rows and the state. U = 1 is a Welford update.
   template <int U, typename Values>
   __device__ __forceinline__ void add_rows(const Values (&x)[U]) {
     static_assert(std::is_same_v<Acc, float>, "streaming moments are float");
     const float total = count + U;
-    const float weight = __fdiv_rn(U, total);  // of the new rows' mean
+    const float weight = U == 1 ? __frcp_rn(total) : __fdiv_rn(U, total);  // of the new rows' mean
     const float cross = count * weight;        // count * U / total
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -352,7 +352,9 @@ struct Moments {
       const float rows_m2 = __fmaf_rn(-shift, sum, sum_squares);
       const float delta = (k + shift) - mean[i];
       mean[i] = __fmaf_rn(delta, weight, mean[i]);
-      m2[i] += __fmaf_rn(delta * delta, cross, rows_m2);
+      // delta * cross first: on a thread's first step cross is 0 and delta the raw mean,
+      // whose square may overflow (Inf * 0 would be NaN).
+      m2[i] += __fmaf_rn(delta * cross, delta, rows_m2);
     }
     count = total;
   }
@@ -556,7 +558,7 @@ struct PartialBatch {
 // with one round of loads. k is one partial's mean, so S^2 / N = N (mean - k)^2 <=
 // (N / n_0) m2: the subtraction loses at most log2(2N / n_0 + 1) (about log2 of twice
 // the splits) of double's 53 bits.
-__global__ void __launch_bounds__(kFinalizeThreads) batch_stats_finalize_kernel(StatsFinalize f) {
+__global__ void __launch_bounds__(kFinalizeThreads, 2) batch_stats_finalize_kernel(StatsFinalize f) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
   const bool active = c < f.channels;
   const bool finalizes = threadIdx.y == 0 && active;  // the thread that writes channel c
@@ -803,7 +805,7 @@ __device__ void finalize_branch(const BackwardFinalize& f, const BranchChannel& 
 }
 
 template <Epilogue E>
-__global__ void __launch_bounds__(kFinalizeThreads) bn_act_backward_finalize_kernel(BackwardFinalize f) {
+__global__ void __launch_bounds__(kFinalizeThreads, 2) bn_act_backward_finalize_kernel(BackwardFinalize f) {
   constexpr int K = num_sums(E);
   const int64_t C = f.channels;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
