@@ -17,10 +17,12 @@
 #include <tuple>
 #include <utility>
 
+#include "bn_act.h"
+
 namespace resnet_fused::eager {
 
-using at::Tensor;
-using OptionalTensor = std::optional<Tensor>;
+using resnet_fused::OptionalTensor;
+using resnet_fused::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -69,7 +71,7 @@ OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t
 
 // A per-channel gradient (accumulation dtype) in its parameter's dtype; none without one.
 Tensor param_grad(const Tensor& grad, const Tensor& param) {
-  return param.defined() ? grad.to(param.scalar_type()) : Tensor();
+  return param.defined() ? in_dtype(grad, param.scalar_type()) : Tensor();
 }
 
 // Gradients of `mean` and `invstd` where they are constants of the graph that require
@@ -82,17 +84,17 @@ std::pair<Tensor, Tensor> statistics_grads(bool needed, const Tensor& weight, co
                                            const Tensor& grad_bias) {
   if (!needed) return {};
   const at::ScalarType accumulation = grad_weight.scalar_type();
-  const Tensor invstd_acc = invstd.to(accumulation);
+  const Tensor invstd_acc = in_dtype(invstd, accumulation);
   Tensor grad_mean, grad_invstd;
   if (weight.defined()) {
-    const Tensor w = weight.to(accumulation);
+    const Tensor w = in_dtype(weight, accumulation);
     grad_mean = -w * invstd_acc * grad_bias;
     grad_invstd = w * grad_weight / invstd_acc;
   } else {  // w = 1: ops.py computes -1.0 * invstd and 1.0 * grad_weight, both exact
     grad_mean = -invstd_acc * grad_bias;
     grad_invstd = grad_weight / invstd_acc;
   }
-  return {grad_mean.to(mean.scalar_type()), grad_invstd.to(invstd.scalar_type())};
+  return {in_dtype(grad_mean, mean.scalar_type()), in_dtype(grad_invstd, invstd.scalar_type())};
 }
 
 bool statistics_need_grad(bool training, const Tensor& mean, const Tensor& invstd) {

@@ -124,7 +124,7 @@ Tensor empty_activation(const Activation& like) {
 }
 
 Tensor per_channel(const OptionalTensor& t, at::ScalarType acc) {
-  return defined(t) ? t->to(acc).contiguous() : Tensor();
+  return defined(t) ? in_dtype(*t, acc).contiguous() : Tensor();
 }
 
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
@@ -141,7 +141,7 @@ struct RunningStat {
   RunningStat(const OptionalTensor& t, at::ScalarType acc_type) {
     if (!defined(t)) return;
     user = *t;
-    acc = (user.scalar_type() == acc_type && user.is_contiguous()) ? user : user.to(acc_type).contiguous();
+    acc = in_dtype(user, acc_type).contiguous();
   }
   void* data() { return acc.defined() ? acc.mutable_data_ptr() : nullptr; }
   void write_back() {
@@ -159,8 +159,8 @@ struct Branch {
     const auto acc = accumulation_type(a.input);
     weight = per_channel(a.weight, acc);
     bias = per_channel(a.bias, acc);
-    mean = a.mean.to(acc).contiguous();
-    invstd = a.invstd.to(acc).contiguous();
+    mean = in_dtype(a.mean, acc).contiguous();
+    invstd = in_dtype(a.invstd, acc).contiguous();
   }
 
   BnBranch view() const {
