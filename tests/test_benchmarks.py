@@ -332,8 +332,30 @@ def test_step_profile_host_phases_ignore_gpu_annotations():
               event("step: backward", CPU, 30000.0), event("step: backward", CUDA, 0.0, 12000.0),
               event("sm90_xmma_fprop", CUDA, 0.0, 3000.0, annotation=False),
               event("bn_act_forward_kernel", CUDA, 0.0, 2000.0, annotation=False)]
-    summary = step_profile._summary(SimpleNamespace(key_averages=lambda: events), steps=2, top=5)
+    summary = step_profile._summary(SimpleNamespace(key_averages=lambda: events, events=lambda: []), steps=2, top=5)
     assert summary.splitlines()[0] == "  kernels 2.50 ms; host: backward 15.00 ms, forward 4.50 ms"
+
+
+def test_step_profile_lists_the_forward_ops_by_their_range():
+    """The forward's own table counts the host events inside a ``step: forward`` range, at
+    any depth, and nothing outside it."""
+    from types import SimpleNamespace
+
+    from benchmarks import step_profile
+
+    CPU = torch.autograd.DeviceType.CPU
+
+    def event(name, own_us, parent=None):
+        return SimpleNamespace(name=name, device_type=CPU, self_cpu_time_total=own_us, cpu_parent=parent)
+
+    forward = event("step: forward", 5.0)
+    conv = event("aten::convolution", 300.0, forward)
+    launch = event("cudaLaunchKernel", 40.0, event("aten::cudnn_convolution", 200.0, conv))
+    outside = event("aten::add_", 70.0, event("step: optimizer", 1.0))
+    prof = SimpleNamespace(key_averages=lambda: [], events=lambda: [forward, conv, launch, launch.cpu_parent, outside])
+    table = step_profile._summary(prof, steps=1, top=10).split("forward ops by own host time")[1].splitlines()[1:]
+    assert [row.split()[-1] for row in table] == ["aten::convolution", "aten::cudnn_convolution", "cudaLaunchKernel"]
+    assert table[0].split()[:2] == ["0.300", "1"]
 
 
 def test_compile_fused_provider_fuses_then_compiles(monkeypatch):
