@@ -533,8 +533,8 @@ struct StatsFinalize {
   double momentum, eps;
 };
 
-// kFinalizeBatch partials of channel c, from partial `first` in steps of kFinalizeLanes;
-// past the last split, zeros (a count of 0 adds nothing to the sums).
+// kFinalizeBatch partials of channel c (< channels), from partial `first` in steps of
+// kFinalizeLanes; past the last split, zeros (a count of 0 adds nothing to the sums).
 struct PartialBatch {
   float count[kFinalizeBatch], mean[kFinalizeBatch], m2[kFinalizeBatch];
 
@@ -542,7 +542,7 @@ struct PartialBatch {
 #pragma unroll
     for (int b = 0; b < kFinalizeBatch; ++b) {
       const int64_t s = first + b * kFinalizeLanes;
-      const bool valid = c < f.channels && s < f.splits;
+      const bool valid = s < f.splits;
       count[b] = valid ? f.count[s] : 0.f;
       mean[b] = valid ? f.mean[s * f.channels + c] : 0.f;
       m2[b] = valid ? f.m2[s * f.channels + c] : 0.f;
