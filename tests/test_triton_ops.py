@@ -270,8 +270,8 @@ def test_precompile_plans_each_kernel_specialization_once():
 cuda = pytest.mark.cuda
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_SHAPES = [(4, 19, 5, 7), (3, 8, 1, 1), (2, 67, 9, 11), (8, 256, 14, 14), (2, 64, 56, 56)]
-AUTOTUNED = [batch_stats_module._batch_stats_partials_kernel, bn_act_module._bn_act_forward_kernel,
-             bn_act_module._bn_act_backward_reduce_kernel, bn_act_module._bn_act_backward_elementwise_kernel]
+REDUCTION_KERNELS = [batch_stats_module._batch_stats_partials_kernel, bn_act_module._bn_act_backward_reduce_kernel]
+ELEMENTWISE_KERNELS = [bn_act_module._bn_act_forward_kernel, bn_act_module._bn_act_backward_elementwise_kernel]
 
 
 @pytest.fixture(autouse=True)
@@ -300,12 +300,18 @@ def test_ops_match_reference_on_cuda(shape, dtype, layout):
 
 
 @cuda
-@pytest.mark.parametrize("index", range(len(_runtime.TUNING.elementwise)))
+@pytest.mark.parametrize("index", range(len(_runtime.TUNING.reduce)))
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-def test_every_configuration_on_cuda(index, layout):
+def test_every_configuration_on_cuda(index, layout, monkeypatch):
     """Every op with the index-th configuration of every autotuned kernel, at a shape
-    whose tiles have tails in rows and lanes for every TILE of the lists."""
-    assert all(len(k.configs) == len(_runtime.TUNING.elementwise) for k in AUTOTUNED)
+    whose tiles have tails in rows and lanes for every TILE of the lists (and, with
+    pipelined reductions, more loop steps than stages)."""
+    assert all(k.configs == _runtime.TUNING.reduce for k in REDUCTION_KERNELS)
+    assert all(k.configs == _runtime.TUNING.elementwise for k in ELEMENTWISE_KERNELS)
+    repeats, rest = divmod(len(_runtime.TUNING.reduce), len(_runtime.TUNING.elementwise))
+    assert rest == 0
+    for kernel in ELEMENTWISE_KERNELS:  # the shorter list, repeated: index i pins its i % len
+        monkeypatch.setattr(kernel, "configs", kernel.configs * repeats)
     with _runtime.pinned_config(index):
         check_ops_against_reference("cuda", torch.bfloat16, layout, (3, 200, 13, 11))
 

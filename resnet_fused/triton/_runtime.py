@@ -137,7 +137,8 @@ class Tuning:
 
     A tile is ``TILE`` elements: ``TILE // BLOCK_L`` rows of ``BLOCK_L`` contiguous lanes
     (channels in channels_last, H*W positions in NCHW). ``BLOCK_L`` follows from the shape
-    (``lane_block``); the autotuner picks ``TILE`` and the warps per program.
+    (``lane_block``); the autotuner picks ``TILE``, the warps per program and, for the
+    reductions, the pipeline depth ``STAGES``.
     """
 
     elementwise: list[triton.Config]  # forward, backward elementwise
@@ -157,10 +158,20 @@ def _configs(*tiles_and_warps: tuple[int, int]) -> list[triton.Config]:
     return [triton.Config({"TILE": tile}, num_warps=warps, num_stages=1) for tile, warps in tiles_and_warps]
 
 
+def _reduce_configs(tiles_and_warps: list[tuple[int, int]], stages: tuple[int, ...]) -> list[triton.Config]:
+    """Each (TILE, warps) with each ``STAGES``: the loop steps a reduction program keeps in
+    flight through ``tl.range(..., num_stages=STAGES)`` (1: none ahead; n > 1: the loads of
+    n - 1 steps ahead, copied to shared memory by cp.async)."""
+    return [
+        triton.Config({"TILE": tile, "STAGES": n}, num_warps=warps, num_stages=1)
+        for n in stages for tile, warps in tiles_and_warps
+    ]
+
+
 if INTERPRET:
     TUNING = Tuning(
         elementwise=_configs((32, 1)),
-        reduce=_configs((16, 1)),
+        reduce=_reduce_configs([(16, 1)], stages=(2,)),
         max_lane_block=8,
         reduce_channel_block=4,
         reduce_lane_block=4,
@@ -173,13 +184,15 @@ if INTERPRET:
     )
 else:
     # Elementwise: 2-8K elements per program (the anchors: 8-32 rows of 256 channels reach
-    # the copy bandwidth on an H200). Reductions: Triton does not software-pipeline loads
-    # in loops without a dot, so a program has one tile in flight: 8 programs per SM of
-    # 1-4K-element tiles keep 16-64 KB in flight per SM, and the partials stay few. (A
-    # 4K tile on 4 warps takes up to 234 registers in the dual backward: left out.)
+    # the copy bandwidth on an H200). Reductions: 8 programs per SM of 1-4K-element tiles,
+    # so the partials stay few; without pipelining (STAGES=1) a program has one loop
+    # step's loads in flight, 16-64 KB per SM; with STAGES=3 the next two steps' loads are in
+    # flight too, into shared memory, at the price of shared-memory loads and two barriers per step. The
+    # autotuner weighs the two. (A 4K tile on 4 warps takes up to 234 registers in the
+    # dual backward: left out.)
     TUNING = Tuning(
         elementwise=_configs((2048, 4), (4096, 4), (4096, 8), (8192, 8)),
-        reduce=_configs((1024, 4), (2048, 4), (2048, 8), (4096, 8)),
+        reduce=_reduce_configs([(1024, 4), (2048, 4), (2048, 8), (4096, 8)], stages=(1, 3)),
         max_lane_block=256,
         reduce_channel_block=64,
         reduce_lane_block=512,

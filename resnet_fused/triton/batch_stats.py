@@ -7,9 +7,10 @@ Two kernels, one read of the input (``_reduce`` describes the partition):
    (mean, M2) in fp32 over the values it visits; lanes visit values in lockstep, so a
    lane's count follows from the loop indices and is never stored (channels_last loads
    two row tiles per step: the kernel only reads, so it needs twice the loads in flight
-   of a kernel that also writes). At the end the lanes
-   are merged per channel (Chan et al.: the count-weighted mean of the lane means, and
-   the lane M2s plus the spread of the lane means) into one (count, mean, M2) partial.
+   of a kernel that also writes; ``STAGES`` > 1 pipelines the loop, see ``_runtime``).
+   At the end the lanes are merged per channel (Chan et al.: the count-weighted mean of
+   the lane means, and the lane M2s plus the spread of the lane means) into one
+   (count, mean, M2) partial.
 2. ``_batch_stats_finalize_kernel``: one program per few channels loads all of their partials at
    once, merges them the same way, and writes mean and invstd = 1/sqrt(var + eps)
    (biased variance), and the running statistics with the unbiased variance, exactly
@@ -47,7 +48,7 @@ def _welford_update(mean, m2, x, mask, weight):
 def _batch_stats_partials_kernel(
     x_ptr, part_ptr,
     C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
-    CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, TILE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, TILE: tl.constexpr, STAGES: tl.constexpr,
 ):
     BLOCK_R: tl.constexpr = TILE // BLOCK_L
     group, chunk, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
@@ -64,7 +65,7 @@ def _batch_stats_partials_kernel(
         # loads in flight per step double the bytes in flight without growing the state.
         lane = lane_begin + l
         lane_mask = (lane < lane_end)[None, :]
-        for a in range(0, tl.cdiv(row_end - row_begin, 2 * BLOCK_R)):
+        for a in tl.range(0, tl.cdiv(row_end - row_begin, 2 * BLOCK_R), num_stages=STAGES):
             row = row_begin + 2 * a * BLOCK_R + r
             mask = (row < row_end)[:, None] & lane_mask
             next_mask = (row + BLOCK_R < row_end)[:, None] & lane_mask
@@ -78,7 +79,7 @@ def _batch_stats_partials_kernel(
         for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
             row = row_begin + a * BLOCK_R + r
             row_ptr = x_ptr + base + row.to(tl.int64) * row_stride
-            for b in range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L)):
+            for b in tl.range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L), num_stages=STAGES):
                 lane = lane_begin + b * BLOCK_L + l
                 mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
                 x = tl.load(row_ptr[:, None] + lane[None, :], mask=mask, other=0.0).to(tl.float32)

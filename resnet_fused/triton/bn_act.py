@@ -153,6 +153,23 @@ def _bn_act_forward_kernel(
 # ---------------------------------------------------------------- backward
 
 
+@triton.jit
+def _backward_terms(grad_ptr, x_ptr, y_ptr, grad_y_ptr, offsets, mask, scale, shift, mean, scale_d, shift_d, mean_d,
+                    EPILOGUE: tl.constexpr):
+    """One tile's terms of the backward sums: g, g * (x - mean) and g * (y - mean_d) (the
+    last for ``DUAL_ADD_RELU`` only); for ``ADD_RELU`` it writes grad_residual = g (the
+    elementwise pass then reads it instead of the residual and the mask)."""
+    dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # 0: masked lanes add 0
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = x
+    if EPILOGUE != RELU:
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
+    if EPILOGUE == ADD_RELU:
+        tl.store(grad_y_ptr + offsets, g.to(grad_y_ptr.dtype.element_ty), mask=mask)
+    return g, g * (x - mean), g * (y - mean_d)
+
+
 @_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
 @triton.jit
 def _bn_act_backward_reduce_kernel(
@@ -162,7 +179,7 @@ def _bn_act_backward_reduce_kernel(
     C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
     EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
-    BLOCK_L: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_L: tl.constexpr, TILE: tl.constexpr, STAGES: tl.constexpr,
 ):
     BLOCK_R: tl.constexpr = TILE // BLOCK_L
     group, chunk, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
@@ -183,25 +200,34 @@ def _bn_act_backward_reduce_kernel(
     sum_g = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     sum_gc = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     sum_gc_d = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
-    for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
-        row = row_begin + a * BLOCK_R + r
-        row_offsets = base + row.to(tl.int64) * row_stride
-        for b in range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L)):
-            lane = lane_begin + b * BLOCK_L + l
-            mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
-            offsets = row_offsets[:, None] + lane[None, :]
-            dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # 0: masked lanes add 0
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            y = x
-            if EPILOGUE != RELU:
-                y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
-            if EPILOGUE == ADD_RELU:  # grad_residual = g, written here: the elementwise pass then reads it
-                tl.store(grad_y_ptr + offsets, g.to(grad_y_ptr.dtype.element_ty), mask=mask)
+    if CHANNELS_LAST:
+        # One lane block: a single loop over row tiles, the loop the pipeliner can overlap.
+        lane = lane_begin + l
+        lane_mask = (lane < lane_end)[None, :]
+        for a in tl.range(0, tl.cdiv(row_end - row_begin, BLOCK_R), num_stages=STAGES):
+            row = row_begin + a * BLOCK_R + r
+            mask = (row < row_end)[:, None] & lane_mask
+            offsets = row.to(tl.int64)[:, None] * row_stride + lane[None, :]
+            g, gc, gc_d = _backward_terms(grad_ptr, x_ptr, y_ptr, grad_y_ptr, offsets, mask,
+                                          scale, shift, mean, scale_d, shift_d, mean_d, EPILOGUE)
             sum_g += g
-            sum_gc += g * (x - mean)
+            sum_gc += gc
             if EPILOGUE == DUAL_ADD_RELU:
-                sum_gc_d += g * (y - mean_d)
+                sum_gc_d += gc_d
+    else:
+        for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
+            row = row_begin + a * BLOCK_R + r
+            row_offsets = base + row.to(tl.int64) * row_stride
+            for b in tl.range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L), num_stages=STAGES):
+                lane = lane_begin + b * BLOCK_L + l
+                mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
+                offsets = row_offsets[:, None] + lane[None, :]
+                g, gc, gc_d = _backward_terms(grad_ptr, x_ptr, y_ptr, grad_y_ptr, offsets, mask,
+                                              scale, shift, mean, scale_d, shift_d, mean_d, EPILOGUE)
+                sum_g += g
+                sum_gc += gc
+                if EPILOGUE == DUAL_ADD_RELU:
+                    sum_gc_d += gc_d
     sum_g = _reduce.sum_per_channel(sum_g, CHANNELS_LAST)
     _reduce.store_partial(part_ptr, 0, sum_g, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
     sum_gc = _reduce.sum_per_channel(sum_gc, CHANNELS_LAST)

@@ -167,7 +167,8 @@ def _configs(launch: Launch) -> Iterator[tuple[triton.JITFunction, dict, dict]]:
 
 
 def _describe(fn: triton.JITFunction, args: dict, options: dict) -> str:
-    shown = [f"{p.name}={args[p.name]}" for p in fn.params if p.is_constexpr and p.name.startswith(("TILE", "BLOCK"))]
+    tuned = ("TILE", "BLOCK", "STAGES")
+    shown = [f"{p.name}={args[p.name]}" for p in fn.params if p.is_constexpr and p.name.startswith(tuned)]
     return " ".join(shown + [f"{k}={v}" for k, v in options.items()])
 
 
