@@ -302,10 +302,12 @@ def test_ops_match_reference_on_cuda(shape, dtype, layout):
 @cuda
 @pytest.mark.parametrize("index", range(len(_runtime.TUNING.reduce)))
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-def test_every_configuration_on_cuda(index, layout, monkeypatch):
+@pytest.mark.parametrize("shape", [(3, 200, 41, 41), (2, 200, 1, 3)], ids=["tails", "one_step"])
+def test_every_configuration_on_cuda(index, layout, shape, monkeypatch):
     """Every op with the index-th configuration of every autotuned kernel, at a shape
-    whose tiles have tails in rows and lanes for every TILE of the lists (and, with
-    pipelined reductions, more loop steps than stages)."""
+    whose tiles have tails in rows and lanes for every TILE of the lists and whose
+    reduction loops run more steps than a pipeline has stages (channels_last: 4 at TILE
+    1024; NCHW: 7 lane blocks), and at one whose loops run a single step."""
     assert all(k.configs == _runtime.TUNING.reduce for k in REDUCTION_KERNELS)
     assert all(k.configs == _runtime.TUNING.elementwise for k in ELEMENTWISE_KERNELS)
     repeats, rest = divmod(len(_runtime.TUNING.reduce), len(_runtime.TUNING.elementwise))
@@ -313,7 +315,7 @@ def test_every_configuration_on_cuda(index, layout, monkeypatch):
     for kernel in ELEMENTWISE_KERNELS:  # the shorter list, repeated: index i pins its i % len
         monkeypatch.setattr(kernel, "configs", kernel.configs * repeats)
     with _runtime.pinned_config(index):
-        check_ops_against_reference("cuda", torch.bfloat16, layout, (3, 200, 13, 11))
+        check_ops_against_reference("cuda", torch.bfloat16, layout, shape)
 
 
 @cuda
