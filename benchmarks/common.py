@@ -132,13 +132,14 @@ def environment(device: torch.device) -> dict:
             card=props.name,
             arch=f"sm_{props.major}{props.minor}",
             sms=props.multi_processor_count,
+            l2_mib=props.L2_cache_size / 2**20,
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
             driver=_nvidia_driver(),
         )
     else:  # the same fields on every device, so rows of CPU and GPU runs line up
-        env.update(card=f"CPU: {env['cpu']} ({env['cpu_threads']} threads)", arch=None, sms=None, cuda=None,
-                   cudnn=None, driver=None)
+        env.update(card=f"CPU: {env['cpu']} ({env['cpu_threads']} threads)", arch=None, sms=None, l2_mib=None,
+                   cuda=None, cudnn=None, driver=None)
     return env
 
 

@@ -41,7 +41,12 @@ reduced-precision rounding does not count): a fast wrong result cannot pass unno
 On CUDA, rows of the ``cuda`` and ``triton`` backends also break the op into its kernels
 (``kernels``: device time per call from the torch profiler, L2 flushed before each call,
 and each streaming kernel's own % of copy bandwidth), which separates the streaming passes
-from the fixed cost of the small reduction-finalize kernels.
+from the fixed cost of the small reduction-finalize kernels. ``--l2-flush`` says how:
+``zero`` writes a 256 MiB buffer, as do_bench does, and leaves L2 full of dirty lines that
+the next kernel writes back as it evicts them; a kernel that writes leaves about as much
+of its own output dirty at its end, a read-only kernel (statistics, most backward
+reductions) does not, so it is charged up to an L2's worth of write-back it never made.
+``read`` reads the buffer instead and leaves L2 clean.
 
 Backends: every one available on the device but ``reference`` (the tests' oracle, not a
 contender; name it in ``--backends`` to time it). ``--budget-s`` bounds the whole run.
@@ -323,20 +328,28 @@ def kernel_role(backend: str, name: str) -> Optional[str]:
     return next((role for kernel, role in roles.items() if kernel in name), None)
 
 
+# How kernel_breakdown empties L2 before each call (module docstring: --l2-flush).
+L2_FLUSHES: dict[str, Callable[[torch.Tensor], object]] = {
+    "zero": lambda buffer: buffer.zero_(),  # L2 left dirty
+    "read": lambda buffer: buffer.sum(),  # L2 left clean
+}
+
+
 def kernel_breakdown(op: str, backend: str, fn: Callable[[], object], activation_bytes: int, copy_gbs: float,
-                     iterations: int = 10) -> dict:
+                     iterations: int = 10, l2_flush: str = "zero") -> dict:
     """Device time per call of each of ``backend``'s kernels that fn launches, by role
-    (torch profiler, L2 flushed before every call), and each streaming kernel's share of
-    copy bandwidth."""
+    (torch profiler, L2 flushed before every call the ``l2_flush`` way), and each
+    streaming kernel's share of copy bandwidth."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush = torch.zeros(256 << 20, dtype=torch.int8, device="cuda")
+    empty_l2 = L2_FLUSHES[l2_flush]
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iterations):
-            flush.zero_()
+            empty_l2(flush)
             fn()
         torch.cuda.synchronize()
     total_us: dict[str, float] = {}
@@ -417,6 +430,7 @@ def run(
     copy_gbs: Optional[float] = None,
     budget_s: Optional[float] = None,
     on_progress: Optional[Callable[[list[dict]], None]] = None,
+    l2_flush: str = "zero",
 ) -> list[dict]:
     """Benchmarks every (op, shape, dtype) on each backend and eagerly; one dict per row.
 
@@ -520,7 +534,8 @@ def run(
                         shape.name.split(".")[0] in TARGET_STAGES or not behind_schedule()
                     ):
                         try:
-                            row["kernels"] = kernel_breakdown(op_name, name, fn, t.numel * element, copy_gbs)
+                            row["kernels"] = kernel_breakdown(op_name, name, fn, t.numel * element, copy_gbs,
+                                                              l2_flush=l2_flush)
                         except Exception as error:  # the profiler is a diagnostic: never fail the row
                             row["kernels"] = {"error": f"{type(error).__name__}: {error}"}
                     rows.append(row)
@@ -615,6 +630,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--budget-ms", type=float, help="timing budget per measurement (default: 40 CUDA, 100 CPU)")
     parser.add_argument("--budget-s", type=float, help="bound on the whole run, in seconds (sets --budget-ms)")
     parser.add_argument("--out", help=f"results directory (default: ${common.RESULTS_ENV} or results/local)")
+    parser.add_argument("--l2-flush", default="zero", choices=sorted(L2_FLUSHES),
+                        help="how the kernel breakdown empties L2 before each call (default: zero, as do_bench)")
     args = parser.parse_args(argv)
 
     def split(value):
@@ -631,6 +648,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     stem = f"kernels_{device.type}_{LAYOUTS[args.layout] == torch.channels_last and 'nhwc' or 'nchw'}"
 
     env["copy_gbs"] = common.copy_bandwidth_gbs(device)
+    env["l2_flush"] = args.l2_flush  # of the kernel breakdowns
     print(f"copy bandwidth on {device}: {env['copy_gbs']:.0f} GB/s (bytes read + written)", flush=True)
 
     def write(rows):
@@ -638,7 +656,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         (out / f"{stem}.txt").write_text(f"{env}\n\n{rows_table(rows)}\n\n{summary_table(rows)}\n")
 
     rows = run(args.device, dtypes, args.shapes, split(args.ops), split(args.backends), args.batch, args.layout,
-               args.budget_ms, env["copy_gbs"], budget_s=args.budget_s, on_progress=write)
+               args.budget_ms, env["copy_gbs"], budget_s=args.budget_s, on_progress=write, l2_flush=args.l2_flush)
     write(rows)
     table, summary = rows_table(rows), summary_table(rows)
     print(f"\n{table}\n\nwritten: {out / (stem + '.json')}, {out / (stem + '.txt')}\n")

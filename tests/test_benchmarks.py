@@ -259,7 +259,7 @@ def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tm
     assert {r["backend"] for r in rows} == {"eager", "cpu"}  # the reference is left out by default
     assert {r["op"] for r in rows} == {"bn_add_relu", "bn_add_relu_backward"}
     # One copy of the activation per (shape, dtype): the yardstick of pct_size_copy.
-    assert len(copies) == 1 and copies[0]["backend"] == "torch" and copies[0]["pct_size_copy"] == 100
+    assert len(copies) == 1 and copies[0]["backend"] == "torch" and copies[0]["pct_size_copy"] == pytest.approx(100)
     size_copy_gbs = copies[0]["gbs"]
     for r in rows:
         assert r["median_ms"] > 0
@@ -267,6 +267,17 @@ def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tm
         if r["backend"] == "cpu":
             assert r["rel_err"] < 1e-5 and r["speedup_vs_eager"] > 0
     assert "summary (" in capsys.readouterr().out and (out / "kernels_cpu_nhwc.txt").exists()
+
+
+def test_l2_flushes_write_or_only_read_their_buffer():
+    """'zero' leaves L2 dirty by writing the buffer, 'read' leaves it clean by reading only."""
+    buffer = torch.arange(64, dtype=torch.int8)
+    kernels.L2_FLUSHES["read"](buffer)
+    assert torch.equal(buffer, torch.arange(64, dtype=torch.int8))
+    kernels.L2_FLUSHES["zero"](buffer)
+    assert not buffer.any()
+    with pytest.raises(SystemExit):
+        kernels.main(["--device", "cpu", "--l2-flush", "clean"])
 
 
 def test_kernel_benchmark_budget_is_a_deadline(capsys):
