@@ -299,15 +299,28 @@ def test_ops_match_reference_on_cuda(shape, dtype, layout):
     check_ops_against_reference("cuda", dtype, layout, shape)
 
 
+# Cases of test_every_configuration_on_cuda: dtype and shape per layout. Triton pipelines
+# a reduction's loads (STAGES > 1) only where they are 16-byte vectors, so "pipelined"
+# has rows of a multiple of 16 elements (C in channels_last, H*W in NCHW) and loops of
+# more steps than a pipeline has stages (channels_last statistics 5/3/2 steps at TILE
+# 1024/2048/4096, backward reduction 9/5/3; NCHW 13 lane blocks, entered again for a
+# second row), with tails in lanes (and channels_last rows). "one_step": aligned too,
+# every loop a single step (a pipeline's prologue alone), in float32 (four values per
+# vector). "tails": unaligned scalar loads, tails in rows and lanes for every TILE.
+CONFIGURATION_CASES = {
+    "pipelined": (torch.bfloat16, {"nhwc": (3, 208, 107, 107), "nchw": (12, 200, 40, 40)}),
+    "one_step": (torch.float32, {"nhwc": (2, 208, 1, 3), "nchw": (2, 200, 4, 4)}),
+    "tails": (torch.bfloat16, {"nhwc": (3, 200, 13, 11), "nchw": (3, 200, 13, 11)}),
+}
+
+
 @cuda
 @pytest.mark.parametrize("index", range(len(_runtime.TUNING.reduce)))
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-@pytest.mark.parametrize("shape", [(3, 200, 41, 41), (2, 200, 1, 3)], ids=["tails", "one_step"])
-def test_every_configuration_on_cuda(index, layout, shape, monkeypatch):
-    """Every op with the index-th configuration of every autotuned kernel, at a shape
-    whose tiles have tails in rows and lanes for every TILE of the lists and whose
-    reduction loops run more steps than a pipeline has stages (channels_last: 4 at TILE
-    1024; NCHW: 7 lane blocks), and at one whose loops run a single step."""
+@pytest.mark.parametrize("case", list(CONFIGURATION_CASES))
+def test_every_configuration_on_cuda(index, layout, case, monkeypatch):
+    """Every op with the index-th configuration of every autotuned kernel, in each case of
+    CONFIGURATION_CASES."""
     assert all(k.configs == _runtime.TUNING.reduce for k in REDUCTION_KERNELS)
     assert all(k.configs == _runtime.TUNING.elementwise for k in ELEMENTWISE_KERNELS)
     repeats, rest = divmod(len(_runtime.TUNING.reduce), len(_runtime.TUNING.elementwise))
@@ -315,7 +328,8 @@ def test_every_configuration_on_cuda(index, layout, shape, monkeypatch):
     for kernel in ELEMENTWISE_KERNELS:  # the shorter list, repeated: index i pins its i % len
         monkeypatch.setattr(kernel, "configs", kernel.configs * repeats)
     with _runtime.pinned_config(index):
-        check_ops_against_reference("cuda", torch.bfloat16, layout, shape)
+        dtype, shapes = CONFIGURATION_CASES[case]
+        check_ops_against_reference("cuda", dtype, layout, shapes[layout])
 
 
 @cuda
