@@ -12,7 +12,9 @@
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py), a brief NCHW run of it
-# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), triton_precompile.log, the
+# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the reductions with L2
+# emptied by a read instead of a write (l2-read/, bench_l2_read.log: the kernel benchmark's
+# --l2-flush), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
@@ -20,9 +22,10 @@
 # measurement failed. Each phase after the build has a time cap, and the benchmarks end
 # at their budgets by themselves: 4.5 minutes measured on an H200 (2026-11-27, build 33 s)
 # before the profile phase (its two parts capped at 60 and 45 s) was added, which took 39 s
-# in the second run: about 6 minutes in all. A capped phase says so and keeps what it
-# wrote. Prints each phase's wall time, the suite's table and the step profile's totals;
-# the kernel summary comes last.
+# in the second run: about 6 minutes in all, and up to 45 s more since the L2-read run
+# (capped, budget 25 s; unmeasured) joined the kernels phase. A capped phase says so and
+# keeps what it wrote. Prints each phase's wall time, the suite's table and the step
+# profile's totals; the kernel summary comes last.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
 # TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60), SUITE_BUDGET (s, default 90),
@@ -188,6 +191,11 @@ if want kernels; then
   capped 45 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops bn_relu,bn_relu_backward \
     --shapes layer1,layer2 --budget-s 25 --out "$out" >"$out/bench_nchw.log" 2>&1 \
     || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
+  # The reductions again with L2 emptied by a read, which leaves no dirty lines for them to
+  # write back (docs/performance.md, "The kernel breakdown charged read-only kernels...").
+  capped 45 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16,fp32 --ops batch_stats,bn_relu_backward,bn_relu \
+    --shapes layer1,layer2 --l2-flush read --budget-s 25 --out "$out/l2-read" >"$out/bench_l2_read.log" 2>&1 \
+    || { echo "gpu_check: L2-READ BENCHMARK FAILED ($out/bench_l2_read.log)"; status=1; }
   # auto's backend order as this run measured it (copy it to resnet_fused/ to adopt it)
   if [[ -s "$out/kernels_cuda_nhwc.json" ]]; then
     "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --out "$out/auto_order.json" \
