@@ -388,3 +388,22 @@ def test_compile_fused_provider_fuses_then_compiles(monkeypatch):
     assert isinstance(model.layer1[0], resnet_fused.FusedBasicBlock)
     with prepared.context():
         assert resnet_fused.get_backend() == "cpu"
+
+
+def test_kernel_fit_recovers_a_line_and_fits_a_committed_run(capsys):
+    from benchmarks import kernel_fit
+
+    fixed, rate = kernel_fit.fit_line([(mb, 3.0 + mb / 4.5) for mb in (100.0, 250.0, 400.0)])
+    assert fixed == pytest.approx(3.0) and rate == pytest.approx(4.5)
+    run_path = REPOSITORY / "results" / "nvidia-h200-2026-11-27" / "kernels" / "kernels_cuda_nhwc.json"
+    run = json.loads(run_path.read_text())
+    fits = {(f.op, f.dtype, f.backend, f.kernel): f for f in kernel_fit.fits(run)}
+    stats = fits[("batch_stats", "bfloat16", "cuda", "statistics")]
+    # layer1.256 and layer2.512 only: layer1.64's and layer2.128's activations (51, 26 MB) fit in L2.
+    assert stats.shapes == ("layer1.256", "layer2.512")
+    assert stats.rate_tbs == pytest.approx(4.23, abs=0.01) and stats.fixed_us == pytest.approx(10.9, abs=0.1)
+    assert fits[("copy", "float32", "torch", "op")].shapes == ("layer1.256", "layer1.64", "layer2.512", "layer3.1024")
+    assert not any(f.op == "batch_stats" and f.kernel == "statistics finalize" for f in fits.values())
+    assert kernel_fit.main([str(run_path)]) == 0
+    assert "time = F + bytes / R per kernel" in capsys.readouterr().out
+    assert kernel_fit.main([str(run_path), "--min-tensor-mb", "1e6"]) == 1
