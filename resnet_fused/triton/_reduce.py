@@ -137,6 +137,14 @@ def chunk_bounds(
 
 
 @triton.jit
+def next_step(a, b, lane_blocks):
+    """The step after (row tile a, lane block b) of a chunk walked row tile by row tile,
+    ``lane_blocks`` lane blocks each: kept as counters, so a flattened loop divides nothing."""
+    wrap = b == lane_blocks - 1
+    return tl.where(wrap, a + 1, a), tl.where(wrap, 0, b + 1)
+
+
+@triton.jit
 def visits(extent, first, BLOCK: tl.constexpr):
     """How many times lane ``first`` of blocks of ``BLOCK`` steps through ``extent`` values."""
     return tl.cdiv(tl.maximum(extent - first, 0), BLOCK)

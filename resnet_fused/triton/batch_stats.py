@@ -76,16 +76,20 @@ def _batch_stats_partials_kernel(
             mean, m2 = _welford_update(mean, m2, x, mask, 1.0 / (2 * a + 1))
             mean, m2 = _welford_update(mean, m2, next_x, next_mask, 1.0 / (2 * a + 2))
     else:
-        for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
+        # One loop over (row tile a, lane block b) steps, so the pipeliner overlaps rows too.
+        lane_blocks = tl.cdiv(lane_end - lane_begin, BLOCK_L)
+        a = 0
+        b = 0
+        for _ in tl.range(0, tl.cdiv(row_end - row_begin, BLOCK_R) * lane_blocks, num_stages=STAGES):
             row = row_begin + a * BLOCK_R + r
-            row_ptr = x_ptr + base + row.to(tl.int64) * row_stride
-            for b in tl.range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L), num_stages=STAGES):
-                lane = lane_begin + b * BLOCK_L + l
-                mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
-                x = tl.load(row_ptr[:, None] + lane[None, :], mask=mask, other=0.0).to(tl.float32)
-                # A valid lane has been updated a * (its lane visits) + b times before.
-                weight = (1.0 / (a * lane_visits + b + 1).to(tl.float32))[None, :]
-                mean, m2 = _welford_update(mean, m2, x, mask, weight)
+            lane = lane_begin + b * BLOCK_L + l
+            mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
+            offsets = base + row.to(tl.int64)[:, None] * row_stride + lane[None, :]
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            # A valid lane has been updated a * (its lane visits) + b times before.
+            weight = (1.0 / (a * lane_visits + b + 1).to(tl.float32))[None, :]
+            mean, m2 = _welford_update(mean, m2, x, mask, weight)
+            a, b = _reduce.next_step(a, b, lane_blocks)
 
     count = (_reduce.visits(row_end - row_begin, r, BLOCK_R)[:, None] * lane_visits[None, :]).to(tl.float32)
     total = _reduce.sum_per_channel(count, CHANNELS_LAST)

@@ -200,34 +200,26 @@ def _bn_act_backward_reduce_kernel(
     sum_g = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     sum_gc = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     sum_gc_d = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    # One loop over the chunk's (row tile a, lane block b) steps, the loop the pipeliner
+    # overlaps, across rows too. channels_last chunks are one lane block wide.
     if CHANNELS_LAST:
-        # One lane block: a single loop over row tiles, the loop the pipeliner can overlap.
-        lane = lane_begin + l
-        lane_mask = (lane < lane_end)[None, :]
-        for a in tl.range(0, tl.cdiv(row_end - row_begin, BLOCK_R), num_stages=STAGES):
-            row = row_begin + a * BLOCK_R + r
-            mask = (row < row_end)[:, None] & lane_mask
-            offsets = row.to(tl.int64)[:, None] * row_stride + lane[None, :]
-            g, gc, gc_d = _backward_terms(grad_ptr, x_ptr, y_ptr, grad_y_ptr, offsets, mask,
-                                          scale, shift, mean, scale_d, shift_d, mean_d, EPILOGUE)
-            sum_g += g
-            sum_gc += gc
-            if EPILOGUE == DUAL_ADD_RELU:
-                sum_gc_d += gc_d
+        lane_blocks = 1
     else:
-        for a in range(0, tl.cdiv(row_end - row_begin, BLOCK_R)):
-            row = row_begin + a * BLOCK_R + r
-            row_offsets = base + row.to(tl.int64) * row_stride
-            for b in tl.range(0, tl.cdiv(lane_end - lane_begin, BLOCK_L), num_stages=STAGES):
-                lane = lane_begin + b * BLOCK_L + l
-                mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
-                offsets = row_offsets[:, None] + lane[None, :]
-                g, gc, gc_d = _backward_terms(grad_ptr, x_ptr, y_ptr, grad_y_ptr, offsets, mask,
-                                              scale, shift, mean, scale_d, shift_d, mean_d, EPILOGUE)
-                sum_g += g
-                sum_gc += gc
-                if EPILOGUE == DUAL_ADD_RELU:
-                    sum_gc_d += gc_d
+        lane_blocks = tl.cdiv(lane_end - lane_begin, BLOCK_L)
+    a = 0
+    b = 0
+    for _ in tl.range(0, tl.cdiv(row_end - row_begin, BLOCK_R) * lane_blocks, num_stages=STAGES):
+        row = row_begin + a * BLOCK_R + r
+        lane = lane_begin + b * BLOCK_L + l
+        mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
+        offsets = base + row.to(tl.int64)[:, None] * row_stride + lane[None, :]
+        g, gc, gc_d = _backward_terms(grad_ptr, x_ptr, y_ptr, grad_y_ptr, offsets, mask,
+                                      scale, shift, mean, scale_d, shift_d, mean_d, EPILOGUE)
+        sum_g += g
+        sum_gc += gc
+        if EPILOGUE == DUAL_ADD_RELU:
+            sum_gc_d += gc_d
+        a, b = _reduce.next_step(a, b, lane_blocks)
     sum_g = _reduce.sum_per_channel(sum_g, CHANNELS_LAST)
     _reduce.store_partial(part_ptr, 0, sum_g, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
     sum_gc = _reduce.sum_per_channel(sum_gc, CHANNELS_LAST)
