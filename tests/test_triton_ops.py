@@ -303,8 +303,8 @@ def test_ops_match_reference_on_cuda(shape, dtype, layout):
 # a reduction's loads (STAGES > 1) only where they are 16-byte vectors, so "pipelined"
 # has rows of a multiple of 16 elements (C in channels_last, H*W in NCHW) and loops of
 # more steps than a pipeline has stages (channels_last statistics 5/3/2 steps at TILE
-# 1024/2048/4096, backward reduction 9/5/3; NCHW 13 lane blocks, entered again for a
-# second row), with tails in lanes (and channels_last rows). "one_step": aligned too,
+# 1024/2048/4096, backward reduction 9/5/3; NCHW 2 rows of 13 lane blocks: 26), with
+# tails in lanes (and channels_last rows). "one_step": aligned too,
 # every loop a single step (a pipeline's prologue alone), in float32 (four values per
 # vector). "tails": unaligned scalar loads, tails in rows and lanes for every TILE.
 CONFIGURATION_CASES = {
