@@ -44,7 +44,8 @@ def tensor_mb(row: dict) -> float:
     return row["n"] * row["c"] * row["h"] * row["w"] * _ELEMENT_BYTES[row["dtype"]] / 1e6
 
 
-def _points(rows: Iterable[dict], copy_gbs: float, min_tensor_mb: float) -> dict[tuple, list[tuple[str, float, float]]]:
+def _points(rows: Iterable[dict], copy_gbs: float,
+            min_tensor_mb: float) -> dict[tuple, list[tuple[str, float, float]]]:
     """(op, dtype, backend, kernel) -> [(shape, MB moved, µs)] from a run's rows whose
     activation is at least min_tensor_mb."""
     points: dict[tuple, list[tuple[str, float, float]]] = {}

@@ -304,9 +304,10 @@ def test_ops_match_reference_on_cuda(shape, dtype, layout):
 # has rows of a multiple of 16 elements (C in channels_last, H*W in NCHW) and loops of
 # more steps than a pipeline has stages (channels_last statistics 5/3/2 steps at TILE
 # 1024/2048/4096, backward reduction 9/5/3; NCHW 5/3/2 row tiles of 5 lane blocks, so
-# the loop moves on to the next row tile within a pipeline), with tails in rows and lanes. "one_step": aligned too,
-# every loop a single step (a pipeline's prologue alone), in float32 (four values per
-# vector). "tails": unaligned scalar loads, tails in rows and lanes for every TILE.
+# the loop moves on to the next row tile within a pipeline), with tails in rows and
+# lanes. "one_step": aligned too, every loop a single step (a pipeline's prologue
+# alone), in float32 (four values per vector). "tails": unaligned scalar loads, tails
+# in rows and lanes for every TILE.
 CONFIGURATION_CASES = {
     "pipelined": (torch.bfloat16, {"nhwc": (3, 208, 107, 107), "nchw": (66, 528, 24, 24)}),
     "one_step": (torch.float32, {"nhwc": (2, 208, 1, 3), "nchw": (2, 200, 4, 4)}),

@@ -186,10 +186,10 @@ else:
     # Elementwise: 2-8K elements per program (the anchors: 8-32 rows of 256 channels reach
     # the copy bandwidth on an H200). Reductions: 8 programs per SM of 1-4K-element tiles,
     # so the partials stay few; without pipelining (STAGES=1) a program has one loop
-    # step's loads in flight, 16-64 KB per SM; with STAGES=3 the next two steps' loads are in
-    # flight too, into shared memory, at the price of shared-memory loads and two barriers per step. The
-    # autotuner weighs the two. (A 4K tile on 4 warps takes up to 234 registers in the
-    # dual backward: left out.)
+    # step's loads in flight, 16-64 KB per SM; with STAGES=3 the next two steps' loads are
+    # in flight too, into shared memory, at the price of shared-memory loads and two
+    # barriers per step. The autotuner weighs the two. (A 4K tile on 4 warps takes up to
+    # 234 registers in the dual backward: left out.)
     TUNING = Tuning(
         elementwise=_configs((2048, 4), (4096, 4), (4096, 8), (8192, 8)),
         reduce=_reduce_configs([(1024, 4), (2048, 4), (2048, 8), (4096, 8)], stages=(1, 3)),
