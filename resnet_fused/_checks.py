@@ -20,8 +20,14 @@ def activation_memory_format(t: Tensor) -> torch.memory_format:
     """The layout kernels process ``t`` in and return results in (as eager BatchNorm).
 
     Mirrors ``at::Tensor::suggest_memory_format()``: channels_last when the strides are
-    channels-last-like, contiguous NCHW otherwise.
+    channels-last-like, contiguous NCHW otherwise. A tensor with no dimension of size 1 (whose
+    strides would not count) dense in exactly one of the two layouts is in that one: decided
+    without ``suggest_memory_format``'s Python, which costs microseconds a call.
     """
+    if t.layout == torch.strided and t.dim() == 4 and min(t.shape) > 1:
+        nchw, nhwc = t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
+        if nchw != nhwc:
+            return torch.contiguous_format if nchw else torch.channels_last
     return suggest_memory_format(t)
 
 

@@ -17,6 +17,7 @@ fused code and are compared at float32 precision whatever the input dtype.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -256,6 +257,24 @@ def test_cpu_kernels_are_deterministic(layout):
         grads2 = torch.ops.resnet_fused.bn_add_relu_backward(r, x, r, w, b, *again, True)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
         assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+def test_activation_memory_format_is_torchs_suggestion():
+    """The layout every backend processes an input in: its shortcut for tensors dense in one
+    layout must agree with ``suggest_memory_format`` on every stride pattern, size-1 and
+    empty dimensions included."""
+    from torch._prims_common import suggest_memory_format
+
+    from resnet_fused._checks import activation_memory_format
+
+    for shape in itertools.product((0, 1, 2, 3), repeat=4):
+        base, padded = torch.empty(shape), torch.empty([2 * s + 1 for s in shape])
+        views = [base, base.to(memory_format=torch.channels_last), base.permute(0, 1, 3, 2),
+                 base.transpose(0, 1), base.permute(0, 2, 3, 1), base.permute(3, 2, 1, 0),
+                 padded[::2, ::2, ::2, ::2][tuple(slice(s) for s in shape)],
+                 padded.to(memory_format=torch.channels_last)[tuple(slice(s) for s in shape)]]
+        for t in views:
+            assert activation_memory_format(t) == suggest_memory_format(t), (tuple(t.shape), t.stride())
 
 
 # ---------------------------------------------------------------- gradcheck, backward ops
