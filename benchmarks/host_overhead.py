@@ -14,7 +14,10 @@ backend, in eval, training forward and training step (forward + backward), and o
 parts that run on every call; for the C++ backends also with Python autograd Functions in
 place of their C++ ones (``resnet_fused.ops.python_eager_autograd``: what those save).
 ``--profile N`` adds cProfile's N most expensive functions (own time) of each fused
-training step.
+training step. The Triton backend is timed also with every launch through Triton's own
+launch path (``resnet_fused.triton._runtime.replaying(False)``: what the replay of recorded
+launches saves); ``--triton-stand-in`` times it without a GPU, on CPU tensors, its kernels
+compiled for sm_90 and never run (``benchmarks/triton_stand_in.py``).
 """
 
 from __future__ import annotations
@@ -85,7 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=500, help="calls per timed loop (default 500)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print cProfile's N most expensive functions of each fused training step")
+    parser.add_argument("--triton-stand-in", action="store_true",
+                        help="time the Triton backend on the CPU, its launches recorded, not run (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.triton_stand_in:
+        from benchmarks.triton_stand_in import stand_in_driver
+
+        if args.device != "cpu" or args.backends not in (None, "triton"):
+            parser.error("--triton-stand-in times the triton backend on the cpu device")
+        args.backends = "triton"
+        with stand_in_driver():
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     backends = args.backends.split(",") if args.backends else [
         b for b in resnet_fused.available_backends(device.type) if b not in ("auto", "reference")
@@ -123,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         if namespace in resnet_fused.ops.NATIVE_EAGER_NAMESPACES:
             providers.append((f"fused {b}, Python autograd", fused, lambda b=b, ns=namespace: _both(
                 resnet_fused.use_backend(b), resnet_fused.ops.python_eager_autograd(ns))))
+    if "triton" in backends:
+        from resnet_fused.triton import _runtime as triton_runtime
+
+        providers.append(("fused triton, every launch through Triton", fused, lambda: _both(
+            resnet_fused.use_backend("triton"), triton_runtime.replaying(False))))
     rows, profiles = [], []
     for label, block, backend in providers:
         with backend():
@@ -142,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, input {tuple(x.shape)}"
-          + (", bf16 autocast, channels_last" if device.type == "cuda" else ""))
+          + (", bf16 autocast, channels_last" if device.type == "cuda" else "")
+          + (", Triton's launches recorded, not run (stand-in driver)" if args.triton_stand_in else ""))
     for name, us in rows:
         print(f"  {name:<44} {us:8.1f} us")
     for label, text in profiles:

@@ -23,6 +23,7 @@ channel (the finalize holds all of a channel's partials at once).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -84,29 +85,34 @@ class Partition:
 
 def partition(x: torch.Tensor, channels_last: bool) -> Partition:
     """How to reduce the dense activation ``x`` (N, C, H, W) per channel."""
+    return _partition(tuple(x.shape), channels_last, _runtime.sm_count(x.device))
+
+
+@functools.lru_cache(maxsize=1024)  # computed once per shape: it runs on every op call
+def _partition(shape: tuple[int, int, int, int], channels_last: bool, sms: int) -> Partition:
     tuning = _runtime.TUNING
-    n, c, h, w = x.shape
+    n, c, h, w = shape
     hw = h * w
-    target = tuning.reduce_programs_per_sm * _runtime.sm_count(x.device)
+    target = tuning.reduce_programs_per_sm * sms
     if channels_last:
         block = _runtime.lane_block(c, tuning.reduce_channel_block, channels_last=True)
-        groups = triton.cdiv(c, block)
+        groups = _runtime.cdiv(c, block)
         rows = n * hw
-        wanted = min(triton.cdiv(target, groups), MAX_CHUNKS, triton.cdiv(rows, tuning.min_rows_per_chunk))
-        rows_per_chunk = triton.cdiv(rows, max(wanted, 1))
+        wanted = min(_runtime.cdiv(target, groups), MAX_CHUNKS, _runtime.cdiv(rows, tuning.min_rows_per_chunk))
+        rows_per_chunk = _runtime.cdiv(rows, max(wanted, 1))
         return Partition(
-            True, c, rows, c, c, block, groups, rows_per_chunk, triton.cdiv(rows, rows_per_chunk), block, 1
+            True, c, rows, c, c, block, groups, rows_per_chunk, _runtime.cdiv(rows, rows_per_chunk), block, 1
         )
-    wanted = max(1, min(triton.cdiv(target, c), MAX_CHUNKS))
-    rows_per_chunk = triton.cdiv(n, min(n, wanted))
-    row_chunks = triton.cdiv(n, rows_per_chunk)
-    lane_chunks = max(1, min(wanted // row_chunks, triton.cdiv(hw, tuning.min_lanes_per_chunk)))
+    wanted = max(1, min(_runtime.cdiv(target, c), MAX_CHUNKS))
+    rows_per_chunk = _runtime.cdiv(n, min(n, wanted))
+    row_chunks = _runtime.cdiv(n, rows_per_chunk)
+    lane_chunks = max(1, min(wanted // row_chunks, _runtime.cdiv(hw, tuning.min_lanes_per_chunk)))
     granule = tuning.lane_granule
-    lanes_per_chunk = triton.cdiv(triton.cdiv(hw, lane_chunks), granule) * granule
+    lanes_per_chunk = _runtime.cdiv(_runtime.cdiv(hw, lane_chunks), granule) * granule
     block = _runtime.lane_block(min(hw, lanes_per_chunk), tuning.reduce_lane_block, channels_last=False)
     return Partition(
         False, c, n, c * hw, hw, block, c, rows_per_chunk, row_chunks, lanes_per_chunk,
-        triton.cdiv(hw, lanes_per_chunk),
+        _runtime.cdiv(hw, lanes_per_chunk),
     )
 
 

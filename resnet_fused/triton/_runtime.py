@@ -52,24 +52,108 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# ---------------------------------------------------------------- launching
+#
+# Triton's own launch path (the autotuner's key, the JIT's argument binding and
+# specialization, its cache lookup) costs 25-90 us of host time per launch (2-core Xeon,
+# Triton 3.6), more than most of these kernels run on an H200, and a Triton op launches
+# two to five: a training step of Triton ops waited on the host (docs/performance.md).
+# So a launch goes through Triton once per *launch key*: the kernel, the pinned
+# configuration, and each argument as Triton may specialize on it: scalars by value,
+# tensors by dtype, device and address modulo 16 (Triton specializes a pointer on being
+# 16-byte aligned, as compile_report._source mirrors). A later launch with the same key
+# calls the compiled kernel Triton returned then, with the grid and configuration of then.
+
+_REPLAY_LIMIT = 4096  # recorded launches kept; past it, the record starts over
+REPLAY_ENV = "RESNET_FUSED_TRITON_REPLAY"  # 0: every launch through Triton
+
+
+@dataclasses.dataclass(frozen=True)
+class _Replay:
+    """A compiled kernel bound to its grid, and where its launcher's arguments come from."""
+
+    runner: Callable[..., None]  # CompiledKernel[grid]: launches on the current stream
+    params: tuple[str, ...]  # the launcher's parameters in order (Triton's compiled signature)
+    constants: dict[str, Any]  # those the configuration sets (TILE, STAGES)
+
+    def __call__(self, args: dict[str, Any]) -> None:
+        values = {**args, **self.constants} if self.constants else args
+        self.runner(*[values[name] for name in self.params])
+
+
+_replays: dict[tuple, _Replay] = {}
+_replaying = os.environ.get(REPLAY_ENV, "1").strip() != "0"
+
+
+@contextlib.contextmanager
+def replaying(enabled: bool):
+    """Inside, launches replay (True) or all go through Triton (False); the default comes
+    from ``RESNET_FUSED_TRITON_REPLAY``."""
+    global _replaying
+    previous, _replaying = _replaying, enabled
+    try:
+        yield
+    finally:
+        _replaying = previous
+
+
+def forget_launches() -> None:
+    """Drops every recorded launch: the next launch of each key goes through Triton."""
+    _replays.clear()
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel launch: the kernel (autotuned or not), its grid and its arguments by name.
 
-    The op functions run these; ``compile_report`` compiles the very same argument sets
-    for sm_90 without a GPU.
+    ``grid`` must be a function of ``args`` and the configuration's constants alone: a
+    launch with the key of an earlier one replays that one's grid. The op functions run
+    these; ``compile_report`` compiles the very same argument sets for sm_90 without a GPU.
     """
 
     kernel: Any  # triton.runtime.Autotuner or JITFunction
     grid: Callable[[dict], tuple[int, ...]]
     args: dict[str, Any]
 
+    def key(self) -> tuple:
+        """What Triton may specialize this launch on (a float: never its value), and the
+        device it compiles for and launches on, the current one (the op's device guard)."""
+        device = triton.runtime.driver.active.get_current_device()
+        return (self.kernel, _pinned, device, tuple(self.args), *[
+            (v.dtype, v.data_ptr() % 16) if isinstance(v, torch.Tensor) else float if type(v) is float else v
+            for v in self.args.values()
+        ])  # fmt: skip
+
     def __call__(self) -> None:
+        if INTERPRET or not _replaying:  # the interpreter has no compiled kernel to replay
+            self.through_triton()
+            return
+        key = self.key()
+        replay = _replays.get(key)
+        if replay is not None:
+            replay(self.args)
+            return
+        replay = self.through_triton()
+        if replay is not None:
+            if len(_replays) >= _REPLAY_LIMIT:
+                _replays.clear()
+            _replays[key] = replay
+
+    def through_triton(self) -> Optional[_Replay]:
+        """Launches through Triton (autotuning a new key, compiling a new specialization);
+        returns the launch as a replay, or None where Triton returned no compiled kernel."""
         config = pinned_config_of(self.kernel)
         if config is None:
-            self.kernel[self.grid](**self.args)
+            compiled = self.kernel[self.grid](**self.args)
+            config = self.kernel.best_config if isinstance(self.kernel, triton.runtime.Autotuner) else None
         else:
-            self.kernel.fn[self.grid](**self.args, **config.all_kwargs())
+            compiled = self.kernel.fn[self.grid](**self.args, **config.all_kwargs())
+        signature = getattr(getattr(compiled, "src", None), "signature", None)
+        if INTERPRET or not isinstance(signature, dict) or not hasattr(compiled, "__getitem__"):
+            return None
+        constants = dict(config.kwargs) if config is not None else {}
+        grid = tuple(self.grid({**self.args, **constants}))
+        return _Replay(compiled[grid + (1,) * (3 - len(grid))], tuple(signature), constants)
 
 
 def run(launches: list[Launch]) -> None:
@@ -225,6 +309,11 @@ def sm_count(device: torch.device) -> int:
     return TUNING.nominal_sms
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host (``triton.cdiv`` is a constexpr function: ~3 us a host call)."""
+    return -(-a // b)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -241,6 +330,6 @@ def lane_block(lanes: int, cap: int, channels_last: bool) -> int:
     if channels_last or lanes <= cap:
         return min(next_power_of_2(lanes), cap)
     candidates = [1 << k for k in range(cap.bit_length()) if min(128, cap) <= 1 << k <= cap]
-    padded = {b: triton.cdiv(lanes, b) * b for b in candidates}
+    padded = {b: cdiv(lanes, b) * b for b in candidates}
     least = min(padded.values())
     return max(b for b in candidates if padded[b] * 16 <= least * 17)

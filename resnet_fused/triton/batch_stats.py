@@ -156,7 +156,7 @@ def launches(
         ),
         Launch(
             _batch_stats_finalize_kernel,
-            lambda meta: (triton.cdiv(part.channels, block_c),),
+            lambda meta: (_runtime.cdiv(part.channels, block_c),),
             dict(
                 part_ptr=partials, mean_ptr=mean, invstd_ptr=invstd,
                 running_mean_ptr=running_mean if has_running else mean,

@@ -28,6 +28,7 @@ backward's ReLU mask is recomputed bit for bit from the saved inputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -356,17 +357,22 @@ class _Elementwise:
 
     @staticmethod
     def of(x: Tensor, channels_last: bool) -> "_Elementwise":
-        n, c, h, w = x.shape
+        return _Elementwise._of(tuple(x.shape), channels_last)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)  # computed once per shape: it runs on every op call
+    def _of(shape: tuple[int, int, int, int], channels_last: bool) -> "_Elementwise":
+        n, c, h, w = shape
         rows, lanes = (n * h * w, c) if channels_last else (n * c, h * w)
         block = _runtime.lane_block(lanes, _runtime.TUNING.max_lane_block, channels_last)
         return _Elementwise(c, rows, lanes, block, channels_last)
 
     @property
     def lane_blocks(self) -> int:
-        return triton.cdiv(self.lanes, self.lane_block)
+        return _runtime.cdiv(self.lanes, self.lane_block)
 
     def grid(self, meta: dict) -> tuple[int]:
-        return (triton.cdiv(self.rows, meta["TILE"] // self.lane_block) * self.lane_blocks,)
+        return (_runtime.cdiv(self.rows, meta["TILE"] // self.lane_block) * self.lane_blocks,)
 
     def kernel_args(self) -> dict:
         return dict(
@@ -434,7 +440,7 @@ def backward_launches(
             dict(grad_ptr=grad, **inputs, part_ptr=partials, grad_y_ptr=grad_input if grad_y is None else grad_y,
                  **part.kernel_args(), EPILOGUE=epilogue),
         ),
-        Launch(_bn_act_backward_finalize_kernel, lambda meta: (triton.cdiv(C, block_c),), finalize_args),
+        Launch(_bn_act_backward_finalize_kernel, lambda meta: (_runtime.cdiv(C, block_c),), finalize_args),
         Launch(
             _bn_act_backward_elementwise_kernel,
             view.grid,

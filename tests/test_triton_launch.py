@@ -1,0 +1,123 @@
+"""How the Triton backend launches its kernels: recorded once through Triton, then replayed
+(``resnet_fused.triton._runtime.Launch``).
+
+Runs on the CPU: the stand-in driver (benchmarks/triton_stand_in.py) compiles each kernel
+for sm_90 and records what every launch hands the compiled kernel's launcher. A replay
+must hand it exactly what Triton's own launch path did, and a launch that Triton could
+specialize differently (another address alignment, integer, dtype or configuration) must
+go through Triton again. On a GPU the CUDA tests run the replay for real.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from resnet_fused.triton import _runtime, batch_stats, compile_report  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(_runtime.INTERPRET, reason="the interpreter launches no compiled kernel"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-in driver runs without a GPU only"),
+]
+
+from benchmarks.triton_stand_in import LAUNCHES, jit_functions, stand_in_driver  # noqa: E402
+
+SHAPE = (3, 40, 6, 5)  # C: a multiple of 8 (16-byte rows in channels_last), H*W = 30: not one
+
+
+@pytest.fixture
+def stand_in():
+    with stand_in_driver(prefer=1):  # not the first configuration: the replay must keep the chosen one
+        yield
+
+
+@pytest.fixture
+def through_triton(monkeypatch):
+    """The launches that went through Triton, in order."""
+    calls = []
+    original = _runtime.Launch.through_triton
+
+    def counted(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(_runtime.Launch, "through_triton", counted)
+    return calls
+
+
+def same_launch(a, b) -> bool:
+    """Same kernel, grid, stream, compiled function and arguments (tensors: the same objects)."""
+    return (
+        (a.kernel, a.grid, a.stream) == (b.kernel, b.grid, b.stream)
+        and a.function is b.function
+        and len(a.args) == len(b.args)
+        and all(x is y if isinstance(x, torch.Tensor) else type(x) is type(y) and x == y for x, y in zip(a.args, b.args))
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_replay_launches_what_triton_launched(dtype, stand_in, through_triton):
+    launches = list(compile_report.representative_launches(dtype, SHAPE))
+    kernels = {f for f in jit_functions() if (getattr(f, "fn", f)).__name__.endswith("_kernel")}
+    assert {launch.kernel for _, launch in launches} == kernels
+    for variant, launch in launches:
+        LAUNCHES.clear()
+        through_triton.clear()
+        _runtime.forget_launches()  # variants may share a launch (the backward reduction's in eval)
+        launch()
+        launch()
+        assert through_triton == [launch], f"{variant}: the second launch went through Triton again"
+        assert len(LAUNCHES) == 2, variant
+        recorded, replayed = LAUNCHES
+        assert same_launch(recorded, replayed), f"{variant} {recorded.kernel}:\n{recorded}\n{replayed}"
+
+
+def _stats_launches(x: torch.Tensor):
+    per_channel = [torch.empty(x.shape[1]) for _ in range(4)]
+    return batch_stats.launches(x, True, *per_channel, 0.1, 1e-5)
+
+
+def test_a_launch_triton_may_specialize_differently_goes_through_triton(stand_in, through_triton):
+    x = torch.empty(SHAPE, memory_format=torch.channels_last)
+    partials_kernel = _stats_launches(x)[0]
+    partials_kernel()
+    aligned = LAUNCHES[-1]
+    partials_kernel()  # replayed
+    assert len(through_triton) == 1
+
+    # The same shape 4 bytes off a 16-byte boundary: Triton drops the pointer's divisibility.
+    storage = torch.empty(x.numel() + 1)
+    shifted = storage[1:].view(SHAPE[0], SHAPE[2], SHAPE[3], SHAPE[1]).permute(0, 3, 1, 2)
+    assert shifted.is_contiguous(memory_format=torch.channels_last) and shifted.data_ptr() % 16 == 4
+    _stats_launches(shifted)[0]()
+    assert len(through_triton) == 2
+    assert LAUNCHES[-1].function is not aligned.function, "the unaligned launch reused the aligned specialization"
+
+    # Another integer (more rows), another dtype: new keys.
+    _stats_launches(torch.empty((SHAPE[0] + 1,) + SHAPE[1:], memory_format=torch.channels_last))[0]()
+    assert len(through_triton) == 3
+    _stats_launches(torch.empty(SHAPE, dtype=torch.float16, memory_format=torch.channels_last))[0]()
+    assert len(through_triton) == 4
+
+    # A pinned configuration is a key of its own, and its constants reach the launcher.
+    with _runtime.pinned_config(0):
+        partials_kernel()
+        assert len(through_triton) == 5
+        pinned = LAUNCHES[-1]
+        partials_kernel()
+    assert len(through_triton) == 5 and same_launch(pinned, LAUNCHES[-1])
+    tile = partials_kernel.kernel.arg_names.index("TILE")
+    configs = partials_kernel.kernel.configs
+    assert (pinned.args[tile], aligned.args[tile]) == (configs[0].kwargs["TILE"], configs[1].kwargs["TILE"])
+
+
+def test_without_replay_every_launch_goes_through_triton(stand_in, through_triton):
+    launch = _stats_launches(torch.empty(SHAPE, memory_format=torch.channels_last))[1]
+    with _runtime.replaying(False):
+        for _ in range(3):
+            launch()
+    assert len(through_triton) == 3
+    launch()
+    launch()
+    assert len(through_triton) == 4
