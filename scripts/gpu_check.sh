@@ -223,8 +223,9 @@ if want profile; then
   capped "$PROFILE_CAP" "$PYTHON" benchmarks/step_profile.py --device cuda --providers eager,fused-cuda,fused-triton \
     --steps 2 >"$out/profile.log" 2>&1 || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
   grep -E "^[a-z-]+: wall|^  kernels" "$out/profile.log"
-  # A block's host time, the CUDA backend also with Python autograd Functions (what the C++ ones save).
-  capped 45 "$PYTHON" benchmarks/host_overhead.py --device cuda --backends cuda --calls 100 \
+  # A block's host time: the CUDA backend also with Python autograd Functions (what the C++ ones
+  # save), the Triton backend also with every launch through Triton (what the replay saves).
+  capped 45 "$PYTHON" benchmarks/host_overhead.py --device cuda --backends cuda,triton --calls 100 \
     >"$out/host_overhead.log" 2>&1 || { echo "gpu_check: HOST OVERHEAD FAILED ($out/host_overhead.log)"; status=1; }
   grep -E "train step|train forward" "$out/host_overhead.log"
   took "profile"

@@ -234,6 +234,21 @@ def test_host_overhead_times_blocks_and_the_cpp_autograd(capsys):
         assert "train step, fused cpu " in out and "train step, fused cpu, Python autograd" in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-in driver is for machines without a GPU")
+def test_host_overhead_times_the_triton_backend_without_a_gpu(capsys):
+    pytest.importorskip("triton")
+    from benchmarks import host_overhead, triton_stand_in
+
+    assert host_overhead.main(["--triton-stand-in", "--calls", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "launches recorded, not run" in out
+    assert "train step, fused triton " in out and "train step, fused triton, every launch through Triton" in out
+    assert len(triton_stand_in.LAUNCHES) == 0, "the stand-in left launches behind"
+    assert not resnet_fused.backends.get("triton").supports(torch.device("cpu"), torch.float32), "not restored"
+    with pytest.raises(SystemExit):
+        host_overhead.main(["--triton-stand-in", "--backends", "cpu"])
+
+
 def test_plan_puts_resnet50_against_torch_compile_right_after_the_design_targets():
     size = workloads.SIZES["gpu"]
     cases = [c for w in ("bottleneck", "basicblock", "resnet50") for c in workloads.cases(w, size)]
