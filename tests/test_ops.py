@@ -53,6 +53,10 @@ SHAPES = [
     (3, 8, 1, 1),  # H = W = 1
     (1, 13, 3, 3),  # batch of one
     (2, 67, 9, 11),  # C spans several vectors plus a tail; N*H*W odd
+    # The CPU kernels reduce blocks of 16384 values (channels_last: of max(16, 16384 / C)
+    # rows) and merge the blocks' partials: several blocks per channel in each layout.
+    (8, 33, 30, 30),  # channels_last: 15 blocks of 496 rows
+    (3, 5, 80, 71),  # NCHW: 17040 values per channel, two blocks
 ]
 OPS = ["bn_relu", "bn_add_relu", "dual_bn_add_relu"]
 
@@ -82,7 +86,8 @@ class BatchNormState:
         return other
 
 
-def eager(op, x, other, bn, bn_d, training, momentum=0.1, eps=1e-5, momentum_d=0.1, eps_d=1e-4, relu=True):
+# The downsample BatchNorm's momentum and eps differ from the main one's, so a mix-up shows.
+def eager(op, x, other, bn, bn_d, training, momentum=0.1, eps=1e-5, momentum_d=0.3, eps_d=1e-4, relu=True):
     """The eager composite each fused op replaces (`relu=False`: its pre-activation)."""
     y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, momentum, eps)
     if op == "bn_add_relu":
@@ -94,7 +99,7 @@ def eager(op, x, other, bn, bn_d, training, momentum=0.1, eps=1e-5, momentum_d=0
     return torch.relu(y) if relu else y
 
 
-def fused(op, x, other, bn, bn_d, training, backend, momentum=0.1, eps=1e-5, momentum_d=0.1, eps_d=1e-4):
+def fused(op, x, other, bn, bn_d, training, backend, momentum=0.1, eps=1e-5, momentum_d=0.3, eps_d=1e-4):
     if op == "bn_relu":
         return RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, momentum, eps, backend=backend)
     if op == "bn_add_relu":
@@ -173,6 +178,10 @@ def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=
                 tol = PER_CHANNEL_TOL["eager64"][dtype]
                 assert_close(s.running_mean, r.running_mean, tol, f"running_mean vs {oracle}")
                 assert_close(s.running_var, r.running_var, tol, f"running_var vs {oracle}")
+    if track and not training:  # eval reads the running statistics and never writes them
+        for s, initial in [(state, bn)] + ([(state_d, bn_d)] if op == "dual_bn_add_relu" else []):
+            assert torch.equal(s.running_mean, initial.running_mean), "eval changed running_mean"
+            assert torch.equal(s.running_var, initial.running_var), "eval changed running_var"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
