@@ -10,6 +10,8 @@ go through Triton again. On a GPU the CUDA tests run the replay for real.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -121,3 +123,26 @@ def test_without_replay_every_launch_goes_through_triton(stand_in, through_trito
     launch()
     launch()
     assert len(through_triton) == 4
+
+
+def test_inputs_beyond_the_row_limit_run_the_reference(stand_in, monkeypatch):
+    """Tile row indices are int32: an input of more rows (N*H*W or N*C) than
+    ``_runtime.MAX_ROWS`` runs the reference op, with one warning, and launches nothing."""
+    monkeypatch.setattr(_runtime, "MAX_ROWS", 50)
+    monkeypatch.setattr(_runtime, "_warned_rows", set())
+    T, R = torch.ops.resnet_fused_triton, torch.ops.resnet_fused_reference
+    C = 8
+    w, b, mean, invstd = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
+    for shape in ((2, C, 5, 6), (7, C, 2, 3)):  # 60 pixels; 56 planes
+        x = torch.randn(shape).to(memory_format=torch.channels_last)
+        LAUNCHES.clear()
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            got = T.bn_relu(x, w, b, mean, invstd, True)
+            again = T.bn_relu(x, w, b, mean, invstd, True)
+        said = [m for m in warned if "runs the plain-PyTorch reference" in str(m.message)]
+        assert len(said) == (1 if shape[0] == 2 else 0) and len(LAUNCHES) == 0  # once per op
+        want = R.bn_relu(x, w, b, mean, invstd, True)
+        assert torch.equal(got, want) and torch.equal(again, want) and got.stride() == want.stride()
+    T.bn_relu(torch.empty((2, C, 5, 5), memory_format=torch.channels_last), w, b, mean, invstd, True)  # 50 rows
+    assert len(LAUNCHES) == 1

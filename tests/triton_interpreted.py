@@ -88,6 +88,16 @@ def test_empty_batch(layout):
     assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5))
 
 
+@pytest.mark.parametrize("eps", [1e-5, 0.0, -1e-5])
+def test_empty_batch_statistics_match_the_reference(eps):
+    """mean 0, invstd = 1 / sqrt(eps): inf or nan for eps <= 0 as in the reference, not a Python error."""
+    x = torch.empty(0, 3, 2, 2)
+    got = torch.ops.resnet_fused_triton.batch_stats(x, None, None, 0.1, eps)
+    want = torch.ops.resnet_fused_reference.batch_stats(x, None, None, 0.1, eps)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 # ---------------------------------------------------------------- the raw ops
 
 

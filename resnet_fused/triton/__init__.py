@@ -17,6 +17,7 @@ Triton, importing this package only registers the backend as unavailable, saying
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -35,14 +36,26 @@ except ImportError as error:
         )
     )
 else:
+    from .. import reference
     from . import _runtime, batch_stats, bn_act
+
+    def _within_row_limit(name: str, implementation):
+        """``implementation``, or the reference op for inputs of more rows than the kernels
+        index (every op's first argument is an activation of the op's shape)."""
+        fallback = getattr(reference, name)
+
+        @functools.wraps(implementation)  # keeps the signature the schema is inferred from
+        def op(*args):
+            return (fallback if _runtime.beyond_row_limit(name, args[0]) else implementation)(*args)
+
+        return op
 
     ops.define(
         NAMESPACE,
-        types.SimpleNamespace(
-            batch_stats=batch_stats.batch_stats,
-            **{name: getattr(bn_act, name) for name in ops.OP_NAMES if name != "batch_stats"},
-        ),
+        types.SimpleNamespace(**{
+            name: _within_row_limit(name, getattr(batch_stats if name == "batch_stats" else bn_act, name))
+            for name in ops.OP_NAMES
+        }),
     )
     ops.register(NAMESPACE)
     backends.register(

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -45,6 +46,29 @@ def check_runnable(op: str, input: torch.Tensor) -> None:
         names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
         hint = " under TRITON_INTERPRET=1" if INTERPRET else "; use the reference backend"
         raise TypeError(f"{op}(): the Triton kernels run {names} `input`{hint}, got {input.dtype}")
+
+
+# Tile row indices are int32 (64-bit only once multiplied into offsets): every row index
+# a program forms, up to the rows plus two tiles of rows past them, must stay below 2^31.
+MAX_ROWS = 2**31 - 2**15
+_warned_rows: set[str] = set()
+
+
+def beyond_row_limit(op: str, input: torch.Tensor) -> bool:
+    """Whether ``input`` (N, C, H, W) has more rows than the kernels index, in either layout
+    (N*H*W pixels, N*C planes); warns once per op when it has."""
+    n, c, h, w = input.shape
+    if n * max(c, h * w) <= MAX_ROWS:
+        return False
+    if op not in _warned_rows:
+        _warned_rows.add(op)
+        warnings.warn(
+            f"resnet_fused: {op} on the Triton backend runs the plain-PyTorch reference for an input "
+            f"of shape {list(input.shape)}: the kernels index at most {MAX_ROWS} rows (N*H*W and N*C)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return True
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:

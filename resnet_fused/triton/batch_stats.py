@@ -19,7 +19,6 @@ Two kernels, one read of the input (``_reduce`` describes the partition):
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -193,7 +192,7 @@ def batch_stats(
     if x.numel() == 0:
         # An empty batch: mean 0, variance 0; eager leaves the running statistics untouched.
         mean.zero_()
-        invstd.fill_(1.0 / math.sqrt(eps))
+        invstd.fill_(eps).rsqrt_()  # as the reference: inf or nan for eps <= 0, not a Python error
         return mean, invstd
     buffers = [_float32_buffer(t) for t in (running_mean, running_var)]
     with _runtime.device_guard(x):
