@@ -18,8 +18,9 @@
 // block's rows) into one partial per (split, channel) in the workspace; a finalize
 // kernel merges a channel's partials in double, in a fixed order, and writes the results
 // (batch_stats: mean, invstd, running statistics; backward: weight and bias gradients and
-// the coefficients of the elementwise pass). The grid, hence the reduction order, is a
-// function of the geometry and the device only: two runs agree bit for bit.
+// the coefficients of the elementwise pass). The grid and vector width, hence the
+// reduction order, are a function of the geometry, the device and the activations'
+// 16-byte alignment: two runs on the same addresses' alignment agree bit for bit.
 //
 // Indices and offsets are 64-bit. The pre-activation is formed by one function with
 // explicitly rounded operations (never contracted or reordered by nvcc), so the
