@@ -59,11 +59,17 @@ def classes(model: nn.Module) -> list[type]:
     return [type(m) for m in model.modules()]
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_torchvision_model(name):
+# Every model in NCHW; one of each block type in channels_last as well (the CPU kernels'
+# other layout: their reductions walk it another way).
+LAYOUT_CASES = [(name, "nchw") for name in MODELS] + [("resnet18", "nhwc"), ("resnet50", "nhwc")]
+
+
+@pytest.mark.parametrize("name, layout", LAYOUT_CASES)
+def test_torchvision_model(name, layout):
     """Fused in place, sharing parameters with an optimizer built before; evaluates and trains like eager."""
     fused_class, count = MODELS[name]
-    eager = torchvision_model(name)
+    memory_format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    eager = torchvision_model(name).to(memory_format=memory_format)
     model = copy.deepcopy(eager)
     parameters = list(model.parameters())
     optimizer = sgd(model)  # built before fuse: must keep working
@@ -74,7 +80,7 @@ def test_torchvision_model(name):
     assert len(report.fused) == count and not report.not_fused and not report.already_fused
     assert sum(type(m) is fused_class for m in model.modules()) == count
     assert all(a is b for a, b in zip(model.parameters(), parameters))
-    x = images(1)[0]
+    x = images(1)[0].contiguous(memory_format=memory_format)
     model.eval(), eager.eval()
     with torch.no_grad():
         reference = {"eval": eager(x)}
@@ -83,7 +89,7 @@ def test_torchvision_model(name):
         fused32, eager32 = {"eval": model.float()(x.float())}, {"eval": eager.float()(x.float())}
         assert_within_eager_error(fused32, eager32, reference)
     model.double().train(), eager.double().train()
-    inputs = images(2)
+    inputs = [t.contiguous(memory_format=memory_format) for t in images(2)]
     grads = random_like_outputs(eager, inputs)
     assert_close_scaled(train(model, inputs, grads, optimizer=optimizer).tensors(), train(eager, inputs, grads).tensors(), TRAIN_TOL)
 
