@@ -165,7 +165,8 @@ def _branch_backward(
 
 
 def _masked_grad(grad_out: Tensor, pre: Tensor) -> Tensor:
-    return torch.where(pre > 0, grad_out.to(pre.dtype), 0.0)
+    # As torch.relu's backward (threshold_backward): 0 where the output is <= 0, so a NaN passes.
+    return torch.where(pre <= 0, 0.0, grad_out.to(pre.dtype))
 
 
 def bn_relu_backward(

@@ -22,7 +22,7 @@ import torch
 import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
-from test_ops import BatchNormState, eager, fused
+from test_ops import BatchNormState, check_nan_residual_gradients, eager, fused
 
 pytestmark = pytest.mark.cuda
 
@@ -403,3 +403,8 @@ def test_tensors_over_2_to_the_31_elements(layout, releases_gpu_memory):
     want = (torch.where(out[tail] > 0, g[tail].float(), 0.0) * channel(scale) - channel(scale * sum_g.float() / m)
             - (x[tail].float() - channel(mean)) * channel(scale * invstd**2 * sum_gc.float() / m))
     assert_close(grad_x[tail].float(), want, 4 * ROUNDING[torch.bfloat16], "grad_input of the last samples")
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_nan_residual_passes_the_gradient_as_eager(layout):
+    check_nan_residual_gradients("cuda", layout, "cuda")

@@ -268,6 +268,32 @@ def test_statistics_are_stable_far_from_zero(backend, layout, dtype):
     torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
 
 
+def check_nan_residual_gradients(backend, layout, device="cpu"):
+    """A NaN in the residual: the output is NaN there, and torch.relu's backward passes the
+    gradient there (it zeroes only where the output is <= 0), so every gradient is eager's."""
+    shape = (2, 6, 3, 5)
+    x = activation(shape, layout=layout, device=device).requires_grad_()
+    residual = activation(shape, layout=layout, device=device)
+    residual[0, 1, 2, 3] = residual[1, 4, 0, 0] = float("nan")
+    residual.requires_grad_()
+    w = (torch.rand(6, device=device) + 0.5).requires_grad_()
+    b = torch.randn(6, device=device).requires_grad_()
+    upstream = activation(shape, layout=layout, device=device)
+    want = torch.relu(F.batch_norm(x, None, None, w, b, True) + residual)
+    got = RF.bn_add_relu(x, residual, None, None, w, b, True, backend=backend)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5)
+    for a, e, name in zip(torch.autograd.grad(got, [x, residual, w, b], upstream),
+                          torch.autograd.grad(want, [x, residual, w, b], upstream), ("x", "residual", "w", "b")):
+        assert not a.isnan().any(), name
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_nan_residual_passes_the_gradient_as_eager(backend, layout):
+    check_nan_residual_gradients(backend, layout)
+
+
 @requires_cpu_kernels()
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_cpu_kernels_are_deterministic(layout):

@@ -429,3 +429,11 @@ def test_opcheck_on_cuda():
 @cuda
 def test_compile_fullgraph_on_cuda():
     assert_compiles_like_eager("triton", shape=(4, 32, 8, 8), dtype=torch.bfloat16, device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_nan_residual_passes_the_gradient_as_eager_on_cuda(layout):
+    from test_ops import check_nan_residual_gradients
+
+    check_nan_residual_gradients("triton", layout, "cuda")

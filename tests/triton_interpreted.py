@@ -23,7 +23,7 @@ import resnet_fused
 from resnet_fused import functional as RF
 from resnet_fused.triton import _runtime
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
-from test_ops import OPS, run_case
+from test_ops import OPS, check_nan_residual_gradients, run_case
 from test_triton_ops import check_functional_training, check_ops_against_reference
 
 if not _runtime.INTERPRET:
@@ -86,6 +86,11 @@ def test_empty_batch(layout):
     assert out.shape == gx.shape == x.shape
     assert torch.equal(gw, torch.zeros(5)) and torch.equal(gb, torch.zeros(5))
     assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_residual_passes_the_gradient_as_eager(layout):
+    check_nan_residual_gradients("triton", layout)
 
 
 @pytest.mark.parametrize("eps", [1e-5, 0.0, -1e-5])

@@ -448,7 +448,8 @@ struct ReduceStep {
     const auto v = load_sources<T, E>(io, i, n);
     const Vec pre = preactivation<T, E, kPerLane>(v, main, downsample, j);
     const Vec zero(0);
-    const Vec g = Vec::blendv(zero, L::load(io.grad_out + i, n), pre > zero);
+    // 0 where the output is <= 0, as torch.relu's backward: a NaN pre-activation passes the gradient.
+    const Vec g = Vec::blendv(L::load(io.grad_out + i, n), zero, pre <= zero);
     if constexpr (E == Epilogue::kAddRelu) L::store(io.grad_residual + i, g, n);
     sum_g = sum_g + g;
     sum_gc = at::vec::fmadd(g, v.x - L::template coeff<kPerLane>(main.mean, j), sum_gc);
@@ -586,7 +587,7 @@ void backward(const BnActBackwardParams& p) {
       } else {
         const auto v = load_sources<T, E>(s, i, n);
         const Vec pre = preactivation<T, E, kPerLane>(v, cm, cd, j);
-        grad = Vec::blendv(Vec(0), L::load(s.grad_out + i, n), pre > Vec(0));
+        grad = Vec::blendv(L::load(s.grad_out + i, n), Vec(0), pre <= Vec(0));
         x = v.x;
         x_d = v.x_d;
       }

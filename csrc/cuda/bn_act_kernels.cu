@@ -213,8 +213,9 @@ __device__ __forceinline__ float preactivation(float x, float other, float scale
 // NaN propagates, as in torch.relu.
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
-// The upstream gradient where the ReLU passed it (pre > 0), else 0.
-__device__ __forceinline__ float masked_gradient(float pre, float grad) { return pre > 0.f ? grad : 0.f; }
+// The upstream gradient, 0 where the ReLU's output is <= 0: as torch.relu's backward
+// (threshold_backward), so a NaN pre-activation passes it.
+__device__ __forceinline__ float masked_gradient(float pre, float grad) { return pre <= 0.f ? 0.f : grad; }
 
 // Per-lane affine maps of one branch: lane i holds channel walk.channel(i).
 template <int V>

@@ -8,7 +8,7 @@ One kernel family, the tail chosen by the ``EPILOGUE`` constexpr:
 ``DUAL_ADD_RELU``  relu(bn(x) + bn_d(y))         ``dual_bn_add_relu``, y the downsample
 =================  ============================  =======================================
 
-Forward: ``_bn_act_forward_kernel``, one pass. Backward, with g = grad_out * (pre > 0):
+Forward: ``_bn_act_forward_kernel``, one pass. Backward, with g = 0 where pre <= 0, else grad_out:
 
 1. ``_bn_act_backward_reduce_kernel``: per-channel partials of sum(g) and sum(g * (x - mean))
    (and sum(g * (y - mean_d))), over the deterministic partition of ``_reduce``; for
@@ -165,7 +165,8 @@ def _backward_terms(grad_ptr, x_ptr, y_ptr, grad_y_ptr, offsets, mask, scale, sh
     y = x
     if EPILOGUE != RELU:
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
+    # 0 where the output is <= 0, as torch.relu's backward: a NaN pre-activation passes dy.
+    g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) <= 0, 0.0, dy)
     if EPILOGUE == ADD_RELU:
         tl.store(grad_y_ptr + offsets, g.to(grad_y_ptr.dtype.element_ty), mask=mask)
     return g, g * (x - mean), g * (y - mean_d)
@@ -299,7 +300,7 @@ def _bn_act_backward_elementwise_kernel(
                 weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr, channel, C, HAS_WEIGHT_D, HAS_BIAS_D,
                 CHANNELS_LAST,
             )
-        g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) > 0, dy, 0.0)
+        g = tl.where(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE) <= 0, 0.0, dy)
     grad_x = _grad_input(g, x, scale, mean, coef_ptr, channel, C, TRAINING, CHANNELS_LAST)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if EPILOGUE == DUAL_ADD_RELU:
