@@ -284,6 +284,24 @@ def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tm
     assert "summary (" in capsys.readouterr().out and (out / "kernels_cpu_nhwc.txt").exists()
 
 
+def test_kernel_benchmark_fails_a_wrong_result(tmp_path, monkeypatch, capsys):
+    """Every output is held to eager's: a backward op whose weight gradient (its third output,
+    eager's second) is off by 1% fails its row, untimed, and the run."""
+    fused_callable = kernels.fused_callable
+
+    def off_by_one_percent(op, ns, t):
+        fn = fused_callable(op, ns, t)
+        return lambda: tuple(g * 1.01 if i == 2 else g for i, g in enumerate(fn()))
+
+    monkeypatch.setattr(kernels, "fused_callable", off_by_one_percent)
+    rc = kernels.main(["--device", "cpu", "--batch", "2", "--shapes", "layer2.128", "--dtype", "fp32",
+                       "--ops", "bn_add_relu_backward", "--budget-s", "2", "--out", str(tmp_path)])
+    assert rc == 1
+    (row,) = [r for r in json.loads((tmp_path / "kernels_cpu_nhwc.json").read_text())["rows"] if r["backend"] == "cpu"]
+    assert "relative error 1.0e-02 against eager, above 4e-03" in row["error"] and "median_ms" not in row
+    assert "FAILED" in capsys.readouterr().out
+
+
 def test_l2_flushes_write_or_only_read_their_buffer():
     """'zero' leaves L2 dirty by writing the buffer, 'read' leaves it clean by reading only."""
     buffer = torch.arange(64, dtype=torch.int8)
