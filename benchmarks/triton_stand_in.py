@@ -52,6 +52,8 @@ class StandInDriver(DriverBase):
     target = GPUTarget("cuda", 90, 32)
 
     def __init__(self) -> None:
+        self.device = 0  # what get_current_device and get_current_stream report: a test may change them
+        self.stream = 0
         self.utils = types.SimpleNamespace(
             load_binary=lambda name, kernel, shared, device: (object(), object(), 64, 0, 1024),
             unload_module=lambda module: None,
@@ -76,10 +78,10 @@ class StandInDriver(DriverBase):
         raise NotImplementedError("the stand-in driver times nothing")
 
     def get_current_device(self) -> int:
-        return 0
+        return self.device
 
     def get_current_stream(self, device: int = 0) -> int:
-        return 0
+        return self.stream
 
     def get_device_interface(self):
         return torch.cuda

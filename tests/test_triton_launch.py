@@ -15,7 +15,9 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
 from resnet_fused.triton import _runtime, batch_stats, compile_report  # noqa: E402
 
 pytestmark = [
@@ -58,21 +60,51 @@ def same_launch(a, b) -> bool:
     )
 
 
+@pytest.fixture
+def racing_autotuner(monkeypatch):
+    """After each autotuned launch, another thread's launch (of another key) changes the
+    autotuner's ``best_config``: a replay must keep the configuration its kernel ran with."""
+    run = Autotuner.run
+
+    def run_then_race(self, *args, **kwargs):
+        compiled = run(self, *args, **kwargs)
+        self.best_config = self.configs[0]
+        return compiled
+
+    monkeypatch.setattr(Autotuner, "run", run_then_race)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_replay_launches_what_triton_launched(dtype, stand_in, through_triton):
-    launches = list(compile_report.representative_launches(dtype, SHAPE))
+def test_a_replay_launches_what_triton_would(dtype, stand_in, through_triton, racing_autotuner):
+    """Each kernel launched once with some tensors, then with fresh ones of the same key (a
+    replay), then those again through Triton: the replay hands the launcher what Triton does."""
+    first, again = (list(compile_report.representative_launches(dtype, SHAPE)) for _ in range(2))
     kernels = {f for f in jit_functions() if (getattr(f, "fn", f)).__name__.endswith("_kernel")}
-    assert {launch.kernel for _, launch in launches} == kernels
-    for variant, launch in launches:
+    assert {launch.kernel for _, launch in first} == kernels
+    for (variant, recording), (_, launch) in zip(first, again):
         LAUNCHES.clear()
         through_triton.clear()
         _runtime.forget_launches()  # variants may share a launch (the backward reduction's in eval)
+        recording()
         launch()
-        launch()
-        assert through_triton == [launch], f"{variant}: the second launch went through Triton again"
-        assert len(LAUNCHES) == 2, variant
-        recorded, replayed = LAUNCHES
-        assert same_launch(recorded, replayed), f"{variant} {recorded.kernel}:\n{recorded}\n{replayed}"
+        assert through_triton == [recording], f"{variant}: the second launch went through Triton again"
+        with _runtime.replaying(False):
+            launch()
+        assert len(LAUNCHES) == 3, variant
+        _, replayed, by_triton = LAUNCHES
+        assert same_launch(replayed, by_triton), f"{variant} {replayed.kernel}:\n{replayed}\n{by_triton}"
+
+
+def test_a_replay_launches_on_the_current_device_and_stream(stand_in, through_triton):
+    launch = _stats_launches(torch.empty(SHAPE, memory_format=torch.channels_last))[0]
+    launch()
+    driver = triton.runtime.driver.active
+    driver.stream = 7
+    launch()  # replayed
+    assert len(through_triton) == 1 and LAUNCHES[-1].stream == 7
+    driver.device = 1  # another device: its own compiled kernel and partition
+    launch()
+    assert len(through_triton) == 2 and LAUNCHES[-1].stream == 7
 
 
 def _stats_launches(x: torch.Tensor):

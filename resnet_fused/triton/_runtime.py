@@ -169,15 +169,18 @@ class Launch:
         config = pinned_config_of(self.kernel)
         if config is None:
             compiled = self.kernel[self.grid](**self.args)
-            config = self.kernel.best_config if isinstance(self.kernel, triton.runtime.Autotuner) else None
         else:
             compiled = self.kernel.fn[self.grid](**self.args, **config.all_kwargs())
-        signature = getattr(getattr(compiled, "src", None), "signature", None)
-        if INTERPRET or not isinstance(signature, dict) or not hasattr(compiled, "__getitem__"):
+        source = getattr(compiled, "src", None)
+        signature, constants = getattr(source, "signature", None), getattr(source, "constants", None)
+        if INTERPRET or not isinstance(signature, dict) or not isinstance(constants, dict):
             return None
-        constants = dict(config.kwargs) if config is not None else {}
-        grid = tuple(self.grid({**self.args, **constants}))
-        return _Replay(compiled[grid + (1,) * (3 - len(grid))], tuple(signature), constants)
+        # The configuration's constants (TILE, STAGES) as this kernel was compiled with them:
+        # not the autotuner's `best_config`, which a launch on another thread may have changed.
+        names = source.fn.arg_names  # the JITFunction compiled
+        set_by_config = {names[k[0]]: v for k, v in constants.items() if names[k[0]] not in self.args}
+        grid = tuple(self.grid({**self.args, **set_by_config}))
+        return _Replay(compiled[grid + (1,) * (3 - len(grid))], tuple(signature), set_by_config)
 
 
 def run(launches: list[Launch]) -> None:
