@@ -516,8 +516,9 @@ def _fused_call(op: str, backend: str, training: bool):
             return ops.bn_add_relu(x, y, w, b, mean, invstd, training)
         if training:
             mean_d, invstd_d = ops.batch_stats(y.detach(), None, None, 0.1, 1e-5)
-        else:
-            mean_d, invstd_d = mean, invstd
+        else:  # each branch its own rsqrt, as functional computes them: one shared node would
+            # sum the branches' invstd gradients before its backward, which rounds differently
+            mean_d, invstd_d = mean, torch.rsqrt(var + 1e-5)
         return ops.dual_bn_add_relu(x, w, b, mean, invstd, y, b, w, mean_d, invstd_d, training)
 
     return functional, registered, tensors
