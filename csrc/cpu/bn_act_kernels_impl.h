@@ -383,6 +383,14 @@ typename Lanes<T>::Vec preactivation(const Loaded<T>& v, const Coefficients<A>& 
   return pre;
 }
 
+// The upstream gradient, 0 where the ReLU's output is <= 0: as torch.relu's backward
+// (threshold_backward), so a NaN pre-activation passes it.
+template <typename Vec>
+Vec masked_gradient(const Vec& pre, const Vec& grad) {
+  const Vec zero(0);
+  return Vec::blendv(grad, zero, pre <= zero);
+}
+
 // Calls fn(per_lane, offset, length, channel) for every run, in parallel.
 template <typename Fn>
 void parallel_for_runs(const ActivationGeometry& g, Fn&& fn) {
@@ -447,9 +455,7 @@ struct ReduceStep {
                   int64_t i, int64_t n, int64_t j, Vec& sum_g, Vec& sum_gc, Vec& sum_gc_d) {
     const auto v = load_sources<T, E>(io, i, n);
     const Vec pre = preactivation<T, E, kPerLane>(v, main, downsample, j);
-    const Vec zero(0);
-    // 0 where the output is <= 0, as torch.relu's backward: a NaN pre-activation passes the gradient.
-    const Vec g = Vec::blendv(L::load(io.grad_out + i, n), zero, pre <= zero);
+    const Vec g = masked_gradient(pre, L::load(io.grad_out + i, n));
     if constexpr (E == Epilogue::kAddRelu) L::store(io.grad_residual + i, g, n);
     sum_g = sum_g + g;
     sum_gc = at::vec::fmadd(g, v.x - L::template coeff<kPerLane>(main.mean, j), sum_gc);
@@ -587,7 +593,7 @@ void backward(const BnActBackwardParams& p) {
       } else {
         const auto v = load_sources<T, E>(s, i, n);
         const Vec pre = preactivation<T, E, kPerLane>(v, cm, cd, j);
-        grad = Vec::blendv(L::load(s.grad_out + i, n), Vec(0), pre <= Vec(0));
+        grad = masked_gradient(pre, L::load(s.grad_out + i, n));
         x = v.x;
         x_d = v.x_d;
       }

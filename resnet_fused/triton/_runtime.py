@@ -83,10 +83,10 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 # Triton 3.6), more than most of these kernels run on an H200, and a Triton op launches
 # two to five: a training step of Triton ops waited on the host (docs/performance.md).
 # So a launch goes through Triton once per *launch key*: the kernel, the pinned
-# configuration, and each argument as Triton may specialize on it: scalars by value,
-# tensors by dtype, device and address modulo 16 (Triton specializes a pointer on being
-# 16-byte aligned, as compile_report._source mirrors). A later launch with the same key
-# calls the compiled kernel Triton returned then, with the grid and configuration of then.
+# configuration, the current device, and each argument as Triton may specialize on it:
+# scalars by value, tensors by dtype and address modulo 16 (Triton specializes a pointer
+# on being 16-byte aligned, as compile_report._source mirrors). A later launch with the
+# same key calls the compiled kernel Triton returned then, with the grid and configuration of then.
 
 _REPLAY_LIMIT = 4096  # recorded launches kept; past it, the record starts over
 REPLAY_ENV = "RESNET_FUSED_TRITON_REPLAY"  # 0: every launch through Triton
@@ -98,7 +98,7 @@ class _Replay:
 
     runner: Callable[..., None]  # CompiledKernel[grid]: launches on the current stream
     params: tuple[str, ...]  # the launcher's parameters in order (Triton's compiled signature)
-    constants: dict[str, Any]  # those the configuration sets (TILE, STAGES)
+    constants: dict[str, Any]  # compiled-in values not among the launch's arguments: the config's TILE, STAGES
 
     def __call__(self, args: dict[str, Any]) -> None:
         values = {**args, **self.constants} if self.constants else args
