@@ -114,6 +114,8 @@ def environment(device: torch.device) -> dict:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        # The package's switches set for this run (backend, Triton pin and replay, experiments).
+        "resnet_fused_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RESNET_FUSED_")},
     }
     try:
         with open("/proc/cpuinfo") as f:
