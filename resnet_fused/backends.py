@@ -156,6 +156,7 @@ _REGISTRY: dict[str, Backend] = {
 def register(backend: Backend) -> None:
     """Adds or replaces a backend (the Triton module registers itself on import)."""
     _REGISTRY[backend.name] = backend
+    _resolved.clear()
 
 
 def _validate_name(name: str) -> str:
@@ -211,9 +212,25 @@ def _why_not(name: str, dtype: torch.dtype) -> str:
     return backend.unavailable or f"no {str(dtype).removeprefix('torch.')} kernels"
 
 
+# resolve()'s answers in eager mode, per (device, dtype, name): every fused op asks, and the
+# answer changes only when a backend is registered (tests that change AUTO_ORDER or
+# MEASURED_ORDER empty it too). An error is not kept: it is raised again.
+_resolved: dict[tuple[torch.device, torch.dtype, str], Backend] = {}
+
+
 def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:
     """The backend that runs an op on ``device`` / ``dtype`` tensors."""
-    name = _selected if requested is None else _validate_name(requested)
+    name = _selected if requested is None else requested
+    if torch.compiler.is_compiling():  # traced: no cache in the graph
+        return _resolve(device, dtype, _validate_name(name))
+    key = (device, dtype, name)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = _resolve(device, dtype, _validate_name(name))
+    return backend
+
+
+def _resolve(device: torch.device, dtype: torch.dtype, name: str) -> Backend:
     if name != "auto":
         backend = _REGISTRY[name]
         backend.check(device, dtype)

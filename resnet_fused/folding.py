@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends
+from . import _checks, backends
 
 __all__ = ["FoldedConv", "FoldCache", "fold", "compute_dtype", "conv_bias", "conv_bias_relu", "conv_bias_add_relu"]
 
@@ -225,5 +225,6 @@ def conv_bias_add_relu(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual:
     channels = out.shape[1]
     zeros = torch.zeros(channels, dtype=torch.float32, device=out.device)
     ones = torch.ones(channels, dtype=torch.float32, device=out.device)
+    _checks.check_like("bn_add_relu", "residual", residual, "input", out)  # eager ops do not check
     ops = backends.resolve(out.device, out.dtype).callable_ops()
     return ops.bn_add_relu(out, residual, None, None, zeros, ones, False)

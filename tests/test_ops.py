@@ -16,6 +16,7 @@ fused code and are compared at float32 precision whatever the input dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -733,6 +734,7 @@ def test_auto_follows_the_measured_order(monkeypatch):
     assert all(set(order) <= set(backends.NAMES) - {"auto"}
                for by_dtype in backends._load_measured(backends.AUTO_ORDER_FILE).values() for order in by_dtype.values())
     monkeypatch.setattr(backends, "MEASURED_ORDER", {"cpu": {"float32": ("reference", "cpu")}})
+    monkeypatch.setattr(backends, "_resolved", {})  # answers given under the real order
     assert backends.resolve(torch.device("cpu"), torch.float32, "auto").name == "reference"
     default = "cpu" if "cpu" in CPU_BACKENDS else "reference"
     assert backends.resolve(torch.device("cpu"), torch.float64, "auto").name == default
@@ -795,9 +797,21 @@ def test_auto_warns_once_when_falling_back(monkeypatch):
     """`auto` on a configuration no compiled kernel covers: reference path, one warning."""
     monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton",))  # a backend that cannot run here
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_resolved", {})
     x = activation((2, 3, 4, 4))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         RF.bn_relu(x, None, None, training=True)
         RF.bn_relu(x, None, None, training=True)
     assert [str(w.message) for w in caught if "reference path" in str(w.message)].__len__() == 1
+
+
+def test_registering_a_backend_renews_what_resolve_answers(monkeypatch):
+    """resolve() keeps its answers per (device, dtype, name) until a backend registers."""
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_resolved", {})
+    cpu = torch.device("cpu")
+    assert backends.resolve(cpu, torch.float32, "reference") is backends.get("reference")
+    backends.register(dataclasses.replace(backends.get("reference"), dtypes=(torch.float64,)))
+    with pytest.raises(TypeError, match="supports dtypes float64, got torch.float32"):
+        backends.resolve(cpu, torch.float32, "reference")

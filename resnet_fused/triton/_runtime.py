@@ -71,6 +71,15 @@ def beyond_row_limit(op: str, input: torch.Tensor) -> bool:
     return True
 
 
+def float32_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-channel array as the kernels read it, float32 and contiguous: ``t`` itself when
+    it already is (``Tensor.to`` and ``contiguous`` cost about a microsecond each even when
+    they have nothing to do), else a converted copy."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Makes ``t``'s device current: Triton launches on the current device and stream."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

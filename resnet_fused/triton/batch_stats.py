@@ -169,14 +169,6 @@ def launches(
     ]
 
 
-def _float32_buffer(t: Optional[Tensor]) -> Optional[Tensor]:
-    """The fp32 contiguous tensor the kernel updates for running statistic ``t``: ``t``
-    itself when it is one, otherwise a copy that is written back."""
-    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
-        return t
-    return t.to(torch.float32).contiguous()
-
-
 def batch_stats(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -194,7 +186,8 @@ def batch_stats(
         mean.zero_()
         invstd.fill_(eps).rsqrt_()  # as the reference: inf or nan for eps <= 0, not a Python error
         return mean, invstd
-    buffers = [_float32_buffer(t) for t in (running_mean, running_var)]
+    # What the kernel updates: the running statistics themselves, or copies written back.
+    buffers = [_runtime.float32_contiguous(t) for t in (running_mean, running_var)]
     with _runtime.device_guard(x):
         _runtime.run(launches(x, memory_format == torch.channels_last, mean, invstd, *buffers, momentum, eps))
     for user, buffer in zip((running_mean, running_var), buffers):

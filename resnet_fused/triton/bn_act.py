@@ -329,9 +329,7 @@ class Branch:
 
     @staticmethod
     def dense(input, weight, bias, mean, invstd, memory_format: torch.memory_format) -> "Branch":
-        def fp32(t):
-            return None if t is None else t.to(torch.float32).contiguous()
-
+        fp32 = _runtime.float32_contiguous
         return Branch(input.contiguous(memory_format=memory_format), fp32(weight), fp32(bias), fp32(mean), fp32(invstd))
 
 
