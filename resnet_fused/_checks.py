@@ -214,7 +214,8 @@ def _batch_stats(input, running_mean, running_var, momentum, eps):
 
 
 # Validation of every op of the set, called with the op's arguments: by the fake kernels,
-# and by every Python-defined backend before it computes (resnet_fused.ops.define).
+# and by every Python-defined backend's registered op before it computes
+# (resnet_fused.ops.define; eager calls are validated by their callers, functional's checks).
 OP_CHECKS = {
     "batch_stats": _batch_stats,
     "bn_relu": _bn_relu,
