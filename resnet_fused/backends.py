@@ -213,8 +213,9 @@ def _why_not(name: str, dtype: torch.dtype) -> str:
 
 
 # resolve()'s answers in eager mode, per (device, dtype, name): every fused op asks, and the
-# answer changes only when a backend is registered (tests that change AUTO_ORDER or
-# MEASURED_ORDER empty it too). An error is not kept: it is raised again.
+# answer changes only when a backend is registered. Changing AUTO_ORDER or MEASURED_ORDER
+# after the first op call therefore takes effect only with the cache emptied too (the tests
+# do); register() runs at import, before any op. An error is not kept: it is raised again.
 _resolved: dict[tuple[torch.device, torch.dtype, str], Backend] = {}
 
 
@@ -247,7 +248,7 @@ def _resolve(device: torch.device, dtype: torch.dtype, name: str) -> Backend:
             f"resnet_fused: no compiled kernel runs {dtype} on {device.type} ({reasons}); "
             f"using the plain-PyTorch reference path",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of the functional op (via resolve)
         )
     return _REGISTRY["reference"]
 

@@ -225,6 +225,6 @@ def conv_bias_add_relu(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual:
     channels = out.shape[1]
     zeros = torch.zeros(channels, dtype=torch.float32, device=out.device)
     ones = torch.ones(channels, dtype=torch.float32, device=out.device)
-    _checks.check_like("bn_add_relu", "residual", residual, "input", out)  # eager ops do not check
+    _checks.OP_CHECKS["bn_add_relu"](out, residual, None, None, zeros, ones, False)  # eager ops do not check
     ops = backends.resolve(out.device, out.dtype).callable_ops()
     return ops.bn_add_relu(out, residual, None, None, zeros, ones, False)

@@ -59,8 +59,9 @@ def define(namespace: str, implementations: object) -> None:
     """Defines the op set in ``namespace`` from Python functions named like the ops.
 
     Schemas are inferred from the functions' annotations; tests check they equal the
-    C++ schemas of ``csrc/ops.cpp``. Each op validates its arguments
-    (``_checks.OP_CHECKS``) before the implementation runs, as the C++ ops do.
+    C++ schemas of ``csrc/ops.cpp``. Each registered op validates its arguments
+    (``_checks.OP_CHECKS``) before the implementation runs, as the C++ ops do; the eager
+    calls (:func:`eager_ops`) leave that to their callers.
     """
     raw = {name: getattr(implementations, name) for name in OP_NAMES}
     for name, implementation in raw.items():

@@ -316,10 +316,10 @@ TRIPS_ENV = "RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS"
 def test_elementwise_grids_sized_to_the_work_change_no_bit(tmp_path, trips):
     """RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS (read once per process, so in a subprocess) only
     changes how many blocks share the elementwise kernels' work: same results, bit for bit.
-    The shapes give each setting its own grid (one wave: 528 blocks at (32, 64, 28, 28) on
-    an H100/H200; one trip: 784; three: 262)."""
+    The shapes give each setting its own grid (channels_last (32, 64, 56, 56) on 132 SMs:
+    528 blocks in one wave, 784 for one trip, 262 for three; NCHW: 8, 13 and 5 per channel)."""
     cases = []
-    for shape in [(4, 19, 5, 7), (16, 64, 14, 14), (32, 64, 28, 28)]:
+    for shape in [(4, 19, 5, 7), (16, 64, 14, 14), (32, 64, 56, 56)]:
         for layout in ("nhwc", "nchw"):
             x, r, g = (activation(shape, torch.bfloat16, layout, DEVICE) for _ in range(3))
             cases.append([x, r, g, torch.rand(shape[1], device=DEVICE) + 0.5, torch.randn(shape[1], device=DEVICE)])

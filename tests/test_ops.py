@@ -802,8 +802,10 @@ def test_auto_warns_once_when_falling_back(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         RF.bn_relu(x, None, None, training=True)
+        backends._resolved.clear()  # the second call asks again, not the cache
         RF.bn_relu(x, None, None, training=True)
     assert [str(w.message) for w in caught if "reference path" in str(w.message)].__len__() == 1
+    assert all(w.filename == __file__ for w in caught if "reference path" in str(w.message))  # the caller's line
 
 
 def test_registering_a_backend_renews_what_resolve_answers(monkeypatch):
