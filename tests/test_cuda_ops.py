@@ -464,4 +464,4 @@ def test_tensors_over_2_to_the_31_elements(layout, releases_gpu_memory):
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_nan_residual_passes_the_gradient_as_eager(layout):
-    check_nan_residual_gradients("cuda", layout, "cuda")
+    check_nan_residual_gradients(BACKEND, layout, DEVICE)
