@@ -1,6 +1,9 @@
 """The CUDA backend on a GPU: every op against eager PyTorch and the reference ops.
 
 Marked ``cuda``: skipped without a GPU (tests/conftest.py); scripts/gpu_check.sh runs them.
+With ``RESNET_FUSED_GPU_TESTS_ON=cpu`` they run on CPU tensors and the ``cpu`` backend instead,
+all but those of what only a GPU has (``GPU_ONLY``): CI's check of the tests themselves, which
+otherwise first run where a GPU is lent. It proves nothing about the CUDA kernels.
 
 Each fused op runs through ``resnet_fused.functional`` with ``backend="cuda"`` (autograd,
 running statistics) and is compared with eager ``F.batch_norm`` + ``relu`` (+ add)
@@ -29,10 +32,13 @@ from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
 from test_ops import BatchNormState, check_nan_residual_gradients, eager, fused
 
-pytestmark = pytest.mark.cuda
+ON_CPU = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "") == "cpu"
+pytestmark = [] if ON_CPU else pytest.mark.cuda
+# Tests of CUDA graphs, GPU memory, the CUDA kernels' own rules and launch grids.
+GPU_ONLY = pytest.mark.skipif(ON_CPU, reason="RESNET_FUSED_GPU_TESTS_ON=cpu: needs the CUDA backend on a GPU")
 
-DEVICE = "cuda"
-BACKEND = "cuda"
+DEVICE = "cpu" if ON_CPU else "cuda"
+BACKEND = DEVICE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROUNDING = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 PER_CHANNEL_TOL = 1e-4
@@ -249,6 +255,7 @@ def test_statistics_are_stable_far_from_zero(layout, dtype):
     torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
 
 
+@GPU_ONLY
 def test_float64_is_rejected_by_the_cuda_kernels():
     x = torch.randn(2, 3, 4, 4, device=DEVICE, dtype=torch.float64)
     with pytest.raises(TypeError, match="do not support float64 `input`"):
@@ -257,6 +264,7 @@ def test_float64_is_rejected_by_the_cuda_kernels():
         RF.bn_relu(x, None, None, training=True, backend=BACKEND)
 
 
+@GPU_ONLY
 def test_parameters_on_another_device_are_rejected():
     x = torch.randn(2, 3, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="`weight` on the device of `input`"):
@@ -311,6 +319,7 @@ def _elementwise_results_to(inputs_path: str, results_path: str) -> None:
 TRIPS_ENV = "RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS"
 
 
+@GPU_ONLY
 @pytest.mark.skipif(bool(os.environ.get(TRIPS_ENV)), reason=f"{TRIPS_ENV} is set: this process is not on one-wave grids")
 @pytest.mark.parametrize("trips", ["1", "3"])
 def test_elementwise_grids_sized_to_the_work_change_no_bit(tmp_path, trips):
@@ -358,6 +367,7 @@ def _capture(fn):
     return graph, outputs
 
 
+@GPU_ONLY
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_cuda_graph_replay_equals_eager_ops(layout):
     x, r, g, w, b, rm, rv = _graph_case(layout)
@@ -385,6 +395,7 @@ def test_cuda_graph_replay_equals_eager_ops(layout):
         x.copy_(torch.randn_like(x))
 
 
+@GPU_ONLY
 def test_cuda_graph_replay_of_a_training_step():
     """Functional forward + autograd backward, captured whole, as a training loop would."""
     x, r, g, w, b, rm, rv = _graph_case("nhwc")
@@ -410,6 +421,7 @@ def test_opcheck_on_cuda_tensors():
 # ---------------------------------------------------------------- 64-bit indexing
 
 
+@GPU_ONLY
 @pytest.mark.xdist_group("over_2_31")
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_tensors_over_2_to_the_31_elements(layout, releases_gpu_memory):
