@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from helpers import LAYOUTS
+import resnet_fused
 from resnet_fused import folding, use_backend
 from resnet_fused.modules import FusedBasicBlock, FusedBottleneck
 
@@ -481,6 +482,23 @@ def test_unbatched_input_raises_like_eager():
         plain(x)
     with pytest.raises(ValueError, match="expected 4D input"):
         fused(x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_folded_add_relu_rejects_what_the_fused_op_rejects(backend):
+    """conv_bias_add_relu calls the eager op, which leaves validation to its caller: it checks
+    the op's arguments itself (a 3-D tensor once came back with a wrong shape)."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"backend {backend} is not available")
+    conv, bn = nn.Conv2d(5, 5, 1).eval(), nn.BatchNorm2d(5).eval()
+    folded = folding.fold(conv, bn, torch.float32)
+    with use_backend(backend), torch.no_grad():
+        good = folding.conv_bias_add_relu(torch.randn(2, 5, 5, 5), conv, folded, torch.randn(2, 5, 5, 5))
+        assert good.shape == (2, 5, 5, 5)
+        with pytest.raises(ValueError, match="expected `input` to be a 4-D"):
+            folding.conv_bias_add_relu(torch.randn(5, 5, 5), conv, folded, torch.randn(1, 5, 5, 5))
+        with pytest.raises(ValueError, match="expected `residual` to have the shape of `input`"):
+            folding.conv_bias_add_relu(torch.randn(2, 5, 5, 5), conv, folded, torch.randn(2, 5, 5, 4))
 
 
 # ------------------------------------------------------------------ CUDA
