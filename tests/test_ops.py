@@ -185,8 +185,10 @@ def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=
             rtol = atol = ROUNDING[dtype] * EAGER_ROUNDINGS
         assert_close(out, ref_out, rtol, f"output vs {oracle}", atol)
         for i, (a, b) in enumerate(zip(g, ref_g)):
-            if a.dim() == 4:  # a gradient sums terms that cancel: its float32 error scales with the largest
-                assert_close(a, b, rtol, f"gradient {i} vs {oracle}", max(atol, rtol * b.abs().max().item()))
+            if a.dim() == 4:  # a gradient sums terms that cancel, with per-channel coefficients from
+                # float32 sums: its float32 error scales with its largest element
+                scaled = PER_CHANNEL_TOL[oracle][dtype] * b.abs().max().item() if oracle == "eager64" else 0.0
+                assert_close(a, b, rtol, f"gradient {i} vs {oracle}", max(atol, scaled))
             else:
                 assert_close(a, b, PER_CHANNEL_TOL[oracle][dtype], f"gradient {i} vs {oracle}")
         if track and training:
