@@ -15,7 +15,8 @@
 # (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the reductions with L2
 # emptied by a read instead of a write (l2-read/, bench_l2_read.log: the kernel benchmark's
 # --l2-flush), a brief one of the CUDA elementwise kernels on grids sized to the work
-# (elementwise-trips-1/, bench_elementwise_trips.log), triton_precompile.log, the
+# (elementwise-trips-1/, bench_elementwise_trips.log, and elementwise_trips_diff.txt against
+# the default run), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
@@ -205,6 +206,11 @@ if want kernels; then
     --backends cuda --ops bn_relu,bn_add_relu,bn_relu_backward --shapes layer1,layer2 --budget-s 20 \
     --out "$out/elementwise-trips-1" >"$out/bench_elementwise_trips.log" 2>&1 \
     || { echo "gpu_check: ELEMENTWISE-TRIPS BENCHMARK FAILED ($out/bench_elementwise_trips.log)"; status=1; }
+  if [[ -s "$out/elementwise-trips-1/kernels_cuda_nhwc.json" && -s "$out/kernels_cuda_nhwc.json" ]]; then
+    "$PYTHON" benchmarks/kernel_diff.py "$out/kernels_cuda_nhwc.json" "$out/elementwise-trips-1/kernels_cuda_nhwc.json" \
+      --backends cuda,eager --dtype bfloat16 >"$out/elementwise_trips_diff.txt" 2>&1 \
+      && sed -n '/^geometric mean/,$p' "$out/elementwise_trips_diff.txt" | grep -v "not compared"
+  fi
   # auto's backend order as this run measured it (copy it to resnet_fused/ to adopt it)
   if [[ -s "$out/kernels_cuda_nhwc.json" ]]; then
     "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --out "$out/auto_order.json" \

@@ -440,3 +440,36 @@ def test_kernel_fit_recovers_a_line_and_fits_a_committed_run(capsys):
     assert kernel_fit.main([str(run_path)]) == 0
     assert "time = F + bytes / R per kernel" in capsys.readouterr().out
     assert kernel_fit.main([str(run_path), "--min-tensor-mb", "1e6"]) == 1
+
+
+def test_kernel_diff_compares_rows_and_kernels_of_two_runs(tmp_path, capsys):
+    from benchmarks import kernel_diff
+
+    def row(backend, shape, ms, **kernel_us):
+        return dict(op="bn_relu", shape=shape, dtype="bfloat16", layout="channels_last", backend=backend,
+                    median_ms=ms, kernels={k: {"us": v} for k, v in kernel_us.items()} or None)
+
+    before = [row("cuda", "layer1.256", 0.111, forward=107.0), row("cuda", "layer2.512", 0.060, forward=56.0),
+              row("eager", "layer1.256", 0.256), row("cuda", "layer1.64", None)]
+    after = [row("cuda", "layer1.256", 0.102, forward=98.0), row("cuda", "layer2.512", 0.0564, forward=52.5),
+             row("eager", "layer1.256", 0.256), row("cuda", "layer1.64", 0.030, forward=28.0)]
+    env = dict(card="NVIDIA H200", torch="2.11", triton="3.6", git_commit="abc", resnet_fused_env={})
+    paths = []
+    for name, rows, extra in (("a", before, {}), ("b", after, {"RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS": "1"})):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"environment": dict(env, resnet_fused_env=extra), "rows": rows}))
+        paths.append(path)
+
+    lines, means, unmatched = kernel_diff.compare(kernel_diff.load(paths[0])[1], kernel_diff.load(paths[1])[1])
+    by = {(key[1], key[4], kernel): ratio for key, kernel, _, _, ratio in lines}
+    assert by[("layer1.256", "cuda", "forward")] == pytest.approx(98.0 / 107.0)
+    assert by[("layer1.256", "eager", "op")] == pytest.approx(1.0)
+    forward = next(m for m in means if m[0] == ("bn_relu", "forward", "bfloat16", "cuda"))
+    assert forward[1] == pytest.approx(((98.0 / 107.0) * (52.5 / 56.0)) ** 0.5) and forward[2] == 2
+    assert [(key[1], side) for key, side in unmatched] == [("layer1.64", "before")]
+
+    assert kernel_diff.main([str(paths[0]), str(paths[1]), "--backends", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS" in out and "eager" not in out.split("geometric mean")[0]
+    assert "not compared: bn_relu/layer1.64/bfloat16/channels_last/cuda (no time in the before run)" in out
+    assert kernel_diff.main([str(paths[0]), str(paths[1]), "--ops", "batch_stats"]) == 1
