@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -159,30 +159,36 @@ def compute_dtype(x: Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
 _CUDNN_FUSED_REFUSED: set[tuple] = set()  # configurations cuDNN's fused ops raised on
 
 
-def _cudnn_fused(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual: Optional[Tensor]) -> Optional[Tensor]:
-    """cuDNN's fused conv + bias [+ residual] + ReLU, or None where it does not apply.
-
-    The H200 anchors (anchors/h200-cudnn-fused-conv.json) measure both fused ops at the
-    plain convolution's time on ResNet-50 shapes (bf16, channels_last), so no convolution
-    followed by a separate epilogue pass can beat them; they are used wherever they run.
-    cuDNN finds no fused engine for some configurations and raises: such a configuration
-    is remembered and runs F.conv2d + epilogue from then on.
-    """
-    if not (
+def _cudnn_fused_applies(x: Tensor, conv: nn.Conv2d) -> bool:
+    return (
         x.is_cuda
         and torch.backends.cudnn.enabled
         and not torch.backends.cudnn.deterministic  # the fused ops choose algorithms freely
         and not torch.are_deterministic_algorithms_enabled()
         and not isinstance(conv.padding, str)
-    ):
-        return None
+    )
+
+
+def _cudnn_fused_or(fallback: Callable[[], Tensor], x: Tensor, conv: nn.Conv2d, folded: FoldedConv,
+                    residual: Optional[Tensor]) -> Tensor:
+    """cuDNN's fused conv + bias [+ residual] + ReLU where it applies, else ``fallback()``.
+
+    The H200 anchors (anchors/h200-cudnn-fused-conv.json) measure both fused ops at the
+    plain convolution's time on ResNet-50 shapes (bf16, channels_last), so no convolution
+    followed by a separate epilogue pass can beat them; they are used wherever they run.
+    cuDNN finds no fused engine for some configurations and raises: such a configuration
+    is remembered and runs ``fallback`` from then on, once ``fallback`` has run it (bad
+    input raises there too, and is no reason to give up on cuDNN for later calls).
+    """
+    if not _cudnn_fused_applies(x, conv):
+        return fallback()
     name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
     config = (
         name, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
         tuple(folded.weight.shape[1:]), conv.stride, conv.dilation, conv.groups,
     )  # fmt: skip
     if config in _CUDNN_FUSED_REFUSED:
-        return None
+        return fallback()
     geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
     try:
         if residual is None:
@@ -191,6 +197,7 @@ def _cudnn_fused(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual: Optio
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as error:
+        out = fallback()  # raises for bad input: then nothing is remembered
         _CUDNN_FUSED_REFUSED.add(config)
         warnings.warn(
             f"resnet_fused: torch.{name} does not run {config} ({error}); using F.conv2d and a "
@@ -198,7 +205,7 @@ def _cudnn_fused(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual: Optio
             RuntimeWarning,
             stacklevel=3,
         )
-        return None
+        return out
 
 
 def conv_bias(x: Tensor, conv: nn.Conv2d, folded: FoldedConv) -> Tensor:
@@ -208,20 +215,18 @@ def conv_bias(x: Tensor, conv: nn.Conv2d, folded: FoldedConv) -> Tensor:
 
 def conv_bias_relu(x: Tensor, conv: nn.Conv2d, folded: FoldedConv) -> Tensor:
     """``relu(bn(conv(x)))`` in eval mode. Not differentiable (no autograd formula)."""
-    out = _cudnn_fused(x, conv, folded, None)
-    if out is None:
-        out = conv_bias(x, conv, folded).relu_()  # one pass, in place on a fresh tensor
-    return out
+    # relu_: one pass, in place on a fresh tensor
+    return _cudnn_fused_or(lambda: conv_bias(x, conv, folded).relu_(), x, conv, folded, None)
 
 
 def conv_bias_add_relu(x: Tensor, conv: nn.Conv2d, folded: FoldedConv, residual: Tensor) -> Tensor:
     """``relu(bn(conv(x)) + residual)`` in eval mode. Not differentiable."""
-    out = _cudnn_fused(x, conv, folded, residual)
-    if out is not None:
-        return out
-    out = conv_bias(x, conv, folded)
-    # The fused op with unit statistics, relu(out * 1 + 0 + residual): one pass where
-    # out.add_(residual).relu_() takes two.
+    return _cudnn_fused_or(lambda: _add_relu(conv_bias(x, conv, folded), residual), x, conv, folded, residual)
+
+
+def _add_relu(out: Tensor, residual: Tensor) -> Tensor:
+    """The fused op with unit statistics, relu(out * 1 + 0 + residual): one pass where
+    out.add_(residual).relu_() takes two."""
     channels = out.shape[1]
     zeros = torch.zeros(channels, dtype=torch.float32, device=out.device)
     ones = torch.ones(channels, dtype=torch.float32, device=out.device)

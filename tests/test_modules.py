@@ -501,6 +501,28 @@ def test_folded_add_relu_rejects_what_the_fused_op_rejects(backend):
             folding.conv_bias_add_relu(torch.randn(2, 5, 5, 5), conv, folded, torch.randn(2, 5, 5, 4))
 
 
+def test_a_cudnn_refusal_is_remembered_only_once_the_fallback_ran(monkeypatch):
+    """cuDNN's fused op raising makes its configuration take the fallback from then on, but
+    not when the fallback raises too: bad input is no refusal (CPU: cuDNN faked)."""
+    def refuse(*args):
+        raise RuntimeError("no engine")
+
+    monkeypatch.setattr(folding, "_cudnn_fused_applies", lambda x, conv: True)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", refuse)
+    monkeypatch.setattr(folding, "_CUDNN_FUSED_REFUSED", set())
+    conv, bn = nn.Conv2d(5, 5, 1).eval(), nn.BatchNorm2d(5).eval()
+    folded = folding.fold(conv, bn, torch.float32)
+    x = torch.randn(2, 5, 5, 5)
+    with use_backend("reference"), torch.no_grad():
+        with pytest.raises(ValueError, match="expected `residual` to have the shape of `input`"):
+            folding.conv_bias_add_relu(x, conv, folded, torch.randn(2, 5, 5, 4))
+        assert not folding._CUDNN_FUSED_REFUSED
+        with pytest.warns(RuntimeWarning, match="does not run"):
+            out = folding.conv_bias_add_relu(x, conv, folded, x)
+        assert len(folding._CUDNN_FUSED_REFUSED) == 1
+        torch.testing.assert_close(out, torch.relu(folding.conv_bias(x, conv, folded) + x))
+
+
 # ------------------------------------------------------------------ CUDA
 
 # The CUDA C++ kernels in every configuration; the Triton ones (which `auto` ranks second on

@@ -50,6 +50,10 @@ EAGER_ROUNDINGS = 8
 # Per-channel results are float32 sums over N*H*W values of the same inputs in both codes:
 # float32 summation error, relative to the sum's magnitude. Eager in float16/bfloat16 masks
 # the gradient with its doubly rounded output, which may differ at a few elements.
+# In training an input gradient is a difference of terms with per-channel coefficients from
+# float32 sums: float32 error relative to the gradient's largest element, beyond the rounding
+# (eval: g * scale rounded once, nothing to add). 1e-5 is ~20x the largest seen.
+GRADIENT_SUM_ERROR = 1e-5
 PER_CHANNEL_TOL = {
     "eager64": {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4},
     "eager": {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2},
@@ -185,9 +189,8 @@ def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=
             rtol = atol = ROUNDING[dtype] * EAGER_ROUNDINGS
         assert_close(out, ref_out, rtol, f"output vs {oracle}", atol)
         for i, (a, b) in enumerate(zip(g, ref_g)):
-            if a.dim() == 4:  # a gradient sums terms that cancel, with per-channel coefficients from
-                # float32 sums: its float32 error scales with its largest element
-                scaled = PER_CHANNEL_TOL[oracle][dtype] * b.abs().max().item() if oracle == "eager64" else 0.0
+            if a.dim() == 4:
+                scaled = GRADIENT_SUM_ERROR * b.abs().max().item() if oracle == "eager64" and training else 0.0
                 assert_close(a, b, rtol, f"gradient {i} vs {oracle}", max(atol, scaled))
             else:
                 assert_close(a, b, PER_CHANNEL_TOL[oracle][dtype], f"gradient {i} vs {oracle}")
