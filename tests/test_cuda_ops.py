@@ -32,7 +32,9 @@ import torch
 import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
-from test_ops import EXACT_ROUNDING, GRADIENT_SUM_ERROR, BatchNormState, check_nan_residual_gradients, eager, fused
+from test_ops import (
+    EXACT_ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients, eager, fused, input_gradient_atol,
+)
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
 if _ON not in ("", "cpu"):  # a typo would otherwise skip everything, green
@@ -63,15 +65,6 @@ def dtype_id(d):
 
 def shape_id(s):
     return "x".join(map(str, s))
-
-
-def assert_close(actual, expected, tol, what, atol=None):
-    """Compared in float64 against a float64 oracle (rounding the oracle first would add a
-    rounding of its own), else in ``actual``'s dtype."""
-    if expected.dtype == torch.float64:
-        actual = actual.double()
-    atol = tol if atol is None else atol
-    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def run_case(op, shape, dtype, layout, training, *, affine=True, track=True, make_input=None):
@@ -117,9 +110,9 @@ def run_case(op, shape, dtype, layout, training, *, affine=True, track=True, mak
         rtol, atol = EXACT_ROUNDING[dtype] if oracle == "eager64" else (ROUNDING[dtype], ROUNDING[dtype])
         assert_close(out, ref_out, rtol, f"output vs {oracle}", atol)
         for i, (a, b) in enumerate(zip(grads, ref_grads)):
-            if a.dim() == 4:  # in training: float32 error of the per-channel sums (test_ops)
-                scaled = GRADIENT_SUM_ERROR * b.abs().max().item() if oracle == "eager64" and training else 0.0
-                assert_close(a, b, rtol, f"gradient {i} vs {oracle}", max(atol, scaled))
+            if a.dim() == 4:
+                grad_atol = input_gradient_atol(b, atol, training, oracle == "eager64")
+                assert_close(a, b, rtol, f"gradient {i} vs {oracle}", grad_atol)
             else:
                 assert_close(a, b, PER_CHANNEL_TOL, f"gradient {i} vs {oracle}")
         if track and training:
