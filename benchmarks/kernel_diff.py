@@ -1,7 +1,7 @@
 """Two kernel benchmark runs side by side: what a change (or a setting) moved, kernel by kernel.
 
     python benchmarks/kernel_diff.py BEFORE.json AFTER.json
-    python benchmarks/kernel_diff.py gc/kernels_cuda_nhwc.json gc/elementwise-trips-1/kernels_cuda_nhwc.json --backends cuda
+    python benchmarks/kernel_diff.py before/kernels_cuda_nhwc.json after/kernels_cuda_nhwc.json --backends cuda,eager
 
 Reads two JSON files of ``benchmarks/kernels.py`` and, for every row both measured (op,
 shape, dtype, layout, backend), prints the op's median time in each and their ratio, then

@@ -9,8 +9,8 @@ is at least ``--min-tensor-mb`` (default 100 MB, well above an H100's or H200's 
 L2: below it a kernel's whole output can stay in L2 when it ends, unwritten, and the
 point leaves the line). ``R`` is the rate the kernel streams at
 once under way, ``F`` what it costs whatever the size: its ramp and tail, a finalize's
-round trips, and what the L2 flush before each timed call leaves it to write back
-(``--l2-flush`` in benchmarks/kernels.py). Two shapes at least per fit; with exactly two
+round trips, and, after a write flush (``--l2-flush`` in benchmarks/kernels.py), the
+dirty lines the flush leaves it to write back. Two shapes at least per fit; with exactly two
 the line goes through both.
 """
 

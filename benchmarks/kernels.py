@@ -45,9 +45,13 @@ and each streaming kernel's own % of copy bandwidth), which separates the stream
 from the fixed cost of the small reduction-finalize kernels. ``--l2-flush`` says how:
 ``zero`` writes a 256 MiB buffer, as do_bench does, and leaves L2 full of dirty lines that
 the next kernel writes back as it evicts them; a kernel that writes leaves about as much
-of its own output dirty at its end, a read-only kernel (statistics, most backward
-reductions) does not, so it is charged up to an L2's worth of write-back it never made.
-``read`` reads the buffer instead and leaves L2 clean.
+of its own output dirty at its end, so the two cancel, but a read-only kernel (the
+statistics, the relu and dual backward reductions) leaves nothing and is charged up to an
+L2's worth of write-back it never made. ``read`` reads the buffer instead and leaves L2
+clean, which credits a writer with the output it leaves unwritten in L2. ``own`` (the
+default) gives each kernel its own traffic: read-only kernels timed after a read, the
+others after a write (the third GPU run: a read took 7-8 µs off CUDA's bf16 statistics
+kernel at layer1.256 and layer2.512, and 3-4 µs off the forward, a writer).
 
 Backends: every one available on the device but ``reference`` (the tests' oracle, not a
 contender; name it in ``--backends`` to time it). ``--budget-s`` bounds the whole run.
@@ -334,23 +338,43 @@ L2_FLUSHES: dict[str, Callable[[torch.Tensor], object]] = {
     "zero": lambda buffer: buffer.zero_(),  # L2 left dirty
     "read": lambda buffer: buffer.sum(),  # L2 left clean
 }
+L2_FLUSH_MODES = ("own", *L2_FLUSHES)
+# The streaming roles that write no activation, only per-channel partials (bn_add_relu's
+# backward reduction also writes grad_residual).
+READ_ONLY_ROLES = {
+    "batch_stats": {"statistics"},
+    "train_bn_relu": {"statistics"},
+    "train_bn_add_relu": {"statistics"},
+    "train_dual_bn_add_relu": {"statistics"},
+    "bn_relu_backward": {"backward reduce"},
+    "dual_bn_add_relu_backward": {"backward reduce"},
+}
 
 
-def kernel_breakdown(op: str, backend: str, fn: Callable[[], object], activation_bytes: int, copy_gbs: float,
-                     iterations: int = 10, l2_flush: str = "zero") -> dict:
-    """Device time per call of each of ``backend``'s kernels that fn launches, by role
-    (torch profiler, L2 flushed before every call the ``l2_flush`` way), and each
-    streaming kernel's share of copy bandwidth."""
+def l2_flush_for(op: str, role: str, mode: str) -> str:
+    """The flush a kernel of ``role`` in ``op`` is timed after under ``mode``: under "own", a
+    read before a read-only kernel, and before a finalize kernel of an op that only reads."""
+    if mode != "own":
+        return mode
+    read_only = READ_ONLY_ROLES.get(op, set())
+    if role in read_only or (role not in ROLE_PASSES[op] and read_only >= ROLE_PASSES[op].keys()):
+        return "read"
+    return "zero"
+
+
+def _profiled_us(backend: str, fn: Callable[[], object], flush: str, iterations: int) -> dict[str, float]:
+    """Device time per call of each of ``backend``'s kernels that fn launches, by role (torch
+    profiler), L2 emptied the ``flush`` way before every call."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    flush = torch.zeros(256 << 20, dtype=torch.int8, device="cuda")
-    empty_l2 = L2_FLUSHES[l2_flush]
+    buffer = torch.zeros(256 << 20, dtype=torch.int8, device="cuda")
+    empty_l2 = L2_FLUSHES[flush]
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iterations):
-            empty_l2(flush)
+            empty_l2(buffer)
             fn()
         torch.cuda.synchronize()
     total_us: dict[str, float] = {}
@@ -358,9 +382,22 @@ def kernel_breakdown(op: str, backend: str, fn: Callable[[], object], activation
         role = kernel_role(backend, event.name) if event.device_type == DeviceType.CUDA else None
         if role:
             total_us[role] = total_us.get(role, 0.0) + event.time_range.elapsed_us()
+    return {role: us / iterations for role, us in total_us.items()}
+
+
+def kernel_breakdown(op: str, backend: str, fn: Callable[[], object], activation_bytes: int, copy_gbs: float,
+                     iterations: int = 10, l2_flush: str = "own") -> dict:
+    """Device time per call of each of ``backend``'s kernels that fn launches, by role, each
+    timed after the L2 flush ``l2_flush_for`` gives it, and each streaming kernel's share of
+    copy bandwidth."""
+    flushes = {l2_flush_for(op, role, l2_flush) for role in ROLE_PASSES[op]}
+    by_flush = {flush: _profiled_us(backend, fn, flush, iterations) for flush in sorted(flushes)}
     kernels = {}
-    for role, us in total_us.items():
-        entry = {"us": us / iterations}
+    for role in dict.fromkeys(role for times in by_flush.values() for role in times):  # in launch order
+        flush = l2_flush_for(op, role, l2_flush)
+        if role not in by_flush[flush]:
+            continue
+        entry = {"us": by_flush[flush][role], "l2_flush": flush}
         passes = ROLE_PASSES[op].get(role)
         if passes:
             entry["pct_copy"] = 100 * passes * activation_bytes / (entry["us"] * 1e3) / copy_gbs
@@ -450,7 +487,7 @@ def run(
     copy_gbs: Optional[float] = None,
     budget_s: Optional[float] = None,
     on_progress: Optional[Callable[[list[dict]], None]] = None,
-    l2_flush: str = "zero",
+    l2_flush: str = "own",
 ) -> list[dict]:
     """Benchmarks every (op, shape, dtype) on each backend and eagerly; one dict per row.
 
@@ -597,6 +634,7 @@ def rows_table(rows: list[dict]) -> str:
         )
         if r.get("kernels"):
             parts = [f"{kind} {k['us']:.1f} us" + (f" ({k['pct_copy']:.0f}% copy)" if "pct_copy" in k else "")
+                     + (" after a read" if k.get("l2_flush") == "read" else "")
                      for kind, k in r["kernels"].items() if kind != "error"]
             lines.append(f"{'':<4}kernels: {'; '.join(parts) or r['kernels'].get('error')}")
     return "\n".join(lines)
@@ -653,8 +691,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--budget-ms", type=float, help="timing budget per measurement (default: 40 CUDA, 100 CPU)")
     parser.add_argument("--budget-s", type=float, help="bound on the whole run, in seconds (sets --budget-ms)")
     parser.add_argument("--out", help=f"results directory (default: ${common.RESULTS_ENV} or results/local)")
-    parser.add_argument("--l2-flush", default="zero", choices=sorted(L2_FLUSHES),
-                        help="how the kernel breakdown empties L2 before each call (default: zero, as do_bench)")
+    parser.add_argument("--l2-flush", default="own", choices=L2_FLUSH_MODES,
+                        help="how the kernel breakdown empties L2 before each call (default: own, a read before "
+                             "read-only kernels and a write before the others)")
     args = parser.parse_args(argv)
 
     def split(value):

@@ -12,23 +12,18 @@
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py), a brief NCHW run of it
-# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the reductions with L2
-# emptied by a read instead of a write (l2-read/, bench_l2_read.log: the kernel benchmark's
-# --l2-flush), a brief one of the CUDA elementwise kernels on grids sized to the work
-# (elementwise-trips-1/, bench_elementwise_trips.log, and elementwise_trips_diff.txt against
-# the default run), triton_precompile.log, the
+# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
 # the build fails; otherwise runs every phase and exits non-zero if any test or
 # measurement failed. Each phase after the build has a time cap, and the benchmarks end
-# at their budgets by themselves: 4.5 minutes measured on an H200 (2026-11-27, build 33 s)
-# before the profile phase (its two parts capped at 60 and 45 s) was added, which took 39 s
-# in the second run: about 6 minutes in all, and up to 45 s more since the L2-read run
-# (capped, budget 25 s; unmeasured) joined the kernels phase, and up to 40 s more since the
-# elementwise-trips run (budget 20 s; unmeasured) did. A capped phase says so and
-# keeps what it wrote. Prints each phase's wall time, the suite's table and the step
-# profile's totals; the kernel summary comes last.
+# at their budgets by themselves. Measured on an H200 (2026-11-27, third run): build 48 s
+# (the resource report alongside), tests 94 s, kernels phase 121 s (with two brief runs
+# since dropped, about 45 s), profile 69 s, and the suite its budget plus a few seconds:
+# about 6.5 minutes with the default budgets. A capped phase says so and keeps what it
+# wrote. Prints each phase's wall time, the suite's table and the step profile's totals;
+# the kernel summary comes last.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
 # TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60), SUITE_BUDGET (s, default 90),
@@ -194,23 +189,6 @@ if want kernels; then
   capped 45 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops bn_relu,bn_relu_backward \
     --shapes layer1,layer2 --budget-s 25 --out "$out" >"$out/bench_nchw.log" 2>&1 \
     || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
-  # The reductions again with L2 emptied by a read, which leaves no dirty lines for them to
-  # write back (docs/performance.md, "The kernel breakdown charged read-only kernels...").
-  capped 45 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16,fp32 --ops batch_stats,bn_relu_backward,bn_relu \
-    --shapes layer1,layer2 --l2-flush read --budget-s 25 --out "$out/l2-read" >"$out/bench_l2_read.log" 2>&1 \
-    || { echo "gpu_check: L2-READ BENCHMARK FAILED ($out/bench_l2_read.log)"; status=1; }
-  # Experiment: the CUDA elementwise kernels on grids sized to the work, one trip of U loads
-  # per thread as Triton's tiles, against the one-wave grids of the run above
-  # (docs/performance.md, "CUDA elementwise grids sized to the work").
-  capped 40 env RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS=1 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 \
-    --backends cuda --ops bn_relu,bn_add_relu,bn_relu_backward --shapes layer1,layer2 --budget-s 20 \
-    --out "$out/elementwise-trips-1" >"$out/bench_elementwise_trips.log" 2>&1 \
-    || { echo "gpu_check: ELEMENTWISE-TRIPS BENCHMARK FAILED ($out/bench_elementwise_trips.log)"; status=1; }
-  if [[ -s "$out/elementwise-trips-1/kernels_cuda_nhwc.json" && -s "$out/kernels_cuda_nhwc.json" ]]; then
-    "$PYTHON" benchmarks/kernel_diff.py "$out/kernels_cuda_nhwc.json" "$out/elementwise-trips-1/kernels_cuda_nhwc.json" \
-      --backends cuda,eager --dtype bfloat16 >"$out/elementwise_trips_diff.txt" 2>&1 \
-      && sed -n '/^geometric mean/,$p' "$out/elementwise_trips_diff.txt" | grep -v "not compared"
-  fi
   # auto's backend order as this run measured it (copy it to resnet_fused/ to adopt it)
   if [[ -s "$out/kernels_cuda_nhwc.json" ]]; then
     "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --out "$out/auto_order.json" \

@@ -313,6 +313,36 @@ def test_l2_flushes_write_or_only_read_their_buffer():
         kernels.main(["--device", "cpu", "--l2-flush", "clean"])
 
 
+def test_own_l2_flush_times_read_only_kernels_after_a_read(monkeypatch):
+    """--l2-flush own: a read before the kernels that write no activation (and the finalize of
+    an op that only reads), a write before the rest; each kernel keeps its launch order."""
+    assert all(roles <= kernels.ROLE_PASSES[op].keys() for op, roles in kernels.READ_ONLY_ROLES.items())
+    flushes = []
+
+    def profiled_us(backend, fn, flush, iterations):  # the read takes 8 us off every kernel
+        flushes.append(flush)
+        return {role: us - 8.0 * (flush == "read") for role, us in launched.items()}
+
+    monkeypatch.setattr(kernels, "_profiled_us", profiled_us)
+    launched = {"backward reduce": 60.0, "backward finalize": 10.5, "backward elementwise": 75.0}
+    k = kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, activation_bytes=10**8, copy_gbs=4000.0)
+    assert sorted(flushes) == ["read", "zero"] and list(k) == list(launched)
+    assert k["backward reduce"] == {"us": 52.0, "l2_flush": "read", "pct_copy": pytest.approx(2e10 / 52e3 / 4000)}
+    assert (k["backward finalize"]["us"], k["backward finalize"]["l2_flush"]) == (10.5, "zero")
+    assert (k["backward elementwise"]["us"], k["backward elementwise"]["l2_flush"]) == (75.0, "zero")
+
+    flushes.clear()
+    launched = {"statistics": 57.0, "statistics finalize": 12.0}
+    k = kernels.kernel_breakdown("batch_stats", "cuda", lambda: None, activation_bytes=10**8, copy_gbs=4000.0)
+    assert flushes == ["read"] and [e["us"] for e in k.values()] == [49.0, 4.0]
+
+    flushes.clear()
+    launched = {"backward reduce": 100.0, "backward finalize": 10.0, "backward elementwise": 75.0}
+    kernels.kernel_breakdown("bn_add_relu_backward", "cuda", lambda: None, activation_bytes=10**8, copy_gbs=4000.0)
+    kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, 10**8, 4000.0, l2_flush="zero")
+    assert flushes == ["zero", "zero"]  # grad_residual is written; a named mode applies to every kernel
+
+
 def test_kernel_benchmark_budget_is_a_deadline(capsys):
     rows = kernels.run(device="cpu", dtypes=("fp32",), shapes="layer2.128", ops=["bn_relu"], batch=2,
                        copy_gbs=1.0, budget_s=1e-9)
@@ -455,7 +485,7 @@ def test_kernel_diff_compares_rows_and_kernels_of_two_runs(tmp_path, capsys):
              row("eager", "layer1.256", 0.256), row("cuda", "layer1.64", 0.030, forward=28.0)]
     env = dict(card="NVIDIA H200", torch="2.11", triton="3.6", git_commit="abc", resnet_fused_env={})
     paths = []
-    for name, rows, extra in (("a", before, {}), ("b", after, {"RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS": "1"})):
+    for name, rows, extra in (("a", before, {}), ("b", after, {"RESNET_FUSED_BACKEND": "cuda"})):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"environment": dict(env, resnet_fused_env=extra), "rows": rows}))
         paths.append(path)
@@ -470,6 +500,6 @@ def test_kernel_diff_compares_rows_and_kernels_of_two_runs(tmp_path, capsys):
 
     assert kernel_diff.main([str(paths[0]), str(paths[1]), "--backends", "cuda"]) == 0
     out = capsys.readouterr().out
-    assert "RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS" in out and "eager" not in out.split("geometric mean")[0]
+    assert "RESNET_FUSED_BACKEND" in out and "eager" not in out.split("geometric mean")[0]
     assert "not compared: bn_relu/layer1.64/bfloat16/channels_last/cuda (no time in the before run)" in out
     assert kernel_diff.main([str(paths[0]), str(paths[1]), "--ops", "batch_stats"]) == 1

@@ -22,9 +22,6 @@ are float32 reductions over N*H*W values on both sides: 1e-4 relative.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -299,59 +296,6 @@ def test_results_are_bitwise_reproducible(layout):
     first, second = run(), run()
     for i, (a, b_) in enumerate(zip(first, second)):
         assert torch.equal(a, b_), f"result {i} differs between two runs"
-
-
-def _elementwise_results(cases):
-    """Every op whose elementwise kernel reads the grid size, on each case (x, r, g, w, b)."""
-    ops = torch.ops.resnet_fused
-    results = []
-    for x, r, g, w, b in cases:
-        mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
-        results += [
-            ops.bn_relu(x, w, b, mean, invstd, True),
-            ops.bn_add_relu(x, r, w, b, mean, invstd, True),
-            ops.dual_bn_add_relu(x, w, b, mean, invstd, r, w, b, mean, invstd, True),
-            *ops.bn_relu_backward(g, x, w, b, mean, invstd, True),
-            *ops.bn_add_relu_backward(g, x, r, w, b, mean, invstd, True),
-            *ops.dual_bn_add_relu_backward(g, x, w, b, mean, invstd, r, w, b, mean, invstd, True),
-        ]
-    return [t.cpu() for t in results]
-
-
-def _elementwise_results_to(inputs_path: str, results_path: str) -> None:
-    """The subprocess's half of the test below."""
-    cases = [[t.to(DEVICE) for t in case] for case in torch.load(inputs_path)]
-    torch.save(_elementwise_results(cases), results_path)
-
-
-TRIPS_ENV = "RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS"
-
-
-@GPU_ONLY
-@pytest.mark.skipif(bool(os.environ.get(TRIPS_ENV)), reason=f"{TRIPS_ENV} is set: this process is not on one-wave grids")
-@pytest.mark.parametrize("trips", ["1", "3"])
-def test_elementwise_grids_sized_to_the_work_change_no_bit(tmp_path, trips):
-    """RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS (read once per process, so in a subprocess) only
-    changes how many blocks share the elementwise kernels' work: same results, bit for bit.
-    The shapes give each setting its own grid (channels_last (32, 64, 56, 56) on 132 SMs:
-    528 blocks in one wave, 784 for one trip, 262 for three; NCHW: 8, 13 and 5 per channel)."""
-    cases = []
-    for shape in [(4, 19, 5, 7), (16, 64, 14, 14), (32, 64, 56, 56)]:
-        for layout in ("nhwc", "nchw"):
-            x, r, g = (activation(shape, torch.bfloat16, layout, DEVICE) for _ in range(3))
-            cases.append([x, r, g, torch.rand(shape[1], device=DEVICE) + 0.5, torch.randn(shape[1], device=DEVICE)])
-    inputs, results = tmp_path / "inputs.pt", tmp_path / "results.pt"
-    torch.save([[t.cpu() for t in case] for case in cases], inputs)
-    tests = Path(__file__).resolve().parent
-    path = os.pathsep.join(p for p in (str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")) if p)
-    child = subprocess.run(
-        [sys.executable, "-c", f"import test_cuda_ops as t; t._elementwise_results_to({str(inputs)!r}, {str(results)!r})"],
-        env={**os.environ, TRIPS_ENV: trips, "PYTHONPATH": path}, capture_output=True, text=True, timeout=300,
-    )
-    assert child.returncode == 0, child.stderr[-3000:]
-    assert TRIPS_ENV not in child.stderr, child.stderr[-3000:]  # the value was taken
-    for i, (ours, theirs) in enumerate(zip(_elementwise_results(cases), torch.load(results), strict=True)):
-        assert ours.stride() == theirs.stride() and torch.equal(ours, theirs), f"result {i} differs with {trips} trips"
 
 
 def _graph_case(layout):

@@ -35,8 +35,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <type_traits>
@@ -960,39 +958,6 @@ int64_t wave_grid_y(const ActivationGeometry& g, int vec, StreamConfig config) {
   return std::clamp<int64_t>(y, 1, kMaxGridY);
 }
 
-// Experiment: RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS=k (k > 0) sizes the grids of the
-// elementwise kernels (forward, backward elementwise) to the work instead of one wave, so
-// that each thread makes k trips of U loads and the blocks run in many short waves, the
-// way Triton's tiles do (its elementwise kernels were faster in 21 of 24 bf16 cases at
-// layer1/layer2 on the H200; docs/performance.md). Read once per process; unset or 0: one wave.
-int elementwise_trips() {
-  static const int trips = [] {
-    const char* value = std::getenv("RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS");
-    if (value == nullptr || *value == '\0') return 0;
-    char* end = nullptr;
-    const long k = std::strtol(value, &end, 10);
-    if (*end != '\0' || k < 0 || k > 1024) {
-      std::fprintf(stderr, "resnet_fused: RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS=%s is not an integer in [0, 1024]; "
-                   "the elementwise grids stay one wave\n", value);
-      return 0;
-    }
-    return static_cast<int>(k);
-  }();
-  return trips;
-}
-
-// grid.y of an elementwise launch: one wave, or as many blocks as it takes for every
-// thread to make elementwise_trips() trips of U loads.
-int64_t elementwise_grid_y(const ActivationGeometry& g, int vec, StreamConfig config) {
-  const int trips = elementwise_trips();
-  if (trips == 0) return wave_grid_y(g, vec, config);
-  const int64_t vectors_per_thread = static_cast<int64_t>(config.unroll(vec)) * trips;
-  const int64_t y = g.layout == Layout::kNHWC
-                        ? ceil_div(g.reduce_size(), row_tiling(g.channels, vec).block.y * vectors_per_thread)
-                        : ceil_div(g.batch * (g.spatial / vec), kThreads * vectors_per_thread);
-  return std::clamp<int64_t>(y, 1, kMaxGridY);
-}
-
 // Splits (grid.y) of a reduction: a function of the geometry and the device only, so the
 // workspace size and the launch agree, and results are reproducible.
 int64_t reduction_splits(const ActivationGeometry& g, StreamConfig config) {
@@ -1139,7 +1104,7 @@ cudaError_t launch_bn_act_forward(const BnActForwardParams& p, cudaStream_t stre
       return with_layout_and_vector<T>(g.layout, vector, [&](auto layout, auto vec) {
         constexpr Layout L = decltype(layout)::value;
         constexpr int V = decltype(vec)::value;
-        const Launch l = make_launch(g, V, elementwise_grid_y(g, V, forward_config(E)));
+        const Launch l = make_launch(g, V, wave_grid_y(g, V, forward_config(E)));
         bn_act_forward_kernel<T, V, E, L><<<l.grid, l.block, 0, stream>>>(a, l.shape);
         return cudaGetLastError();
       });
@@ -1198,7 +1163,7 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
         error = cudaGetLastError();
         if (error != cudaSuccess) return error;
 
-        const Launch elementwise = make_launch(g, V, elementwise_grid_y(g, V, backward_elementwise_config(E)));
+        const Launch elementwise = make_launch(g, V, wave_grid_y(g, V, backward_elementwise_config(E)));
         bn_act_backward_elementwise_kernel<T, V, E, L>
             <<<elementwise.grid, elementwise.block, 0, stream>>>(a, elementwise.shape, coefficients);
         return cudaGetLastError();

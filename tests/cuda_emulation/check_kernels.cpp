@@ -463,8 +463,8 @@ int main(int argc, char** argv) {
       {2, 264, 2, 4, true, false, 5},   // channels_last: several tiles of whole vectors
       {2, 128, 48, 54, true, false, 40, true},  // more partials than finalize lanes (64): lanes merge several
       {1, 4, 1024, 272, true, false, 180, true},  // > 512 backward partials (relu): a lane loads in rounds
-      // One SM: one-wave elementwise grids of 2-4 blocks, so RESNET_FUSED_CUDA_ELEMENTWISE_TRIPS=1
-      // gives them more splits (NCHW) and block rows (channels_last) than one wave.
+      // One SM: one-wave grids of 2-4 blocks, each thread walking many rows (channels_last)
+      // or planes (NCHW).
       {32, 2, 32, 32, true, true, 1},
   };
   uint64_t seed = 1;
