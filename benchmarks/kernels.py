@@ -57,7 +57,9 @@ Backends: every one available on the device but ``reference`` (the tests' oracle
 contender; name it in ``--backends`` to time it). ``--budget-s`` bounds the whole run.
 Prints every row, then a summary per op (last), and writes JSON plus the tables to the
 results directory (``--out``, else ``$RESNET_FUSED_RESULTS``, else results/local), again
-after every shape, so a run cut short still leaves what it measured.
+after every shape, so a run cut short still leaves what it measured. The JSON's
+environment records the configuration Triton's autotuner chose per kernel and key
+(``triton_configs``).
 """
 
 from __future__ import annotations
@@ -679,6 +681,13 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def triton_configs() -> dict:
+    """The configurations Triton's autotuner chose in this process, per kernel and key
+    (empty when the Triton backend did not run)."""
+    runtime = sys.modules.get("resnet_fused.triton._runtime")
+    return runtime.tuned_configs() if runtime is not None else {}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -714,6 +723,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"copy bandwidth on {device}: {env['copy_gbs']:.0f} GB/s (bytes read + written)", flush=True)
 
     def write(rows):
+        env["triton_configs"] = triton_configs()
         common.write_json(out / f"{stem}.json", env, rows)
         (out / f"{stem}.txt").write_text(f"{env}\n\n{rows_table(rows)}\n\n{summary_table(rows)}\n")
 

@@ -10,6 +10,7 @@ go through Triton again. On a GPU the CUDA tests run the replay for real.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -144,6 +145,21 @@ def test_a_launch_triton_may_specialize_differently_goes_through_triton(stand_in
     tile = partials_kernel.kernel.arg_names.index("TILE")
     configs = partials_kernel.kernel.configs
     assert (pinned.args[tile], aligned.args[tile]) == (configs[0].kwargs["TILE"], configs[1].kwargs["TILE"])
+
+
+def test_tuned_configs_say_what_the_autotuner_chose(stand_in):
+    """The record the benchmarks keep: per kernel and key, the configuration it runs with
+    (the stand-in's autotuner picks the second)."""
+    _runtime.forget_launches()
+    x = torch.empty(SHAPE, dtype=torch.float16, memory_format=torch.channels_last)
+    partials_kernel = _stats_launches(x)[0]
+    partials_kernel()
+    (chosen,) = [entry for entry in _runtime.tuned_configs()["_batch_stats_partials_kernel"]
+                 if entry["key"]["lanes"] == SHAPE[1] and "torch.float16" in entry["key"]["dtypes"]]
+    second = partials_kernel.kernel.configs[1]
+    assert chosen["config"] == {**second.kwargs, "num_warps": second.num_warps}
+    assert chosen["key"]["CHANNELS_LAST"] is True
+    json.dumps(_runtime.tuned_configs())  # written into the benchmarks' JSON as it is
 
 
 def test_without_replay_every_launch_goes_through_triton(stand_in, through_triton):

@@ -325,13 +325,39 @@ else:
     )
 
 
+_AUTOTUNED: list[triton.runtime.Autotuner] = []  # every kernel autotune() made, for tuned_configs()
+
+
 def autotune(configs: list[triton.Config], key: list[str]):
     """``triton.autotune`` timing each candidate for 25 ms after 5 ms of warm-up (Triton's
     default: 100 and 25). The kernels are memory-bound and take 10-500 us at the shapes
     that matter, so that is still 50-2500 runs per candidate, and a first call at a new
     shape costs a fifth of the default's time."""
     bench = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
-    return triton.autotune(configs=configs, key=key, do_bench=bench)
+
+    def decorate(fn):
+        tuner = triton.autotune(configs=configs, key=key, do_bench=bench)(fn)
+        _AUTOTUNED.append(tuner)
+        return tuner
+
+    return decorate
+
+
+def tuned_configs() -> dict[str, list[dict[str, Any]]]:
+    """What the autotuner chose so far, per kernel: for each key it tuned (the values of the
+    kernel's key arguments, then the dtypes of its tensor arguments), the configuration's
+    constants and warps. The benchmarks record it beside their times."""
+    def plain(value):
+        return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    return {
+        tuner.base_fn.__name__: [
+            {"key": dict(zip(tuner.keys, map(plain, key))) | {"dtypes": [plain(k) for k in key[len(tuner.keys):]]},
+             "config": {**config.kwargs, "num_warps": config.num_warps}}
+            for key, config in tuner.cache.items()
+        ]
+        for tuner in _AUTOTUNED if tuner.cache
+    }
 
 
 @functools.lru_cache(maxsize=None)
