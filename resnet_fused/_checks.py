@@ -19,16 +19,37 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 def activation_memory_format(t: Tensor) -> torch.memory_format:
     """The layout kernels process ``t`` in and return results in (as eager BatchNorm).
 
-    Mirrors ``at::Tensor::suggest_memory_format()``: channels_last when the strides are
+    ``at::Tensor::suggest_memory_format()``: channels_last when the strides are
     channels-last-like, contiguous NCHW otherwise. A tensor with no dimension of size 1 (whose
-    strides would not count) dense in exactly one of the two layouts is in that one: decided
-    without ``suggest_memory_format``'s Python, which costs microseconds a call.
+    strides would not count) dense in exactly one of the two layouts is in that one; other
+    concrete shapes take the stride rule in plain Python; symbolic ones (tracing) torch's
+    ``suggest_memory_format``, whose guards cost microseconds a call.
     """
-    if t.layout == torch.strided and t.dim() == 4 and min(t.shape) > 1:
+    if t.layout != torch.strided:
+        return torch.contiguous_format
+    if t.dim() == 4 and min(t.shape) > 1:
         nchw, nhwc = t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
         if nchw != nhwc:
             return torch.contiguous_format if nchw else torch.channels_last
+    shape, strides = t.shape, t.stride()
+    if t.dim() == 4 and all(type(v) is int for v in (*shape, *strides)):
+        return torch.channels_last if _strides_like_channels_last(shape, strides) else torch.contiguous_format
     return suggest_memory_format(t)
+
+
+def _strides_like_channels_last(shape, strides) -> bool:
+    """c10's ``is_channels_last_strides_2d_s4``: the strides grow in the order C, W, H, N,
+    each at least the extent of the one before (stride times size); a zero C stride, an
+    empty dimension, or an extent before N equal to C's stride (N111 patterns: ambiguous)
+    mean NCHW."""
+    if strides[1] == 0:
+        return False
+    extent = 0
+    for d in (1, 3, 2, 0):
+        if shape[d] == 0 or strides[d] < extent or (d == 0 and extent == strides[1]):
+            return False
+        extent = strides[d] * shape[d]
+    return True
 
 
 def _shape(t: Tensor) -> list[int]:

@@ -340,6 +340,14 @@ def test_activation_memory_format_is_torchs_suggestion():
                  padded.to(memory_format=torch.channels_last)[tuple(slice(s) for s in shape)]]
         for t in views:
             assert activation_memory_format(t) == suggest_memory_format(t), (tuple(t.shape), t.stride())
+    # Arbitrary strides, overlapping and zero ones included (N = 1 takes the stride rule).
+    storage = torch.empty(4096)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        shape = torch.randint(0, 4, (4,), generator=generator).tolist()
+        strides = torch.randint(0, 40, (4,), generator=generator).tolist()
+        t = storage.as_strided(shape, strides)
+        assert activation_memory_format(t) == suggest_memory_format(t), (shape, strides)
 
 
 # ---------------------------------------------------------------- gradcheck, backward ops
