@@ -958,10 +958,34 @@ int64_t wave_grid_y(const ActivationGeometry& g, int vec, StreamConfig config) {
   return std::clamp<int64_t>(y, 1, kMaxGridY);
 }
 
+// Splits per channel of an NCHW reduction, whose blocks are (channel, split) pairs: C * y
+// blocks run in ceil(C * y / capacity) waves of 1/y of a channel's work each. One wave's
+// y = capacity / C leaves a last wave nearly empty where C is a little above a multiple
+// of the capacity (C = 512 on 396 slots: 1.29 waves of work in 2; 67% of copy bandwidth
+// in the third GPU run), so y is the smallest within 3% of the fastest y up to twice one
+// wave's (C = 512: 3, 4/3 of the waves' work).
+int64_t nchw_reduction_splits(int64_t channels, int64_t capacity, int64_t most) {
+  const auto waves_of_work = [&](int64_t y) { return static_cast<double>(ceil_div(channels * y, capacity)) / y; };
+  const int64_t last = std::max<int64_t>(std::min(most, 2 * ceil_div(capacity, channels) + 2), 1);
+  double best = waves_of_work(1);
+  for (int64_t y = 2; y <= last; ++y) best = std::min(best, waves_of_work(y));
+  int64_t y = 1;
+  while (waves_of_work(y) > 1.03 * best) ++y;
+  return y;
+}
+
 // Splits (grid.y) of a reduction: a function of the geometry and the device only, so the
 // workspace size and the launch agree, and results are reproducible.
 int64_t reduction_splits(const ActivationGeometry& g, StreamConfig config) {
-  const int64_t y = wave_grid_y(g, nominal_vector(g), config);
+  int64_t y;
+  if (g.layout == Layout::kNHWC) {
+    y = wave_grid_y(g, nominal_vector(g), config);
+  } else {
+    const int64_t capacity = static_cast<int64_t>(sm_count()) * config.blocks_per_sm;
+    const int vec = nominal_vector(g);
+    const int64_t items = g.batch * (g.spatial / vec);
+    y = nchw_reduction_splits(g.channels, capacity, ceil_div(items, kThreads * config.unroll(vec)));
+  }
   return std::min(std::max(y, ceil_div(g.reduce_size(), kMaxSplitValues)), kMaxGridY);
 }
 

@@ -466,6 +466,9 @@ int main(int argc, char** argv) {
       // One SM: one-wave grids of 2-4 blocks, each thread walking many rows (channels_last)
       // or planes (NCHW).
       {32, 2, 32, 32, true, true, 1},
+      // NCHW, 20 channels on 4 SMs: the reductions take 2-3 splits per channel, where one
+      // block per channel would leave their last wave near empty.
+      {5, 20, 64, 64, false, true, 4, true},
   };
   uint64_t seed = 1;
   for (const Shape& s : shapes) {
@@ -498,6 +501,9 @@ int main(int argc, char** argv) {
     // Values whose square overflows float: a thread's first step must not square them.
     check_statistics_far_from_zero<float>(layout, "float32", 16, 32, 144, 6, 1, 2e19, 6e16);
   }
+  // NCHW, 20 channels on 12 block slots: 3 splits per channel (20 blocks would run 1.67
+  // waves of work in 2, 60 run it in 5 waves of a third).
+  check_statistics_far_from_zero<float>(Layout::kNCHW, "float32", 5, 20, 4096, 4, 3);
   // Over 512 partials per channel (1040 * 1024 rows of one vector, 180 SMs): a finalize
   // lane loads its partials in two rounds.
   check_statistics_far_from_zero<float>(Layout::kNHWC, "float32", 1, 4, 1040 * 1024, 180, 513);
