@@ -725,7 +725,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     def write(rows):
         env["triton_configs"] = triton_configs()
         common.write_json(out / f"{stem}.json", env, rows)
-        (out / f"{stem}.txt").write_text(f"{env}\n\n{rows_table(rows)}\n\n{summary_table(rows)}\n")
+        header = {k: v for k, v in env.items() if k != "triton_configs"}  # the JSON has them
+        (out / f"{stem}.txt").write_text(f"{header}\n\n{rows_table(rows)}\n\n{summary_table(rows)}\n")
 
     rows = run(args.device, dtypes, args.shapes, split(args.ops), split(args.backends), args.batch, args.layout,
                args.budget_ms, env["copy_gbs"], budget_s=args.budget_s, on_progress=write, l2_flush=args.l2_flush)

@@ -316,7 +316,19 @@ def test_l2_flushes_write_or_only_read_their_buffer():
 def test_own_l2_flush_times_read_only_kernels_after_a_read(monkeypatch):
     """--l2-flush own: a read before the kernels that write no activation (and the finalize of
     an op that only reads), a write before the rest; each kernel keeps its launch order."""
-    assert all(roles <= kernels.ROLE_PASSES[op].keys() for op, roles in kernels.READ_ONLY_ROLES.items())
+    read = {  # (op, role) timed after a read; every other pair after a write
+        ("batch_stats", "statistics"), ("batch_stats", "statistics finalize"),
+        ("train_bn_relu", "statistics"), ("train_bn_add_relu", "statistics"),
+        ("train_dual_bn_add_relu", "statistics"), ("bn_relu_backward", "backward reduce"),
+        ("dual_bn_add_relu_backward", "backward reduce"),
+    }
+    for op, roles in kernels.ROLE_PASSES.items():
+        finalize = "statistics finalize" if "statistics" in roles else "backward finalize"
+        for role in (*roles, finalize):
+            expected = "read" if (op, role) in read else "zero"
+            assert kernels.l2_flush_for(op, role, "own") == expected, (op, role)
+            assert kernels.l2_flush_for(op, role, "zero") == "zero" and kernels.l2_flush_for(op, role, "read") == "read"
+
     flushes = []
 
     def profiled_us(backend, fn, flush, iterations):  # the read takes 8 us off every kernel
@@ -334,7 +346,7 @@ def test_own_l2_flush_times_read_only_kernels_after_a_read(monkeypatch):
     flushes.clear()
     launched = {"statistics": 57.0, "statistics finalize": 12.0}
     k = kernels.kernel_breakdown("batch_stats", "cuda", lambda: None, activation_bytes=10**8, copy_gbs=4000.0)
-    assert flushes == ["read"] and [e["us"] for e in k.values()] == [49.0, 4.0]
+    assert flushes == ["read"] and k["statistics"]["us"] == 49.0 and k["statistics finalize"]["us"] == 4.0
 
     flushes.clear()
     launched = {"backward reduce": 100.0, "backward finalize": 10.0, "backward elementwise": 75.0}

@@ -344,17 +344,20 @@ def autotune(configs: list[triton.Config], key: list[str]):
 
 
 def tuned_configs() -> dict[str, list[dict[str, Any]]]:
-    """What the autotuner chose so far, per kernel: for each key it tuned (the values of the
-    kernel's key arguments, then the dtypes of its tensor arguments), the configuration's
-    constants and warps. The benchmarks record it beside their times."""
+    """What the autotuner chose so far, per kernel: for each key it tuned, the key as
+    Triton forms it (the values of the kernel's key arguments present, ``key_args``, then
+    the dtypes of its tensor arguments) and the configuration's constants and launch
+    options. Empty under the interpreter (one configuration: nothing to tune) and for
+    launches with a pinned configuration, which bypass the autotuner. The benchmarks
+    record it beside their times."""
     def plain(value):
-        return value if isinstance(value, (bool, int, float, str)) else str(value)
+        return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
 
     return {
         tuner.base_fn.__name__: [
-            {"key": dict(zip(tuner.keys, map(plain, key))) | {"dtypes": [plain(k) for k in key[len(tuner.keys):]]},
-             "config": {**config.kwargs, "num_warps": config.num_warps}}
-            for key, config in tuner.cache.items()
+            {"key_args": list(tuner.keys), "key": [plain(k) for k in key],
+             "config": {name: plain(value) for name, value in config.all_kwargs().items()}}
+            for key, config in list(tuner.cache.items())  # a copy: another thread may tune meanwhile
         ]
         for tuner in _AUTOTUNED if tuner.cache
     }
