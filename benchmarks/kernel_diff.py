@@ -8,7 +8,8 @@ shape, dtype, layout, backend), prints the op's median time in each and their ra
 each kernel of the row's breakdown (``kernels``: device time per call, profiler) the same
 way; last, per (op, kernel, dtype, backend), the geometric mean of the ratios over the
 shapes. A ratio below 1 means the second run was faster. The header says how the two runs
-differ: card, commit, L2 flush, the ``RESNET_FUSED_*`` variables set. Rows one run failed
+differ: card, commit, L2 flush, the ``RESNET_FUSED_*`` variables set, and the configurations
+Triton's autotuner chose differently for a key both runs tuned. Rows one run failed
 or skipped (no time) are listed, not compared.
 """
 
@@ -80,8 +81,21 @@ def compare(before: dict[tuple, dict], after: dict[tuple, dict], ops=None, backe
 
 def header(env_a: dict, env_b: dict) -> str:
     differ = [f"  {k}: {env_a.get(k)!r} -> {env_b.get(k)!r}" for k in _CONDITIONS if env_a.get(k) != env_b.get(k)]
+    differ += config_changes(env_a.get("triton_configs") or {}, env_b.get("triton_configs") or {})
     same = ", ".join(f"{k}={env_a.get(k)}" for k in ("card", "torch", "triton") if env_a.get(k) == env_b.get(k))
     return "\n".join([f"same: {same or '-'}", "differ:" if differ else "differ: nothing recorded", *differ])
+
+
+def config_changes(before: dict, after: dict) -> list[str]:
+    """The Triton autotuner's choices (``triton_configs``) that differ between two runs, per
+    kernel and key both runs tuned: an autotune choice can move a time by itself."""
+    def by_key(configs: dict) -> dict[tuple, dict]:
+        return {(kernel, json.dumps(entry["key"])): entry["config"] for kernel, entries in configs.items()
+                for entry in entries}
+
+    a, b = by_key(before), by_key(after)
+    return [f"  triton config {kernel} {key}: {a[kernel, key]} -> {b[kernel, key]}"
+            for kernel, key in sorted(a.keys() & b.keys()) if a[kernel, key] != b[kernel, key]]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -497,9 +497,15 @@ def test_kernel_diff_compares_rows_and_kernels_of_two_runs(tmp_path, capsys):
              row("eager", "layer1.256", 0.256), row("cuda", "layer1.64", 0.030, forward=28.0)]
     env = dict(card="NVIDIA H200", torch="2.11", triton="3.6", git_commit="abc", resnet_fused_env={})
     paths = []
-    for name, rows, extra in (("a", before, {}), ("b", after, {"RESNET_FUSED_BACKEND": "cuda"})):
+    def tuned(tile_for_256):  # what kernels.py records: the autotuner's choice per kernel and key
+        entry = {"key_args": ["lanes"], "key": [256, "torch.bfloat16"], "config": {"TILE": tile_for_256}}
+        return {"_bn_act_forward_kernel": [entry, dict(entry, key=[64, "torch.bfloat16"], config={"TILE": 8192})]}
+
+    for name, rows, extra, configs in (("a", before, {}, tuned(2048)),
+                                       ("b", after, {"RESNET_FUSED_BACKEND": "cuda"}, tuned(4096))):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"environment": dict(env, resnet_fused_env=extra), "rows": rows}))
+        path.write_text(json.dumps({"environment": dict(env, resnet_fused_env=extra, triton_configs=configs),
+                                    "rows": rows}))
         paths.append(path)
 
     lines, means, unmatched = kernel_diff.compare(kernel_diff.load(paths[0])[1], kernel_diff.load(paths[1])[1])
@@ -513,5 +519,8 @@ def test_kernel_diff_compares_rows_and_kernels_of_two_runs(tmp_path, capsys):
     assert kernel_diff.main([str(paths[0]), str(paths[1]), "--backends", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "RESNET_FUSED_BACKEND" in out and "eager" not in out.split("geometric mean")[0]
+    changed = [line for line in out.splitlines() if line.startswith("  triton config")]
+    assert changed == ["  triton config _bn_act_forward_kernel [256, \"torch.bfloat16\"]: "
+                       "{'TILE': 2048} -> {'TILE': 4096}"]
     assert "not compared: bn_relu/layer1.64/bfloat16/channels_last/cuda (no time in the before run)" in out
     assert kernel_diff.main([str(paths[0]), str(paths[1]), "--ops", "batch_stats"]) == 1
