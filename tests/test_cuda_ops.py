@@ -29,9 +29,8 @@ import torch
 import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
-from test_ops import (
-    EXACT_ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients, eager, fused, input_gradient_atol,
-)
+import test_ops
+from test_ops import ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
 if _ON not in ("", "cpu"):  # a typo would otherwise skip everything, green
@@ -44,7 +43,6 @@ GPU_ONLY = pytest.mark.skipif(ON_CPU, reason="RESNET_FUSED_GPU_TESTS_ON=cpu: nee
 DEVICE = "cpu" if ON_CPU else "cuda"
 BACKEND = DEVICE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ROUNDING = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 PER_CHANNEL_TOL = 1e-4
 OPS = ["bn_relu", "bn_add_relu", "dual_bn_add_relu"]
 SHAPES = [
@@ -64,59 +62,11 @@ def shape_id(s):
     return "x".join(map(str, s))
 
 
-def run_case(op, shape, dtype, layout, training, *, affine=True, track=True, make_input=None):
-    """The CUDA op against eager float64 and the reference backend: outputs, every
-    gradient, running statistics.
-
-    The upstream gradient is zeroed where the float64 pre-activation is within a few
-    roundings of 0, where float32 math may put it on the other side of the ReLU.
-    """
-    make_input = make_input or (lambda t: t)
-    C = shape[1]
-    x = activation(shape, dtype, layout, DEVICE)
-    other = activation(shape, dtype, layout, DEVICE) if op != "bn_relu" else None
-    bn, bn_d = BatchNormState(C, affine, track, DEVICE), BatchNormState(C, affine, track, DEVICE)
-    upstream = activation(shape, dtype, layout, DEVICE)
-    with torch.no_grad():
-        pre64 = eager(op, x.double(), None if other is None else other.double(), bn.clone(torch.float64),
-                      bn_d.clone(torch.float64), training, relu=False)
-        upstream[pre64.abs() < 8 * ROUNDING[dtype]] = 0
-
-    runs = {}
-    for name in (BACKEND, "reference", "eager64"):
-        dt = torch.float64 if name == "eager64" else dtype
-        xi = make_input(x.detach().to(dt).requires_grad_())
-        oi = None if other is None else make_input(other.detach().to(dt).requires_grad_())
-        state, state_d = bn.clone(torch.float64 if name == "eager64" else None), bn_d.clone(
-            torch.float64 if name == "eager64" else None
-        )
-        if name == "eager64":
-            out = eager(op, xi, oi, state, state_d, training)
-        else:
-            out = fused(op, xi, oi, state, state_d, training, name)
-        wrt = [xi, state.weight, state.bias] + ([oi] if op != "bn_relu" else [])
-        wrt += [state_d.weight, state_d.bias] if op == "dual_bn_add_relu" else []
-        wrt = [t for t in wrt if t is not None]
-        runs[name] = (out, torch.autograd.grad(out, wrt, upstream.to(out.dtype)), state, state_d)
-
-    out, grads, state, state_d = runs[BACKEND]
-    assert out.dtype == dtype and out.shape == x.shape
-    assert out.stride() == runs["reference"][0].stride(), "memory format differs from the reference's"
-    for oracle in ("eager64", "reference"):
-        ref_out, ref_grads, ref_state, ref_state_d = runs[oracle]
-        rtol, atol = EXACT_ROUNDING[dtype] if oracle == "eager64" else (ROUNDING[dtype], ROUNDING[dtype])
-        assert_close(out, ref_out, rtol, f"output vs {oracle}", atol)
-        for i, (a, b) in enumerate(zip(grads, ref_grads)):
-            if a.dim() == 4:
-                grad_atol = input_gradient_atol(b, atol, training, oracle == "eager64")
-                assert_close(a, b, rtol, f"gradient {i} vs {oracle}", grad_atol)
-            else:
-                assert_close(a, b, PER_CHANNEL_TOL, f"gradient {i} vs {oracle}")
-        if track and training:
-            pairs = [(state, ref_state)] + ([(state_d, ref_state_d)] if op == "dual_bn_add_relu" else [])
-            for s, r in pairs:
-                assert_close(s.running_mean, r.running_mean, PER_CHANNEL_TOL, f"running_mean vs {oracle}")
-                assert_close(s.running_var, r.running_var, PER_CHANNEL_TOL, f"running_var vs {oracle}")
+def run_case(op, shape, dtype, layout, training, **options):
+    """The CUDA op against eager float64 and the reference backend (float32 math rounded once,
+    as the kernels): outputs, every gradient, running statistics (test_ops.run_case)."""
+    test_ops.run_case(op, BACKEND, shape, dtype, layout, training, device=DEVICE, same_dtype_oracle="reference",
+                      **options)
 
 
 def misaligned(x):

@@ -154,8 +154,12 @@ def input_gradient_atol(expected, atol, training, against_float64):
     return max(atol, GRADIENT_SUM_ERROR * expected.abs().max().item())
 
 
-def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=True, make_input=None):
-    """Runs `op` fused and eager (float64 and same dtype) on the same inputs; compares all.
+def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=True, make_input=None,
+             device="cpu", same_dtype_oracle="eager"):
+    """Runs `op` fused and its oracles on the same inputs; compares all: the output, every
+    gradient, the running statistics. The oracles: eager in float64, and in the op's dtype
+    either eager (its own doubly rounded result) or the reference backend (float32 math
+    rounded once, as the kernels; the GPU tests, tests/test_cuda_ops.py).
 
     The upstream gradient is zeroed where the float64 pre-activation is within the eager
     tolerance of 0: there eager's doubly rounded sum may land on the other side of the ReLU
@@ -163,45 +167,48 @@ def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=
     """
     make_input = make_input or (lambda t: t)
     C = shape[1]
-    x = activation(shape, dtype, layout)
-    other = activation(shape, dtype, layout) if op != "bn_relu" else None
-    bn, bn_d = BatchNormState(C, affine, track), BatchNormState(C, affine, track)
-    upstream = activation(shape, dtype, layout)
+    x = activation(shape, dtype, layout, device)
+    other = activation(shape, dtype, layout, device) if op != "bn_relu" else None
+    bn, bn_d = BatchNormState(C, affine, track, device), BatchNormState(C, affine, track, device)
+    upstream = activation(shape, dtype, layout, device)
     with torch.no_grad():
         pre64 = eager(op, x.double(), None if other is None else other.double(), bn.clone(torch.float64),
                       bn_d.clone(torch.float64), training, relu=False)
         upstream[pre64.abs() < ROUNDING[dtype] * EAGER_ROUNDINGS] = 0
 
     runs = {}
-    for name in ("fused", "eager64", "eager"):
+    for name in ("fused", "eager64", same_dtype_oracle):
         dt = torch.float64 if name == "eager64" else dtype
         xi = make_input(x.detach().to(dt).requires_grad_())
         oi = None if other is None else make_input(other.detach().to(dt).requires_grad_())
         # eager on the CPU mixes dtypes only for float16/bfloat16 inputs with float32 parameters
         state, state_d = bn.clone(dt if dt == torch.float64 else None), bn_d.clone(dt if dt == torch.float64 else None)
-        run = fused if name == "fused" else eager
-        out = run(op, xi, oi, state, state_d, training, backend=backend) if name == "fused" else run(
-            op, xi, oi, state, state_d, training
-        )
+        if name in ("eager", "eager64"):
+            out = eager(op, xi, oi, state, state_d, training)
+        else:
+            out = fused(op, xi, oi, state, state_d, training, backend=backend if name == "fused" else name)
         g = grads(out, upstream.to(out.dtype), leaves(xi, oi, state, state_d, op))
         runs[name] = (out, g, state, state_d)
 
     out, g, state, state_d = runs["fused"]
     assert out.dtype == dtype and out.shape == x.shape
-    assert out.stride() == runs["eager"][0].stride(), "memory format differs from eager's"
-    for oracle in ("eager64", "eager"):
+    assert out.stride() == runs[same_dtype_oracle][0].stride(), f"memory format differs from {same_dtype_oracle}'s"
+    for oracle in ("eager64", same_dtype_oracle):
         ref_out, ref_g, ref_state, ref_state_d = runs[oracle]
         if oracle == "eager64":
             rtol, atol = EXACT_ROUNDING[dtype]
-        else:  # eager's own doubly rounded result
+        elif oracle == "eager":  # eager's own doubly rounded result
             rtol = atol = ROUNDING[dtype] * EAGER_ROUNDINGS
+        else:  # the reference backend: float32 math rounded once, differently ordered
+            rtol = atol = ROUNDING[dtype]
+        channel_tol = PER_CHANNEL_TOL["eager" if oracle == "eager" else "eager64"][dtype]
         assert_close(out, ref_out, rtol, f"output vs {oracle}", atol)
         for i, (a, b) in enumerate(zip(g, ref_g)):
             if a.dim() == 4:
                 grad_atol = input_gradient_atol(b, atol, training, oracle == "eager64")
                 assert_close(a, b, rtol, f"gradient {i} vs {oracle}", grad_atol)
             else:
-                assert_close(a, b, PER_CHANNEL_TOL[oracle][dtype], f"gradient {i} vs {oracle}")
+                assert_close(a, b, channel_tol, f"gradient {i} vs {oracle}")
         if track and training:
             states = [(state, ref_state)] + ([(state_d, ref_state_d)] if op == "dual_bn_add_relu" else [])
             for s, r in states:
