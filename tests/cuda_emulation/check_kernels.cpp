@@ -15,6 +15,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 
 namespace {
 
@@ -504,6 +505,25 @@ int main(int argc, char** argv) {
   // NCHW, 20 channels on 12 block slots: 3 splits per channel (20 blocks would run 1.67
   // waves of work in 2, 60 run it in 5 waves of a third).
   check_statistics_far_from_zero<float>(Layout::kNCHW, "float32", 5, 20, 4096, 4, 3);
+  // The statistics' splits per channel at the ResNet-50 NCHW stage shapes (N = 128, bf16)
+  // on an H100/H200's 132 SMs (396 slots): as many blocks per channel as fill the waves
+  // (C = 2048: 2, as many as 7x7 planes give a block's worth of work).
+  emulation::multiprocessors = 132;
+  for (const auto& [C, S, splits] : {std::tuple<int64_t, int64_t, int64_t>{64, 56 * 56, 6}, {256, 56 * 56, 3},
+                                     {128, 28 * 28, 3}, {512, 28 * 28, 3}, {1024, 14 * 14, 3}, {2048, 7 * 7, 2}}) {
+    ActivationGeometry g;
+    g.batch = 128;
+    g.channels = C;
+    g.spatial = S;
+    g.layout = Layout::kNCHW;
+    g.dtype = DType::kBFloat16;
+    const size_t bytes = cuda::batch_stats_workspace_bytes(g);
+    if (bytes != sizeof(float) * splits * (2 * C + 1)) {
+      std::printf("FAIL NCHW statistics splits at C = %lld: %zu workspace bytes, expected %lld splits\n",
+                  static_cast<long long>(C), bytes, static_cast<long long>(splits));
+      ++failures;
+    }
+  }
   // Over 512 partials per channel (1040 * 1024 rows of one vector, 180 SMs): a finalize
   // lane loads its partials in two rounds.
   check_statistics_far_from_zero<float>(Layout::kNHWC, "float32", 1, 4, 1040 * 1024, 180, 513);
