@@ -27,12 +27,14 @@ def activation_memory_format(t: Tensor) -> torch.memory_format:
     """
     if t.layout != torch.strided:
         return torch.contiguous_format
-    if t.dim() == 4 and min(t.shape) > 1:
+    if t.dim() != 4:
+        return suggest_memory_format(t)
+    if min(t.shape) > 1:
         nchw, nhwc = t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
         if nchw != nhwc:
             return torch.contiguous_format if nchw else torch.channels_last
     shape, strides = t.shape, t.stride()
-    if t.dim() == 4 and all(type(v) is int for v in (*shape, *strides)):
+    if all(type(v) is int for v in (*shape, *strides)):
         return torch.channels_last if _strides_like_channels_last(shape, strides) else torch.contiguous_format
     return suggest_memory_format(t)
 

@@ -942,18 +942,24 @@ RowTiling row_tiling(int64_t channels, int vec) {
   return {tiles, dim3(width, kThreads / width)};
 }
 
+// Blocks of a kernel resident at once: `blocks_per_sm` on every SM.
+int64_t resident_blocks(StreamConfig config) { return static_cast<int64_t>(sm_count()) * config.blocks_per_sm; }
+
+// NCHW: the most splits of a channel that still give every thread U vectors.
+int64_t nchw_most_splits(const ActivationGeometry& g, int vec, StreamConfig config) {
+  return ceil_div(g.batch * (g.spatial / vec), kThreads * config.unroll(vec));
+}
+
 // grid.y of a launch that is one wave of `blocks_per_sm` blocks per SM, and no more
 // blocks than there is work for.
 int64_t wave_grid_y(const ActivationGeometry& g, int vec, StreamConfig config) {
-  const int64_t capacity = static_cast<int64_t>(sm_count()) * config.blocks_per_sm;
-  const int unroll = config.unroll(vec);
+  const int64_t capacity = resident_blocks(config);
   int64_t y;
   if (g.layout == Layout::kNHWC) {
     const RowTiling t = row_tiling(g.channels, vec);
-    y = std::min(std::max<int64_t>(capacity / t.tiles, 1), ceil_div(g.reduce_size(), t.block.y * unroll));
+    y = std::min(std::max<int64_t>(capacity / t.tiles, 1), ceil_div(g.reduce_size(), t.block.y * config.unroll(vec)));
   } else {
-    const int64_t items = g.batch * (g.spatial / vec);
-    y = std::min(std::max<int64_t>(capacity / g.channels, 1), ceil_div(items, kThreads * unroll));
+    y = std::min(std::max<int64_t>(capacity / g.channels, 1), nchw_most_splits(g, vec, config));
   }
   return std::clamp<int64_t>(y, 1, kMaxGridY);
 }
@@ -962,8 +968,8 @@ int64_t wave_grid_y(const ActivationGeometry& g, int vec, StreamConfig config) {
 // blocks run in ceil(C * y / capacity) waves of 1/y of a channel's work each. One wave's
 // y = capacity / C leaves a last wave nearly empty where C is a little above a multiple
 // of the capacity (C = 512 on 396 slots: 1.29 waves of work in 2; 67% of copy bandwidth
-// in the third GPU run), so y is the smallest within 3% of the fastest y up to twice one
-// wave's (C = 512: 3, 4/3 of the waves' work).
+// in the third GPU run), so y is the smallest within 3% of the fastest y up to
+// 2 * ceil(capacity / C) + 2 and `most` (C = 512: 3, 4/3 of the waves' work).
 int64_t nchw_reduction_splits(int64_t channels, int64_t capacity, int64_t most) {
   const auto waves_of_work = [&](int64_t y) { return static_cast<double>(ceil_div(channels * y, capacity)) / y; };
   const int64_t last = std::max<int64_t>(std::min(most, 2 * ceil_div(capacity, channels) + 2), 1);
@@ -977,15 +983,10 @@ int64_t nchw_reduction_splits(int64_t channels, int64_t capacity, int64_t most) 
 // Splits (grid.y) of a reduction: a function of the geometry and the device only, so the
 // workspace size and the launch agree, and results are reproducible.
 int64_t reduction_splits(const ActivationGeometry& g, StreamConfig config) {
-  int64_t y;
-  if (g.layout == Layout::kNHWC) {
-    y = wave_grid_y(g, nominal_vector(g), config);
-  } else {
-    const int64_t capacity = static_cast<int64_t>(sm_count()) * config.blocks_per_sm;
-    const int vec = nominal_vector(g);
-    const int64_t items = g.batch * (g.spatial / vec);
-    y = nchw_reduction_splits(g.channels, capacity, ceil_div(items, kThreads * config.unroll(vec)));
-  }
+  const int vec = nominal_vector(g);
+  const int64_t y = g.layout == Layout::kNHWC
+                        ? wave_grid_y(g, vec, config)
+                        : nchw_reduction_splits(g.channels, resident_blocks(config), nchw_most_splits(g, vec, config));
   return std::min(std::max(y, ceil_div(g.reduce_size(), kMaxSplitValues)), kMaxGridY);
 }
 
