@@ -51,7 +51,13 @@ L2's worth of write-back it never made. ``read`` reads the buffer instead and le
 clean, which credits a writer with the output it leaves unwritten in L2. ``own`` (the
 default) gives each kernel its own traffic: read-only kernels timed after a read, the
 others after a write (the third GPU run: a read took 7-8 µs off CUDA's bf16 statistics
-kernel at layer1.256 and layer2.512, and 3-4 µs off the forward, a writer).
+kernel at layer1.256 and layer2.512, and 3-4 µs off the forward, a writer). At the target
+stages each streaming kernel is also set against a *yardstick* of its own traffic's size
+(``yardstick_us``), after the same flush: a PyTorch sum into float32 of as many bytes for a
+read-only kernel, a PyTorch copy moving as many for the others (``pct_yardstick``: "97% of
+a same-size read"). Below L2's size a plain copy falls well short of the 1 GiB figure (the
+third run: 67% at 26 MB): the yardstick says how much of a kernel's shortfall any kernel of
+that size pays.
 
 Backends: every one available on the device but ``reference`` (the tests' oracle, not a
 contender; name it in ``--backends`` to time it). ``--budget-s`` bounds the whole run.
@@ -67,6 +73,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -364,9 +371,10 @@ def l2_flush_for(op: str, role: str, mode: str) -> str:
     return "zero"
 
 
-def _profiled_us(backend: str, fn: Callable[[], object], flush: str, iterations: int) -> dict[str, float]:
-    """Device time per call of each of ``backend``'s kernels that fn launches, by role (torch
-    profiler), L2 emptied the ``flush`` way before every call."""
+def _device_us(role_of: Callable[[str], Optional[str]], fn: Callable[[], object], flush: str,
+               iterations: int) -> dict[str, float]:
+    """Device time per call of the CUDA kernels fn launches, summed by ``role_of(name)`` (None:
+    not counted), by the torch profiler, L2 emptied the ``flush`` way before every call."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -381,17 +389,60 @@ def _profiled_us(backend: str, fn: Callable[[], object], flush: str, iterations:
         torch.cuda.synchronize()
     total_us: dict[str, float] = {}
     for event in prof.events():
-        role = kernel_role(backend, event.name) if event.device_type == DeviceType.CUDA else None
+        role = role_of(event.name) if event.device_type == DeviceType.CUDA else None
         if role:
             total_us[role] = total_us.get(role, 0.0) + event.time_range.elapsed_us()
     return {role: us / iterations for role, us in total_us.items()}
 
 
+def _profiled_us(backend: str, fn: Callable[[], object], flush: str, iterations: int) -> dict[str, float]:
+    """Device time per call of each of ``backend``'s kernels that fn launches, by role."""
+    return _device_us(lambda name: kernel_role(backend, name), fn, flush, iterations)
+
+
+@functools.lru_cache(maxsize=None)
+def _flush_kernel_names(flush: str) -> frozenset[str]:
+    """The kernels an L2 flush launches, as the profiler names them."""
+    names: set[str] = set()
+    _device_us(lambda name: names.add(name), lambda: None, flush, 1)
+    return frozenset(names)
+
+
+def yardstick_us(x: torch.Tensor, kind: str, passes: int, flush: str, iterations: int = 10) -> float:
+    """Device time per call of a plain PyTorch kernel that moves ``passes`` activation-sized
+    passes of ``x``'s size and dtype the way a fused kernel of ``kind`` does, after the same
+    L2 flush: ``read``, a sum into float32 (it only reads); ``copy``, a copy of passes / 2
+    activations (half read, half written). What any kernel pays at that size."""
+    flush_names = _flush_kernel_names(flush)
+    if kind == "read":
+        source = torch.randn(passes * x.numel(), device=x.device, dtype=x.dtype)
+
+        def fn():
+            return torch.sum(source, dtype=torch.float32)
+    elif kind == "copy":
+        source = torch.randn(passes * x.numel() // 2, device=x.device, dtype=x.dtype)
+        target = torch.empty_like(source)
+
+        def fn():
+            return target.copy_(source)
+    else:
+        raise ValueError(f"yardstick kind {kind!r}: expected 'read' or 'copy'")
+    def role_of(name: str) -> Optional[str]:  # a sum's zeroed semaphore is not part of the stream
+        return None if name in flush_names or name.startswith("Memset") else "yardstick"
+
+    times = _device_us(role_of, fn, flush, iterations)
+    if "yardstick" not in times:  # none in the profile, or named as the flush's: not told apart
+        raise RuntimeError(f"the {kind} yardstick launches only kernels the {flush} flush launches too")
+    return times["yardstick"]
+
+
 def kernel_breakdown(op: str, backend: str, fn: Callable[[], object], activation_bytes: int, copy_gbs: float,
-                     iterations: int = 10, l2_flush: str = "own") -> dict:
+                     iterations: int = 10, l2_flush: str = "own",
+                     yardstick: Optional[Callable[[str, int, str], float]] = None) -> dict:
     """Device time per call of each of ``backend``'s kernels that fn launches, by role, each
     timed after the L2 flush ``l2_flush_for`` gives it, and each streaming kernel's share of
-    copy bandwidth."""
+    copy bandwidth; with ``yardstick`` (kind, passes, flush -> µs, as ``yardstick_us``), also
+    its bandwidth against the same-size read (read-only kernels) or copy (the others)."""
     flushes = {l2_flush_for(op, role, l2_flush) for role in ROLE_PASSES[op]}
     by_flush = {flush: _profiled_us(backend, fn, flush, iterations) for flush in sorted(flushes)}
     kernels = {}
@@ -403,6 +454,15 @@ def kernel_breakdown(op: str, backend: str, fn: Callable[[], object], activation
         passes = ROLE_PASSES[op].get(role)
         if passes:
             entry["pct_copy"] = 100 * passes * activation_bytes / (entry["us"] * 1e3) / copy_gbs
+            if yardstick is not None:
+                kind = "read" if role in READ_ONLY_ROLES.get(op, ()) else "copy"
+                try:
+                    entry["yardstick_us"] = yardstick(kind, passes, flush)
+                except Exception as error:  # a diagnostic: the kernel's own time stands
+                    entry["yardstick_error"] = _error_text(error)
+                else:
+                    entry["yardstick"] = kind
+                    entry["pct_yardstick"] = 100 * entry["yardstick_us"] / entry["us"]
         kernels[role] = entry
     return kernels
 
@@ -557,6 +617,13 @@ def run(
                 size_copy_gbs = copy_bytes / times["median_ms"] / 1e6
                 _add_bandwidths(copy_row, copy_gbs, size_copy_gbs)
             rows.append(copy_row)
+            yardsticks: dict[tuple, float] = {}  # this (shape, dtype)'s, by (kind, passes, flush)
+
+            def yardstick(kind: str, passes: int, flush: str) -> float:
+                if (kind, passes, flush) not in yardsticks:
+                    yardsticks[kind, passes, flush] = yardstick_us(t.x, kind, passes, flush)
+                return yardsticks[kind, passes, flush]
+
             for op_name in op_names:
                 if out_of_time():
                     skipped += 1
@@ -592,12 +659,13 @@ def run(
                     row["speedup_vs_eager"] = None if name == "eager" or eager_ms is None else eager_ms / ms
                     # The breakdown of the target stages is what the bandwidth target is
                     # judged on: always taken there; elsewhere only while on schedule.
-                    if name in KERNEL_ROLES and dev.type == "cuda" and (
-                        shape.name.split(".")[0] in TARGET_STAGES or not behind_schedule()
-                    ):
+                    # The yardsticks (a few profiled calls each) only there.
+                    target_stage = shape.name.split(".")[0] in TARGET_STAGES
+                    if name in KERNEL_ROLES and dev.type == "cuda" and (target_stage or not behind_schedule()):
                         try:
                             row["kernels"] = kernel_breakdown(op_name, name, fn, t.numel * element, copy_gbs,
-                                                              l2_flush=l2_flush)
+                                                              l2_flush=l2_flush,
+                                                              yardstick=yardstick if target_stage else None)
                         except Exception as error:  # the profiler is a diagnostic: never fail the row
                             row["kernels"] = {"error": f"{type(error).__name__}: {error}"}
                     rows.append(row)
@@ -620,6 +688,15 @@ def _fmt(value, spec, missing="-"):
     return missing if value is None else format(value, spec)
 
 
+def _kernel_text(k: dict) -> str:
+    """One kernel of a breakdown: '9.5 us (63% copy, 97% of a same-size read) after a read'."""
+    shares = [f"{k['pct_copy']:.0f}% copy"] if "pct_copy" in k else []
+    if "pct_yardstick" in k:
+        shares.append(f"{k['pct_yardstick']:.0f}% of a same-size {k['yardstick']}")
+    return (f"{k['us']:.1f} us" + (f" ({', '.join(shares)})" if shares else "")
+            + (" after a read" if k.get("l2_flush") == "read" else ""))
+
+
 def rows_table(rows: list[dict]) -> str:
     header = (f"{'op':<26} {'shape':<12} {'dtype':<9} {'backend':<9} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
               f"{'%copy kernel':>12} {'%size copy':>10} {'x eager':>8} {'rel err':>8}")
@@ -635,17 +712,15 @@ def rows_table(rows: list[dict]) -> str:
             f"{_fmt(r.get('speedup_vs_eager'), '>8.2f'):>8} {_fmt(r.get('rel_err'), '>8.1e'):>8}"
         )
         if r.get("kernels"):
-            parts = [f"{kind} {k['us']:.1f} us" + (f" ({k['pct_copy']:.0f}% copy)" if "pct_copy" in k else "")
-                     + (" after a read" if k.get("l2_flush") == "read" else "")
-                     for kind, k in r["kernels"].items() if kind != "error"]
+            parts = [f"{role} {_kernel_text(k)}" for role, k in r["kernels"].items() if role != "error"]
             lines.append(f"{'':<4}kernels: {'; '.join(parts) or r['kernels'].get('error')}")
     return "\n".join(lines)
 
 
-def streaming_kernel_pcts(rows: list[dict]) -> list[float]:
-    """% of copy bandwidth of every streaming kernel in rows (from their kernel breakdowns)."""
-    return [k["pct_copy"] for r in rows for kind, k in (r.get("kernels") or {}).items()
-            if kind != "error" and "pct_copy" in k]
+def streaming_kernel_pcts(rows: list[dict], key: str = "pct_copy") -> list[float]:
+    """% of copy bandwidth (or ``key``: another share) of every streaming kernel in rows (from
+    their kernel breakdowns)."""
+    return [k[key] for r in rows for kind, k in (r.get("kernels") or {}).items() if kind != "error" and key in k]
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -657,8 +732,8 @@ def summary_table(rows: list[dict]) -> str:
         if "error" not in r and r["backend"] != "reference":
             groups.setdefault((r["op"], r["dtype"], r["backend"]), []).append(r)
     header = (f"{'op':<26} {'dtype':<9} {'backend':<9} {'largest':<12} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
-              f"{'min %copy L1-2':>14} {'kernel':>7} {'per kernel':>10} {'size copy':>9} {'x eager geo':>11} "
-              f"{'max err':>8}")
+              f"{'min %copy L1-2':>14} {'kernel':>7} {'per kernel':>10} {'size copy':>9} {'vs size':>7} "
+              f"{'x eager geo':>11} {'max err':>8}")
     lines = [header, "-" * len(header)]
     for (op, dtype, backend), group in groups.items():
         largest = max(group, key=lambda r: r["bytes"])
@@ -666,12 +741,13 @@ def summary_table(rows: list[dict]) -> str:
         speedups = [r["speedup_vs_eager"] for r in group if r.get("speedup_vs_eager")]
         errors = [r["rel_err"] for r in group if r.get("rel_err") is not None]
         per_kernel = streaming_kernel_pcts(target)
+        per_kernel_vs_size = streaming_kernel_pcts(target, "pct_yardstick")
         size_copy = [r["pct_size_copy"] for r in target if r.get("pct_size_copy") is not None]
         lines.append(
             f"{op:<26} {dtype:<9} {backend:<9} {largest['shape']:<12} {largest['median_ms']:>9.4f} "
             f"{largest['gbs']:>7.0f} {largest['pct_copy']:>6.1f} {min(r['pct_copy'] for r in target):>14.1f} "
             f"{min(r['kernel_pct_copy'] for r in target):>7.1f} {_fmt(min(per_kernel, default=None), '>10.1f'):>10} "
-            f"{_fmt(min(size_copy, default=None), '>9.1f'):>9} "
+            f"{_fmt(min(size_copy, default=None), '>9.1f'):>9} {_fmt(min(per_kernel_vs_size, default=None), '>7.1f'):>7} "
             f"{_fmt(math.exp(sum(map(math.log, speedups)) / len(speedups)) if speedups else None, '>11.2f'):>11} "
             f"{_fmt(max(errors) if errors else None, '>8.1e'):>8}"
         )
@@ -736,7 +812,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"summary ({env['card']}, copy {env['copy_gbs']:.0f} GB/s; '%copy' by inputs read once and outputs "
           f"written once; 'kernel' by the fused kernels' own traffic; 'per kernel': the slowest streaming "
           f"kernel alone (profiler); 'size copy': by own traffic against a copy of the same activation "
-          f"(op copy: what a copy reaches at that size); minima over {'/'.join(TARGET_STAGES)}):")
+          f"(op copy: what a copy reaches at that size); 'vs size': the slowest streaming kernel against "
+          f"a PyTorch read or copy of its own traffic's size; minima over {'/'.join(TARGET_STAGES)}):")
     print(summary)
     return 1 if any("error" in r for r in rows) else 0
 

@@ -354,6 +354,66 @@ def test_own_l2_flush_times_read_only_kernels_after_a_read(monkeypatch):
     kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, 10**8, 4000.0, l2_flush="zero")
     assert flushes == ["zero", "zero"]  # grad_residual is written; a named mode applies to every kernel
 
+    # Against a yardstick of the kernel's own traffic: a read for a read-only kernel, a copy
+    # for the others, each after the kernel's flush; finalize kernels (no passes) get none.
+    asked = []
+
+    def yardstick(kind, passes, flush):
+        asked.append((kind, passes, flush))
+        return {"read": 40.0, "copy": 50.0}[kind]
+
+    launched = {"backward reduce": 60.0, "backward finalize": 10.5, "backward elementwise": 75.0}
+    k = kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, 10**8, 4000.0, yardstick=yardstick)
+    assert sorted(asked) == [("copy", 3, "zero"), ("read", 2, "read")]
+    assert (k["backward reduce"]["yardstick"], k["backward reduce"]["pct_yardstick"]) == ("read", 100 * 40 / 52)
+    assert (k["backward elementwise"]["yardstick"], k["backward elementwise"]["pct_yardstick"]) == ("copy", 100 * 50 / 75)
+    assert "yardstick" not in k["backward finalize"]
+    assert kernels._kernel_text(k["backward reduce"]) == "52.0 us (96% copy, 77% of a same-size read) after a read"
+
+    def failing(kind, passes, flush):
+        raise RuntimeError("no yardstick")
+
+    k = kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, 10**8, 4000.0, yardstick=failing)
+    assert k["backward reduce"]["us"] == 52.0 and k["backward reduce"]["yardstick_error"] == "RuntimeError: no yardstick"
+
+
+def test_yardstick_times_its_own_kernels_not_the_flush(monkeypatch):
+    """A read yardstick sums into float32 what the kernel reads, a copy moves half in and half
+    out; the flush's kernels and a sum's zeroed semaphore (a memset) are not counted."""
+    calls = []
+
+    def device_us(role_of, fn, flush, iterations):
+        result = fn()
+        calls.append((flush, result))
+        launched = {"fill_kernel": 30.0} if result is None else {"fill_kernel": 30.0, "Memset (Device)": 1.0,
+                                                                 "reduce_kernel": 9.0, "Memcpy DtoD": 20.0}
+        times = {}
+        for name, us in launched.items():
+            role = role_of(name)
+            if role:
+                times[role] = times.get(role, 0.0) + us
+        return times
+
+    flush_kernel_names = kernels._flush_kernel_names  # cached: cleared before and after
+    flush_kernel_names.cache_clear()
+    monkeypatch.setattr(kernels, "_device_us", device_us)
+    try:
+        x = torch.randn(2, 3, 4, 4, dtype=torch.float16)
+        assert kernels.yardstick_us(x, "read", 2, "zero") == 29.0
+        flush, total = calls[-1]
+        assert flush == "zero" and total.dtype == torch.float32
+        kernels.yardstick_us(x, "copy", 3, "read")
+        flush, copied = calls[-1]
+        assert flush == "read" and copied.dtype == torch.float16 and copied.numel() == 3 * x.numel() // 2
+        with pytest.raises(ValueError, match="yardstick kind 'write'"):
+            kernels.yardstick_us(x, "write", 1, "zero")
+        monkeypatch.setattr(kernels, "_flush_kernel_names", lambda flush: frozenset(
+            {"fill_kernel", "reduce_kernel", "Memcpy DtoD"}))
+        with pytest.raises(RuntimeError, match="the read yardstick launches only kernels the zero flush"):
+            kernels.yardstick_us(x, "read", 1, "zero")
+    finally:
+        flush_kernel_names.cache_clear()
+
 
 def test_kernel_benchmark_budget_is_a_deadline(capsys):
     rows = kernels.run(device="cpu", dtypes=("fp32",), shapes="layer2.128", ops=["bn_relu"], batch=2,
