@@ -12,9 +12,7 @@
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py), a brief NCHW run of it
-# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the Triton reductions at 4
-# programs per SM (triton-programs-4/, bench_triton_programs.log, triton_programs_diff.txt
-# against the default run), triton_precompile.log, the
+# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
@@ -192,18 +190,6 @@ if want kernels; then
   capped 50 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops batch_stats,bn_relu,bn_relu_backward \
     --shapes layer1,layer2 --budget-s 30 --out "$out" >"$out/bench_nchw.log" 2>&1 \
     || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
-  # The Triton reductions partitioned for 4 programs per SM instead of 8 (triton-programs-4/,
-  # and triton_programs_diff.txt against the default run): the autotuner's tiles keep 2-8
-  # programs resident per SM, so 8 per SM can mean up to four waves of short programs.
-  capped 50 env RESNET_FUSED_TRITON_PROGRAMS_PER_SM=4 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 \
-    --backends triton --ops batch_stats,bn_relu_backward,dual_bn_add_relu_backward --shapes layer1,layer2 \
-    --budget-s 30 --out "$out/triton-programs-4" >"$out/bench_triton_programs.log" 2>&1 \
-    || { echo "gpu_check: TRITON PROGRAMS BENCHMARK FAILED ($out/bench_triton_programs.log)"; status=1; }
-  if [[ -s "$out/triton-programs-4/kernels_cuda_nhwc.json" && -s "$out/kernels_cuda_nhwc.json" ]]; then
-    "$PYTHON" benchmarks/kernel_diff.py "$out/kernels_cuda_nhwc.json" "$out/triton-programs-4/kernels_cuda_nhwc.json" \
-      --backends triton --dtype bfloat16 >"$out/triton_programs_diff.txt" 2>&1 \
-      && sed -n '/^geometric mean/,$p' "$out/triton_programs_diff.txt" | grep -v "not compared"
-  fi
   # auto's backend order as this run measured it (copy it to resnet_fused/ to adopt it)
   if [[ -s "$out/kernels_cuda_nhwc.json" ]]; then
     "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --out "$out/auto_order.json" \

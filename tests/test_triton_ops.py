@@ -253,28 +253,6 @@ def test_pinning_selects_one_configuration_and_names_a_bad_index():
 
 
 @not_interpreting
-def test_programs_per_sm_from_the_environment_sets_the_reduction_partition():
-    code = (
-        "import torch; from resnet_fused.triton import _reduce, _runtime; "
-        "p = _reduce.partition(torch.empty(128, 128, 28, 28).to(memory_format=torch.channels_last), True); "
-        "print(_runtime.TUNING.reduce_programs_per_sm, p.programs, p.rows_per_chunk)"
-    )
-    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={k: v for k, v in _child_env().items() if k != _runtime.PROGRAMS_ENV})
-    four = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env=_child_env(**{_runtime.PROGRAMS_ENV: "4"}))
-    # 128 channels in two groups of 64 on 132 nominal SMs, 100352 rows: at 8 per SM, 528
-    # chunks wanted, of 191 rows (526 chunks); at 4, 264 of 381.
-    assert default.stdout.split() == ["8", "1052", "191"]
-    assert four.stdout.split() == ["4", "528", "381"]
-    for bad in ("0", "four", "-2"):
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                env=_child_env(**{_runtime.PROGRAMS_ENV: bad}))
-        assert result.returncode != 0
-        assert f"{_runtime.PROGRAMS_ENV}={bad!r}: expected a positive number of programs per SM" in result.stderr
-
-
-@not_interpreting
 def test_precompile_plans_each_kernel_specialization_once():
     """scripts/triton_precompile.py's work list: every compilation of a spec, shared ones once."""
     spec = ("bfloat16", (128, 64, 56, 56), "nhwc")

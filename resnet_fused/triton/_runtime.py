@@ -325,24 +325,6 @@ else:
     )
 
 
-PROGRAMS_ENV = "RESNET_FUSED_TRITON_PROGRAMS_PER_SM"
-
-
-def _programs_per_sm_from_env(default: int) -> int:
-    """The reductions' programs per SM: ``RESNET_FUSED_TRITON_PROGRAMS_PER_SM``, else
-    ``default``. For measuring the partition on a GPU: the partition is decided before the
-    autotuner picks a configuration, whose registers set how many programs stay resident
-    (2 to 8 per SM on sm_90 at 8 programs per SM: one to four waves)."""
-    value = os.environ.get(PROGRAMS_ENV, "").strip()
-    if not value:
-        return default
-    if not value.isdigit() or int(value) == 0:
-        raise ValueError(f"{PROGRAMS_ENV}={value!r}: expected a positive number of programs per SM (1, 2, ...)")
-    return int(value)
-
-
-TUNING = dataclasses.replace(TUNING, reduce_programs_per_sm=_programs_per_sm_from_env(TUNING.reduce_programs_per_sm))
-
 _AUTOTUNED: list[triton.runtime.Autotuner] = []  # every kernel autotune() made, for tuned_configs()
 
 
