@@ -128,6 +128,54 @@ def test_functional_training_matches_reference(op, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(3, 4, 3, 1), (5, 6, 1, 1), (2, 3, 4, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_partials_kernels_write_every_slot(shape, layout):
+    """A channels_last program takes CHUNKS_PER_PROGRAM chunks (2 under the interpreter) and
+    writes an empty partial into each slot but its first: with partials buffers full of NaN
+    before the launches, none is left, and the statistics and gradients match the
+    reference. The shapes give an odd number of chunks (the last program takes one), an
+    even one, and several channel groups."""
+    from resnet_fused.triton import _reduce, batch_stats, bn_act
+
+    x = activation(shape, layout=layout)
+    channels_last = layout == "nhwc"
+    assert _reduce.partition(x, channels_last).chunks > 1 or not channels_last
+    c = shape[1]
+    mean, invstd = torch.empty(c), torch.empty(c)
+    stats = batch_stats.launches(x, channels_last, mean, invstd, None, None, 0.1, 1e-5)
+    stats[0].args["part_ptr"].fill_(float("nan"))
+    _runtime.run(stats)
+    assert not stats[0].args["part_ptr"].isnan().any()
+    want_mean, want_invstd = R.batch_stats(x, None, None, 0.1, 1e-5)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(invstd, want_invstd, rtol=1e-5, atol=0)
+
+    grad, weight, bias = activation(shape, layout=layout), torch.rand(c) + 0.5, torch.randn(c)
+    main = bn_act.Branch(x, weight, bias, mean, invstd)
+    grad_input, grad_weight, grad_bias = torch.empty_like(x), torch.empty(c), torch.empty(c)
+    backward = bn_act.backward_launches(bn_act.RELU.value, True, grad, main, None, None, grad_input, grad_weight,
+                                        grad_bias, None, None, None, channels_last)
+    backward[0].args["part_ptr"].fill_(float("nan"))
+    _runtime.run(backward)
+    assert not backward[0].args["part_ptr"].isnan().any()
+    want = R.bn_relu_backward(grad, x, weight, bias, mean, invstd, True)
+    for got, expected in zip((grad_input, grad_weight, grad_bias), want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_partials_cover_odd_and_even_chunk_counts():
+    """The shapes above exercise both: under the interpreter's partition, (3, 4, 3, 1) has 3
+    chunks (programs of 2 and 1) and (5, 6, 1, 1) 2 per channel group."""
+    from resnet_fused.triton import _reduce
+
+    odd = _reduce.partition(activation((3, 4, 3, 1), layout="nhwc"), True)
+    even = _reduce.partition(activation((5, 6, 1, 1), layout="nhwc"), True)
+    assert (odd.chunks, odd.programs(2), even.chunks, even.groups, even.programs(2)) == (3, 2, 2, 2, 2)
+    assert odd.programs(1) == 3 and _reduce.partition(activation((3, 4, 3, 1), layout="nchw"), False).programs(2) == (
+        _reduce.partition(activation((3, 4, 3, 1), layout="nchw"), False).programs(1))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(9, 3, 2, 5), (1, 2, 3, 5)], ids=lambda s: "x".join(map(str, s)))
 def test_statistics_are_stable_far_from_zero(shape, layout):
     """Mean 1000, std 3: float32 sums of squares would lose the variance entirely. The

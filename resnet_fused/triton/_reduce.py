@@ -16,8 +16,16 @@ NCHW            N images (C*H*W)             H*W positions of channel c  one cha
 ==============  ===========================  ==========================  ===============
 
 A chunk is a range of rows (and, in NCHW, a range of lanes). The partition aims at
-``reduce_programs_per_sm`` programs per SM in all, at most ``MAX_CHUNKS`` partials per
+``reduce_chunks_per_sm`` chunks per SM in all, at most ``MAX_CHUNKS`` partials per
 channel (the finalize holds all of a channel's partials at once).
+
+In channels_last a program takes ``CHUNKS_PER_PROGRAM`` adjacent chunks (a constant of the
+autotune configuration) as one range of rows: it stores its partial in the first one's
+slot and an empty partial (all zeros: a count of 0, sums of 0) in each of the others, so
+the finalize merges the same slots whatever the configuration. On the GPU a program
+takes half as many chunks as it has warps, so every configuration runs 16 warps per SM:
+one wave of programs while a thread needs at most 128 registers, whatever the tile. NCHW
+programs take one chunk each.
 """
 
 from __future__ import annotations
@@ -52,9 +60,15 @@ class Partition:
     def chunks(self) -> int:
         return self.row_chunks * self.lane_chunks
 
-    @property
-    def programs(self) -> int:
-        return self.groups * self.chunks
+    def programs(self, chunks_per_program: int) -> int:
+        """The grid of a partials kernel whose channels_last programs take
+        ``chunks_per_program`` chunks each (NCHW programs take one)."""
+        per_program = chunks_per_program if self.channels_last else 1
+        return self.groups * _runtime.cdiv(self.chunks, per_program)
+
+    def grid(self, meta: dict) -> tuple[int]:
+        """A partials launch's grid, from its configuration's ``CHUNKS_PER_PROGRAM``."""
+        return (self.programs(meta["CHUNKS_PER_PROGRAM"]),)
 
     @property
     def reduce_size(self) -> int:
@@ -93,7 +107,7 @@ def _partition(shape: tuple[int, int, int, int], channels_last: bool, sms: int) 
     tuning = _runtime.TUNING
     n, c, h, w = shape
     hw = h * w
-    target = tuning.reduce_programs_per_sm * sms
+    target = tuning.reduce_chunks_per_sm * sms
     if channels_last:
         block = _runtime.lane_block(c, tuning.reduce_channel_block, channels_last=True)
         groups = _runtime.cdiv(c, block)
@@ -121,25 +135,31 @@ def _partition(shape: tuple[int, int, int, int], channels_last: bool, sms: int) 
 
 @triton.jit
 def chunk_bounds(
-    rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk,
-    CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr,
+    rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
+    CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):
-    """This program's channel group, chunk, row range, lane range and base offset."""
+    """This program's channel group, first chunk, number of chunks, row range, lane range
+    and base offset."""
     pid = tl.program_id(0)
     group = pid % groups  # neighbouring programs share rows: DRAM pages, L2 sectors
-    chunk = pid // groups
-    row_chunk = chunk // lane_chunks
-    row_begin = row_chunk * rows_per_chunk
-    row_end = tl.minimum(row_begin + rows_per_chunk, rows)
     if CHANNELS_LAST:
+        chunk = pid // groups * CHUNKS_PER_PROGRAM
+        covered = tl.minimum(chunks - chunk, CHUNKS_PER_PROGRAM)
+        row_begin = chunk * rows_per_chunk
+        row_end = tl.minimum(row_begin + covered * rows_per_chunk, rows)  # < rows + rows_per_chunk
         lane_begin = group * BLOCK_L
         lane_end = tl.minimum(lane_begin + BLOCK_L, lanes)
         base = tl.zeros([], tl.int64)
     else:
+        chunk = pid // groups
+        covered = 1
+        row_chunk = chunk // lane_chunks
+        row_begin = row_chunk * rows_per_chunk
+        row_end = tl.minimum(row_begin + rows_per_chunk, rows)
         lane_begin = (chunk - row_chunk * lane_chunks) * lanes_per_chunk
         lane_end = tl.minimum(lane_begin + lanes_per_chunk, lanes)
         base = group.to(tl.int64) * lanes  # channel `group`'s plane in image 0
-    return group, chunk, row_begin, row_end, lane_begin, lane_end, base
+    return group, chunk, covered, row_begin, row_end, lane_begin, lane_end, base
 
 
 @triton.jit
@@ -167,12 +187,16 @@ def sum_per_channel(v, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def store_partial(part_ptr, k, value, C, chunks, chunk, group, lane_begin, lane_end,
-                  CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr):
-    """partials[k, channel, chunk] = value for the channels of this program."""
+def store_partial(part_ptr, k, value, C, chunks, chunk, covered, group, lane_begin, lane_end,
+                  CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr):
+    """partials[k, channel, chunk] = value for the channels of this program, and 0 in the
+    slots of the other ``covered - 1`` chunks it took (channels_last)."""
     plane = part_ptr + k * C * chunks
     if CHANNELS_LAST:
         channel = lane_begin + tl.arange(0, BLOCK_L)
-        tl.store(plane + channel * chunks + chunk, value, mask=channel < lane_end)
+        valid = channel < lane_end
+        tl.store(plane + channel * chunks + chunk, value, mask=valid)
+        for other in tl.static_range(1, CHUNKS_PER_PROGRAM):
+            tl.store(plane + channel * chunks + chunk + other, tl.zeros_like(value), mask=valid & (other < covered))
     else:
         tl.store(plane + group * chunks + chunk, value)

@@ -266,7 +266,7 @@ class Tuning:
     max_lane_block: int  # elementwise: lanes per tile row at most
     reduce_channel_block: int  # channels_last reductions: channels per program at most
     reduce_lane_block: int  # NCHW reductions: H*W lanes per tile row at most
-    reduce_programs_per_sm: int
+    reduce_chunks_per_sm: int  # the partition's chunks (a program takes one or more)
     nominal_sms: int  # programs without a device to ask (interpreter, compile report)
     min_rows_per_chunk: int
     min_lanes_per_chunk: int  # NCHW
@@ -278,24 +278,25 @@ def _configs(*tiles_and_warps: tuple[int, int]) -> list[triton.Config]:
     return [triton.Config({"TILE": tile}, num_warps=warps, num_stages=1) for tile, warps in tiles_and_warps]
 
 
-def _reduce_configs(tiles_and_warps: list[tuple[int, int]], stages: tuple[int, ...]) -> list[triton.Config]:
-    """Each (TILE, warps) with each ``STAGES``: the loop steps a reduction program keeps in
-    flight through ``tl.range(..., num_stages=STAGES)`` (1: none ahead; n > 1: the loads of
-    n - 1 steps ahead, copied to shared memory by cp.async)."""
+def _reduce_configs(tiles: list[tuple[int, int, int]], stages: tuple[int, ...]) -> list[triton.Config]:
+    """Each (TILE, warps, CHUNKS_PER_PROGRAM) with each ``STAGES``: the loop steps a
+    reduction program keeps in flight through ``tl.range(..., num_stages=STAGES)`` (1: none
+    ahead; n > 1: the loads of n - 1 steps ahead, copied to shared memory by cp.async).
+    ``CHUNKS_PER_PROGRAM``: the partition's chunks a channels_last program takes (``_reduce``)."""
     return [
-        triton.Config({"TILE": tile, "STAGES": n}, num_warps=warps, num_stages=1)
-        for n in stages for tile, warps in tiles_and_warps
+        triton.Config({"TILE": tile, "STAGES": n, "CHUNKS_PER_PROGRAM": chunks}, num_warps=warps, num_stages=1)
+        for n in stages for tile, warps, chunks in tiles
     ]
 
 
 if INTERPRET:
     TUNING = Tuning(
         elementwise=_configs((32, 1)),
-        reduce=_reduce_configs([(16, 1)], stages=(2,)),
+        reduce=_reduce_configs([(16, 1, 2)], stages=(2,)),
         max_lane_block=8,
         reduce_channel_block=4,
         reduce_lane_block=4,
-        reduce_programs_per_sm=1,
+        reduce_chunks_per_sm=1,
         nominal_sms=4,
         min_rows_per_chunk=2,
         min_lanes_per_chunk=2,
@@ -304,19 +305,23 @@ if INTERPRET:
     )
 else:
     # Elementwise: 2-8K elements per program (the anchors: 8-32 rows of 256 channels reach
-    # the copy bandwidth on an H200). Reductions: 8 programs per SM of 1-4K-element tiles,
-    # so the partials stay few; without pipelining (STAGES=1) a program has one loop
+    # the copy bandwidth on an H200). Reductions: 8 chunks per SM, 1-4K-element tiles, so
+    # the partials stay few; without pipelining (STAGES=1) a program has one loop
     # step's loads in flight, 16-64 KB per SM; with STAGES=3 the next two steps' loads are
     # in flight too, into shared memory, at the price of shared-memory loads and two
-    # barriers per step. The autotuner weighs the two. (A 4K tile on 4 warps takes up to
-    # 234 registers in the dual backward: left out.)
+    # barriers per step. The autotuner weighs the two. A channels_last program of W warps
+    # takes W / 2 chunks, so every configuration runs 16 warps per SM: one wave whenever a
+    # thread needs at most 128 registers (sm_90, Triton 3.6.0: the statistics 71-94, the
+    # relu and add backward reductions 64-124, the dual one 116-154), where 8 programs per
+    # SM ran in two to four waves. (A 4K tile on 4 warps takes up to 234 registers in the
+    # dual backward: left out.)
     TUNING = Tuning(
         elementwise=_configs((2048, 4), (4096, 4), (4096, 8), (8192, 8)),
-        reduce=_reduce_configs([(1024, 4), (2048, 4), (2048, 8), (4096, 8)], stages=(1, 3)),
+        reduce=_reduce_configs([(1024, 4, 2), (2048, 4, 2), (2048, 8, 4), (4096, 8, 4)], stages=(1, 3)),
         max_lane_block=256,
         reduce_channel_block=64,
         reduce_lane_block=512,
-        reduce_programs_per_sm=8,
+        reduce_chunks_per_sm=8,
         nominal_sms=132,  # H100 SXM / H200
         min_rows_per_chunk=64,
         min_lanes_per_chunk=256,

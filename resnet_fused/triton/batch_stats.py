@@ -55,10 +55,12 @@ def _batch_stats_partials_kernel(
     x_ptr, part_ptr,
     C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
     CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, TILE: tl.constexpr, STAGES: tl.constexpr,
+    CHUNKS_PER_PROGRAM: tl.constexpr,
 ):
     BLOCK_R: tl.constexpr = TILE // BLOCK_L
-    group, chunk, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
-        rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, CHANNELS_LAST, BLOCK_L
+    group, chunk, covered, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
+        rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks, CHANNELS_LAST, BLOCK_L,
+        CHUNKS_PER_PROGRAM,
     )
     r = tl.arange(0, BLOCK_R)
     l = tl.arange(0, BLOCK_L)
@@ -117,10 +119,12 @@ def _batch_stats_partials_kernel(
     else:
         spread = mean - chunk_mean
     chunk_m2 = _reduce.sum_per_channel(m2 + count * spread * spread, CHANNELS_LAST)
-    _reduce.store_partial(part_ptr, 0, total, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
-    _reduce.store_partial(part_ptr, 1, chunk_mean, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST,
-                          BLOCK_L)
-    _reduce.store_partial(part_ptr, 2, chunk_m2, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+    _reduce.store_partial(part_ptr, 0, total, C, chunks, chunk, covered, group, lane_begin, lane_end, CHANNELS_LAST,
+                          BLOCK_L, CHUNKS_PER_PROGRAM)
+    _reduce.store_partial(part_ptr, 1, chunk_mean, C, chunks, chunk, covered, group, lane_begin, lane_end,
+                          CHANNELS_LAST, BLOCK_L, CHUNKS_PER_PROGRAM)
+    _reduce.store_partial(part_ptr, 2, chunk_m2, C, chunks, chunk, covered, group, lane_begin, lane_end,
+                          CHANNELS_LAST, BLOCK_L, CHUNKS_PER_PROGRAM)
 
 
 @triton.jit
@@ -168,7 +172,7 @@ def launches(
     has_running = running_mean is not None
     return [
         Launch(
-            _batch_stats_partials_kernel, lambda meta: (part.programs,),
+            _batch_stats_partials_kernel, part.grid,
             dict(x_ptr=x, part_ptr=partials, **part.kernel_args()),
         ),
         Launch(

@@ -186,11 +186,12 @@ def _bn_act_backward_reduce_kernel(
     C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
     EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
-    BLOCK_L: tl.constexpr, TILE: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_L: tl.constexpr, TILE: tl.constexpr, STAGES: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
 ):
     BLOCK_R: tl.constexpr = TILE // BLOCK_L
-    group, chunk, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
-        rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, CHANNELS_LAST, BLOCK_L
+    group, chunk, covered, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
+        rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks, CHANNELS_LAST, BLOCK_L,
+        CHUNKS_PER_PROGRAM,
     )
     r = tl.arange(0, BLOCK_R)
     l = tl.arange(0, BLOCK_L)
@@ -228,13 +229,15 @@ def _bn_act_backward_reduce_kernel(
             sum_gc_d += gc_d
         a, b = _reduce.next_step(a, b, lane_blocks)
     sum_g = _reduce.sum_per_channel(sum_g, CHANNELS_LAST)
-    _reduce.store_partial(part_ptr, 0, sum_g, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+    _reduce.store_partial(part_ptr, 0, sum_g, C, chunks, chunk, covered, group, lane_begin, lane_end, CHANNELS_LAST,
+                          BLOCK_L, CHUNKS_PER_PROGRAM)
     sum_gc = _reduce.sum_per_channel(sum_gc, CHANNELS_LAST)
-    _reduce.store_partial(part_ptr, 1, sum_gc, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST, BLOCK_L)
+    _reduce.store_partial(part_ptr, 1, sum_gc, C, chunks, chunk, covered, group, lane_begin, lane_end, CHANNELS_LAST,
+                          BLOCK_L, CHUNKS_PER_PROGRAM)
     if EPILOGUE == DUAL_ADD_RELU:
         sum_gc_d = _reduce.sum_per_channel(sum_gc_d, CHANNELS_LAST)
-        _reduce.store_partial(part_ptr, 2, sum_gc_d, C, chunks, chunk, group, lane_begin, lane_end, CHANNELS_LAST,
-                              BLOCK_L)
+        _reduce.store_partial(part_ptr, 2, sum_gc_d, C, chunks, chunk, covered, group, lane_begin, lane_end,
+                              CHANNELS_LAST, BLOCK_L, CHUNKS_PER_PROGRAM)
 
 
 @triton.jit
@@ -440,7 +443,7 @@ def backward_launches(
     return [
         Launch(
             _bn_act_backward_reduce_kernel,
-            lambda meta: (part.programs,),
+            part.grid,
             dict(grad_ptr=grad, **inputs, part_ptr=partials, grad_y_ptr=grad_input if grad_y is None else grad_y,
                  **part.kernel_args(), EPILOGUE=epilogue),
         ),

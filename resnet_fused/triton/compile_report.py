@@ -167,7 +167,7 @@ def _configs(launch: Launch) -> Iterator[tuple[triton.JITFunction, dict, dict]]:
 
 
 def _describe(fn: triton.JITFunction, args: dict, options: dict) -> str:
-    tuned = ("TILE", "BLOCK", "STAGES")
+    tuned = ("TILE", "BLOCK", "STAGES", "CHUNKS")
     shown = [f"{p.name}={args[p.name]}" for p in fn.params if p.is_constexpr and p.name.startswith(tuned)]
     return " ".join(shown + [f"{k}={v}" for k, v in options.items()])
 
