@@ -16,12 +16,15 @@ lane blocks and chunks, every one with a tail.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import triton
 
 import resnet_fused
 from resnet_fused import functional as RF
-from resnet_fused.triton import _runtime
+from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
 from test_ops import OPS, check_nan_residual_gradients, run_case
 from test_triton_ops import check_functional_training, check_ops_against_reference
@@ -127,19 +130,40 @@ def test_functional_training_matches_reference(op, layout):
     check_functional_training("cpu", op, torch.float16, layout, (2, 6, 3, 2))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(3, 4, 3, 1), (5, 6, 1, 1), (2, 3, 4, 4)], ids=lambda s: "x".join(map(str, s)))
-def test_partials_kernels_write_every_slot(shape, layout):
-    """A channels_last program takes CHUNKS_PER_PROGRAM chunks (2 under the interpreter) and
-    writes an empty partial into each slot but its first: with partials buffers full of NaN
-    before the launches, none is left, and the statistics and gradients match the
-    reference. The shapes give an odd number of chunks (the last program takes one), an
-    even one, and several channel groups."""
-    from resnet_fused.triton import _reduce, batch_stats, bn_act
+@pytest.fixture
+def chunks_per_program(request, monkeypatch):
+    """The reductions' interpreter configuration with ``CHUNKS_PER_PROGRAM`` = the param,
+    and 8 chunks per "SM" (32 in all), so that programs of 2 to 4 chunks meet several channel
+    groups and a last program with fewer chunks than the others."""
+    config = [triton.Config({"TILE": 16, "STAGES": 2, "CHUNKS_PER_PROGRAM": request.param}, num_warps=1,
+                            num_stages=1)]
+    for kernel in (batch_stats._batch_stats_partials_kernel, bn_act._bn_act_backward_reduce_kernel):
+        monkeypatch.setattr(kernel, "configs", config)
+        monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(_runtime, "TUNING", dataclasses.replace(_runtime.TUNING, reduce_chunks_per_sm=8))
+    _reduce._partition.cache_clear()  # partitions of the patched tuning: not kept past the test
+    yield request.param
+    _reduce._partition.cache_clear()
 
+
+# channels_last chunks at 8 per SM: 11 in each of 2 groups, 13 in 2, 9 in 3; so the last
+# program takes fewer chunks than the others at every K below but one (9 chunks, K = 3).
+PARTIAL_SHAPES = [(7, 6, 3, 1), (5, 6, 5, 1), (13, 9, 2, 1)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", PARTIAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("chunks_per_program", [2, 3, 4], indirect=True)
+def test_partials_kernels_write_every_slot(chunks_per_program, shape, layout):
+    """A channels_last program takes CHUNKS_PER_PROGRAM adjacent chunks and writes an empty
+    partial into each slot but its first; NCHW programs take one. With the partials full
+    of NaN before the launches, no slot is left, and the statistics and gradients match
+    the reference."""
     x = activation(shape, layout=layout)
     channels_last = layout == "nhwc"
-    assert _reduce.partition(x, channels_last).chunks > 1 or not channels_last
+    part = _reduce.partition(x, channels_last)
+    assert (part.groups, part.chunks) == {(7, 6, 3, 1): (2, 11), (5, 6, 5, 1): (2, 13), (13, 9, 2, 1): (3, 9)}[
+        shape] or not channels_last
     c = shape[1]
     mean, invstd = torch.empty(c), torch.empty(c)
     stats = batch_stats.launches(x, channels_last, mean, invstd, None, None, 0.1, 1e-5)
@@ -161,18 +185,6 @@ def test_partials_kernels_write_every_slot(shape, layout):
     want = R.bn_relu_backward(grad, x, weight, bias, mean, invstd, True)
     for got, expected in zip((grad_input, grad_weight, grad_bias), want):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_partials_cover_odd_and_even_chunk_counts():
-    """The shapes above exercise both: under the interpreter's partition, (3, 4, 3, 1) has 3
-    chunks (programs of 2 and 1) and (5, 6, 1, 1) 2 per channel group."""
-    from resnet_fused.triton import _reduce
-
-    odd = _reduce.partition(activation((3, 4, 3, 1), layout="nhwc"), True)
-    even = _reduce.partition(activation((5, 6, 1, 1), layout="nhwc"), True)
-    assert (odd.chunks, odd.programs(2), even.chunks, even.groups, even.programs(2)) == (3, 2, 2, 2, 2)
-    assert odd.programs(1) == 3 and _reduce.partition(activation((3, 4, 3, 1), layout="nchw"), False).programs(2) == (
-        _reduce.partition(activation((3, 4, 3, 1), layout="nchw"), False).programs(1))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -258,7 +258,8 @@ class Tuning:
     A tile is ``TILE`` elements: ``TILE // BLOCK_L`` rows of ``BLOCK_L`` contiguous lanes
     (channels in channels_last, H*W positions in NCHW). ``BLOCK_L`` follows from the shape
     (``lane_block``); the autotuner picks ``TILE``, the warps per program and, for the
-    reductions, the pipeline depth ``STAGES``.
+    reductions, the pipeline depth ``STAGES`` and the chunks a channels_last program
+    takes, ``CHUNKS_PER_PROGRAM``.
     """
 
     elementwise: list[triton.Config]  # forward, backward elementwise
