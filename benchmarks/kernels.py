@@ -427,6 +427,7 @@ def yardstick_us(x: torch.Tensor, kind: str, passes: int, flush: str, iterations
             return target.copy_(source)
     else:
         raise ValueError(f"yardstick kind {kind!r}: expected 'read' or 'copy'")
+
     def role_of(name: str) -> Optional[str]:  # a sum's zeroed semaphore is not part of the stream
         return None if name in flush_names or name.startswith("Memset") else "yardstick"
 
@@ -434,6 +435,18 @@ def yardstick_us(x: torch.Tensor, kind: str, passes: int, flush: str, iterations
     if "yardstick" not in times:  # none in the profile, or named as the flush's: not told apart
         raise RuntimeError(f"the {kind} yardstick launches only kernels the {flush} flush launches too")
     return times["yardstick"]
+
+
+class Yardsticks:
+    """The yardsticks of one activation, each measured once: (kind, passes, flush) -> µs."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.us = x, {}
+
+    def __call__(self, kind: str, passes: int, flush: str) -> float:
+        if (kind, passes, flush) not in self.us:
+            self.us[kind, passes, flush] = yardstick_us(self.x, kind, passes, flush)
+        return self.us[kind, passes, flush]
 
 
 def kernel_breakdown(op: str, backend: str, fn: Callable[[], object], activation_bytes: int, copy_gbs: float,
@@ -617,13 +630,7 @@ def run(
                 size_copy_gbs = copy_bytes / times["median_ms"] / 1e6
                 _add_bandwidths(copy_row, copy_gbs, size_copy_gbs)
             rows.append(copy_row)
-            yardsticks: dict[tuple, float] = {}  # this (shape, dtype)'s, by (kind, passes, flush)
-
-            def yardstick(kind: str, passes: int, flush: str) -> float:
-                if (kind, passes, flush) not in yardsticks:
-                    yardsticks[kind, passes, flush] = yardstick_us(t.x, kind, passes, flush)
-                return yardsticks[kind, passes, flush]
-
+            yardstick = Yardsticks(t.x)
             for op_name in op_names:
                 if out_of_time():
                     skipped += 1

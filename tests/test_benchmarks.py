@@ -414,6 +414,12 @@ def test_yardstick_times_its_own_kernels_not_the_flush(monkeypatch):
     finally:
         flush_kernel_names.cache_clear()
 
+    measured = []
+    monkeypatch.setattr(kernels, "yardstick_us", lambda x, *key: measured.append(key) or 7.0)
+    yardsticks = kernels.Yardsticks(torch.zeros(4))
+    assert [yardsticks("read", 2, "read"), yardsticks("copy", 3, "zero"), yardsticks("read", 2, "read")] == [7.0] * 3
+    assert measured == [("read", 2, "read"), ("copy", 3, "zero")]  # each once per activation
+
 
 def test_kernel_benchmark_budget_is_a_deadline(capsys):
     rows = kernels.run(device="cpu", dtypes=("fp32",), shapes="layer2.128", ops=["bn_relu"], batch=2,
