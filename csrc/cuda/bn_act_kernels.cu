@@ -600,6 +600,65 @@ __global__ void __launch_bounds__(kFinalizeThreads, 2) batch_stats_finalize_kern
   }
 }
 
+// ---------------------------------------------------------------- one loop step's loads
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifdef __CUDA_ARCH__
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
+// The vectors a streaming kernel loads in one loop step, U per input: the upstream
+// gradient (backward passes), the input, and the other activation (residual or input_d)
+// where the epilogue has one.
+template <typename T, int V, int U>
+struct StepLoads {
+  Pack<T, V> g[U], x[U], o[U];
+  int64_t offset[U];
+  bool valid[U];
+
+  // Asks L2 for the vectors of the walk's next step (a copy: the walk does not move),
+  // holding no registers. A kernel does so before it loads its per-channel values: those
+  // come from DRAM too at the kernel's start, and the scale and shift they make are
+  // needed before the loop, so its first loads would otherwise wait a whole DRAM round
+  // trip behind them, on every thread at once. (Loading the first step into registers
+  // there instead spilled in three fp16 kernels.)
+  template <bool kGrad, bool kOther, typename Walk>
+  __device__ static void prefetch(const T* grad, const T* input, const T* other, Walk walk) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (walk.valid()) {
+        if constexpr (kGrad) prefetch_l2(grad + walk.offset);
+        prefetch_l2(input + walk.offset);
+        if constexpr (kOther) prefetch_l2(other + walk.offset);
+      }
+      walk.next();
+    }
+  }
+
+  template <bool kGrad, bool kOther, typename Walk>
+  __device__ void load(const T* grad, const T* input, const T* other, Walk& walk) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      valid[u] = walk.valid();
+      offset[u] = walk.offset;
+      if (valid[u]) {
+        if constexpr (kGrad) g[u] = ::resnet_fused::cuda::load<T, V>(grad + offset[u]);
+        x[u] = ::resnet_fused::cuda::load<T, V>(input + offset[u]);
+        if constexpr (kOther) o[u] = ::resnet_fused::cuda::load<T, V>(other + offset[u]);
+      }
+      walk.next();
+    }
+  }
+  // The masked upstream gradient of lane i of vector u (recomputing the forward's mask).
+  template <Epilogue E>
+  __device__ float masked(int u, int i, const LaneAffine<V>& main, const LaneAffine<V>& down) const {
+    const float other = E == Epilogue::kRelu ? 0.f : o[u][i];
+    const float pre = preactivation<E>(x[u][i], other, main.scale[i], main.shift[i], down.scale[i], down.shift[i]);
+    return masked_gradient(pre, g[u][i]);
+  }
+};
+
 // ---------------------------------------------------------------- forward
 
 template <typename T>
@@ -614,36 +673,28 @@ template <typename T, int V, Epilogue E, Layout L>
 __global__ void __launch_bounds__(kThreads, forward_config(E).blocks_per_sm)
     bn_act_forward_kernel(ForwardArgs<T> a, Shape shape) {
   constexpr int U = forward_config(E).unroll(V);
+  constexpr bool kOther = E != Epilogue::kRelu;
   Walk<L, V> walk(shape);
   if (!walk.active) return;
+  using Loads = StepLoads<T, V, U>;
+  Loads::template prefetch<false, kOther>(nullptr, a.input, a.other, walk);  // before the per-channel loads
   LaneAffine<V> main, down;
   main.load(a.main, walk);
   if constexpr (E == Epilogue::kDualAddRelu) down.load(a.down, walk);
 
   while (walk.valid()) {
-    Pack<T, V> x[U], o[U];
-    int64_t offset[U];
-    bool valid[U];
+    Loads in;
+    in.template load<false, kOther>(nullptr, a.input, a.other, walk);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      valid[u] = walk.valid();
-      offset[u] = walk.offset;
-      if (valid[u]) {
-        x[u] = load<T, V>(a.input + offset[u]);
-        if constexpr (E != Epilogue::kRelu) o[u] = load<T, V>(a.other + offset[u]);
-      }
-      walk.next();
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (!valid[u]) continue;
+      if (!in.valid[u]) continue;
       float y[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const float other = E == Epilogue::kRelu ? 0.f : o[u][i];
-        y[i] = relu(preactivation<E>(x[u][i], other, main.scale[i], main.shift[i], down.scale[i], down.shift[i]));
+        const float other = E == Epilogue::kRelu ? 0.f : in.o[u][i];
+        y[i] = relu(preactivation<E>(in.x[u][i], other, main.scale[i], main.shift[i], down.scale[i], down.shift[i]));
       }
-      store<T, V>(a.out + offset[u], y);
+      store<T, V>(a.out + in.offset[u], y);
     }
   }
 }
@@ -660,35 +711,15 @@ struct BackwardArgs {
   Branch main, down;
 };
 
-// The vectors of grad_out, input and other (if any) a backward pass streams, U at a time.
-template <typename T, int V, int U>
-struct BackwardLoads {
-  Pack<T, V> g[U], x[U], o[U];
-  int64_t offset[U];
-  bool valid[U];
-
-  template <Epilogue E, typename Walk>
-  __device__ void load(const BackwardArgs<T>& a, Walk& walk) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      valid[u] = walk.valid();
-      offset[u] = walk.offset;
-      if (valid[u]) {
-        g[u] = ::resnet_fused::cuda::load<T, V>(a.grad_out + offset[u]);
-        x[u] = ::resnet_fused::cuda::load<T, V>(a.input + offset[u]);
-        if constexpr (E != Epilogue::kRelu) o[u] = ::resnet_fused::cuda::load<T, V>(a.other + offset[u]);
-      }
-      walk.next();
-    }
-  }
-  // The masked upstream gradient of lane i of vector u (recomputing the forward's mask).
-  template <Epilogue E>
-  __device__ float masked(int u, int i, const LaneAffine<V>& main, const LaneAffine<V>& down) const {
-    const float other = E == Epilogue::kRelu ? 0.f : o[u][i];
-    const float pre = preactivation<E>(x[u][i], other, main.scale[i], main.shift[i], down.scale[i], down.shift[i]);
-    return masked_gradient(pre, g[u][i]);
-  }
-};
+// grad_out, input [, other]: what a backward pass with loads like epilogue E's streams.
+template <Epilogue E, typename T, int V, int U, typename Walk>
+__device__ __forceinline__ void load_backward_step(StepLoads<T, V, U>& in, const BackwardArgs<T>& a, Walk& walk) {
+  in.template load<true, E != Epilogue::kRelu>(a.grad_out, a.input, a.other, walk);
+}
+template <Epilogue E, typename T, int V, int U, typename Walk>
+__device__ __forceinline__ void prefetch_backward_step(const BackwardArgs<T>& a, const Walk& walk) {
+  StepLoads<T, V, U>::template prefetch<true, E != Epilogue::kRelu>(a.grad_out, a.input, a.other, walk);
+}
 
 // Pass 1: per (split, channel) partial sums of g, g * (x - mean) [, g * (x_d - mean_d)],
 // written to partials[k][split][channel]; kAddRelu also writes grad_residual = g (exact in
@@ -702,6 +733,7 @@ __global__ void __launch_bounds__(kThreads, backward_reduce_config(E).blocks_per
   Walk<L, V> walk(shape);
   Sums<float, K * V> sums;
   if (walk.active) {
+    prefetch_backward_step<E, T, V, U>(a, walk);  // before the per-channel loads
     LaneAffine<V> main, down;
     float mean[V], mean_d[V];
     main.load(a.main, walk);
@@ -711,8 +743,8 @@ __global__ void __launch_bounds__(kThreads, backward_reduce_config(E).blocks_per
       load_lanes(a.down.mean, walk, mean_d);
     }
     while (walk.valid()) {
-      BackwardLoads<T, V, U> in;
-      in.template load<E>(a, walk);
+      StepLoads<T, V, U> in;
+      load_backward_step<E>(in, a, walk);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (!in.valid[u]) continue;
@@ -853,6 +885,7 @@ __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).block
   if constexpr (E == Epilogue::kAddRelu) a.grad_out = a.grad_other;
   Walk<L, V> walk(shape);
   if (!walk.active) return;
+  prefetch_backward_step<kLoads, T, V, U>(a, walk);  // before the per-channel loads
   const int64_t C = shape.channels;
   LaneAffine<V> main, down;
   float k0[V], k1[V], k0_d[V] = {}, k1_d[V] = {};
@@ -866,8 +899,8 @@ __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).block
   }
 
   while (walk.valid()) {
-    BackwardLoads<T, V, U> in;
-    in.template load<kLoads>(a, walk);
+    StepLoads<T, V, U> in;
+    load_backward_step<kLoads>(in, a, walk);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (!in.valid[u]) continue;
