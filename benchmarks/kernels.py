@@ -754,7 +754,8 @@ def summary_table(rows: list[dict]) -> str:
             f"{op:<26} {dtype:<9} {backend:<9} {largest['shape']:<12} {largest['median_ms']:>9.4f} "
             f"{largest['gbs']:>7.0f} {largest['pct_copy']:>6.1f} {min(r['pct_copy'] for r in target):>14.1f} "
             f"{min(r['kernel_pct_copy'] for r in target):>7.1f} {_fmt(min(per_kernel, default=None), '>10.1f'):>10} "
-            f"{_fmt(min(size_copy, default=None), '>9.1f'):>9} {_fmt(min(per_kernel_vs_size, default=None), '>7.1f'):>7} "
+            f"{_fmt(min(size_copy, default=None), '>9.1f'):>9} "
+            f"{_fmt(min(per_kernel_vs_size, default=None), '>7.1f'):>7} "
             f"{_fmt(math.exp(sum(map(math.log, speedups)) / len(speedups)) if speedups else None, '>11.2f'):>11} "
             f"{_fmt(max(errors) if errors else None, '>8.1e'):>8}"
         )

@@ -366,7 +366,8 @@ def test_own_l2_flush_times_read_only_kernels_after_a_read(monkeypatch):
     k = kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, 10**8, 4000.0, yardstick=yardstick)
     assert sorted(asked) == [("copy", 3, "zero"), ("read", 2, "read")]
     assert (k["backward reduce"]["yardstick"], k["backward reduce"]["pct_yardstick"]) == ("read", 100 * 40 / 52)
-    assert (k["backward elementwise"]["yardstick"], k["backward elementwise"]["pct_yardstick"]) == ("copy", 100 * 50 / 75)
+    elementwise = k["backward elementwise"]
+    assert (elementwise["yardstick"], elementwise["pct_yardstick"]) == ("copy", 100 * 50 / 75)
     assert "yardstick" not in k["backward finalize"]
     assert kernels._kernel_text(k["backward reduce"]) == "52.0 us (96% copy, 77% of a same-size read) after a read"
 
@@ -374,7 +375,8 @@ def test_own_l2_flush_times_read_only_kernels_after_a_read(monkeypatch):
         raise RuntimeError("no yardstick")
 
     k = kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, 10**8, 4000.0, yardstick=failing)
-    assert k["backward reduce"]["us"] == 52.0 and k["backward reduce"]["yardstick_error"] == "RuntimeError: no yardstick"
+    reduce = k["backward reduce"]
+    assert reduce["us"] == 52.0 and reduce["yardstick_error"] == "RuntimeError: no yardstick"
 
 
 def test_yardstick_times_its_own_kernels_not_the_flush(monkeypatch):

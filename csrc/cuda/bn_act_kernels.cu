@@ -668,7 +668,10 @@ struct StepLoads {
   // kReadOnly: through the read-only path, for a kernel that writes none of these.
   template <bool kGrad, bool kOther, bool kReadOnly, typename Walk>
   __device__ void load(const T* grad, const T* input, const T* other, Walk& walk) {
-    const auto vector = [](const T* p) { return kReadOnly ? load_read_only<T, V>(p) : ::resnet_fused::cuda::load<T, V>(p); };
+    const auto vector = [](const T* p) {
+      if constexpr (kReadOnly) return load_read_only<T, V>(p);
+      else return ::resnet_fused::cuda::load<T, V>(p);
+    };
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       valid[u] = walk.valid();

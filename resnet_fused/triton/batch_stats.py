@@ -3,11 +3,12 @@
 Two kernels, one read of the input (``_reduce`` describes the partition):
 
 1. ``_batch_stats_partials_kernel``: each program streams one chunk of one channel group
-   (channels_last: ``CHUNKS_PER_PROGRAM`` adjacent chunks) in ``[TILE // BLOCK_L, BLOCK_L]`` tiles. Every lane of the tile keeps its own Welford
-   (mean, M2) in fp32 over the values it visits; lanes visit values in lockstep, so a
-   lane's count follows from the loop indices and is never stored (channels_last loads
-   two row tiles per step: the kernel only reads, so it needs twice the loads in flight
-   of a kernel that also writes; ``STAGES`` > 1 pipelines the loop, see ``_runtime``).
+   (channels_last: ``CHUNKS_PER_PROGRAM`` adjacent chunks) in ``[TILE // BLOCK_L, BLOCK_L]``
+   tiles. Every lane of the tile keeps its own Welford (mean, M2) in fp32 over the values
+   it visits; lanes visit values in lockstep, so a lane's count follows from the loop
+   indices and is never stored (channels_last loads two row tiles per step: the kernel
+   only reads, so it needs twice the loads in flight of a kernel that also writes;
+   ``STAGES`` > 1 pipelines the loop, see ``_runtime``).
    At the end the lanes are merged per channel (Chan et al.: the count-weighted mean of
    the lane means, and the lane M2s plus the spread of the lane means) into one
    (count, mean, M2) partial.
