@@ -146,24 +146,30 @@ def chunks_per_program(request, monkeypatch):
     _reduce._partition.cache_clear()
 
 
-# channels_last chunks at 8 per SM: 11 in each of 2 groups, 13 in 2, 9 in 3; so the last
-# program takes fewer chunks than the others at every K below but one (9 chunks, K = 3).
-PARTIAL_SHAPES = [(7, 6, 3, 1), (5, 6, 5, 1), (13, 9, 2, 1)]
+# At 8 chunks per SM, channels_last: 11 chunks in each of 2 groups, 13 in 2, 9 in 3, 8 in 1,
+# so the last program takes fewer chunks than the others at every K below but two; NCHW:
+# chunks of whole planes (programs take K of them) in the first three, 8 chunks of one
+# plane's lanes in the last (programs take one).
+PARTIAL_SHAPES = {(7, 6, 3, 1): ((2, 11), 1), (5, 6, 5, 1): ((2, 13), 1), (13, 9, 2, 1): ((3, 9), 1),
+                  (1, 3, 4, 4): ((1, 8), 8)}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", PARTIAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("chunks_per_program", [2, 3, 4], indirect=True)
 def test_partials_kernels_write_every_slot(chunks_per_program, shape, layout):
-    """A channels_last program takes CHUNKS_PER_PROGRAM adjacent chunks and writes an empty
-    partial into each slot but its first; NCHW programs take one. With the partials full
-    of NaN before the launches, no slot is left, and the statistics and gradients match
-    the reference."""
+    """A program takes CHUNKS_PER_PROGRAM adjacent chunks where they span whole rows of
+    lanes (else one) and writes an empty partial into each slot but its first. With the
+    partials full of NaN before the launches, no slot is left, and the statistics and
+    gradients match the reference."""
     x = activation(shape, layout=layout)
     channels_last = layout == "nhwc"
     part = _reduce.partition(x, channels_last)
-    assert (part.groups, part.chunks) == {(7, 6, 3, 1): (2, 11), (5, 6, 5, 1): (2, 13), (13, 9, 2, 1): (3, 9)}[
-        shape] or not channels_last
+    groups_and_chunks, nchw_lane_chunks = PARTIAL_SHAPES[shape]
+    if channels_last:
+        assert (part.groups, part.chunks) == groups_and_chunks
+    else:
+        assert part.lane_chunks == nchw_lane_chunks and part.chunks > 1
     c = shape[1]
     mean, invstd = torch.empty(c), torch.empty(c)
     stats = batch_stats.launches(x, channels_last, mean, invstd, None, None, 0.1, 1e-5)

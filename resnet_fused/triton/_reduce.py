@@ -20,13 +20,17 @@ A chunk is a range of rows (and, in NCHW, a range of lanes). The partition aims 
 ``reduce_chunks_per_sm`` chunks per SM in all, at most ``MAX_CHUNKS`` partials per
 channel (the finalize holds all of a channel's partials at once).
 
-In channels_last a program takes ``CHUNKS_PER_PROGRAM`` adjacent chunks (a constant of the
-autotune configuration) as one range of rows: it stores its partial in the first one's
-slot and an empty partial (all zeros: a count of 0, sums of 0) in each of the others, so
-the finalize merges the same slots whatever the configuration. On the GPU a program
-takes half as many chunks as it has warps, so every configuration runs 16 warps per SM:
-one wave of programs while a thread needs at most 128 registers, whatever the tile. NCHW
-programs take one chunk each.
+A program takes ``CHUNKS_PER_PROGRAM`` adjacent chunks (a constant of the autotune
+configuration) as one range of rows, where chunks span whole rows of lanes (channels_last
+always; NCHW when a chunk is whole planes, ``lane_chunks == 1``; otherwise one chunk): it
+stores its partial in the first one's slot and an empty partial (all zeros: a count of 0,
+sums of 0) in each of the others, so the finalize merges the same slots whatever the
+configuration. On the GPU a program takes half as many chunks as it has warps, so every
+configuration runs 16 warps per SM: one wave of programs while a thread needs at most
+128 registers, whatever the tile. NCHW cuts each channel into a multiple of the most
+chunks a program takes, so its C x chunks / CHUNKS_PER_PROGRAM programs fill whole waves
+where C is a power of two (C = 512 on 132 SMs: 4 chunks per channel, 2 waves of 4 or of
+2 programs per SM; one chunk per channel left 1.3 waves of work in 2).
 """
 
 from __future__ import annotations
@@ -62,9 +66,9 @@ class Partition:
         return self.row_chunks * self.lane_chunks
 
     def programs(self, chunks_per_program: int) -> int:
-        """The grid of a partials kernel whose channels_last programs take
-        ``chunks_per_program`` chunks each (NCHW programs take one)."""
-        per_program = chunks_per_program if self.channels_last else 1
+        """The grid of a partials kernel whose programs take ``chunks_per_program`` chunks
+        each where chunks span whole rows of lanes, else one."""
+        per_program = chunks_per_program if self.channels_last or self.lane_chunks == 1 else 1
         return self.groups * _runtime.cdiv(self.chunks, per_program)
 
     def grid(self, meta: dict) -> tuple[int]:
@@ -119,7 +123,8 @@ def _partition(shape: tuple[int, int, int, int], channels_last: bool, sms: int) 
             True, c, rows, c, c, block, groups, rows_per_chunk, _runtime.cdiv(rows, rows_per_chunk), block, 1
         )
     wanted = max(1, min(_runtime.cdiv(target, c), MAX_CHUNKS))
-    rows_per_chunk = _runtime.cdiv(n, min(n, wanted))
+    step = tuning.most_chunks_per_program  # row chunks in multiples of it: module docstring
+    rows_per_chunk = _runtime.cdiv(n, min(n, max(step, wanted - wanted % step)))
     row_chunks = _runtime.cdiv(n, rows_per_chunk)
     lane_chunks = max(1, min(wanted // row_chunks, _runtime.cdiv(hw, tuning.min_lanes_per_chunk)))
     granule = tuning.lane_granule
@@ -152,11 +157,13 @@ def chunk_bounds(
         lane_end = tl.minimum(lane_begin + BLOCK_L, lanes)
         base = tl.zeros([], tl.int64)
     else:
-        chunk = pid // groups
-        covered = 1
+        # Chunks of whole planes (one lane chunk): CHUNKS_PER_PROGRAM adjacent row chunks.
+        per_program = tl.where(lane_chunks == 1, CHUNKS_PER_PROGRAM, 1)
+        chunk = pid // groups * per_program
+        covered = tl.minimum(chunks - chunk, per_program)
         row_chunk = chunk // lane_chunks
         row_begin = row_chunk * rows_per_chunk
-        row_end = tl.minimum(row_begin + rows_per_chunk, rows)
+        row_end = tl.minimum(row_begin + covered * rows_per_chunk, rows)
         lane_begin = (chunk - row_chunk * lane_chunks) * lanes_per_chunk
         lane_end = tl.minimum(lane_begin + lanes_per_chunk, lanes)
         base = group.to(tl.int64) * lanes  # channel `group`'s plane in image 0
@@ -191,7 +198,7 @@ def sum_per_channel(v, CHANNELS_LAST: tl.constexpr):
 def store_partial(part_ptr, k, value, C, chunks, chunk, covered, group, lane_begin, lane_end,
                   CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr):
     """partials[k, channel, chunk] = value for the channels of this program, and 0 in the
-    slots of the other ``covered - 1`` chunks it took (channels_last)."""
+    slots of the other ``covered - 1`` chunks it took."""
     plane = part_ptr + k * C * chunks
     if CHANNELS_LAST:
         channel = lane_begin + tl.arange(0, BLOCK_L)
@@ -201,3 +208,5 @@ def store_partial(part_ptr, k, value, C, chunks, chunk, covered, group, lane_beg
             tl.store(plane + channel * chunks + chunk + other, tl.zeros_like(value), mask=valid & (other < covered))
     else:
         tl.store(plane + group * chunks + chunk, value)
+        for other in tl.static_range(1, CHUNKS_PER_PROGRAM):
+            tl.store(plane + group * chunks + chunk + other, tl.zeros_like(value), mask=other < covered)

@@ -274,6 +274,11 @@ class Tuning:
     lane_granule: int  # NCHW chunk starts are multiples of it (16: keeps loads vectorizable)
     finalize_tile: int  # partials a finalize program holds (channels x chunks)
 
+    @property
+    def most_chunks_per_program(self) -> int:
+        """The most chunks a reduction program takes, over the configurations."""
+        return max(config.kwargs["CHUNKS_PER_PROGRAM"] for config in self.reduce)
+
 
 def _configs(*tiles_and_warps: tuple[int, int]) -> list[triton.Config]:
     return [triton.Config({"TILE": tile}, num_warps=warps, num_stages=1) for tile, warps in tiles_and_warps]
