@@ -1,7 +1,7 @@
 """Per-channel reductions as a deterministic two-level tree: the partition and its walk.
 
-Level one: each program reduces one *chunk* of one *channel group* (in channels_last,
-one or more adjacent chunks: below) into fp32 partials, written to
+Level one: each program reduces one *chunk* of one *channel group* (or several adjacent
+chunks: below) into fp32 partials, written to
 ``partials[k, channel, chunk]``. Level two: a finalize kernel merges each
 channel's partials in a fixed order. No atomics, so results do not depend on scheduling;
 the partition depends only on the shape and the device's SM count.
