@@ -647,11 +647,11 @@ struct StepLoads {
   bool valid[U];
 
   // Asks L2 for the vectors of the walk's next step (a copy: the walk does not move),
-  // holding no registers. A kernel does so before it loads its per-channel values: those
-  // come from DRAM too at the kernel's start, and the scale and shift they make are
-  // needed before the loop, so its first loads would otherwise wait a whole DRAM round
-  // trip behind them, on every thread at once. (Loading the first step into registers
-  // there instead spilled in three fp16 kernels.)
+  // holding no registers. A kernel does so before it loads its per-channel values: the
+  // scale and shift they make are needed before the loop, so its first loads would
+  // otherwise wait behind them, on every thread at once (a whole DRAM round trip where
+  // they come from DRAM, as in the backward reduction, the first pass of its op).
+  // (Loading the first step into registers there instead spilled in three fp16 kernels.)
   template <bool kGrad, bool kOther, typename Walk>
   __device__ static void prefetch(const T* grad, const T* input, const T* other, Walk walk) {
 #pragma unroll
