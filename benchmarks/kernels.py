@@ -420,11 +420,7 @@ def yardstick_us(x: torch.Tensor, kind: str, passes: int, flush: str, iterations
         def fn():
             return torch.sum(source, dtype=torch.float32)
     elif kind == "copy":
-        source = torch.randn(passes * x.numel() // 2, device=x.device, dtype=x.dtype)
-        target = torch.empty_like(source)
-
-        def fn():
-            return target.copy_(source)
+        fn = _copy_callable(torch.randn(passes * x.numel() // 2, device=x.device, dtype=x.dtype))
     else:
         raise ValueError(f"yardstick kind {kind!r}: expected 'read' or 'copy'")
 

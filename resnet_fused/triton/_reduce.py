@@ -67,8 +67,9 @@ class Partition:
 
     def programs(self, chunks_per_program: int) -> int:
         """The grid of a partials kernel whose programs take ``chunks_per_program`` chunks
-        each where chunks span whole rows of lanes, else one."""
-        per_program = chunks_per_program if self.channels_last or self.lane_chunks == 1 else 1
+        each where chunks span whole rows of lanes (one lane chunk: always in
+        channels_last), else one."""
+        per_program = chunks_per_program if self.lane_chunks == 1 else 1
         return self.groups * _runtime.cdiv(self.chunks, per_program)
 
     def grid(self, meta: dict) -> tuple[int]:
@@ -148,22 +149,19 @@ def chunk_bounds(
     and base offset."""
     pid = tl.program_id(0)
     group = pid % groups  # neighbouring programs share rows: DRAM pages, L2 sectors
+    # Chunks that span whole rows of lanes (one lane chunk: always in channels_last) are
+    # taken CHUNKS_PER_PROGRAM at a time, adjacent row chunks; others one at a time.
+    per_program = tl.where(lane_chunks == 1, CHUNKS_PER_PROGRAM, 1)
+    chunk = pid // groups * per_program
+    covered = tl.minimum(chunks - chunk, per_program)
+    row_chunk = chunk // lane_chunks
+    row_begin = row_chunk * rows_per_chunk
+    row_end = tl.minimum(row_begin + covered * rows_per_chunk, rows)  # < rows + rows_per_chunk
     if CHANNELS_LAST:
-        chunk = pid // groups * CHUNKS_PER_PROGRAM
-        covered = tl.minimum(chunks - chunk, CHUNKS_PER_PROGRAM)
-        row_begin = chunk * rows_per_chunk
-        row_end = tl.minimum(row_begin + covered * rows_per_chunk, rows)  # < rows + rows_per_chunk
         lane_begin = group * BLOCK_L
         lane_end = tl.minimum(lane_begin + BLOCK_L, lanes)
         base = tl.zeros([], tl.int64)
     else:
-        # Chunks of whole planes (one lane chunk): CHUNKS_PER_PROGRAM adjacent row chunks.
-        per_program = tl.where(lane_chunks == 1, CHUNKS_PER_PROGRAM, 1)
-        chunk = pid // groups * per_program
-        covered = tl.minimum(chunks - chunk, per_program)
-        row_chunk = chunk // lane_chunks
-        row_begin = row_chunk * rows_per_chunk
-        row_end = tl.minimum(row_begin + covered * rows_per_chunk, rows)
         lane_begin = (chunk - row_chunk * lane_chunks) * lanes_per_chunk
         lane_end = tl.minimum(lane_begin + lanes_per_chunk, lanes)
         base = group.to(tl.int64) * lanes  # channel `group`'s plane in image 0

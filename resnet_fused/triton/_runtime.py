@@ -258,8 +258,8 @@ class Tuning:
     A tile is ``TILE`` elements: ``TILE // BLOCK_L`` rows of ``BLOCK_L`` contiguous lanes
     (channels in channels_last, H*W positions in NCHW). ``BLOCK_L`` follows from the shape
     (``lane_block``); the autotuner picks ``TILE``, the warps per program and, for the
-    reductions, the pipeline depth ``STAGES`` and the chunks a channels_last program
-    takes, ``CHUNKS_PER_PROGRAM``.
+    reductions, the pipeline depth ``STAGES`` and the chunks a program takes,
+    ``CHUNKS_PER_PROGRAM`` (``_reduce``).
     """
 
     elementwise: list[triton.Config]  # forward, backward elementwise
@@ -288,7 +288,8 @@ def _reduce_configs(tiles: list[tuple[int, int, int]], stages: tuple[int, ...]) 
     """Each (TILE, warps, CHUNKS_PER_PROGRAM) with each ``STAGES``: the loop steps a
     reduction program keeps in flight through ``tl.range(..., num_stages=STAGES)`` (1: none
     ahead; n > 1: the loads of n - 1 steps ahead, copied to shared memory by cp.async).
-    ``CHUNKS_PER_PROGRAM``: the partition's chunks a channels_last program takes (``_reduce``)."""
+    ``CHUNKS_PER_PROGRAM``: the partition's chunks a program takes where they span whole
+    rows of lanes (``_reduce``)."""
     return [
         triton.Config({"TILE": tile, "STAGES": n, "CHUNKS_PER_PROGRAM": chunks}, num_warps=warps, num_stages=1)
         for n in stages for tile, warps, chunks in tiles
@@ -315,12 +316,12 @@ else:
     # the partials stay few; without pipelining (STAGES=1) a program has one loop
     # step's loads in flight, 16-64 KB per SM; with STAGES=3 the next two steps' loads are
     # in flight too, into shared memory, at the price of shared-memory loads and two
-    # barriers per step. The autotuner weighs the two. A channels_last program of W warps
-    # takes W / 2 chunks, so every configuration runs 16 warps per SM: one wave whenever a
-    # thread needs at most 128 registers (sm_90, Triton 3.6.0: the statistics 71-94, the
-    # relu and add backward reductions 64-124, the dual one 116-154), where 8 programs per
-    # SM ran in two to four waves. (A 4K tile on 4 warps takes up to 234 registers in the
-    # dual backward: left out.)
+    # barriers per step. The autotuner weighs the two. A program of W warps takes W / 2
+    # chunks (where they span whole rows of lanes), so every configuration runs 16 warps
+    # per SM: one wave whenever a thread needs at most 128 registers (sm_90, Triton 3.6.0:
+    # the statistics 71-94, the relu and add backward reductions 64-124, the dual one
+    # 116-154), where 8 programs per SM ran in two to four waves. (A 4K tile on 4 warps
+    # takes up to 234 registers in the dual backward: left out.)
     TUNING = Tuning(
         elementwise=_configs((2048, 4), (4096, 4), (4096, 8), (8192, 8)),
         reduce=_reduce_configs([(1024, 4, 2), (2048, 4, 2), (2048, 8, 4), (4096, 8, 4)], stages=(1, 3)),

@@ -3,7 +3,7 @@
 Two kernels, one read of the input (``_reduce`` describes the partition):
 
 1. ``_batch_stats_partials_kernel``: each program streams one chunk of one channel group
-   (channels_last: ``CHUNKS_PER_PROGRAM`` adjacent chunks) in ``[TILE // BLOCK_L, BLOCK_L]``
+   (or ``CHUNKS_PER_PROGRAM`` adjacent chunks, ``_reduce``) in ``[TILE // BLOCK_L, BLOCK_L]``
    tiles. Every lane of the tile keeps its own Welford (mean, M2) in fp32 over the values
    it visits; lanes visit values in lockstep, so a lane's count follows from the loop
    indices and is never stored (channels_last loads two row tiles per step: the kernel
