@@ -193,12 +193,16 @@ def test_partials_kernels_write_every_slot(chunks_per_program, shape, layout):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("outlier", [0.0, 300.0], ids=["plain", "outlier-first"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(9, 3, 2, 5), (1, 2, 3, 5)], ids=lambda s: "x".join(map(str, s)))
-def test_statistics_are_stable_far_from_zero(shape, layout):
+def test_statistics_are_stable_far_from_zero(shape, layout, outlier):
     """Mean 1000, std 3: float32 sums of squares would lose the variance entirely. The
-    shapes give lanes several Welford updates, in row and lane blocks and chunks with tails."""
+    shapes give lanes several values, in row and lane blocks and chunks with tails. With
+    an outlier (100 std) as the first value of every channel, the shift of the lanes
+    that start there is far from their mean."""
     x = activation(shape, layout=layout, scale=3.0, offset=1000.0)
+    x[0, :, 0, 0] += outlier
     mean, invstd = T.batch_stats(x, None, None, 0.1, 1e-5)
     var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=0)
