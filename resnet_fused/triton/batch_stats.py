@@ -111,7 +111,8 @@ def _batch_stats_partials_kernel(
     count = (_reduce.visits(row_end - row_begin, r, BLOCK_R)[:, None]
              * _reduce.visits(lane_end - lane_begin, l, BLOCK_L)[None, :]).to(tl.float32)
     offset = tl.math.div_rn(total, tl.maximum(count, 1.0))
-    lane_m2 = tl.maximum(squares - total * offset, 0.0)
+    lane_m2 = squares - total * offset
+    lane_m2 = tl.where(lane_m2 < 0.0, 0.0, lane_m2)  # rounding can leave it a hair below 0; NaN stays
     lane_mean = shift + offset
     chunk_count = _reduce.sum_per_channel(count, CHANNELS_LAST)
     # Lanes past the last channel have a count of 0 (and are not stored).
