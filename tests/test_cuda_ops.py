@@ -30,7 +30,7 @@ import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
 import test_ops
-from test_ops import ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients
+from test_ops import ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients, check_non_finite_statistics
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
 if _ON not in ("", "cpu"):  # a typo would otherwise skip everything, green
@@ -379,3 +379,8 @@ def test_tensors_over_2_to_the_31_elements(layout, releases_gpu_memory):
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_nan_residual_passes_the_gradient_as_eager(layout):
     check_nan_residual_gradients(BACKEND, layout, DEVICE)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_non_finite_values_poison_only_their_channel(layout):
+    check_non_finite_statistics(BACKEND, layout, DEVICE)

@@ -315,6 +315,27 @@ def test_nan_residual_passes_the_gradient_as_eager(backend, layout):
     check_nan_residual_gradients(backend, layout)
 
 
+def check_non_finite_statistics(backend, layout, device="cpu"):
+    """A channel holding an Inf or a NaN gets a non-finite mean and a NaN invstd, so its
+    whole output is NaN, as eager's (whose mean there is Inf or NaN by its summation
+    order); the other channels are exact."""
+    x = activation((4, 5, 3, 3), layout=layout, device=device)
+    x[1, 0, 2, 1], x[3, 2, 0, 0], x[0, 3, 1, 1] = float("inf"), float("nan"), float("-inf")
+    mean, invstd = RF.batch_stats(x, backend=backend)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    finite, poisoned = [1, 4], [0, 2, 3]
+    torch.testing.assert_close(mean[finite], mean64[finite].float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(invstd[finite], (var64[finite] + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+    assert not mean[poisoned].isfinite().any() and invstd[poisoned].isnan().all()
+    assert (var64[poisoned] + 1e-5).rsqrt().isnan().all()  # eager's too
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_non_finite_values_poison_only_their_channel(backend, layout):
+    check_non_finite_statistics(backend, layout)
+
+
 @requires_cpu_kernels()
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_cpu_kernels_are_deterministic(layout):

@@ -437,3 +437,11 @@ def test_nan_residual_passes_the_gradient_as_eager_on_cuda(layout):
     from test_ops import check_nan_residual_gradients
 
     check_nan_residual_gradients("triton", layout, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_non_finite_values_poison_only_their_channel_on_cuda(layout):
+    from test_ops import check_non_finite_statistics
+
+    check_non_finite_statistics("triton", layout, "cuda")

@@ -26,7 +26,7 @@ import resnet_fused
 from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
-from test_ops import OPS, check_nan_residual_gradients, run_case
+from test_ops import OPS, check_nan_residual_gradients, check_non_finite_statistics, run_case
 from test_triton_ops import check_functional_training, check_ops_against_reference
 
 if not _runtime.INTERPRET:
@@ -211,19 +211,8 @@ def test_statistics_are_stable_far_from_zero(shape, layout, outlier):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_statistics_of_non_finite_values_poison_only_their_channel(layout):
-    """A channel holding an Inf or a NaN gets a non-finite mean and a NaN invstd, so its
-    whole output is NaN, as eager's (whose mean there is Inf or NaN by its summation
-    order); the other channels are exact."""
-    x = activation((4, 5, 3, 3), layout=layout)
-    x[1, 0, 2, 1], x[3, 2, 0, 0], x[0, 3, 1, 1] = float("inf"), float("nan"), float("-inf")
-    mean, invstd = T.batch_stats(x, None, None, 0.1, 1e-5)
-    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    finite, poisoned = [1, 4], [0, 2, 3]
-    torch.testing.assert_close(mean[finite], mean64[finite].float(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(invstd[finite], (var64[finite] + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
-    assert not mean[poisoned].isfinite().any() and invstd[poisoned].isnan().all()
-    assert (var64[poisoned] + 1e-5).rsqrt().isnan().all()  # eager's too
+def test_non_finite_values_poison_only_their_channel(layout):
+    check_non_finite_statistics("triton", layout)
 
 
 def test_forward_recomputes_the_mask_of_the_backward():

@@ -422,6 +422,58 @@ void check_statistics_far_from_zero(Layout layout, const char* dtype, int64_t N 
   std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
 }
 
+// An Inf, a NaN and a -Inf planted in channels 0, 2 and 3: those channels get a
+// non-finite mean and a NaN invstd (their whole output NaN, as eager's), the others
+// their exact statistics.
+void check_statistics_of_non_finite_values(Layout layout) {
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "float32 %s statistics with an Inf, a NaN and a -Inf",
+                layout == Layout::kNHWC ? "nhwc" : "nchw");
+  if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
+  current_case = buf;
+  const int before = failures;
+  emulation::multiprocessors = 6;
+  const int64_t N = 16, C = 5, S = 144;
+  Rng rng(11);
+  Activation<float> x(N, C, S, layout, 0);
+  fill(x, rng, 0.5, 2.0);
+  x.at(3, 0, 17) = std::numeric_limits<float>::infinity();
+  x.at(0, 2, 0) = std::numeric_limits<float>::quiet_NaN();
+  x.at(15, 3, 143) = -std::numeric_limits<float>::infinity();
+  ActivationGeometry g;
+  g.batch = N;
+  g.channels = C;
+  g.spatial = S;
+  g.layout = layout;
+  g.dtype = kDType<float>;
+  std::vector<float> mean(C), invstd(C);
+  Workspace ws(cuda::batch_stats_workspace_bytes(g));
+  BatchStatsParams p;
+  p.geometry = g;
+  p.input = x.data;
+  p.mean = mean.data();
+  p.invstd = invstd.data();
+  p.workspace = ws.get();
+  if (cuda::launch_batch_stats(p, nullptr) != cudaSuccess) fail("launch error");
+  for (int64_t c = 0; c < C; ++c) {
+    const std::string channel = " of channel " + std::to_string(c);
+    if (c == 0 || c == 2 || c == 3) {
+      if (std::isfinite(mean[c])) fail("finite mean" + channel);
+      if (!std::isnan(invstd[c])) fail("invstd not NaN" + channel);
+      continue;
+    }
+    double sum = 0, sq = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < S; ++i) sum += x.get(n, c, i);
+    const double mu = sum / (N * S);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < S; ++i) sq += (x.get(n, c, i) - mu) * (x.get(n, c, i) - mu);
+    expect_within("mean" + channel, mean[c], mu, 1e-6, 1e-6);
+    expect_within("invstd" + channel, invstd[c], 1 / std::sqrt(sq / (N * S) + p.eps), 1e-5, 0);
+  }
+  std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
+}
+
 const char* name(Layout l) { return l == Layout::kNHWC ? "nhwc" : "nchw"; }
 const char* name(Epilogue e) {
   return e == Epilogue::kRelu ? "relu" : e == Epilogue::kAddRelu ? "add_relu" : "dual_add_relu";
@@ -498,6 +550,7 @@ int main(int argc, char** argv) {
   }
   for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
     check_statistics_far_from_zero<float>(layout, "float32");
+    check_statistics_of_non_finite_values(layout);
     check_statistics_far_from_zero<__nv_bfloat16>(layout, "bfloat16");
     // Values whose square overflows float: a thread's first step must not square them.
     check_statistics_far_from_zero<float>(layout, "float32", 16, 32, 144, 6, 1, 2e19, 6e16);
