@@ -4,19 +4,14 @@ Two kernels, one read of the input (``_reduce`` describes the partition):
 
 1. ``_batch_stats_partials_kernel``: each program streams one chunk of one channel group
    (or ``CHUNKS_PER_PROGRAM`` adjacent chunks, ``_reduce``) in ``[TILE // BLOCK_L, BLOCK_L]``
-   tiles. Every lane of the tile sums, in fp32, ``x - k`` and ``(x - k)^2`` over the values
-   it visits, around its own first value ``k`` (the shifted-data algorithm: three
-   instructions a value where a Welford update takes four and a division a step). The
-   cancellation in the lane's ``M2 = sum((x - k)^2) - sum(x - k)^2 / n`` scales its
-   sums' rounding by 1 + (k - mean)^2 / variance of the lane's n values: about 2 for a
-   typical first value, at most n (Samuelson's inequality; n is tens to hundreds at
-   ResNet-50's shapes), however far from zero the data lie. Lanes visit values in
-   lockstep, so a lane's count follows from the loop indices and is never stored
-   (channels_last loads two row tiles per step: the kernel only reads, so it needs twice
-   the loads in flight of a kernel that also writes; ``STAGES`` > 1 pipelines the loop,
-   see ``_runtime``). At the end each lane's (count, mean, M2) is merged per channel
-   (Chan et al.: the count-weighted mean of the lane means, and the lane M2s plus the
-   spread of the lane means) into one (count, mean, M2) partial.
+   tiles. Every lane of the tile keeps its own Welford (mean, M2) in fp32 over the values
+   it visits; lanes visit values in lockstep, so a lane's count follows from the loop
+   indices and is never stored (channels_last loads two row tiles per step: the kernel
+   only reads, so it needs twice the loads in flight of a kernel that also writes;
+   ``STAGES`` > 1 pipelines the loop, see ``_runtime``).
+   At the end the lanes are merged per channel (Chan et al.: the count-weighted mean of
+   the lane means, and the lane M2s plus the spread of the lane means) into one
+   (count, mean, M2) partial.
 2. ``_batch_stats_finalize_kernel``: one program per few channels loads all of their partials at
    once, merges them the same way, and writes mean and invstd = 1/sqrt(var + eps)
    (biased variance), and the running statistics with the unbiased variance, exactly
@@ -39,6 +34,22 @@ from ._runtime import Launch
 NAME = "batch_stats"
 
 
+@triton.jit
+def _welford_step(mean, m2, x, weight):
+    """One more value per lane: ``weight`` is 1 / (the lane's new count). (Triton's fp32
+    division is approximate, within 2 ulp: harmless in a Welford weight.)"""
+    delta = x - mean
+    updated = mean + delta * weight
+    return updated, m2 + delta * (x - updated)
+
+
+@triton.jit
+def _welford_update(mean, m2, x, mask, weight):
+    """``_welford_step`` where ``mask``; elsewhere the lane keeps its state."""
+    updated, updated_m2 = _welford_step(mean, m2, x, weight)
+    return tl.where(mask, updated, mean), tl.where(mask, updated_m2, m2)
+
+
 @_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L"])
 @triton.jit
 def _batch_stats_partials_kernel(
@@ -54,44 +65,36 @@ def _batch_stats_partials_kernel(
     )
     r = tl.arange(0, BLOCK_R)
     l = tl.arange(0, BLOCK_L)
-    # Each lane's shift: its first value (the first tile; 0 for a lane with none).
-    first_row = row_begin + r
-    first_lane = lane_begin + l
-    shift = tl.load(
-        x_ptr + base + first_row.to(tl.int64)[:, None] * row_stride + first_lane[None, :],
-        mask=(first_row < row_end)[:, None] & (first_lane < lane_end)[None, :], other=0.0,
-    ).to(tl.float32)
-    total = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)  # sum of (x - shift)
-    squares = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)  # sum of (x - shift)^2
+    lane_visits = _reduce.visits(lane_end - lane_begin, l, BLOCK_L)
+    mean = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    m2 = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     if CHANNELS_LAST:
-        # One lane block; two row tiles per step: every byte this kernel moves is a load,
-        # and two loads in flight per step double the bytes in flight without growing the
-        # state. The steps whose two tiles lie inside the chunk take no row mask and no
-        # select (a lane past the last channel loads 0 and has a shift of 0, so adds 0);
-        # the chunk's last, partial step is masked.
-        lane = first_lane
+        # One lane block, the same count for every lane: row tile t is its (t + 1)-th
+        # value. Two tiles per step: every byte this kernel moves is a load, and two
+        # loads in flight per step double the bytes in flight without growing the state.
+        # The steps whose two tiles lie inside the chunk take no row mask and no select
+        # (a quarter fewer instructions in bf16, where the loop is issue-bound): a lane past
+        # the last channel loads 0, stays at mean 0 and M2 0, and its count is 0 at the end.
+        # The chunk's last, partial step is masked.
+        lane = lane_begin + l
         lane_mask = (lane < lane_end)[None, :]
         full_steps = (row_end - row_begin) // (2 * BLOCK_R)
         for a in tl.range(0, full_steps, num_stages=STAGES):
             offsets = (row_begin + 2 * a * BLOCK_R + r).to(tl.int64)[:, None] * row_stride + lane[None, :]
-            x = tl.load(x_ptr + offsets, mask=lane_mask, other=0.0).to(tl.float32) - shift
-            next_x = tl.load(x_ptr + offsets + BLOCK_R * row_stride, mask=lane_mask, other=0.0).to(tl.float32) - shift
-            total += x
-            total += next_x
-            squares += x * x
-            squares += next_x * next_x
+            x = tl.load(x_ptr + offsets, mask=lane_mask, other=0.0).to(tl.float32)
+            next_x = tl.load(x_ptr + offsets + BLOCK_R * row_stride, mask=lane_mask, other=0.0).to(tl.float32)
+            mean, m2 = _welford_step(mean, m2, x, 1.0 / (2 * a + 1))
+            mean, m2 = _welford_step(mean, m2, next_x, 1.0 / (2 * a + 2))
         if full_steps * 2 * BLOCK_R < row_end - row_begin:
-            row = row_begin + 2 * full_steps * BLOCK_R + r
+            a = full_steps
+            row = row_begin + 2 * a * BLOCK_R + r
             mask = (row < row_end)[:, None] & lane_mask
             next_mask = (row + BLOCK_R < row_end)[:, None] & lane_mask
             offsets = row.to(tl.int64)[:, None] * row_stride + lane[None, :]
-            x = tl.where(mask, tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             next_x = tl.load(x_ptr + offsets + BLOCK_R * row_stride, mask=next_mask, other=0.0).to(tl.float32)
-            next_x = tl.where(next_mask, next_x - shift, 0.0)
-            total += x
-            total += next_x
-            squares += x * x
-            squares += next_x * next_x
+            mean, m2 = _welford_update(mean, m2, x, mask, 1.0 / (2 * a + 1))
+            mean, m2 = _welford_update(mean, m2, next_x, next_mask, 1.0 / (2 * a + 2))
     else:
         # One loop over (row tile a, lane block b) steps, so the pipeliner overlaps rows too.
         lane_blocks = tl.cdiv(lane_end - lane_begin, BLOCK_L)
@@ -102,29 +105,23 @@ def _batch_stats_partials_kernel(
             lane = lane_begin + b * BLOCK_L + l
             mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
             offsets = base + row.to(tl.int64)[:, None] * row_stride + lane[None, :]
-            x = tl.where(mask, tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
-            total += x
-            squares += x * x
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            # A valid lane has been updated a * (its lane visits) + b times before.
+            weight = (1.0 / (a * lane_visits + b + 1).to(tl.float32))[None, :]
+            mean, m2 = _welford_update(mean, m2, x, mask, weight)
             a, b = _reduce.next_step(a, b, lane_blocks)
 
-    # Each lane's (count, mean, M2), then merged per channel (Chan et al.).
-    count = (_reduce.visits(row_end - row_begin, r, BLOCK_R)[:, None]
-             * _reduce.visits(lane_end - lane_begin, l, BLOCK_L)[None, :]).to(tl.float32)
-    offset = tl.math.div_rn(total, tl.maximum(count, 1.0))
-    lane_m2 = squares - total * offset
-    lane_m2 = tl.where(lane_m2 < 0.0, 0.0, lane_m2)  # rounding can leave it a hair below 0; NaN stays
-    lane_mean = shift + offset
-    chunk_count = _reduce.sum_per_channel(count, CHANNELS_LAST)
+    count = (_reduce.visits(row_end - row_begin, r, BLOCK_R)[:, None] * lane_visits[None, :]).to(tl.float32)
+    total = _reduce.sum_per_channel(count, CHANNELS_LAST)
     # Lanes past the last channel have a count of 0 (and are not stored).
-    chunk_mean = tl.math.div_rn(_reduce.sum_per_channel(count * lane_mean, CHANNELS_LAST),
-                                tl.maximum(chunk_count, 1.0))
+    chunk_mean = tl.math.div_rn(_reduce.sum_per_channel(count * mean, CHANNELS_LAST), tl.maximum(total, 1.0))
     if CHANNELS_LAST:
-        spread = lane_mean - chunk_mean[None, :]
+        spread = mean - chunk_mean[None, :]
     else:
-        spread = lane_mean - chunk_mean
-    chunk_m2 = _reduce.sum_per_channel(lane_m2 + count * spread * spread, CHANNELS_LAST)
-    _reduce.store_partial(part_ptr, 0, chunk_count, C, chunks, chunk, covered, group, lane_begin, lane_end,
-                          CHANNELS_LAST, BLOCK_L, CHUNKS_PER_PROGRAM)
+        spread = mean - chunk_mean
+    chunk_m2 = _reduce.sum_per_channel(m2 + count * spread * spread, CHANNELS_LAST)
+    _reduce.store_partial(part_ptr, 0, total, C, chunks, chunk, covered, group, lane_begin, lane_end, CHANNELS_LAST,
+                          BLOCK_L, CHUNKS_PER_PROGRAM)
     _reduce.store_partial(part_ptr, 1, chunk_mean, C, chunks, chunk, covered, group, lane_begin, lane_end,
                           CHANNELS_LAST, BLOCK_L, CHUNKS_PER_PROGRAM)
     _reduce.store_partial(part_ptr, 2, chunk_m2, C, chunks, chunk, covered, group, lane_begin, lane_end,
