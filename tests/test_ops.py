@@ -336,6 +336,29 @@ def test_non_finite_values_poison_only_their_channel(backend, layout):
     check_non_finite_statistics(backend, layout)
 
 
+def check_statistics_with_an_outlier_first(backend, shape, layout, device="cpu"):
+    """Values of std 1e-3 and a first value of 1 in every channel (1000 std away), so
+    that a kernel's lanes, threads or steps that start there see an outlier: within 1e-6
+    of float64 for Welford or short shifted steps. (Sums shifted by a lane's first value
+    over hundreds of values, tried once in Triton, were off by 2e-4: the shift's distance
+    from the mean multiplies their rounding.)"""
+    x = activation(shape, layout=layout, device=device, scale=1e-3)
+    x[0, :, 0, 0] = 1.0
+    mean, invstd = RF.batch_stats(x, backend=backend)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, mean64.float(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+
+
+OUTLIER_CASES = [((1, 4, 40, 40), "nhwc"), ((2, 3, 30, 30), "nchw")]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape, layout", OUTLIER_CASES)
+def test_statistics_with_an_outlier_first(backend, shape, layout):
+    check_statistics_with_an_outlier_first(backend, shape, layout)
+
+
 @requires_cpu_kernels()
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_cpu_kernels_are_deterministic(layout):

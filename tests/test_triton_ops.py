@@ -445,3 +445,12 @@ def test_non_finite_values_poison_only_their_channel_on_cuda(layout):
     from test_ops import check_non_finite_statistics
 
     check_non_finite_statistics("triton", layout, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("shape", [(8, 24, 64, 64), (3, 5, 30, 30)], ids=lambda s: "x".join(map(str, s)))
+def test_statistics_with_an_outlier_first_on_cuda(shape, layout):
+    from test_ops import check_statistics_with_an_outlier_first
+
+    check_statistics_with_an_outlier_first("triton", shape, layout, "cuda")

@@ -26,7 +26,8 @@ import resnet_fused
 from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
-from test_ops import OPS, check_nan_residual_gradients, check_non_finite_statistics, run_case
+from test_ops import (OPS, OUTLIER_CASES, check_nan_residual_gradients, check_non_finite_statistics,
+                      check_statistics_with_an_outlier_first, run_case)
 from test_triton_ops import check_functional_training, check_ops_against_reference
 
 if not _runtime.INTERPRET:
@@ -205,18 +206,9 @@ def test_statistics_are_stable_far_from_zero(shape, layout):
     torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("shape, layout", [((1, 4, 40, 40), "nhwc"), ((2, 3, 30, 30), "nchw")])
-def test_statistics_are_exact_when_a_lane_starts_at_an_outlier(shape, layout):
-    """Values of std 1e-3 and a first value of 1 in every channel (1000 std away), with
-    hundreds of values per tile lane: Welford stays within 1e-6. (Sums shifted by each
-    lane's first value, tried once, were off by 2e-4 here: the shift's distance from the
-    lane's mean multiplies the rounding of the sums.)"""
-    x = activation(shape, layout=layout, scale=1e-3)
-    x[0, :, 0, 0] = 1.0
-    mean, invstd = T.batch_stats(x, None, None, 0.1, 1e-5)
-    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(mean, mean64.float(), rtol=2e-6, atol=0)
-    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+@pytest.mark.parametrize("shape, layout", OUTLIER_CASES)
+def test_statistics_with_an_outlier_first(shape, layout):
+    check_statistics_with_an_outlier_first("triton", shape, layout)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf

@@ -376,14 +376,17 @@ void run_case(const Case& k, uint64_t seed) {
 // Mean 1000, std 3: a float32 sum of squares would lose the variance entirely. The
 // tolerances are tests/test_cuda_ops.py's: mean to 1e-6, invstd to 1e-5, relative.
 // Statistics of N(center, spread) values of shape (N, C, S) on `multiprocessors` emulated
-// SMs, merged from at least `min_partials` partials per channel.
+// SMs, merged from at least `min_partials` partials per channel. With `outlier_first`, each
+// channel's first value is center + 1000 spread: the shift of the steps that start there
+// lies far from their mean.
 template <typename T>
 void check_statistics_far_from_zero(Layout layout, const char* dtype, int64_t N = 16, int64_t C = 32,
                                     int64_t S = 144, int multiprocessors = 6, int64_t min_partials = 1,
-                                    double center = 1000.0, double spread = 3.0) {
+                                    double center = 1000.0, double spread = 3.0, bool outlier_first = false) {
   char buf[192];
-  std::snprintf(buf, sizeof buf, "%s %s statistics of N(%g, %g) (%" PRId64 ", %" PRId64 ", %" PRId64 ") sms=%d",
-                dtype, layout == Layout::kNHWC ? "nhwc" : "nchw", center, spread, N, C, S, multiprocessors);
+  std::snprintf(buf, sizeof buf, "%s %s statistics of N(%g, %g)%s (%" PRId64 ", %" PRId64 ", %" PRId64 ") sms=%d",
+                dtype, layout == Layout::kNHWC ? "nhwc" : "nchw", center, spread,
+                outlier_first ? " with an outlier first" : "", N, C, S, multiprocessors);
   if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
   current_case = buf;
   const int before = failures;
@@ -391,6 +394,9 @@ void check_statistics_far_from_zero(Layout layout, const char* dtype, int64_t N 
   Rng rng(7);
   Activation<T> x(N, C, S, layout, 0);
   fill(x, rng, center, spread);
+  if (outlier_first) {
+    for (int64_t c = 0; c < C; ++c) x.at(0, c, 0) = to_dtype<T>(center + 1000 * spread);
+  }
   ActivationGeometry g;
   g.batch = N;
   g.channels = C;
@@ -551,6 +557,7 @@ int main(int argc, char** argv) {
   for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
     check_statistics_far_from_zero<float>(layout, "float32");
     check_statistics_of_non_finite_values(layout);
+    check_statistics_far_from_zero<float>(layout, "float32", 16, 32, 144, 6, 1, 0.0, 1e-3, true);
     check_statistics_far_from_zero<__nv_bfloat16>(layout, "bfloat16");
     // Values whose square overflows float: a thread's first step must not square them.
     check_statistics_far_from_zero<float>(layout, "float32", 16, 32, 144, 6, 1, 2e19, 6e16);
