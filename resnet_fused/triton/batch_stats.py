@@ -106,8 +106,10 @@ def _batch_stats_partials_kernel(
             mask = (row < row_end)[:, None] & (lane < lane_end)[None, :]
             offsets = base + row.to(tl.int64)[:, None] * row_stride + lane[None, :]
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            # A valid lane has been updated a * (its lane visits) + b times before.
-            weight = (1.0 / (a * lane_visits + b + 1).to(tl.float32))[None, :]
+            # A valid lane has been updated a * (its lane visits) + b times before; lanes
+            # visit every lane block or all but the last: two scalar weights, not one a lane.
+            weight = tl.where(lane_visits == lane_blocks, 1.0 / (a * lane_blocks + b + 1).to(tl.float32),
+                              1.0 / (a * (lane_blocks - 1) + b + 1).to(tl.float32))[None, :]
             mean, m2 = _welford_update(mean, m2, x, mask, weight)
             a, b = _reduce.next_step(a, b, lane_blocks)
 
