@@ -4,7 +4,8 @@
 
 For each compiled kernel: registers per thread, local memory per thread (spills or
 stack: what Triton's ``CompiledKernel.n_spills`` reports once loaded on a GPU; read
-here from the cubin with cuobjdump, the same number), shared memory and, for the
+here from the cubin with cuobjdump, the same number), shared memory, the warps an SM
+holds at once (from those three and the program's warps) and, for the
 elementwise kernels, the stores narrower than one 128-bit vector in the machine code
 (0: every activation store is an STG.E.128). The argument
 sets are those the ops launch (``batch_stats.launches``, ``bn_act.forward_launches``,
@@ -46,6 +47,34 @@ class KernelResources:
     local_bytes: int  # per thread; > 0: spills (or a stack array)
     shared_bytes: int
     narrow_stores: Optional[int] = None  # elementwise kernels: stores narrower than 128 bits
+    warps: int = 4  # per program
+
+    @property
+    def resident_warps(self) -> int:
+        """Warps of this kernel an sm_90 SM holds at once (its programs' warps)."""
+        return resident_warps(self.registers, self.warps, self.shared_bytes)
+
+
+# sm_90's limits per SM, which decide how many programs of a kernel stay resident (CUDA
+# programming guide, compute capability 9.0): registers go to warps in units of 256,
+# and the runtime reserves 1 KiB of shared memory per block.
+SM90_REGISTERS, SM90_REGISTER_UNIT = 65536, 256
+SM90_SHARED_BYTES, SM90_SHARED_RESERVED = 228 * 1024, 1024
+SM90_MAX_WARPS, SM90_MAX_BLOCKS = 64, 32
+
+
+def resident_warps(registers: int, warps: int, shared_bytes: int) -> int:
+    """Warps an sm_90 SM keeps resident of a kernel whose programs have ``warps`` warps,
+    ``registers`` per thread and ``shared_bytes`` of shared memory. The reductions are
+    partitioned for 16 (one wave): fewer means a second wave."""
+    per_warp = -(-registers * 32 // SM90_REGISTER_UNIT) * SM90_REGISTER_UNIT
+    programs = min(
+        SM90_REGISTERS // per_warp // warps,
+        SM90_SHARED_BYTES // (shared_bytes + SM90_SHARED_RESERVED),
+        SM90_MAX_WARPS // warps,
+        SM90_MAX_BLOCKS,
+    )
+    return programs * warps
 
 
 LAYOUTS = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
@@ -195,15 +224,16 @@ def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResource
                     fn.__name__, variant, _describe(fn, args, options), registers, local_bytes,
                     compiled.metadata.shared,
                     _narrow_stores(cubin) if fn.__name__ in ELEMENTWISE_KERNELS else None,
+                    compiled.metadata.num_warps,
                 ))
     return rows
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = ("kernel", "variant", "config", "regs", "local B", "shared B", "narrow st")
+    header = ("kernel", "variant", "config", "regs", "local B", "shared B", "warps/SM", "narrow st")
     table = [header] + [
         (r.kernel, r.variant, r.config, str(r.registers), str(r.local_bytes), str(r.shared_bytes),
-         "-" if r.narrow_stores is None else str(r.narrow_stores))
+         str(r.resident_warps), "-" if r.narrow_stores is None else str(r.narrow_stores))
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
