@@ -284,14 +284,17 @@ def _configs(*tiles_and_warps: tuple[int, int]) -> list[triton.Config]:
     return [triton.Config({"TILE": tile}, num_warps=warps, num_stages=1) for tile, warps in tiles_and_warps]
 
 
-def _reduce_configs(tiles: list[tuple[int, int, int]], stages: tuple[int, ...]) -> list[triton.Config]:
+def _reduce_configs(
+    tiles: list[tuple[int, int, int]], stages: tuple[int, ...], max_registers: Optional[int] = None
+) -> list[triton.Config]:
     """Each (TILE, warps, CHUNKS_PER_PROGRAM) with each ``STAGES``: the loop steps a
     reduction program keeps in flight through ``tl.range(..., num_stages=STAGES)`` (1: none
     ahead; n > 1: the loads of n - 1 steps ahead, copied to shared memory by cp.async).
     ``CHUNKS_PER_PROGRAM``: the partition's chunks a program takes where they span whole
-    rows of lanes (``_reduce``)."""
+    rows of lanes (``_reduce``). ``max_registers``: ptxas's cap per thread (``maxnreg``)."""
     return [
-        triton.Config({"TILE": tile, "STAGES": n, "CHUNKS_PER_PROGRAM": chunks}, num_warps=warps, num_stages=1)
+        triton.Config({"TILE": tile, "STAGES": n, "CHUNKS_PER_PROGRAM": chunks}, num_warps=warps, num_stages=1,
+                      maxnreg=max_registers)
         for n in stages for tile, warps, chunks in tiles
     ]
 
@@ -318,13 +321,15 @@ else:
     # in flight too, into shared memory, at the price of shared-memory loads and two
     # barriers per step. The autotuner weighs the two. A program of W warps takes W / 2
     # chunks (where they span whole rows of lanes), so every configuration runs 16 warps
-    # per SM: one wave whenever a thread needs at most 128 registers (sm_90, Triton 3.6.0:
-    # the statistics 71-94, the relu and add backward reductions 64-124, the dual one
-    # 116-154), where 8 programs per SM ran in two to four waves. (A 4K tile on 4 warps
-    # takes up to 234 registers in the dual backward: left out.)
+    # per SM, where 8 programs per SM ran in two to four waves: one wave, as 16 warps of
+    # 128 registers fill an SM's 64K, so ptxas is held to 128 (sm_90, Triton 3.6.0: the
+    # statistics take 42-98, the relu and add backward reductions 38-124, the dual one up
+    # to 154 uncapped, 128 capped, without spills at the compile report's shapes). (A 4K
+    # tile on 4 warps takes up to 234 registers in the dual backward: left out.)
     TUNING = Tuning(
         elementwise=_configs((2048, 4), (4096, 4), (4096, 8), (8192, 8)),
-        reduce=_reduce_configs([(1024, 4, 2), (2048, 4, 2), (2048, 8, 4), (4096, 8, 4)], stages=(1, 3)),
+        reduce=_reduce_configs([(1024, 4, 2), (2048, 4, 2), (2048, 8, 4), (4096, 8, 4)], stages=(1, 3),
+                               max_registers=128),
         max_lane_block=256,
         reduce_channel_block=64,
         reduce_lane_block=512,

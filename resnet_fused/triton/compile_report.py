@@ -188,6 +188,8 @@ def _configs(launch: Launch) -> Iterator[tuple[triton.JITFunction, dict, dict]]:
     if isinstance(kernel, triton.runtime.Autotuner):
         for config in kernel.configs:
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+            if config.maxnreg is not None:
+                options["maxnreg"] = config.maxnreg
             yield kernel.fn, {**launch.args, **config.kwargs}, options
     else:
         args = dict(launch.args)
