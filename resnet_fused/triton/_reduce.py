@@ -27,8 +27,9 @@ stores its partial in the first one's slot and an empty partial (all zeros: a co
 sums of 0) in each of the others, so the finalize merges the same slots whatever the
 configuration. On the GPU a program takes half as many chunks as it has warps, so every
 configuration runs 16 warps per SM: one wave of programs, whatever the tile, as the
-configurations hold ptxas to 128 registers a thread (``_runtime.TUNING``). NCHW cuts each channel into a multiple of the most
-chunks a program takes, so its C x chunks / CHUNKS_PER_PROGRAM programs fill whole waves
+configurations hold ptxas to 128 registers a thread (``_runtime.TUNING``). NCHW cuts
+each channel into a multiple of the most chunks a program takes, so its
+C x chunks / CHUNKS_PER_PROGRAM programs fill whole waves
 where C is a power of two (C = 512 on 132 SMs: 4 chunks per channel, 2 waves of 4 or of
 2 programs per SM, where 3 chunks of one program each made 1.7 to 5.8 waves).
 """

@@ -322,10 +322,10 @@ else:
     # barriers per step. The autotuner weighs the two. A program of W warps takes W / 2
     # chunks (where they span whole rows of lanes), so every configuration runs 16 warps
     # per SM, where 8 programs per SM ran in two to four waves: one wave, as 16 warps of
-    # 128 registers fill an SM's 64K, so ptxas is held to 128 (sm_90, Triton 3.6.0: the
-    # statistics take 42-98, the relu and add backward reductions 38-124, the dual one up
-    # to 154 uncapped, 128 capped, without spills at the compile report's shapes). (A 4K
-    # tile on 4 warps takes up to 234 registers in the dual backward: left out.)
+    # 128 registers fill an SM's 64K, so ptxas is held to 128 (sm_90, Triton 3.6.0,
+    # uncapped: the statistics 42-98, the relu and add backward reductions 38-124, the
+    # dual one up to 154; capped, all within 128 and no spills at the compile report's
+    # shapes). (A 4K tile on 4 warps takes up to 234 registers in the dual backward: left out.)
     TUNING = Tuning(
         elementwise=_configs((2048, 4), (4096, 4), (4096, 8), (8192, 8)),
         reduce=_reduce_configs([(1024, 4, 2), (2048, 4, 2), (2048, 8, 4), (4096, 8, 4)], stages=(1, 3),
