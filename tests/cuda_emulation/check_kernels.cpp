@@ -373,30 +373,40 @@ void run_case(const Case& k, uint64_t seed) {
       }
 }
 
-// Mean 1000, std 3: a float32 sum of squares would lose the variance entirely. The
-// tolerances are tests/test_cuda_ops.py's: mean to 1e-6, invstd to 1e-5, relative.
 // Statistics of N(center, spread) values of shape (N, C, S) on `multiprocessors` emulated
-// SMs, merged from at least `min_partials` partials per channel. With `outlier_first`, each
-// channel's first value is center + 1000 spread: the shift of the steps that start there
-// lies far from their mean.
+// SMs, merged from at least `min_partials` partials per channel, with `planted` values
+// written over some. The tolerances are tests/test_cuda_ops.py's: mean to 1e-6, invstd to
+// 1e-5, relative. A channel whose float64 mean is not finite (an Inf or a NaN planted)
+// must get a non-finite mean and a NaN invstd: its whole output NaN, as eager's.
+struct Planted {
+  int64_t n, c, i;
+  double value;
+};
+
+struct StatisticsCase {
+  int64_t N = 16, C = 32, S = 144;
+  int multiprocessors = 6;
+  int64_t min_partials = 1;
+  double center = 1000.0, spread = 3.0;  // far from zero: a float32 sum of squares would lose the variance
+  std::vector<Planted> planted = {};
+  const char* planted_what = "";  // for the case's name
+};
+
 template <typename T>
-void check_statistics_far_from_zero(Layout layout, const char* dtype, int64_t N = 16, int64_t C = 32,
-                                    int64_t S = 144, int multiprocessors = 6, int64_t min_partials = 1,
-                                    double center = 1000.0, double spread = 3.0, bool outlier_first = false) {
+void check_statistics(Layout layout, const char* dtype, const StatisticsCase& k = {}) {
   char buf[192];
   std::snprintf(buf, sizeof buf, "%s %s statistics of N(%g, %g)%s (%" PRId64 ", %" PRId64 ", %" PRId64 ") sms=%d",
-                dtype, layout == Layout::kNHWC ? "nhwc" : "nchw", center, spread,
-                outlier_first ? " with an outlier first" : "", N, C, S, multiprocessors);
+                dtype, layout == Layout::kNHWC ? "nhwc" : "nchw", k.center, k.spread, k.planted_what, k.N, k.C, k.S,
+                k.multiprocessors);
   if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
   current_case = buf;
   const int before = failures;
-  emulation::multiprocessors = multiprocessors;
+  emulation::multiprocessors = k.multiprocessors;
   Rng rng(7);
+  const int64_t N = k.N, C = k.C, S = k.S;
   Activation<T> x(N, C, S, layout, 0);
-  fill(x, rng, center, spread);
-  if (outlier_first) {
-    for (int64_t c = 0; c < C; ++c) x.at(0, c, 0) = to_dtype<T>(center + 1000 * spread);
-  }
+  fill(x, rng, k.center, k.spread);
+  for (const Planted& v : k.planted) x.at(v.n, v.c, v.i) = to_dtype<T>(v.value);
   ActivationGeometry g;
   g.batch = N;
   g.channels = C;
@@ -405,7 +415,7 @@ void check_statistics_far_from_zero(Layout layout, const char* dtype, int64_t N 
   g.dtype = kDType<T>;
   std::vector<float> mean(C), invstd(C);
   const size_t workspace_bytes = cuda::batch_stats_workspace_bytes(g);  // partials: [splits][2C + 1] floats
-  if (static_cast<int64_t>(workspace_bytes / sizeof(float) / (2 * C + 1)) < min_partials) fail("too few partials");
+  if (static_cast<int64_t>(workspace_bytes / sizeof(float) / (2 * C + 1)) < k.min_partials) fail("too few partials");
   Workspace ws(workspace_bytes);
   BatchStatsParams p;
   p.geometry = g;
@@ -415,69 +425,31 @@ void check_statistics_far_from_zero(Layout layout, const char* dtype, int64_t N 
   p.workspace = ws.get();
   if (cuda::launch_batch_stats(p, nullptr) != cudaSuccess) fail("launch error");
   for (int64_t c = 0; c < C; ++c) {
+    const std::string channel = " of channel " + std::to_string(c);
     double sum = 0, sq = 0;
     for (int64_t n = 0; n < N; ++n)
       for (int64_t i = 0; i < S; ++i) sum += x.get(n, c, i);
     const double mu = sum / (N * S);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t i = 0; i < S; ++i) sq += (x.get(n, c, i) - mu) * (x.get(n, c, i) - mu);
-    const double want_invstd = 1 / std::sqrt(sq / (N * S) + p.eps);
-    if (!(std::fabs(mean[c] - mu) <= 1e-6 * std::fabs(mu))) fail("mean of channel " + std::to_string(c));
-    if (!(std::fabs(invstd[c] - want_invstd) <= 1e-5 * want_invstd)) fail("invstd of channel " + std::to_string(c));
-  }
-  std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
-}
-
-// An Inf, a NaN and a -Inf planted in channels 0, 2 and 3: those channels get a
-// non-finite mean and a NaN invstd (their whole output NaN, as eager's), the others
-// their exact statistics.
-void check_statistics_of_non_finite_values(Layout layout) {
-  char buf[96];
-  std::snprintf(buf, sizeof buf, "float32 %s statistics with an Inf, a NaN and a -Inf",
-                layout == Layout::kNHWC ? "nhwc" : "nchw");
-  if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
-  current_case = buf;
-  const int before = failures;
-  emulation::multiprocessors = 6;
-  const int64_t N = 16, C = 5, S = 144;
-  Rng rng(11);
-  Activation<float> x(N, C, S, layout, 0);
-  fill(x, rng, 0.5, 2.0);
-  x.at(3, 0, 17) = std::numeric_limits<float>::infinity();
-  x.at(0, 2, 0) = std::numeric_limits<float>::quiet_NaN();
-  x.at(15, 3, 143) = -std::numeric_limits<float>::infinity();
-  ActivationGeometry g;
-  g.batch = N;
-  g.channels = C;
-  g.spatial = S;
-  g.layout = layout;
-  g.dtype = kDType<float>;
-  std::vector<float> mean(C), invstd(C);
-  Workspace ws(cuda::batch_stats_workspace_bytes(g));
-  BatchStatsParams p;
-  p.geometry = g;
-  p.input = x.data;
-  p.mean = mean.data();
-  p.invstd = invstd.data();
-  p.workspace = ws.get();
-  if (cuda::launch_batch_stats(p, nullptr) != cudaSuccess) fail("launch error");
-  for (int64_t c = 0; c < C; ++c) {
-    const std::string channel = " of channel " + std::to_string(c);
-    if (c == 0 || c == 2 || c == 3) {
+    if (!std::isfinite(mu)) {
       if (std::isfinite(mean[c])) fail("finite mean" + channel);
       if (!std::isnan(invstd[c])) fail("invstd not NaN" + channel);
       continue;
     }
-    double sum = 0, sq = 0;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t i = 0; i < S; ++i) sum += x.get(n, c, i);
-    const double mu = sum / (N * S);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t i = 0; i < S; ++i) sq += (x.get(n, c, i) - mu) * (x.get(n, c, i) - mu);
-    expect_within("mean" + channel, mean[c], mu, 1e-6, 1e-6);
-    expect_within("invstd" + channel, invstd[c], 1 / std::sqrt(sq / (N * S) + p.eps), 1e-5, 0);
+    const double want_invstd = 1 / std::sqrt(sq / (N * S) + p.eps);
+    if (!(std::fabs(mean[c] - mu) <= 1e-6 * std::fabs(mu))) fail("mean" + channel);
+    if (!(std::fabs(invstd[c] - want_invstd) <= 1e-5 * want_invstd)) fail("invstd" + channel);
   }
   std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
+}
+
+// Each channel's first value 1000 std from the rest: the shift of the steps that start
+// there lies far from their mean.
+std::vector<Planted> outliers_first(int64_t channels, double value) {
+  std::vector<Planted> planted;
+  for (int64_t c = 0; c < channels; ++c) planted.push_back({0, c, 0, value});
+  return planted;
 }
 
 const char* name(Layout l) { return l == Layout::kNHWC ? "nhwc" : "nchw"; }
@@ -555,16 +527,22 @@ int main(int argc, char** argv) {
     }
   }
   for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
-    check_statistics_far_from_zero<float>(layout, "float32");
-    check_statistics_of_non_finite_values(layout);
-    check_statistics_far_from_zero<float>(layout, "float32", 16, 32, 144, 6, 1, 0.0, 1e-3, true);
-    check_statistics_far_from_zero<__nv_bfloat16>(layout, "bfloat16");
+    check_statistics<float>(layout, "float32");
+    check_statistics<float>(layout, "float32",
+                            {.C = 5, .center = 0.5, .spread = 2.0, .planted = {{3, 0, 17, INFINITY}, {0, 2, 0, NAN},
+                                                                               {15, 3, 143, -INFINITY}},
+                             .planted_what = " with an Inf, a NaN and a -Inf"});
+    check_statistics<float>(layout, "float32",
+                            {.center = 0.0, .spread = 1e-3, .planted = outliers_first(32, 1.0),
+                             .planted_what = " with an outlier first"});
+    check_statistics<__nv_bfloat16>(layout, "bfloat16");
     // Values whose square overflows float: a thread's first step must not square them.
-    check_statistics_far_from_zero<float>(layout, "float32", 16, 32, 144, 6, 1, 2e19, 6e16);
+    check_statistics<float>(layout, "float32", {.center = 2e19, .spread = 6e16});
   }
   // NCHW, 20 channels on 12 block slots: 3 splits per channel (20 blocks would run 1.67
   // waves of work in 2, 60 run it in 5 waves of a third).
-  check_statistics_far_from_zero<float>(Layout::kNCHW, "float32", 5, 20, 4096, 4, 3);
+  check_statistics<float>(Layout::kNCHW, "float32",
+                          {.N = 5, .C = 20, .S = 4096, .multiprocessors = 4, .min_partials = 3});
   // The statistics' splits per channel at the ResNet-50 NCHW stage shapes (N = 128, bf16)
   // on an H100/H200's 132 SMs (396 slots): as many blocks per channel as fill the waves
   // (C = 2048: 2, as many as 7x7 planes give a block's worth of work).
@@ -586,7 +564,8 @@ int main(int argc, char** argv) {
   }
   // Over 512 partials per channel (1040 * 1024 rows of one vector, 180 SMs): a finalize
   // lane loads its partials in two rounds.
-  check_statistics_far_from_zero<float>(Layout::kNHWC, "float32", 1, 4, 1040 * 1024, 180, 513);
+  check_statistics<float>(Layout::kNHWC, "float32",
+                          {.N = 1, .C = 4, .S = 1040 * 1024, .multiprocessors = 180, .min_partials = 513});
   failures += emulation::barrier_errors;
   std::printf("%d emulated launches, %d barrier errors, %d failed checks\n", emulation::launches,
               emulation::barrier_errors, failures);
