@@ -30,8 +30,8 @@ import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
 import test_ops
-from test_ops import (ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients, check_non_finite_statistics,
-                      check_statistics_with_an_outlier_first)
+from test_ops import (OUTLIER_SHAPES_ON_GPU, ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients,
+                      check_non_finite_statistics, check_statistics_with_an_outlier_first)
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
 if _ON not in ("", "cpu"):  # a typo would otherwise skip everything, green
@@ -388,6 +388,6 @@ def test_non_finite_values_poison_only_their_channel(layout):
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-@pytest.mark.parametrize("shape", [(8, 24, 64, 64), (3, 5, 30, 30)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", OUTLIER_SHAPES_ON_GPU, ids=lambda s: "x".join(map(str, s)))
 def test_statistics_with_an_outlier_first(shape, layout):
     check_statistics_with_an_outlier_first(BACKEND, shape, layout, DEVICE)

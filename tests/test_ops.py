@@ -351,6 +351,7 @@ def check_statistics_with_an_outlier_first(backend, shape, layout, device="cpu")
 
 
 OUTLIER_CASES = [((1, 4, 40, 40), "nhwc"), ((2, 3, 30, 30), "nchw")]
+OUTLIER_SHAPES_ON_GPU = [(8, 24, 64, 64), (3, 5, 30, 30)]  # each in both layouts
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -24,6 +24,8 @@ import torch
 import resnet_fused
 from resnet_fused import _extension, functional as RF, ops
 from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck
+from test_ops import (OUTLIER_SHAPES_ON_GPU, check_nan_residual_gradients, check_non_finite_statistics,
+                      check_statistics_with_an_outlier_first)
 
 pytest.importorskip("triton")
 from resnet_fused.triton import _runtime, compile_report  # noqa: E402
@@ -445,23 +447,17 @@ def test_compile_fullgraph_on_cuda():
 @cuda
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_nan_residual_passes_the_gradient_as_eager_on_cuda(layout):
-    from test_ops import check_nan_residual_gradients
-
     check_nan_residual_gradients("triton", layout, "cuda")
 
 
 @cuda
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_non_finite_values_poison_only_their_channel_on_cuda(layout):
-    from test_ops import check_non_finite_statistics
-
     check_non_finite_statistics("triton", layout, "cuda")
 
 
 @cuda
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-@pytest.mark.parametrize("shape", [(8, 24, 64, 64), (3, 5, 30, 30)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", OUTLIER_SHAPES_ON_GPU, ids=lambda s: "x".join(map(str, s)))
 def test_statistics_with_an_outlier_first_on_cuda(shape, layout):
-    from test_ops import check_statistics_with_an_outlier_first
-
     check_statistics_with_an_outlier_first("triton", shape, layout, "cuda")
