@@ -10,9 +10,11 @@ block than the kernels: what a block adds per call in Python (its structural che
 fold cache, the functional layer, the op dispatch, the Triton launcher) is then what
 users wait for. Prints the median wall time per call (``time.perf_counter``, after
 warm-up, the device synchronized at the end of each timed loop) of the whole block, per
-backend, in eval, training forward and training step (forward + backward), and of the
-parts that run on every call; for the C++ backends also with Python autograd Functions in
-place of their C++ ones (``resnet_fused.ops.python_eager_autograd``: what those save).
+backend, in eval, training forward and training step (forward + backward), of the
+parts that run on every call, and of one op family alone per backend (the statistics,
+``bn_relu`` forward and backward at 2x64x8x8); for the C++ backends also with Python
+autograd Functions in place of their C++ ones (``resnet_fused.ops.python_eager_autograd``:
+what those save).
 ``--profile N`` adds cProfile's N most expensive functions (own time) of each fused
 training step. The Triton backend is timed also with every launch through Triton's own
 launch path (``resnet_fused.triton._runtime.replaying(False)``: what the replay of recorded
@@ -156,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
             rows.append((f"train step, {label}", median_us(step(block), device, args.calls // 2)))
             if args.profile and block is fused and "Python" not in label:
                 profiles.append((label, _profile(step(block), device, args.calls // 2, args.profile)))
+    for b in (b for b in backends if b != "auto"):
+        rows += _op_rows(b, device, args.calls)
     rows.append(("unsupported_reason (every forward)", median_us(lambda: modules.unsupported_reason(fused), device)))
     fused.eval()
     with torch.no_grad():
@@ -171,6 +175,28 @@ def _run(args: argparse.Namespace) -> int:
     for label, text in profiles:
         print(f"\ncProfile of one training step, {label} (own time, {args.calls // 2} steps):\n{text}")
     return 0
+
+
+def _op_rows(backend: str, device: torch.device, calls: int) -> list[tuple[str, float]]:
+    """One op family alone, as a block calls it in training: the statistics (the eager
+    op), and ``functional.bn_relu`` forward, then forward + backward, on a 2x64x8x8
+    channels_last input (bf16 on a GPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(2, 64, 8, 8, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    x_grad = x.clone().requires_grad_()
+    weight, bias = (torch.randn(64, device=device, requires_grad=True) for _ in range(2))
+    running_mean, running_var = torch.zeros(64, device=device), torch.ones(64, device=device)
+    eager = resnet_fused.ops.eager_ops(resnet_fused.backends.get(backend).ops.name)
+
+    def forward():
+        return resnet_fused.functional.bn_relu(x_grad, running_mean, running_var, weight, bias, True, backend=backend)
+
+    return [
+        (f"batch_stats op, {backend}", median_us(lambda: eager.batch_stats(x, running_mean, running_var, 0.1, 1e-5),
+                                                 device, calls)),
+        (f"bn_relu train forward, {backend}", median_us(forward, device, calls)),
+        (f"bn_relu train forward + backward, {backend}", median_us(lambda: forward().sum().backward(), device, calls)),
+    ]
 
 
 if __name__ == "__main__":

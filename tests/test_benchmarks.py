@@ -232,6 +232,7 @@ def test_host_overhead_times_blocks_and_the_cpp_autograd(capsys):
     assert "train step, torchvision" in out
     if "cpu" in resnet_fused.available_backends("cpu"):
         assert "train step, fused cpu " in out and "train step, fused cpu, Python autograd" in out
+        assert "batch_stats op, cpu " in out and "bn_relu train forward + backward, cpu " in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-in driver is for machines without a GPU")
@@ -243,6 +244,7 @@ def test_host_overhead_times_the_triton_backend_without_a_gpu(capsys):
     out = capsys.readouterr().out
     assert "launches recorded, not run" in out
     assert "train step, fused triton " in out and "train step, fused triton, every launch through Triton" in out
+    assert "batch_stats op, triton " in out and "bn_relu train forward + backward, triton " in out
     assert len(triton_stand_in.LAUNCHES) == 0, "the stand-in left launches behind"
     assert not resnet_fused.backends.get("triton").supports(torch.device("cpu"), torch.float32), "not restored"
     with pytest.raises(SystemExit):

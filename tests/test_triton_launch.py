@@ -1,11 +1,12 @@
-"""How the Triton backend launches its kernels: recorded once through Triton, then replayed
-(``resnet_fused.triton._runtime.Launch``).
+"""How the Triton backend launches its kernels: an op call's launches recorded once through
+Triton as a plan, then replayed (``resnet_fused.triton._runtime.launch``).
 
 Runs on the CPU: the stand-in driver (benchmarks/triton_stand_in.py) compiles each kernel
 for sm_90 and records what every launch hands the compiled kernel's launcher. A replay
-must hand it exactly what Triton's own launch path did, and a launch that Triton could
-specialize differently (another address alignment, integer, dtype or configuration) must
-go through Triton again. On a GPU the CUDA tests run the replay for real.
+must hand it exactly what Triton's own launch path does for the same operands, and a call
+that Triton could specialize differently (another address alignment, dtype, shape,
+variant or configuration) must go through Triton again. On a GPU the CUDA tests run the
+replay for real.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 triton = pytest.importorskip("triton")
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from resnet_fused.triton import _runtime, batch_stats, compile_report  # noqa: E402
+from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act, compile_report  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(_runtime.INTERPRET, reason="the interpreter launches no compiled kernel"),
@@ -77,74 +78,106 @@ def racing_autotuner(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_replay_launches_what_triton_would(dtype, stand_in, through_triton, racing_autotuner):
-    """Each kernel launched once with some tensors, then with fresh ones of the same key (a
-    replay), then those again through Triton: the replay hands the launcher what Triton does."""
-    first, again = (list(compile_report.representative_launches(dtype, SHAPE)) for _ in range(2))
+    """Each op's launches recorded with some operands, replayed with fresh ones of the same
+    key, then launched with those through Triton: the replay hands the launchers what
+    Triton does, launch by launch, each operand where it belongs."""
+    first, again = (list(compile_report.representative_calls(dtype, SHAPE)) for _ in range(2))
     kernels = {f for f in jit_functions() if (getattr(f, "fn", f)).__name__.endswith("_kernel")}
-    assert {launch.kernel for _, launch in first} == kernels
-    for (variant, recording), (_, launch) in zip(first, again):
+    assert {launch.kernel for _, (build, static, operands) in first for launch in build(*static, *operands)} == kernels
+    for (variant, recording), (_, call) in zip(first, again):
         LAUNCHES.clear()
         through_triton.clear()
-        _runtime.forget_launches()  # variants may share a launch (the backward reduction's in eval)
-        recording()
-        launch()
-        assert through_triton == [recording], f"{variant}: the second launch went through Triton again"
+        _runtime.forget_launches()
+        _runtime.launch(*recording)
+        launches = len(through_triton)
+        assert launches == len(LAUNCHES) > 0
+        _runtime.launch(*call)
+        assert len(through_triton) == launches, f"{variant}: the second call went through Triton again"
         with _runtime.replaying(False):
-            launch()
-        assert len(LAUNCHES) == 3, variant
-        _, replayed, by_triton = LAUNCHES
-        assert same_launch(replayed, by_triton), f"{variant} {replayed.kernel}:\n{replayed}\n{by_triton}"
+            _runtime.launch(*call)
+        assert len(LAUNCHES) == 3 * launches, variant
+        replayed, by_triton = list(LAUNCHES)[launches:2 * launches], list(LAUNCHES)[2 * launches:]
+        for a, b in zip(replayed, by_triton):
+            assert same_launch(a, b), f"{variant} {a.kernel}:\n{a}\n{b}"
+
+
+def _stats_call(x: torch.Tensor, running: bool = True) -> compile_report.Call:
+    part = _reduce.partition(x, x.is_contiguous(memory_format=torch.channels_last))
+    per_channel = [torch.empty(x.shape[1]) for _ in range(4 if running else 2)] + [None] * (0 if running else 2)
+    partials = torch.empty((3, part.channels, part.chunks))
+    return batch_stats.launches, (part,), (x, partials, *per_channel, 0.1, 0.9, 1e-5)
 
 
 def test_a_replay_launches_on_the_current_device_and_stream(stand_in, through_triton):
-    launch = _stats_launches(torch.empty(SHAPE, memory_format=torch.channels_last))[0]
-    launch()
+    call = _stats_call(torch.empty(SHAPE, memory_format=torch.channels_last))
+    _runtime.launch(*call)
     driver = triton.runtime.driver.active
     driver.stream = 7
-    launch()  # replayed
-    assert len(through_triton) == 1 and LAUNCHES[-1].stream == 7
-    driver.device = 1  # another device: its own compiled kernel and partition
-    launch()
-    assert len(through_triton) == 2 and LAUNCHES[-1].stream == 7
+    _runtime.launch(*call)  # replayed
+    assert len(through_triton) == 2 and [launch.stream for launch in list(LAUNCHES)[-2:]] == [7, 7]
+    driver.device = 1  # another device: its own compiled kernels
+    _runtime.launch(*call)
+    assert len(through_triton) == 4 and LAUNCHES[-1].stream == 7
 
 
-def _stats_launches(x: torch.Tensor):
-    per_channel = [torch.empty(x.shape[1]) for _ in range(4)]
-    return batch_stats.launches(x, True, *per_channel, 0.1, 1e-5)
-
-
-def test_a_launch_triton_may_specialize_differently_goes_through_triton(stand_in, through_triton):
+def test_a_call_triton_may_specialize_differently_goes_through_triton(stand_in, through_triton):
     x = torch.empty(SHAPE, memory_format=torch.channels_last)
-    partials_kernel = _stats_launches(x)[0]
-    partials_kernel()
-    aligned = LAUNCHES[-1]
-    partials_kernel()  # replayed
-    assert len(through_triton) == 1
+    call = _stats_call(x)
+    _runtime.launch(*call)
+    aligned = LAUNCHES[-2]  # the partials kernel
+    _runtime.launch(*call)  # replayed
+    assert len(through_triton) == 2
 
     # The same shape 4 bytes off a 16-byte boundary: Triton drops the pointer's divisibility.
     storage = torch.empty(x.numel() + 1)
     shifted = storage[1:].view(SHAPE[0], SHAPE[2], SHAPE[3], SHAPE[1]).permute(0, 3, 1, 2)
     assert shifted.is_contiguous(memory_format=torch.channels_last) and shifted.data_ptr() % 16 == 4
-    _stats_launches(shifted)[0]()
-    assert len(through_triton) == 2
-    assert LAUNCHES[-1].function is not aligned.function, "the unaligned launch reused the aligned specialization"
-
-    # Another integer (more rows), another dtype: new keys.
-    _stats_launches(torch.empty((SHAPE[0] + 1,) + SHAPE[1:], memory_format=torch.channels_last))[0]()
-    assert len(through_triton) == 3
-    _stats_launches(torch.empty(SHAPE, dtype=torch.float16, memory_format=torch.channels_last))[0]()
+    _runtime.launch(*_stats_call(shifted))
     assert len(through_triton) == 4
+    assert LAUNCHES[-2].function is not aligned.function, "the unaligned call reused the aligned specialization"
+
+    # Another shape (another partition), another dtype, an absent optional operand: new keys.
+    _runtime.launch(*_stats_call(torch.empty((SHAPE[0] + 1,) + SHAPE[1:], memory_format=torch.channels_last)))
+    assert len(through_triton) == 6
+    _runtime.launch(*_stats_call(torch.empty(SHAPE, dtype=torch.float16, memory_format=torch.channels_last)))
+    assert len(through_triton) == 8
+    _runtime.launch(*_stats_call(x, running=False))
+    assert len(through_triton) == 10
 
     # A pinned configuration is a key of its own, and its constants reach the launcher.
     with _runtime.pinned_config(0):
-        partials_kernel()
-        assert len(through_triton) == 5
-        pinned = LAUNCHES[-1]
-        partials_kernel()
-    assert len(through_triton) == 5 and same_launch(pinned, LAUNCHES[-1])
-    tile = partials_kernel.kernel.arg_names.index("TILE")
-    configs = partials_kernel.kernel.configs
-    assert (pinned.args[tile], aligned.args[tile]) == (configs[0].kwargs["TILE"], configs[1].kwargs["TILE"])
+        _runtime.launch(*call)
+        assert len(through_triton) == 12
+        pinned = LAUNCHES[-2]
+        _runtime.launch(*call)
+    assert len(through_triton) == 12 and same_launch(pinned, LAUNCHES[-2])
+    kernel = batch_stats._batch_stats_partials_kernel
+    tile = kernel.arg_names.index("TILE")
+    assert (pinned.args[tile], aligned.args[tile]) == (kernel.configs[0].kwargs["TILE"], kernel.configs[1].kwargs["TILE"])
+
+
+def test_every_op_variant_has_a_plan_of_its_own(stand_in, through_triton):
+    """The backward in training and in eval, and each epilogue, are separate plans: their
+    static values differ, so none replays another's launches."""
+    calls = [call for _, call in compile_report.representative_calls(torch.float32, SHAPE, ("nhwc",))]
+    for call in calls:
+        _runtime.launch(*call)
+    assert len(through_triton) == sum(len(build(*static, *operands)) for build, static, operands in calls)
+    assert len(_runtime._plans) == len(calls)
+
+
+def test_a_builder_must_take_its_tensors_from_the_operands(stand_in):
+    """A builder that puts a tensor of its own into a launch would have a replay pass that
+    tensor again: recording such a plan fails."""
+    x = torch.empty(SHAPE, memory_format=torch.channels_last)
+    build, static, operands = _stats_call(x)
+    captured = operands[1]
+
+    def careless(part, x, partials, *rest):
+        return build(part, x, captured, *rest)
+
+    with pytest.raises(RuntimeError, match="part_ptr comes from an operand but is not one"):
+        _runtime.launch(careless, static, operands)
 
 
 def test_tuned_configs_say_what_the_autotuner_chose(stand_in):
@@ -152,26 +185,39 @@ def test_tuned_configs_say_what_the_autotuner_chose(stand_in):
     (the stand-in's autotuner picks the second)."""
     _runtime.forget_launches()
     x = torch.empty(SHAPE, dtype=torch.float16, memory_format=torch.channels_last)
-    partials_kernel = _stats_launches(x)[0]
-    partials_kernel()
+    build, static, operands = _stats_call(x)
+    build(*static, *operands)[0].through_triton()
     entries = _runtime.tuned_configs()["_batch_stats_partials_kernel"]
     assert all(e["key_args"] == ["lanes", "CHANNELS_LAST", "BLOCK_L"] for e in entries)
     (chosen,) = [e for e in entries if e["key"][:2] == [SHAPE[1], True] and "torch.float16" in e["key"]]
-    second = partials_kernel.kernel.configs[1]
+    second = batch_stats._batch_stats_partials_kernel.configs[1]
     assert chosen["config"] == {**second.all_kwargs()} and chosen["config"]["TILE"] == second.kwargs["TILE"]
     assert chosen["config"]["num_warps"] == second.num_warps
     json.dumps(_runtime.tuned_configs())  # written into the benchmarks' JSON as it is
 
 
 def test_without_replay_every_launch_goes_through_triton(stand_in, through_triton):
-    launch = _stats_launches(torch.empty(SHAPE, memory_format=torch.channels_last))[1]
+    call = _stats_call(torch.empty(SHAPE, memory_format=torch.channels_last))
     with _runtime.replaying(False):
         for _ in range(3):
-            launch()
-    assert len(through_triton) == 3
-    launch()
-    launch()
-    assert len(through_triton) == 4
+            _runtime.launch(*call)
+    assert len(through_triton) == 6
+    _runtime.launch(*call)
+    _runtime.launch(*call)
+    assert len(through_triton) == 8
+
+
+def test_an_op_replays_its_plan_with_each_calls_tensors(stand_in, through_triton):
+    """Through the op itself: the second call with fresh tensors replays, and hands the
+    launcher that call's input and outputs."""
+    C = SHAPE[1]
+    arrays = [torch.rand(C) + 0.5 for _ in range(4)]
+    for call in range(2):
+        x = torch.randn(SHAPE).to(memory_format=torch.channels_last)
+        out = bn_act.bn_relu(x, *arrays, True)
+        (launch,) = [launch for launch in LAUNCHES if launch.args[0] is x]
+        assert launch.args[bn_act._bn_act_forward_kernel.arg_names.index("out_ptr")] is out
+    assert len(through_triton) == 1
 
 
 def test_inputs_beyond_the_row_limit_run_the_reference(stand_in, monkeypatch):

@@ -173,22 +173,23 @@ def test_partials_kernels_write_every_slot(chunks_per_program, shape, layout):
         assert part.lane_chunks == nchw_lane_chunks and part.chunks > 1
     c = shape[1]
     mean, invstd = torch.empty(c), torch.empty(c)
-    stats = batch_stats.launches(x, channels_last, mean, invstd, None, None, 0.1, 1e-5)
-    stats[0].args["part_ptr"].fill_(float("nan"))
-    _runtime.run(stats)
-    assert not stats[0].args["part_ptr"].isnan().any()
+    partials = torch.full((3, c, part.chunks), float("nan"))
+    _runtime.run(batch_stats.launches(part, x, partials, mean, invstd, None, None, 0.1, 0.9, 1e-5))
+    assert not partials.isnan().any()
     want_mean, want_invstd = R.batch_stats(x, None, None, 0.1, 1e-5)
     torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(invstd, want_invstd, rtol=1e-5, atol=0)
 
     grad, weight, bias = activation(shape, layout=layout), torch.rand(c) + 0.5, torch.randn(c)
-    main = bn_act.Branch(x, weight, bias, mean, invstd)
     grad_input, grad_weight, grad_bias = torch.empty_like(x), torch.empty(c), torch.empty(c)
-    backward = bn_act.backward_launches(bn_act.RELU.value, True, grad, main, None, None, grad_input, grad_weight,
-                                        grad_bias, None, None, None, channels_last)
-    backward[0].args["part_ptr"].fill_(float("nan"))
-    _runtime.run(backward)
-    assert not backward[0].args["part_ptr"].isnan().any()
+    partials = torch.full((2, c, part.chunks), float("nan"))
+    view = bn_act._Elementwise.of(x, channels_last)
+    no_y = (None,) * 5  # y and the absent downsample branch
+    _runtime.run(bn_act.backward_launches(
+        bn_act.RELU.value, True, part, view, grad, x, weight, bias, mean, invstd, *no_y, partials, torch.empty(2, c),
+        grad_input, grad_weight, grad_bias, None, None, None,
+    ))
+    assert not partials.isnan().any()
     want = R.bn_relu_backward(grad, x, weight, bias, mean, invstd, True)
     for got, expected in zip((grad_input, grad_weight, grad_bias), want):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

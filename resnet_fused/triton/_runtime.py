@@ -89,92 +89,49 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 #
 # Triton's own launch path (the autotuner's key, the JIT's argument binding and
 # specialization, its cache lookup) costs 25-90 us of host time per launch (2-core Xeon,
-# Triton 3.6), more than most of these kernels run on an H200, and a Triton op launches
-# two to five: a training step of Triton ops waited on the host (docs/performance.md).
-# So a launch goes through Triton once per *launch key*: the kernel, the pinned
-# configuration, the current device, and each argument as Triton may specialize on it:
-# scalars by value, tensors by dtype and address modulo 16 (Triton specializes a pointer
-# on being 16-byte aligned, as compile_report._source mirrors). A later launch with the
-# same key calls the compiled kernel Triton returned then, with the grid and configuration of then.
+# Triton 3.6), more than most of these kernels run on an H200, and an op launches one to
+# three; building the launches' arguments and keying each launch cost another ~10 us a
+# launch. So an op call goes through Triton once per *plan key*, and later calls of the
+# key replay the plan it recorded. An op hands `launch` a builder, the values the
+# builder's launches follow from (`static`: variant, partition, tiling; hashable) and the
+# call's *operands* (tensors, floats, None for an absent optional tensor). The key is the
+# builder, `static`, the pinned configuration, the current device, and each operand as
+# Triton may specialize on it (tensors by dtype and address modulo 16, as
+# compile_report._source mirrors; floats by type). The plan keeps, per launch, the
+# compiled kernel Triton returned, bound to the grid of then, and its argument list in
+# the order of the kernel's compiled signature, with the configuration's constants as
+# that kernel was compiled with them and holes where the operands go. A replay fills the
+# holes and calls the kernels: no launch objects, no argument dictionaries, one key.
 
-_REPLAY_LIMIT = 4096  # recorded launches kept; past it, the record starts over
+_PLAN_LIMIT = 1024  # plans kept; past it, the record starts over
 REPLAY_ENV = "RESNET_FUSED_TRITON_REPLAY"  # 0: every launch through Triton
 
 
 @dataclasses.dataclass(frozen=True)
-class _Replay:
-    """A compiled kernel bound to its grid, and where its launcher's arguments come from."""
+class Operand:
+    """Stands for an op call's ``index``-th operand in the launches its builder makes
+    while a plan is recorded: the builder only places operands, never reads them."""
 
-    runner: Callable[..., None]  # CompiledKernel[grid]: launches on the current stream
-    params: tuple[str, ...]  # the launcher's parameters in order (Triton's compiled signature)
-    constants: dict[str, Any]  # compiled-in values not among the launch's arguments: the config's TILE, STAGES
-
-    def __call__(self, args: dict[str, Any]) -> None:
-        values = {**args, **self.constants} if self.constants else args
-        self.runner(*[values[name] for name in self.params])
-
-
-_replays: dict[tuple, _Replay] = {}
-_replaying = os.environ.get(REPLAY_ENV, "1").strip() != "0"
-
-
-@contextlib.contextmanager
-def replaying(enabled: bool):
-    """Inside, launches replay (True) or all go through Triton (False); the default comes
-    from ``RESNET_FUSED_TRITON_REPLAY``."""
-    global _replaying
-    previous, _replaying = _replaying, enabled
-    try:
-        yield
-    finally:
-        _replaying = previous
-
-
-def forget_launches() -> None:
-    """Drops every recorded launch: the next launch of each key goes through Triton."""
-    _replays.clear()
+    index: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel launch: the kernel (autotuned or not), its grid and its arguments by name.
 
-    ``grid`` must be a function of ``args`` and the configuration's constants alone: a
-    launch with the key of an earlier one replays that one's grid. The op functions run
-    these; ``compile_report`` compiles the very same argument sets for sm_90 without a GPU.
+    ``grid`` must be a function of the arguments that are not operands and of the
+    configuration's constants: a plan replays the grid of the launch it recorded. The ops'
+    builders make these; ``compile_report`` compiles the very same argument sets for sm_90
+    without a GPU.
     """
 
     kernel: Any  # triton.runtime.Autotuner or JITFunction
     grid: Callable[[dict], tuple[int, ...]]
     args: dict[str, Any]
 
-    def key(self) -> tuple:
-        """What Triton may specialize this launch on (a float: never its value), and the
-        device it compiles for and launches on, the current one (the op's device guard)."""
-        device = triton.runtime.driver.active.get_current_device()
-        return (self.kernel, _pinned, device, tuple(self.args), *[
-            (v.dtype, v.data_ptr() % 16) if isinstance(v, torch.Tensor) else float if type(v) is float else v
-            for v in self.args.values()
-        ])  # fmt: skip
-
-    def __call__(self) -> None:
-        if INTERPRET or not _replaying:  # the interpreter has no compiled kernel to replay
-            self.through_triton()
-            return
-        key = self.key()
-        replay = _replays.get(key)
-        if replay is not None:
-            replay(self.args)
-            return
-        replay = self.through_triton()
-        if replay is not None:
-            if len(_replays) >= _REPLAY_LIMIT:
-                _replays.clear()
-            _replays[key] = replay
-
-    def through_triton(self) -> Optional[_Replay]:
+    def through_triton(self) -> Optional["_Compiled"]:
         """Launches through Triton (autotuning a new key, compiling a new specialization);
-        returns the launch as a replay, or None where Triton returned no compiled kernel."""
+        returns the kernel it ran, or None where Triton returned no compiled kernel."""
         config = pinned_config_of(self.kernel)
         if config is None:
             compiled = self.kernel[self.grid](**self.args)
@@ -189,12 +146,108 @@ class Launch:
         names = source.fn.arg_names  # the JITFunction compiled
         set_by_config = {names[k[0]]: v for k, v in constants.items() if names[k[0]] not in self.args}
         grid = tuple(self.grid({**self.args, **set_by_config}))
-        return _Replay(compiled[grid + (1,) * (3 - len(grid))], tuple(signature), set_by_config)
+        return _Compiled(compiled[grid + (1,) * (3 - len(grid))], tuple(signature), set_by_config)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+    """A compiled kernel bound to its grid, and what its launcher takes."""
+
+    runner: Callable[..., None]  # CompiledKernel[grid]: launches on the current device and stream
+    params: tuple[str, ...]  # the launcher's parameters in order (Triton's compiled signature)
+    constants: dict[str, Any]  # compiled-in values not among the launch's arguments: the config's TILE, STAGES
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One launch of a plan: ``runner`` takes ``arguments``, the operands put in at ``holes``
+    ((position in the arguments, operand index) pairs)."""
+
+    runner: Callable[..., None]
+    arguments: tuple
+    holes: tuple[tuple[int, int], ...]
+
+    def __call__(self, operands: tuple) -> None:
+        args = list(self.arguments)
+        for position, index in self.holes:
+            args[position] = operands[index]
+        self.runner(*args)
+
+
+_plans: dict[tuple, tuple[_Step, ...]] = {}
+_replaying = os.environ.get(REPLAY_ENV, "1").strip() != "0"
+
+
+@contextlib.contextmanager
+def replaying(enabled: bool):
+    """Inside, op calls replay their plans (True) or launch everything through Triton
+    (False); the default comes from ``RESNET_FUSED_TRITON_REPLAY``."""
+    global _replaying
+    previous, _replaying = _replaying, enabled
+    try:
+        yield
+    finally:
+        _replaying = previous
+
+
+def forget_launches() -> None:
+    """Drops every recorded plan: the next call of each key goes through Triton."""
+    _plans.clear()
 
 
 def run(launches: list[Launch]) -> None:
+    """Every launch through Triton, in order."""
     for launch in launches:
-        launch()
+        launch.through_triton()
+
+
+def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> None:
+    """Runs the launches ``build(*static, *operands)`` makes, on the current device and
+    stream: through Triton the first time for the key (module comment), replayed after."""
+    if INTERPRET or not _replaying:  # the interpreter has no compiled kernel to replay
+        run(build(*static, *operands))
+        return
+    key = (build, static, _pinned, triton.runtime.driver.active.get_current_device(), *[
+        None if o is None else (o.dtype, o.data_ptr() % 16) if isinstance(o, torch.Tensor) else type(o)
+        for o in operands
+    ])  # fmt: skip
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _record(build, static, operands)
+        if plan is not None:
+            if len(_plans) >= _PLAN_LIMIT:
+                _plans.clear()
+            _plans[key] = plan
+        return
+    for step in plan:
+        step(operands)
+
+
+def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> Optional[tuple[_Step, ...]]:
+    """Launches ``build``'s launches through Triton; returns them as a plan, or None where
+    Triton returned no compiled kernel for one of them."""
+    launches = build(*static, *operands)
+    compiled = [launch.through_triton() for launch in launches]
+    if any(c is None for c in compiled):
+        return None
+    # The same launches with a marker for each operand: where the operands go.
+    templates = build(*static, *[None if o is None else Operand(i) for i, o in enumerate(operands)])
+    steps = []
+    for launch, template, kernel in zip(launches, templates, compiled, strict=True):
+        arguments, holes = [], []
+        for position, name in enumerate(kernel.params):
+            value = template.args[name] if name in template.args else kernel.constants[name]
+            if isinstance(value, Operand):
+                holes.append((position, value.index))
+                value = None
+            elif isinstance(launch.args.get(name), torch.Tensor) or launch.args.get(name, value) != value:
+                kernel_name = getattr(launch.kernel, "fn", launch.kernel).__name__
+                raise RuntimeError(  # a builder's error: a replay would pass this call's value again
+                    f"{build.__name__}: {kernel_name}'s argument {name} comes from an operand but is not one"
+                )
+            arguments.append(value)
+        steps.append(_Step(kernel.runner, tuple(arguments), tuple(holes)))
+    return tuple(steps)
 
 
 # ---------------------------------------------------------------- pinned configurations

@@ -159,18 +159,21 @@ def _batch_stats_finalize_kernel(
 
 
 def launches(
+    part: _reduce.Partition,
     x: Tensor,
-    channels_last: bool,
+    partials: Tensor,
     mean: Tensor,
     invstd: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
     momentum: float,
+    one_minus_momentum: float,
     eps: float,
 ) -> list[Launch]:
-    """The kernels computing ``x``'s statistics (``x`` dense in its layout, numel > 0)."""
-    part = _reduce.partition(x, channels_last)
-    partials = torch.empty((3, part.channels, part.chunks), device=x.device, dtype=torch.float32)
+    """The kernels computing the statistics of ``x`` (dense in its layout, numel > 0,
+    reduced by ``part``) into ``partials`` (3 x C x ``part.chunks``), then ``mean``,
+    ``invstd`` and the running statistics. Every argument after ``part`` is an operand of
+    the op's launch plan (``_runtime.launch``): placed, never read."""
     block_c, block_s = part.finalize_blocks()
     has_running = running_mean is not None
     return [
@@ -186,7 +189,7 @@ def launches(
                 running_mean_ptr=running_mean if has_running else mean,
                 running_var_ptr=running_var if has_running else invstd,
                 C=part.channels, chunks=part.chunks,
-                momentum=momentum, one_minus_momentum=1.0 - momentum, eps=eps,
+                momentum=momentum, one_minus_momentum=one_minus_momentum, eps=eps,
                 unbias=part.reduce_size / (part.reduce_size - 1),  # M >= 2: check_batch_size
                 HAS_RUNNING=has_running, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
             ),
@@ -213,8 +216,10 @@ def batch_stats(
         return mean, invstd
     # What the kernel updates: the running statistics themselves, or copies written back.
     buffers = [_runtime.float32_contiguous(t) for t in (running_mean, running_var)]
+    part = _reduce.partition(x, memory_format == torch.channels_last)
+    partials = torch.empty((3, part.channels, part.chunks), device=x.device, dtype=torch.float32)
     with _runtime.device_guard(x):
-        _runtime.run(launches(x, memory_format == torch.channels_last, mean, invstd, *buffers, momentum, eps))
+        _runtime.launch(launches, (part,), (x, partials, mean, invstd, *buffers, momentum, 1.0 - momentum, eps))
     for user, buffer in zip((running_mean, running_var), buffers):
         if buffer is not user:
             user.copy_(buffer)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -319,8 +319,7 @@ def _bn_act_backward_elementwise_kernel(
 # ---------------------------------------------------------------- host side
 
 
-@dataclasses.dataclass(frozen=True)
-class Branch:
+class Branch(NamedTuple):
     """One BatchNorm of a fused op, ready for the kernels: its input dense in the op's
     layout, its per-channel arrays fp32 and contiguous."""
 
@@ -336,18 +335,20 @@ class Branch:
         return Branch(input.contiguous(memory_format=memory_format), fp32(weight), fp32(bias), fp32(mean), fp32(invstd))
 
 
-def _branch_args(branch: Optional[Branch], suffix: str, placeholder: Branch) -> dict:
-    """Kernel arguments of a branch; an absent one (or absent weight, bias) passes the
-    placeholder's arrays, which the kernel never reads."""
+_NO_BRANCH = (None, None, None, None)  # the per-channel operands of an absent downsample branch
+
+
+def _per_channel_args(suffix: str, weight, bias, mean, invstd, placeholder) -> dict:
+    """A branch's per-channel kernel arguments; an absent array (every one of an absent
+    branch) passes ``placeholder``, which the kernel never reads."""
     flag = suffix.upper()
-    b = branch or placeholder
     return {
-        f"weight{suffix}_ptr": b.weight if b.weight is not None else b.mean,
-        f"bias{suffix}_ptr": b.bias if b.bias is not None else b.mean,
-        f"mean{suffix}_ptr": b.mean,
-        f"invstd{suffix}_ptr": b.invstd,
-        f"HAS_WEIGHT{flag}": branch is not None and branch.weight is not None,
-        f"HAS_BIAS{flag}": branch is not None and branch.bias is not None,
+        f"weight{suffix}_ptr": placeholder if weight is None else weight,
+        f"bias{suffix}_ptr": placeholder if bias is None else bias,
+        f"mean{suffix}_ptr": placeholder if mean is None else mean,
+        f"invstd{suffix}_ptr": placeholder if invstd is None else invstd,
+        f"HAS_WEIGHT{flag}": weight is not None,
+        f"HAS_BIAS{flag}": bias is not None,
     }
 
 
@@ -388,74 +389,71 @@ class _Elementwise:
         )
 
 
+# The builders of an op's launches. Every argument after the op variant and tiling is
+# an operand of the op's launch plan (``_runtime.launch``): placed, never read. ``y`` is
+# the residual (``ADD_RELU``) or the downsample input (``DUAL_ADD_RELU``), dense like ``x``.
+
+
 def forward_launches(
-    epilogue: int, main: Branch, y: Optional[Tensor], downsample: Optional[Branch], out: Tensor, channels_last: bool
+    epilogue: int, view: _Elementwise,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
+    y: Optional[Tensor], weight_d: Optional[Tensor], bias_d: Optional[Tensor], mean_d: Optional[Tensor],
+    invstd_d: Optional[Tensor],
+    out: Tensor,
 ) -> list[Launch]:
-    """The kernel writing ``out`` (``y``: residual or downsample input, dense like main's)."""
-    x = main.input
-    view = _Elementwise.of(x, channels_last)
+    """The kernel writing ``out`` (numel > 0)."""
     args = dict(
-        x_ptr=x, **_branch_args(main, "", main),
-        y_ptr=x if y is None else y, **_branch_args(downsample, "_d", main),
+        x_ptr=x, **_per_channel_args("", weight, bias, mean, invstd, mean),
+        y_ptr=x if y is None else y, **_per_channel_args("_d", weight_d, bias_d, mean_d, invstd_d, mean),
         out_ptr=out, **view.kernel_args(), EPILOGUE=epilogue,
     )
     return [Launch(_bn_act_forward_kernel, view.grid, args)]
 
 
 def backward_launches(
-    epilogue: int,
-    training: bool,
+    epilogue: int, training: bool, part: _reduce.Partition, view: _Elementwise,
     grad: Tensor,
-    main: Branch,
-    y: Optional[Tensor],
-    downsample: Optional[Branch],
-    grad_input: Tensor,
-    grad_weight: Tensor,
-    grad_bias: Tensor,
-    grad_y: Optional[Tensor],
-    grad_weight_d: Optional[Tensor],
-    grad_bias_d: Optional[Tensor],
-    channels_last: bool,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
+    y: Optional[Tensor], weight_d: Optional[Tensor], bias_d: Optional[Tensor], mean_d: Optional[Tensor],
+    invstd_d: Optional[Tensor],
+    partials: Tensor, coefficients: Tensor,
+    grad_input: Tensor, grad_weight: Tensor, grad_bias: Tensor,
+    grad_y: Optional[Tensor], grad_weight_d: Optional[Tensor], grad_bias_d: Optional[Tensor],
 ) -> list[Launch]:
-    """The kernels of a fused backward (all tensors dense in the op's layout, numel > 0)."""
-    x = main.input
-    dual = epilogue == DUAL_ADD_RELU.value
-    part = _reduce.partition(x, channels_last)
-    C = part.channels
-    partials = torch.empty((3 if dual else 2, C, part.chunks), device=x.device, dtype=torch.float32)
-    coefficients = torch.empty((4 if dual else 2, C), device=x.device, dtype=torch.float32)
+    """The kernels of a fused backward (numel > 0), through ``partials`` (2 x C x
+    ``part.chunks``, 3 for the dual) and ``coefficients`` (2 x C, 4 for the dual)."""
     block_c, block_s = part.finalize_blocks()
-    view = _Elementwise.of(x, channels_last)
     inputs = dict(
-        x_ptr=x, **_branch_args(main, "", main), y_ptr=x if y is None else y, **_branch_args(downsample, "_d", main)
+        x_ptr=x, **_per_channel_args("", weight, bias, mean, invstd, mean),
+        y_ptr=x if y is None else y, **_per_channel_args("_d", weight_d, bias_d, mean_d, invstd_d, mean),
     )
+    grad_y_ptr = grad_input if grad_y is None else grad_y
     finalize_args = dict(
         part_ptr=partials,
-        weight_ptr=inputs["weight_ptr"], invstd_ptr=main.invstd,
+        weight_ptr=inputs["weight_ptr"], invstd_ptr=invstd,
         weight_d_ptr=inputs["weight_d_ptr"], invstd_d_ptr=inputs["invstd_d_ptr"],
         grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias,
         grad_weight_d_ptr=grad_weight if grad_weight_d is None else grad_weight_d,
         grad_bias_d_ptr=grad_bias if grad_bias_d is None else grad_bias_d,
-        coef_ptr=coefficients, C=C, chunks=part.chunks, reduce_size=float(part.reduce_size), TRAINING=training,
-        DUAL=dual, HAS_WEIGHT=inputs["HAS_WEIGHT"], HAS_WEIGHT_D=inputs["HAS_WEIGHT_D"],
+        coef_ptr=coefficients, C=part.channels, chunks=part.chunks, reduce_size=float(part.reduce_size),
+        TRAINING=training, DUAL=epilogue == DUAL_ADD_RELU.value,
+        HAS_WEIGHT=inputs["HAS_WEIGHT"], HAS_WEIGHT_D=inputs["HAS_WEIGHT_D"],
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
     )
     return [
         Launch(
             _bn_act_backward_reduce_kernel,
             part.grid,
-            dict(grad_ptr=grad, **inputs, part_ptr=partials, grad_y_ptr=grad_input if grad_y is None else grad_y,
-                 **part.kernel_args(), EPILOGUE=epilogue),
+            dict(grad_ptr=grad, **inputs, part_ptr=partials, grad_y_ptr=grad_y_ptr, **part.kernel_args(),
+                 EPILOGUE=epilogue),
         ),
-        Launch(_bn_act_backward_finalize_kernel, lambda meta: (_runtime.cdiv(C, block_c),), finalize_args),
+        Launch(_bn_act_backward_finalize_kernel, lambda meta: (_runtime.cdiv(part.channels, block_c),),
+               finalize_args),
         Launch(
             _bn_act_backward_elementwise_kernel,
             view.grid,
-            dict(
-                grad_ptr=grad, **inputs, coef_ptr=coefficients, grad_x_ptr=grad_input,
-                grad_y_ptr=grad_input if grad_y is None else grad_y,
-                **view.kernel_args(), TRAINING=training, EPILOGUE=epilogue,
-            ),
+            dict(grad_ptr=grad, **inputs, coef_ptr=coefficients, grad_x_ptr=grad_input, grad_y_ptr=grad_y_ptr,
+                 **view.kernel_args(), TRAINING=training, EPILOGUE=epilogue),
         ),
     ]
 
@@ -479,8 +477,10 @@ def _forward(op: str, epilogue: int, input: Tensor, params: tuple, y: Optional[T
     memory_format, main, y, downsample = _dense(input, params, y, params_d)
     out = torch.empty_like(main.input)
     if out.numel() > 0:
+        view = _Elementwise.of(out, memory_format == torch.channels_last)
+        operands = (*main, y, *(downsample[1:] if downsample else _NO_BRANCH), out)
         with _runtime.device_guard(out):
-            _runtime.run(forward_launches(epilogue, main, y, downsample, out, memory_format == torch.channels_last))
+            _runtime.launch(forward_launches, (epilogue, view), operands)
     return out
 
 
@@ -499,11 +499,19 @@ def _backward(op: str, epilogue: int, training: bool, grad_out: Tensor, input: T
         for t in per_channel:
             t.zero_()  # the parameter gradients of an empty batch
     else:
+        channels_last = memory_format == torch.channels_last
+        part = _reduce.partition(grad_input, channels_last)
+        # Per channel: sum(g), sum(g * (x - mean)) (and sum(g * (y - mean_d))); k1, k2 of each branch.
+        sums, coefficient_rows = (3, 4) if downsample else (2, 2)
+        partials = torch.empty((sums, part.channels, part.chunks), device=grad.device, dtype=torch.float32)
+        coefficients = torch.empty((coefficient_rows, part.channels), device=grad.device, dtype=torch.float32)
+        operands = (
+            grad, *main, y, *(downsample[1:] if downsample else _NO_BRANCH), partials, coefficients,
+            grad_input, grad_weight, grad_bias, grad_y, grad_weight_d, grad_bias_d,
+        )
         with _runtime.device_guard(grad_input):
-            _runtime.run(backward_launches(
-                epilogue, training, grad, main, y, downsample, grad_input, grad_weight, grad_bias,
-                grad_y, grad_weight_d, grad_bias_d, memory_format == torch.channels_last,
-            ))
+            _runtime.launch(backward_launches, (epilogue, training, part, _Elementwise.of(grad_input, channels_last)),
+                            operands)
     return grad_input, grad_weight, grad_bias, grad_y, grad_weight_d, grad_bias_d
 
 

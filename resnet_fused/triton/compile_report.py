@@ -8,10 +8,10 @@ here from the cubin with cuobjdump, the same number), shared memory, the warps a
 holds at once (from those three and the program's warps) and, for the
 elementwise kernels, the stores narrower than one 128-bit vector in the machine code
 (0: every activation store is an STG.E.128). The argument
-sets are those the ops launch (``batch_stats.launches``, ``bn_act.forward_launches``,
-``bn_act.backward_launches``) for ResNet-50's layer1 BN3 at batch 128 (256 channels,
-56x56) in both layouts, on uninitialized CPU tensors (only their dtype, shape and
-alignment matter).
+sets are those the ops launch (:func:`representative_calls`: ``batch_stats.launches``,
+``bn_act.forward_launches``, ``bn_act.backward_launches``) for ResNet-50's layer1 BN3 at
+batch 128 (256 channels, 56x56) in both layouts, on uninitialized CPU tensors (only their
+dtype, shape and alignment matter).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import batch_stats, bn_act
+from . import _reduce, batch_stats, bn_act
 from ._runtime import Launch
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -80,12 +80,16 @@ def resident_warps(registers: int, warps: int, shared_bytes: int) -> int:
 LAYOUTS = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
 
 
-def representative_launches(
+Call = tuple[Callable[..., list[Launch]], tuple, tuple]  # an op call's builder, static values, operands
+
+
+def representative_calls(
     dtype: torch.dtype, shape: tuple[int, int, int, int] = SHAPE, layouts: tuple[str, ...] = tuple(LAYOUTS)
-) -> Iterator[tuple[str, Launch]]:
-    """(variant, launch) for every kernel an op launches at ``shape`` (default: layer1's
-    at batch 128), in each layout. The tensors are uninitialized CPU tensors: only their
-    dtype, shape and alignment matter, and their memory is never touched."""
+) -> Iterator[tuple[str, Call]]:
+    """(variant, (build, static, operands)) for every launch plan an op runs at ``shape``
+    (default: layer1's at batch 128), in each layout, as ``_runtime.launch`` takes them.
+    The tensors are uninitialized CPU tensors: only their dtype, shape and alignment
+    matter, and their memory is never touched."""
     for layout in layouts:
         memory_format = LAYOUTS[layout]
         channels_last = memory_format == torch.channels_last
@@ -95,31 +99,45 @@ def representative_launches(
 
         x, y, grad = activation(), activation(), activation()
         channels = shape[1]
+        part = _reduce.partition(x, channels_last)
+        view = bn_act._Elementwise.of(x, channels_last)
 
         def per_channel():
             return torch.empty(channels)
 
-        def branch(input):
-            return bn_act.Branch(input, per_channel(), per_channel(), per_channel(), per_channel())
+        def arrays():  # weight, bias, mean, invstd
+            return per_channel(), per_channel(), per_channel(), per_channel()
 
-        stats = batch_stats.launches(x, channels_last, per_channel(), per_channel(), per_channel(), per_channel(), 0.1,
-                                     1e-5)
-        for launch in stats:
-            yield f"{_TYPE_NAMES[dtype]} {layout}", launch
+        def partials(sums: int):
+            return torch.empty((sums, channels, part.chunks))
+
+        stats = (x, partials(3), per_channel(), per_channel(), per_channel(), per_channel(), 0.1, 0.9, 1e-5)
+        yield f"{_TYPE_NAMES[dtype]} {layout}", (batch_stats.launches, (part,), stats)
         for epilogue, name in ((bn_act.RELU, "relu"), (bn_act.ADD_RELU, "add_relu"), (bn_act.DUAL_ADD_RELU, "dual")):
             variant = f"{_TYPE_NAMES[dtype]} {layout} {name}"
-            main, dual = branch(x), epilogue.value == bn_act.DUAL_ADD_RELU.value
-            downsample = branch(y) if dual else None
+            dual = epilogue.value == bn_act.DUAL_ADD_RELU.value
             other = None if epilogue.value == bn_act.RELU.value else y
-            for launch in bn_act.forward_launches(epilogue.value, main, other, downsample, torch.empty_like(x),
-                                                  channels_last):
-                yield variant, launch
+            main, down = arrays(), arrays() if dual else (None,) * 4
+            forward = (x, *main, other, *down, torch.empty_like(x))
+            yield variant, (bn_act.forward_launches, (epilogue.value, view), forward)
+            scratch = (partials(3 if dual else 2), torch.empty((4 if dual else 2, channels)))
             grads = (torch.empty_like(x), per_channel(), per_channel(), None if other is None else torch.empty_like(x),
-                     per_channel() if dual else None, per_channel() if dual else None)
+                     *((per_channel(), per_channel()) if dual else (None, None)))
             for training in (True, False):
-                for launch in bn_act.backward_launches(epilogue.value, training, grad, main, other, downsample,
-                                                       *grads, channels_last):
-                    yield variant + ("" if training else " eval"), launch
+                backward = (grad, x, *main, other, *down, *scratch, *grads)
+                yield variant + ("" if training else " eval"), (
+                    bn_act.backward_launches, (epilogue.value, training, part, view), backward
+                )
+
+
+def representative_launches(
+    dtype: torch.dtype, shape: tuple[int, int, int, int] = SHAPE, layouts: tuple[str, ...] = tuple(LAYOUTS)
+) -> Iterator[tuple[str, Launch]]:
+    """(variant, launch) for every kernel an op launches at ``shape``: the launches of
+    :func:`representative_calls`."""
+    for variant, (build, static, operands) in representative_calls(dtype, shape, layouts):
+        for launch in build(*static, *operands):
+            yield variant, launch
 
 
 def _source(fn: triton.JITFunction, args: dict) -> ASTSource:
