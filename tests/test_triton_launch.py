@@ -11,6 +11,7 @@ replay for real.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
@@ -176,8 +177,25 @@ def test_a_builder_must_take_its_tensors_from_the_operands(stand_in):
     def careless(part, x, partials, *rest):
         return build(part, x, captured, *rest)
 
-    with pytest.raises(RuntimeError, match="part_ptr comes from an operand but is not one"):
+    with pytest.raises(RuntimeError, match="passes part_ptr a tensor or value that is not an operand"):
         _runtime.launch(careless, static, operands)
+
+    def reading(part, x, *rest):  # sizes something from an operand
+        return build(part, x, *rest) if x.dim() == 4 else []
+
+    with pytest.raises(RuntimeError, match="launches reads an operand"):
+        _runtime.launch(functools.wraps(build)(reading), static, operands)
+
+
+def test_an_integer_operand_is_keyed_by_value(stand_in, through_triton):
+    """Triton specializes an integer on its value (1 becomes a constant, multiples of 16
+    and 64-bit ones their own kernels): an integer momentum of 1, then of 0, is two
+    plans, where a float momentum of 1.0, then 0.0, is one."""
+    build, static, operands = _stats_call(torch.empty(SHAPE, memory_format=torch.channels_last))
+    for momentum in (1, 0, 1.0, 0.0):
+        _runtime.launch(build, static, operands[:-3] + (momentum, 1 - momentum, 1e-5))
+    assert len(through_triton) == 2 * 3
+    assert LAUNCHES[-1].args[batch_stats._batch_stats_finalize_kernel.arg_names.index("momentum")] == 0.0
 
 
 def test_tuned_configs_say_what_the_autotuner_chose(stand_in):

@@ -97,11 +97,12 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 # call's *operands* (tensors, floats, None for an absent optional tensor). The key is the
 # builder, `static`, the pinned configuration, the current device, and each operand as
 # Triton may specialize on it (tensors by dtype and address modulo 16, as
-# compile_report._source mirrors; floats by type). The plan keeps, per launch, the
-# compiled kernel Triton returned, bound to the grid of then, and its argument list in
-# the order of the kernel's compiled signature, with the configuration's constants as
-# that kernel was compiled with them and holes where the operands go. A replay fills the
-# holes and calls the kernels: no launch objects, no argument dictionaries, one key.
+# compile_report._source mirrors; floats by type; anything else by value). The plan
+# keeps, per launch, the compiled kernel Triton returned, bound to the grid of then, and
+# its argument list in the order of the kernel's compiled signature, with the
+# configuration's constants as that kernel was compiled with them and holes where the
+# operands go. A replay fills the holes and calls the kernels: no launch objects, no
+# argument dictionaries, one key.
 
 _PLAN_LIMIT = 1024  # plans kept; past it, the record starts over
 REPLAY_ENV = "RESNET_FUSED_TRITON_REPLAY"  # 0: every launch through Triton
@@ -208,7 +209,8 @@ def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -
         run(build(*static, *operands))
         return
     key = (build, static, _pinned, triton.runtime.driver.active.get_current_device(), *[
-        None if o is None else (o.dtype, o.data_ptr() % 16) if isinstance(o, torch.Tensor) else type(o)
+        None if o is None else (o.dtype, o.data_ptr() % 16) if isinstance(o, torch.Tensor)
+        else float if type(o) is float else o  # an integer by value: Triton specializes 1, multiples of 16, i64
         for o in operands
     ])  # fmt: skip
     plan = _plans.get(key)
@@ -231,23 +233,30 @@ def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) 
     if any(c is None for c in compiled):
         return None
     # The same launches with a marker for each operand: where the operands go.
-    templates = build(*static, *[None if o is None else Operand(i) for i, o in enumerate(operands)])
+    try:
+        templates = build(*static, *[None if o is None else Operand(i) for i, o in enumerate(operands)])
+    except (AttributeError, TypeError) as error:
+        raise _builder_error(build, f"reads an operand ({error})") from error
     steps = []
     for launch, template, kernel in zip(launches, templates, compiled, strict=True):
         arguments, holes = [], []
         for position, name in enumerate(kernel.params):
             value = template.args[name] if name in template.args else kernel.constants[name]
             if isinstance(value, Operand):
+                if launch.args[name] is not operands[value.index]:
+                    raise _builder_error(build, f"put operand {value.index} elsewhere with markers ({name})")
                 holes.append((position, value.index))
                 value = None
             elif isinstance(launch.args.get(name), torch.Tensor) or launch.args.get(name, value) != value:
-                kernel_name = getattr(launch.kernel, "fn", launch.kernel).__name__
-                raise RuntimeError(  # a builder's error: a replay would pass this call's value again
-                    f"{build.__name__}: {kernel_name}'s argument {name} comes from an operand but is not one"
-                )
+                raise _builder_error(build, f"passes {name} a tensor or value that is not an operand")
             arguments.append(value)
         steps.append(_Step(kernel.runner, tuple(arguments), tuple(holes)))
     return tuple(steps)
+
+
+def _builder_error(build: Callable, what: str) -> RuntimeError:
+    """A builder broke its contract (it only places operands); a replay would go wrong."""
+    return RuntimeError(f"{build.__name__} {what}: a launch builder may only place its operands")
 
 
 # ---------------------------------------------------------------- pinned configurations

@@ -321,7 +321,8 @@ def _bn_act_backward_elementwise_kernel(
 
 class Branch(NamedTuple):
     """One BatchNorm of a fused op, ready for the kernels: its input dense in the op's
-    layout, its per-channel arrays fp32 and contiguous."""
+    layout, its per-channel arrays fp32 and contiguous. The ops pass it to the builders
+    unpacked: its fields are in the order of the builders' parameters."""
 
     input: Tensor
     weight: Optional[Tensor]
@@ -502,7 +503,7 @@ def _backward(op: str, epilogue: int, training: bool, grad_out: Tensor, input: T
         channels_last = memory_format == torch.channels_last
         part = _reduce.partition(grad_input, channels_last)
         # Per channel: sum(g), sum(g * (x - mean)) (and sum(g * (y - mean_d))); k1, k2 of each branch.
-        sums, coefficient_rows = (3, 4) if downsample else (2, 2)
+        sums, coefficient_rows = (3, 4) if epilogue == DUAL_ADD_RELU.value else (2, 2)
         partials = torch.empty((sums, part.channels, part.chunks), device=grad.device, dtype=torch.float32)
         coefficients = torch.empty((coefficient_rows, part.channels), device=grad.device, dtype=torch.float32)
         operands = (
