@@ -8,7 +8,8 @@ Without a GPU, as CI runs it:
   - every kernel with every autotune configuration compiles for sm_90, and its register
     and spill report is printed (the same as scripts/triton_report.py); spills fail.
 With a GPU (``pytest -m cuda``): every op against the reference in float32, float16 and
-bfloat16, both layouts, more than 2^31 elements, CUDA graph capture and replay, opcheck.
+bfloat16, both layouts, more than 2^31 elements, a replayed launch plan against Triton's own
+launch path, CUDA graph capture and replay, opcheck.
 """
 
 from __future__ import annotations
@@ -392,6 +393,43 @@ def test_deterministic(layout):
         again = T.batch_stats(x, None, None, 0.1, 1e-5)
         assert all(torch.equal(a, e) for a, e in zip(again, first))
         assert all(torch.equal(a, e) for a, e in zip(T.bn_relu_backward(g, x, w, b, *again, True), first_grads))
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_a_replayed_call_equals_one_through_triton(layout):
+    """Every op called once (its launch plan recorded), then with fresh tensors of the same
+    shapes (replayed): bit for bit what the same call gives with every launch through
+    Triton, and with the running statistics updated alike."""
+    shape, C = (5, 40, 9, 7), 40
+
+    def operands():
+        x, y, g = (activation(shape, torch.bfloat16, layout, "cuda") for _ in range(3))
+        per_channel = [torch.rand(C, device="cuda") + 0.5 for _ in range(8)]
+        return x, y, g, per_channel
+
+    def calls(x, y, g, p):
+        w, b, mean, invstd, w_d, b_d, mean_d, invstd_d = p
+        running = (p[2].clone(), p[3].clone())
+        return {
+            "batch_stats": (*T.batch_stats(x, *running, 0.3, 1e-5), *running),
+            "bn_relu": T.bn_relu(x, w, b, mean, invstd, True),
+            "bn_add_relu": T.bn_add_relu(x, y, w, None, mean, invstd, True),
+            "dual_bn_add_relu": T.dual_bn_add_relu(x, w, b, mean, invstd, y, None, b_d, mean_d, invstd_d, True),
+            "bn_relu_backward": T.bn_relu_backward(g, x, w, b, mean, invstd, False),
+            "bn_add_relu_backward": T.bn_add_relu_backward(g, x, y, w, b, mean, invstd, True),
+            "dual_bn_add_relu_backward": T.dual_bn_add_relu_backward(
+                g, x, w, b, mean, invstd, y, w_d, b_d, mean_d, invstd_d, True),
+        }
+
+    calls(*operands())  # recorded
+    fresh = operands()
+    replayed = calls(*fresh)
+    with _runtime.replaying(False):
+        through_triton = calls(*fresh)
+    for name, got in replayed.items():
+        got, want = (got, through_triton[name]) if isinstance(got, tuple) else ((got,), (through_triton[name],))
+        assert all(torch.equal(a, e) for a, e in zip(got, want, strict=True)), name
 
 
 @cuda
