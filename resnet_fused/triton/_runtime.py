@@ -90,8 +90,8 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 # Triton's own launch path (the autotuner's key, the JIT's argument binding and
 # specialization, its cache lookup) costs 25-90 us of host time per launch (2-core Xeon,
 # Triton 3.6), more than most of these kernels run on an H200, and an op launches one to
-# three; building the launches' arguments and keying each launch cost another ~10 us a
-# launch. So an op call goes through Triton once per *plan key*, and later calls of the
+# three; building each launch's arguments by name and keying it would cost ~10 us more.
+# So an op call goes through Triton once per *plan key*, and later calls of the
 # key replay the plan it recorded. An op hands `launch` a builder, the values the
 # builder's launches follow from (`static`: variant, partition, tiling; hashable) and the
 # call's *operands* (tensors, floats, None for an absent optional tensor). The key is the
