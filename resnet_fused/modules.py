@@ -65,7 +65,24 @@ class BatchNormCall(NamedTuple):
 
 def uses_batch_statistics(bn: nn.BatchNorm2d) -> bool:
     """Whether ``bn`` normalizes with batch statistics: in training, and in eval without running stats."""
-    return bn.training or (bn.running_mean is None and bn.running_var is None)
+    return _uses_batch_statistics(bn.training, bn.running_mean, bn.running_var)
+
+
+def _uses_batch_statistics(training: bool, running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
+    return training or (running_mean is None and running_var is None)
+
+
+def _tensors(bn: nn.BatchNorm2d) -> tuple:
+    """(weight, bias, running_mean, running_var, num_batches_tracked) of ``bn``, read from its
+    dictionaries: ``Module.__getattr__`` costs ~0.4 us a read, and this runs for every
+    BatchNorm of every forward. Where a wrapper keeps them elsewhere (a DataParallel
+    replica's or FSDP's parameters are plain attributes), through ``getattr``."""
+    try:
+        parameters, buffers = bn._parameters, bn._buffers
+        return (parameters["weight"], parameters["bias"], buffers["running_mean"], buffers["running_var"],
+                buffers["num_batches_tracked"])
+    except KeyError:
+        return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
 
 
 def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
@@ -76,11 +93,7 @@ def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
     cumulative average, factor ``1 / num_batches_tracked``); running statistics are
     passed in eval, and in training only when tracked.
     """
-    # Parameters and buffers read from their dictionaries: `Module.__getattr__` costs
-    # ~0.4 us a read, and this runs for every BatchNorm of every forward. (`bn` is an
-    # nn.BatchNorm2d itself, `unsupported_reason`: nothing overrides the attributes.)
-    parameters, buffers = bn._parameters, bn._buffers
-    running_mean, running_var, tracked = buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+    weight, bias, running_mean, running_var, tracked = _tensors(bn)
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and tracked is not None:
         tracked.add_(1)
@@ -89,9 +102,9 @@ def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
     return BatchNormCall(
         running_mean if passes_running else None,
         running_var if passes_running else None,
-        parameters["weight"],
-        parameters["bias"],
-        bn.training or (running_mean is None and running_var is None),  # uses_batch_statistics
+        weight,
+        bias,
+        _uses_batch_statistics(bn.training, running_mean, running_var),
         factor,
         bn.eps,
     )

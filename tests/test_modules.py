@@ -271,6 +271,20 @@ def test_batch_norm_variants(variant, config):
     assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-10)
 
 
+def test_batch_norm_call_reads_parameters_a_wrapper_keeps_as_plain_attributes():
+    """A DataParallel replica (``_parameters = {}``) and FSDP keep a BatchNorm's weight and
+    bias as plain attributes: what the fused forward passes still takes them."""
+    bn = nn.BatchNorm2d(4).train()
+    weight, bias = bn.weight, bn.bias
+    bn._parameters = {}
+    object.__setattr__(bn, "weight", weight)
+    object.__setattr__(bn, "bias", bias)
+    call = resnet_fused.modules.batch_norm_call(bn)
+    assert call.weight is weight and call.bias is bias
+    assert call.running_mean is bn.running_mean and call.running_var is bn.running_var and call.training
+    assert int(bn.num_batches_tracked) == 1
+
+
 # ------------------------------------------------------------------ eval mode
 
 
