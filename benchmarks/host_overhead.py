@@ -18,7 +18,7 @@ what those save).
 ``--profile N`` adds cProfile's N most expensive functions (own time) of each fused
 training step. The Triton backend is timed also with every launch through Triton's own
 launch path (``resnet_fused.triton._runtime.replaying(False)``: what the replay of recorded
-launches saves); ``--triton-stand-in`` times it without a GPU, on CPU tensors, its kernels
+launch plans saves); ``--triton-stand-in`` times it without a GPU, on CPU tensors, its kernels
 compiled for sm_90 and never run (``benchmarks/triton_stand_in.py``).
 """
 
@@ -179,8 +179,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _op_rows(backend: str, device: torch.device, calls: int) -> list[tuple[str, float]]:
     """One op family alone, as a block calls it in training: the statistics (the eager
-    op), and ``functional.bn_relu`` forward, then forward + backward, on a 2x64x8x8
-    channels_last input (bf16 on a GPU)."""
+    op), and ``functional.bn_relu`` forward, then forward + backward (with the output's
+    ``sum`` and the weight and bias gradients' accumulation), on a 2x64x8x8 channels_last
+    input (bf16 on a GPU)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(2, 64, 8, 8, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     x_grad = x.clone().requires_grad_()

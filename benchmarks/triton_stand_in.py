@@ -4,7 +4,7 @@ Inside :func:`stand_in_driver`, Triton compiles the kernels for sm_90 (as
 ``resnet_fused.triton.compile_report`` does, no GPU needed) and every launch only records
 the launcher's arguments (:data:`LAUNCHES`, the latest 64), so the Triton ops run on CPU tensors through
 their whole host path: argument checks, partitions, allocations, autograd, Triton's
-launch path or the replay of ``resnet_fused.triton._runtime``, and nothing else. What it
+launch path or the replay of its launch plans (``resnet_fused.triton._runtime``), and nothing else. What it
 leaves out: the driver's own launch (``cuLaunchKernelEx``, a few microseconds) and CUDA's
 caching allocator (the CPU's serves instead). The autotuner times nothing: it takes the
 configuration of ``prefer`` (an index into each kernel's list). Used by
@@ -106,12 +106,12 @@ def jit_functions() -> list[Any]:
 
 def _forget_compiled_kernels() -> None:
     """Drops what the stand-in left in Triton's and the backend's caches: kernels bound to
-    its launcher, autotune choices it made without timing, recorded launches."""
+    its launcher, autotune choices it made without timing, recorded launch plans."""
     for f in jit_functions():
         (f.fn if isinstance(f, Autotuner) else f).device_caches.clear()
         if isinstance(f, Autotuner):
             f.cache.clear()
-    _runtime.forget_launches()
+    _runtime.forget_plans()
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act, compile_report  # noqa: E402
@@ -88,7 +89,7 @@ def test_a_replay_launches_what_triton_would(dtype, stand_in, through_triton, ra
     for (variant, recording), (_, call) in zip(first, again):
         LAUNCHES.clear()
         through_triton.clear()
-        _runtime.forget_launches()
+        _runtime.forget_plans()
         _runtime.launch(*recording)
         launches = len(through_triton)
         assert launches == len(LAUNCHES) > 0
@@ -102,11 +103,10 @@ def test_a_replay_launches_what_triton_would(dtype, stand_in, through_triton, ra
             assert same_launch(a, b), f"{variant} {a.kernel}:\n{a}\n{b}"
 
 
-def _stats_call(x: torch.Tensor, running: bool = True) -> compile_report.Call:
+def _stats_call(x: torch.Tensor, running: bool = True) -> _runtime.Call:
     part = _reduce.partition(x, x.is_contiguous(memory_format=torch.channels_last))
     per_channel = [torch.empty(x.shape[1]) for _ in range(4 if running else 2)] + [None] * (0 if running else 2)
-    partials = torch.empty((3, part.channels, part.chunks))
-    return batch_stats.launches, (part,), (x, partials, *per_channel, 0.1, 0.9, 1e-5)
+    return batch_stats.launches, (part,), (x, batch_stats.empty_partials(part, x.device), *per_channel, 0.1, 0.9, 1e-5)
 
 
 def test_a_replay_launches_on_the_current_device_and_stream(stand_in, through_triton):
@@ -187,6 +187,40 @@ def test_a_builder_must_take_its_tensors_from_the_operands(stand_in):
         _runtime.launch(functools.wraps(build)(reading), static, operands)
 
 
+@triton.jit
+def _fill_kernel(out_ptr, other_ptr, value, SCALE: tl.constexpr):
+    tl.store(out_ptr, value * SCALE)
+
+
+def _fill(out, other, value, scale):
+    return [_runtime.Launch(_fill_kernel, lambda meta: (1,), dict(out_ptr=out, other_ptr=other, value=value,
+                                                                   SCALE=scale))]
+
+
+def test_a_builder_that_moves_an_operand_or_compiles_a_float_in_is_refused(stand_in):
+    """An operand where the markers did not put it (a builder branching on what it gets),
+    and a float operand passed to a constexpr (compiled in, but keyed only by type): a
+    replay would pass the wrong tensor, or keep the recording call's value."""
+    a, b = torch.empty(4), torch.empty(4)
+
+    def swapping(out, other, value, scale):  # swaps its tensors when given markers
+        return _fill(other, out, value, scale) if isinstance(out, _runtime.Operand) else _fill(out, other, value, scale)
+
+    with pytest.raises(RuntimeError, match="put operand 1 elsewhere with markers"):
+        _runtime.launch(swapping, (), (a, b, 1.5, 2.0))
+    with pytest.raises(RuntimeError, match="passes a float operand to SCALE, a constexpr"):
+        _runtime.launch(_fill, (), (a, b, 1.5, 2.0))
+    _runtime.launch(_fill, (), (a, b, 1.5, 2))  # an integer constexpr is keyed by value: fine
+
+
+def test_the_record_starts_over_past_its_limit(stand_in, monkeypatch):
+    monkeypatch.setattr(_runtime, "_PLAN_LIMIT", 2)
+    _runtime.forget_plans()
+    for n in range(1, 4):  # three shapes, three keys
+        _runtime.launch(*_stats_call(torch.empty((n,) + SHAPE[1:], memory_format=torch.channels_last)))
+    assert len(_runtime._plans) == 1
+
+
 def test_an_integer_operand_is_keyed_by_value(stand_in, through_triton):
     """Triton specializes an integer on its value (1 becomes a constant, multiples of 16
     and 64-bit ones their own kernels): an integer momentum of 1, then of 0, is two
@@ -201,7 +235,7 @@ def test_an_integer_operand_is_keyed_by_value(stand_in, through_triton):
 def test_tuned_configs_say_what_the_autotuner_chose(stand_in):
     """The record the benchmarks keep: per kernel and key, the configuration it runs with
     (the stand-in's autotuner picks the second)."""
-    _runtime.forget_launches()
+    _runtime.forget_plans()
     x = torch.empty(SHAPE, dtype=torch.float16, memory_format=torch.channels_last)
     build, static, operands = _stats_call(x)
     build(*static, *operands)[0].through_triton()

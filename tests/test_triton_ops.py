@@ -397,10 +397,10 @@ def test_deterministic(layout):
 
 @cuda
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-def test_a_replayed_call_equals_one_through_triton(layout):
+def test_a_replayed_call_equals_one_through_triton(layout, monkeypatch):
     """Every op called once (its launch plan recorded), then with fresh tensors of the same
-    shapes (replayed): bit for bit what the same call gives with every launch through
-    Triton, and with the running statistics updated alike."""
+    shapes (replayed, nothing through Triton): bit for bit what the same call gives with
+    every launch through Triton, and with the running statistics updated alike."""
     shape, C = (5, 40, 9, 7), 40
 
     def operands():
@@ -422,9 +422,17 @@ def test_a_replayed_call_equals_one_through_triton(layout):
                 g, x, w, b, mean, invstd, y, w_d, b_d, mean_d, invstd_d, True),
         }
 
-    calls(*operands())  # recorded
-    fresh = operands()
-    replayed = calls(*fresh)
+    _runtime.forget_plans()
+    with _runtime.replaying(True):
+        recorded = operands()  # kept alive: the fresh tensors get addresses of their own
+        calls(*recorded)
+        assert len(_runtime._plans) == 7
+        fresh = operands()
+        launched = []
+        monkeypatch.setattr(_runtime.Launch, "through_triton", lambda self: launched.append(self))
+        replayed = calls(*fresh)
+        assert launched == [], "a replayed call went through Triton"
+        monkeypatch.undo()
     with _runtime.replaying(False):
         through_triton = calls(*fresh)
     for name, got in replayed.items():

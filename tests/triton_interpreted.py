@@ -173,7 +173,7 @@ def test_partials_kernels_write_every_slot(chunks_per_program, shape, layout):
         assert part.lane_chunks == nchw_lane_chunks and part.chunks > 1
     c = shape[1]
     mean, invstd = torch.empty(c), torch.empty(c)
-    partials = torch.full((3, c, part.chunks), float("nan"))
+    partials = batch_stats.empty_partials(part, x.device).fill_(float("nan"))
     _runtime.run(batch_stats.launches(part, x, partials, mean, invstd, None, None, 0.1, 0.9, 1e-5))
     assert not partials.isnan().any()
     want_mean, want_invstd = R.batch_stats(x, None, None, 0.1, 1e-5)
@@ -182,11 +182,12 @@ def test_partials_kernels_write_every_slot(chunks_per_program, shape, layout):
 
     grad, weight, bias = activation(shape, layout=layout), torch.rand(c) + 0.5, torch.randn(c)
     grad_input, grad_weight, grad_bias = torch.empty_like(x), torch.empty(c), torch.empty(c)
-    partials = torch.full((2, c, part.chunks), float("nan"))
+    partials, coefficients = bn_act.empty_backward_scratch(part, bn_act.RELU.value, x.device)
+    partials.fill_(float("nan"))
     view = bn_act._Elementwise.of(x, channels_last)
     no_y = (None,) * 5  # y and the absent downsample branch
     _runtime.run(bn_act.backward_launches(
-        bn_act.RELU.value, True, part, view, grad, x, weight, bias, mean, invstd, *no_y, partials, torch.empty(2, c),
+        bn_act.RELU.value, True, part, view, grad, x, weight, bias, mean, invstd, *no_y, partials, coefficients,
         grad_input, grad_weight, grad_bias, None, None, None,
     ))
     assert not partials.isnan().any()

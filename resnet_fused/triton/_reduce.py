@@ -103,6 +103,10 @@ class Partition:
         block_s = _runtime.next_power_of_2(self.chunks)
         return max(1, _runtime.TUNING.finalize_tile // block_s), block_s
 
+    def finalize_grid(self, meta: dict) -> tuple[int]:
+        """A finalize launch's grid: programs of BLOCK_C channels."""
+        return (_runtime.cdiv(self.channels, self.finalize_blocks()[0]),)
+
 
 def partition(x: torch.Tensor, channels_last: bool) -> Partition:
     """How to reduce the dense activation ``x`` (N, C, H, W) per channel."""

@@ -147,7 +147,8 @@ class Launch:
         names = source.fn.arg_names  # the JITFunction compiled
         set_by_config = {names[k[0]]: v for k, v in constants.items() if names[k[0]] not in self.args}
         grid = tuple(self.grid({**self.args, **set_by_config}))
-        return _Compiled(compiled[grid + (1,) * (3 - len(grid))], tuple(signature), set_by_config)
+        return _Compiled(compiled[grid + (1,) * (3 - len(grid))], tuple(signature), tuple(signature.values()),
+                         set_by_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,7 @@ class _Compiled:
 
     runner: Callable[..., None]  # CompiledKernel[grid]: launches on the current device and stream
     params: tuple[str, ...]  # the launcher's parameters in order (Triton's compiled signature)
+    kinds: tuple[str, ...]  # their types as compiled: "*bf16", "i32", "fp32", "constexpr" (compiled in), ...
     constants: dict[str, Any]  # compiled-in values not among the launch's arguments: the config's TILE, STAGES
 
 
@@ -191,15 +193,18 @@ def replaying(enabled: bool):
         _replaying = previous
 
 
-def forget_launches() -> None:
+def forget_plans() -> None:
     """Drops every recorded plan: the next call of each key goes through Triton."""
     _plans.clear()
 
 
+Call = tuple[Callable[..., list[Launch]], tuple, tuple]  # what `launch` takes: (build, static, operands)
+
+
 def run(launches: list[Launch]) -> None:
     """Every launch through Triton, in order."""
-    for launch in launches:
-        launch.through_triton()
+    for one in launches:
+        one.through_triton()
 
 
 def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> None:
@@ -229,7 +234,7 @@ def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) 
     """Launches ``build``'s launches through Triton; returns them as a plan, or None where
     Triton returned no compiled kernel for one of them."""
     launches = build(*static, *operands)
-    compiled = [launch.through_triton() for launch in launches]
+    compiled = [one.through_triton() for one in launches]
     if any(c is None for c in compiled):
         return None
     # The same launches with a marker for each operand: where the operands go.
@@ -238,16 +243,20 @@ def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) 
     except (AttributeError, TypeError) as error:
         raise _builder_error(build, f"reads an operand ({error})") from error
     steps = []
-    for launch, template, kernel in zip(launches, templates, compiled, strict=True):
+    for recorded, template, kernel in zip(launches, templates, compiled, strict=True):
         arguments, holes = [], []
         for position, name in enumerate(kernel.params):
             value = template.args[name] if name in template.args else kernel.constants[name]
             if isinstance(value, Operand):
-                if launch.args[name] is not operands[value.index]:
+                operand = operands[value.index]
+                if recorded.args[name] is not operand:
                     raise _builder_error(build, f"put operand {value.index} elsewhere with markers ({name})")
+                if kernel.kinds[position] == "constexpr" and type(operand) is float:
+                    # compiled in, and a float is keyed by type: a replay would keep this call's value
+                    raise _builder_error(build, f"passes a float operand to {name}, a constexpr")
                 holes.append((position, value.index))
                 value = None
-            elif isinstance(launch.args.get(name), torch.Tensor) or launch.args.get(name, value) != value:
+            elif isinstance(recorded.args.get(name), torch.Tensor) or recorded.args.get(name, value) != value:
                 raise _builder_error(build, f"passes {name} a tensor or value that is not an operand")
             arguments.append(value)
         steps.append(_Step(kernel.runner, tuple(arguments), tuple(holes)))

@@ -158,6 +158,11 @@ def _batch_stats_finalize_kernel(
         tl.store(running_var_ptr + channel, momentum * (var * unbias) + one_minus_momentum * running_var, mask=valid)
 
 
+def empty_partials(part: _reduce.Partition, device: torch.device) -> Tensor:
+    """What the partials kernel hands the finalize: (count, mean, M2) x C x chunks."""
+    return torch.empty((3, part.channels, part.chunks), device=device, dtype=torch.float32)
+
+
 def launches(
     part: _reduce.Partition,
     x: Tensor,
@@ -183,7 +188,7 @@ def launches(
         ),
         Launch(
             _batch_stats_finalize_kernel,
-            lambda meta: (_runtime.cdiv(part.channels, block_c),),
+            part.finalize_grid,
             dict(
                 part_ptr=partials, mean_ptr=mean, invstd_ptr=invstd,
                 running_mean_ptr=running_mean if has_running else mean,
@@ -217,7 +222,7 @@ def batch_stats(
     # What the kernel updates: the running statistics themselves, or copies written back.
     buffers = [_runtime.float32_contiguous(t) for t in (running_mean, running_var)]
     part = _reduce.partition(x, memory_format == torch.channels_last)
-    partials = torch.empty((3, part.channels, part.chunks), device=x.device, dtype=torch.float32)
+    partials = empty_partials(part, x.device)
     with _runtime.device_guard(x):
         _runtime.launch(launches, (part,), (x, partials, mean, invstd, *buffers, momentum, 1.0 - momentum, eps))
     for user, buffer in zip((running_mean, running_var), buffers):

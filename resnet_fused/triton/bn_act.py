@@ -339,6 +339,14 @@ class Branch(NamedTuple):
 _NO_BRANCH = (None, None, None, None)  # the per-channel operands of an absent downsample branch
 
 
+def _input_args(x, weight, bias, mean, invstd, y, weight_d, bias_d, mean_d, invstd_d) -> dict:
+    """The arguments every kernel of the family takes for its inputs: both branches."""
+    return dict(
+        x_ptr=x, **_per_channel_args("", weight, bias, mean, invstd, mean),
+        y_ptr=x if y is None else y, **_per_channel_args("_d", weight_d, bias_d, mean_d, invstd_d, mean),
+    )
+
+
 def _per_channel_args(suffix: str, weight, bias, mean, invstd, placeholder) -> dict:
     """A branch's per-channel kernel arguments; an absent array (every one of an absent
     branch) passes ``placeholder``, which the kernel never reads."""
@@ -390,6 +398,15 @@ class _Elementwise:
         )
 
 
+def empty_backward_scratch(part: _reduce.Partition, epilogue: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """What a backward's kernels hand each other: the reduction's partials, sum(g) and
+    sum(g * (x - mean)) (and sum(g * (y - mean_d))) x C x chunks, and the finalize's
+    coefficients, k1 and k2 of each branch x C."""
+    sums, coefficients = (3, 4) if epilogue == DUAL_ADD_RELU.value else (2, 2)
+    return (torch.empty((sums, part.channels, part.chunks), device=device, dtype=torch.float32),
+            torch.empty((coefficients, part.channels), device=device, dtype=torch.float32))
+
+
 # The builders of an op's launches. Every argument after the op variant and tiling is
 # an operand of the op's launch plan (``_runtime.launch``): placed, never read. ``y`` is
 # the residual (``ADD_RELU``) or the downsample input (``DUAL_ADD_RELU``), dense like ``x``.
@@ -404,8 +421,7 @@ def forward_launches(
 ) -> list[Launch]:
     """The kernel writing ``out`` (numel > 0)."""
     args = dict(
-        x_ptr=x, **_per_channel_args("", weight, bias, mean, invstd, mean),
-        y_ptr=x if y is None else y, **_per_channel_args("_d", weight_d, bias_d, mean_d, invstd_d, mean),
+        **_input_args(x, weight, bias, mean, invstd, y, weight_d, bias_d, mean_d, invstd_d),
         out_ptr=out, **view.kernel_args(), EPILOGUE=epilogue,
     )
     return [Launch(_bn_act_forward_kernel, view.grid, args)]
@@ -421,13 +437,10 @@ def backward_launches(
     grad_input: Tensor, grad_weight: Tensor, grad_bias: Tensor,
     grad_y: Optional[Tensor], grad_weight_d: Optional[Tensor], grad_bias_d: Optional[Tensor],
 ) -> list[Launch]:
-    """The kernels of a fused backward (numel > 0), through ``partials`` (2 x C x
-    ``part.chunks``, 3 for the dual) and ``coefficients`` (2 x C, 4 for the dual)."""
+    """The kernels of a fused backward (numel > 0), through ``partials`` and
+    ``coefficients`` (``empty_backward_scratch``)."""
     block_c, block_s = part.finalize_blocks()
-    inputs = dict(
-        x_ptr=x, **_per_channel_args("", weight, bias, mean, invstd, mean),
-        y_ptr=x if y is None else y, **_per_channel_args("_d", weight_d, bias_d, mean_d, invstd_d, mean),
-    )
+    inputs = _input_args(x, weight, bias, mean, invstd, y, weight_d, bias_d, mean_d, invstd_d)
     grad_y_ptr = grad_input if grad_y is None else grad_y
     finalize_args = dict(
         part_ptr=partials,
@@ -448,8 +461,7 @@ def backward_launches(
             dict(grad_ptr=grad, **inputs, part_ptr=partials, grad_y_ptr=grad_y_ptr, **part.kernel_args(),
                  EPILOGUE=epilogue),
         ),
-        Launch(_bn_act_backward_finalize_kernel, lambda meta: (_runtime.cdiv(part.channels, block_c),),
-               finalize_args),
+        Launch(_bn_act_backward_finalize_kernel, part.finalize_grid, finalize_args),
         Launch(
             _bn_act_backward_elementwise_kernel,
             view.grid,
@@ -502,10 +514,7 @@ def _backward(op: str, epilogue: int, training: bool, grad_out: Tensor, input: T
     else:
         channels_last = memory_format == torch.channels_last
         part = _reduce.partition(grad_input, channels_last)
-        # Per channel: sum(g), sum(g * (x - mean)) (and sum(g * (y - mean_d))); k1, k2 of each branch.
-        sums, coefficient_rows = (3, 4) if epilogue == DUAL_ADD_RELU.value else (2, 2)
-        partials = torch.empty((sums, part.channels, part.chunks), device=grad.device, dtype=torch.float32)
-        coefficients = torch.empty((coefficient_rows, part.channels), device=grad.device, dtype=torch.float32)
+        partials, coefficients = empty_backward_scratch(part, epilogue, grad.device)
         operands = (
             grad, *main, y, *(downsample[1:] if downsample else _NO_BRANCH), partials, coefficients,
             grad_input, grad_weight, grad_bias, grad_y, grad_weight_d, grad_bias_d,

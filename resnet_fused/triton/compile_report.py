@@ -22,7 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import _reduce, batch_stats, bn_act
-from ._runtime import Launch
+from ._runtime import Call, Launch
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -80,9 +80,6 @@ def resident_warps(registers: int, warps: int, shared_bytes: int) -> int:
 LAYOUTS = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
 
 
-Call = tuple[Callable[..., list[Launch]], tuple, tuple]  # an op call's builder, static values, operands
-
-
 def representative_calls(
     dtype: torch.dtype, shape: tuple[int, int, int, int] = SHAPE, layouts: tuple[str, ...] = tuple(LAYOUTS)
 ) -> Iterator[tuple[str, Call]]:
@@ -108,10 +105,8 @@ def representative_calls(
         def arrays():  # weight, bias, mean, invstd
             return per_channel(), per_channel(), per_channel(), per_channel()
 
-        def partials(sums: int):
-            return torch.empty((sums, channels, part.chunks))
-
-        stats = (x, partials(3), per_channel(), per_channel(), per_channel(), per_channel(), 0.1, 0.9, 1e-5)
+        cpu = torch.device("cpu")
+        stats = (x, batch_stats.empty_partials(part, cpu), *arrays(), 0.1, 0.9, 1e-5)
         yield f"{_TYPE_NAMES[dtype]} {layout}", (batch_stats.launches, (part,), stats)
         for epilogue, name in ((bn_act.RELU, "relu"), (bn_act.ADD_RELU, "add_relu"), (bn_act.DUAL_ADD_RELU, "dual")):
             variant = f"{_TYPE_NAMES[dtype]} {layout} {name}"
@@ -120,7 +115,7 @@ def representative_calls(
             main, down = arrays(), arrays() if dual else (None,) * 4
             forward = (x, *main, other, *down, torch.empty_like(x))
             yield variant, (bn_act.forward_launches, (epilogue.value, view), forward)
-            scratch = (partials(3 if dual else 2), torch.empty((4 if dual else 2, channels)))
+            scratch = bn_act.empty_backward_scratch(part, epilogue.value, cpu)
             grads = (torch.empty_like(x), per_channel(), per_channel(), None if other is None else torch.empty_like(x),
                      *((per_channel(), per_channel()) if dual else (None, None)))
             for training in (True, False):
