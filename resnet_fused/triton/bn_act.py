@@ -336,9 +336,6 @@ class Branch(NamedTuple):
         return Branch(input.contiguous(memory_format=memory_format), fp32(weight), fp32(bias), fp32(mean), fp32(invstd))
 
 
-_NO_BRANCH = (None, None, None, None)  # the per-channel operands of an absent downsample branch
-
-
 def _input_args(x, weight, bias, mean, invstd, y, weight_d, bias_d, mean_d, invstd_d) -> dict:
     """The arguments every kernel of the family takes for its inputs: both branches."""
     return dict(
@@ -484,6 +481,12 @@ def _dense(input: Tensor, params: tuple, y: Optional[Tensor], params_d: Optional
     return memory_format, main, None if y is None else y.contiguous(memory_format=memory_format), None
 
 
+def _input_operands(main: Branch, y: Optional[Tensor], downsample: Optional[Branch]) -> tuple:
+    """The op's inputs as the builders take them (``_input_args``' parameters): an absent
+    downsample branch's per-channel arrays as None."""
+    return (*main, y, *(downsample[1:] if downsample else (None,) * 4))
+
+
 def _forward(op: str, epilogue: int, input: Tensor, params: tuple, y: Optional[Tensor] = None,
              params_d: Optional[tuple] = None) -> Tensor:
     _runtime.check_runnable(op, input)
@@ -491,7 +494,7 @@ def _forward(op: str, epilogue: int, input: Tensor, params: tuple, y: Optional[T
     out = torch.empty_like(main.input)
     if out.numel() > 0:
         view = _Elementwise.of(out, memory_format == torch.channels_last)
-        operands = (*main, y, *(downsample[1:] if downsample else _NO_BRANCH), out)
+        operands = (*_input_operands(main, y, downsample), out)
         with _runtime.device_guard(out):
             _runtime.launch(forward_launches, (epilogue, view), operands)
     return out
@@ -516,7 +519,7 @@ def _backward(op: str, epilogue: int, training: bool, grad_out: Tensor, input: T
         part = _reduce.partition(grad_input, channels_last)
         partials, coefficients = empty_backward_scratch(part, epilogue, grad.device)
         operands = (
-            grad, *main, y, *(downsample[1:] if downsample else _NO_BRANCH), partials, coefficients,
+            grad, *_input_operands(main, y, downsample), partials, coefficients,
             grad_input, grad_weight, grad_bias, grad_y, grad_weight_d, grad_bias_d,
         )
         with _runtime.device_guard(grad_input):
