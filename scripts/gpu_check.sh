@@ -12,7 +12,9 @@
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py), a brief NCHW run of it
-# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), triton_precompile.log, the
+# (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the CUDA kernels launched
+# in order (RESNET_FUSED_CUDA_PDL=0: in-order/, bench_in_order.log, and in_order_diff.txt
+# against the default run), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
@@ -21,7 +23,8 @@
 # at their budgets by themselves. Measured on an H200 (2026-11-27, third run): build 48 s
 # (the resource report alongside), tests 94 s, kernels phase 121 s (with two brief runs
 # since dropped, about 45 s), profile 69 s, and the suite its budget plus a few seconds:
-# about 6.5 minutes with the default budgets. A capped phase says so and keeps what it
+# about 6.5 minutes with the default budgets, and up to 40 s more since the in-order run
+# (budget 20 s; unmeasured) joined the kernels phase. A capped phase says so and keeps what it
 # wrote. Prints each phase's wall time, the suite's table and the step profile's totals;
 # the kernel summary comes last.
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
@@ -190,6 +193,17 @@ if want kernels; then
   capped 50 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops batch_stats,bn_relu,bn_relu_backward \
     --shapes layer1,layer2 --budget-s 30 --out "$out" >"$out/bench_nchw.log" 2>&1 \
     || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
+  # The CUDA kernels launched in order, against the programmatic dependent launches of the
+  # run above (docs/performance.md, "CUDA kernels launched as programmatic dependents").
+  capped 40 env RESNET_FUSED_CUDA_PDL=0 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --backends cuda \
+    --ops batch_stats,train_bn_relu,bn_relu_backward --shapes layer1,layer2 --budget-s 20 \
+    --out "$out/in-order" >"$out/bench_in_order.log" 2>&1 \
+    || { echo "gpu_check: IN-ORDER BENCHMARK FAILED ($out/bench_in_order.log)"; status=1; }
+  if [[ -s "$out/in-order/kernels_cuda_nhwc.json" && -s "$out/kernels_cuda_nhwc.json" ]]; then
+    "$PYTHON" benchmarks/kernel_diff.py "$out/in-order/kernels_cuda_nhwc.json" "$out/kernels_cuda_nhwc.json" \
+      --backends cuda,eager --dtype bfloat16 >"$out/in_order_diff.txt" 2>&1 \
+      && sed -n '/^geometric mean/,$p' "$out/in_order_diff.txt" | grep -v "not compared"
+  fi
   # auto's backend order as this run measured it (copy it to resnet_fused/ to adopt it)
   if [[ -s "$out/kernels_cuda_nhwc.json" ]]; then
     "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --out "$out/auto_order.json" \

@@ -22,6 +22,9 @@ are float32 reductions over N*H*W values on both sides: 1e-4 relative.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,6 +251,63 @@ def test_results_are_bitwise_reproducible(layout):
     for i, (a, b_) in enumerate(zip(first, second)):
         assert torch.equal(a, b_), f"result {i} differs between two runs"
 
+
+
+def _chained_results(cases, repeats=3):
+    """Each case (x, r, g, w, b) through every op, each op's input the output of the one
+    before where it can be: statistics -> forward -> backward, so every kernel reads what
+    its stream predecessor just wrote. Run ``repeats`` times."""
+    ops = torch.ops.resnet_fused
+    results = []
+    for _ in range(repeats):
+        for x, r, g, w, b in cases:
+            mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
+            y = ops.bn_relu(x, w, b, mean, invstd, True)
+            mean_y, invstd_y = ops.batch_stats(y, None, None, 0.1, 1e-5)
+            z = ops.bn_add_relu(y, r, w, b, mean_y, invstd_y, True)
+            d = ops.dual_bn_add_relu(z, w, b, mean, invstd, r, w, b, mean_y, invstd_y, True)
+            dual = ops.dual_bn_add_relu_backward(d, z, w, b, mean, invstd, r, w, b, mean_y, invstd_y, True)
+            add = ops.bn_add_relu_backward(dual[0], y, r, w, b, mean_y, invstd_y, True)
+            relu = ops.bn_relu_backward(add[0] + g, x, w, b, mean, invstd, True)
+            results += [mean, invstd, y, mean_y, invstd_y, z, d, *dual, *add, *relu]
+    return [t.cpu() for t in results]
+
+
+def _chained_results_to(inputs_path: str, results_path: str) -> None:
+    """The subprocess's half of the test below."""
+    cases = [[t.to(DEVICE) for t in case] for case in torch.load(inputs_path)]
+    torch.save(_chained_results(cases), results_path)
+
+
+EARLY_LAUNCH_ENV = "RESNET_FUSED_CUDA_PDL"
+
+
+@GPU_ONLY
+@pytest.mark.skipif(os.environ.get(EARLY_LAUNCH_ENV) == "0", reason=f"{EARLY_LAUNCH_ENV}=0: this process launches in order")
+def test_early_launches_change_no_bit(tmp_path):
+    """On sm_90 and later every kernel is a programmatic dependent launch (it may start
+    before the kernel before it ends, and waits for it first); RESNET_FUSED_CUDA_PDL=0 (read
+    once per process, so in a subprocess) launches in order. Same results, bit for bit,
+    with every kernel reading what the one before it wrote (a kernel that read too early
+    would differ), at shapes from one block per reduction to one wave of many."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("below sm_90 every launch is in order: nothing to compare")
+    cases = []
+    for shape in [(4, 19, 5, 7), (16, 64, 14, 14), (32, 64, 56, 56)]:
+        for layout in ("nhwc", "nchw"):
+            x, r, g = (activation(shape, torch.bfloat16, layout, DEVICE) for _ in range(3))
+            cases.append([x, r, g, torch.rand(shape[1], device=DEVICE) + 0.5, torch.randn(shape[1], device=DEVICE)])
+    inputs, results = tmp_path / "inputs.pt", tmp_path / "results.pt"
+    torch.save([[t.cpu() for t in case] for case in cases], inputs)
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join(p for p in (str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")) if p)
+    child = subprocess.run(
+        [sys.executable, "-c", f"import test_cuda_ops as t; t._chained_results_to({str(inputs)!r}, {str(results)!r})"],
+        env={**os.environ, EARLY_LAUNCH_ENV: "0", "PYTHONPATH": path}, capture_output=True, text=True, timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    for i, (early, in_order) in enumerate(zip(_chained_results(cases), torch.load(results), strict=True)):
+        assert early.stride() == in_order.stride() and torch.equal(early, in_order), f"result {i} differs"
 
 def _graph_case(layout):
     shape = (8, 64, 16, 16)

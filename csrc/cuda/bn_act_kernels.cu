@@ -22,6 +22,13 @@
 // reduction order, are a function of the geometry, the device and the activations'
 // 16-byte alignment: two runs on the same addresses' alignment agree bit for bit.
 //
+// Launches. On sm_90 and later every kernel is launched as a programmatic dependent of
+// the kernel before it in the stream (launch_kernel): it may be scheduled while that one
+// still runs, and it first waits, in await_stream_predecessor(), until the kernels before it
+// have completed and their writes are visible. So an op's second and third kernels (and
+// the next op's first) are resident when the one before ends, instead of being launched
+// then: the few microseconds between two kernels, a fifth of a statistics op at layer2.
+//
 // Indices and offsets are 64-bit. The pre-activation is formed by one function with
 // explicitly rounded operations (never contracted or reordered by nvcc), so the
 // backward recomputes the forward's ReLU mask bit for bit instead of storing it.
@@ -35,6 +42,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <type_traits>
@@ -484,6 +492,24 @@ __device__ void block_reduce_rows(State& state, typename State::template Shared<
   }
 }
 
+// ---------------------------------------------------------------- programmatic dependent launch
+
+// The first statement of every kernel, in every thread, before it touches global memory:
+// waits until the kernels before it in the stream have completed and their writes are
+// visible (griddepcontrol.wait; it returns at once after an ordinary launch), then lets the
+// stream's next kernel be scheduled (griddepcontrol.launch_dependents: once every block of
+// this grid has run it, the next kernel's blocks may take the room this one leaves; they
+// wait here in turn). Waiting first keeps at most two grids of the stream resident, and
+// makes a kernel launched early see exactly what an ordinary launch would: everything
+// after this line is ordered after the kernels before it, whatever they were.
+// No-ops below sm_90, whose kernels the host never launches early (launch_kernel).
+__device__ __forceinline__ void await_stream_predecessor() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
 // ---------------------------------------------------------------- batch statistics
 
 // Partial moments, one per (split, channel): mean and m2 are [splits][C], count [splits].
@@ -496,6 +522,7 @@ struct StatsPartials {
 template <typename T, int V, Layout L>
 __global__ void __launch_bounds__(kThreads, kStatsConfig.blocks_per_sm)
     batch_stats_kernel(const T* __restrict__ input, Shape shape, StatsPartials partials) {
+  await_stream_predecessor();
   constexpr int U = kStatsConfig.unroll(V);
   Walk<L, V> walk(shape);
   Moments<float, V> moments;
@@ -588,6 +615,7 @@ struct PartialBatch {
 // (N / n_0) m2: the subtraction loses at most log2(2N / n_0 + 1) (about log2 of twice
 // the splits) of double's 53 bits.
 __global__ void __launch_bounds__(kFinalizeThreads, 2) batch_stats_finalize_kernel(StatsFinalize f) {
+  await_stream_predecessor();
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
   const bool active = c < f.channels;
   const bool finalizes = threadIdx.y == 0 && active;  // the thread that writes channel c
@@ -706,6 +734,7 @@ struct ForwardArgs {
 template <typename T, int V, Epilogue E, Layout L>
 __global__ void __launch_bounds__(kThreads, forward_config(E).blocks_per_sm)
     bn_act_forward_kernel(ForwardArgs<T> a, Shape shape) {
+  await_stream_predecessor();
   constexpr int U = forward_config(E).unroll(V);
   constexpr bool kOther = E != Epilogue::kRelu;
   Walk<L, V> walk(shape);
@@ -763,6 +792,7 @@ __device__ __forceinline__ void prefetch_backward_step(const BackwardArgs<T>& a,
 template <typename T, int V, Epilogue E, Layout L>
 __global__ void __launch_bounds__(kThreads, backward_reduce_config(E).blocks_per_sm)
     bn_act_backward_reduce_kernel(BackwardArgs<T> a, Shape shape, float* __restrict__ partials) {
+  await_stream_predecessor();
   constexpr int U = backward_reduce_config(E).unroll(V);
   constexpr int K = num_sums(E);
   Walk<L, V> walk(shape);
@@ -875,6 +905,7 @@ __device__ void finalize_branch(const BackwardFinalize& f, const BranchChannel& 
 
 template <Epilogue E>
 __global__ void __launch_bounds__(kFinalizeThreads, 2) bn_act_backward_finalize_kernel(BackwardFinalize f) {
+  await_stream_predecessor();
   constexpr int K = num_sums(E);
   const int64_t C = f.channels;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
@@ -915,6 +946,7 @@ __global__ void __launch_bounds__(kFinalizeThreads, 2) bn_act_backward_finalize_
 template <typename T, int V, Epilogue E, Layout L>
 __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).blocks_per_sm)
     bn_act_backward_elementwise_kernel(BackwardArgs<T> a, Shape shape, const float* __restrict__ coefficients) {
+  await_stream_predecessor();
   constexpr int U = backward_elementwise_config(E).unroll(V);
   constexpr Epilogue kLoads = E == Epilogue::kAddRelu ? Epilogue::kRelu : E;  // what the pass streams
   if constexpr (E == Epilogue::kAddRelu) a.grad_out = a.grad_other;
@@ -963,20 +995,79 @@ __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).block
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Multiprocessors of the current device, cached per device.
-int sm_count() {
-  static std::atomic<int> cache[kMaxDevices];
-  int device = 0;
-  cudaGetDevice(&device);  // a failure surfaces as the launch error
+// What the launches need to know of the current device, cached per device.
+struct Device {
+  int index = 0;
+  int multiprocessors = 1;
+  bool early_launch = false;  // sm_90 or later, and RESNET_FUSED_CUDA_PDL is not 0 (launch_kernel)
+};
+
+bool early_launch_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("RESNET_FUSED_CUDA_PDL");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return allowed;
+}
+
+Device current_device() {
+  static std::atomic<int> cache[kMaxDevices];  // multiprocessors * 2 + early_launch; 0: not yet asked
+  Device d;
+  cudaGetDevice(&d.index);  // a failure surfaces as the launch error
+  const bool cacheable = d.index >= 0 && d.index < kMaxDevices;
+  int packed = cacheable ? cache[d.index].load(std::memory_order_relaxed) : 0;
+  if (packed == 0) {
+    int count = 0, major = 0;
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, d.index);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d.index);
+    packed = std::max(count, 1) * 2 + (major >= 9 && early_launch_allowed() ? 1 : 0);
+    if (cacheable) cache[d.index].store(packed, std::memory_order_relaxed);
+  }
+  d.multiprocessors = packed / 2;
+  d.early_launch = packed % 2 == 1;
+  return d;
+}
+
+int sm_count() { return current_device().multiprocessors; }
+
+// Whether kKernel's code on `device` waits for its stream predecessor: it was compiled for
+// a virtual architecture of sm_90 or later (await_stream_predecessor() is a no-op below). A
+// build whose device code is compute_80 PTX, JIT-compiled for an sm_90 device, has none:
+// its kernels must not start early. Cached per device.
+template <auto kKernel>
+bool waits_for_predecessor(int device) {
+  static std::atomic<int8_t> cache[kMaxDevices];  // 1: no, 2: yes; 0: not yet asked
   const bool cacheable = device >= 0 && device < kMaxDevices;
   if (cacheable) {
-    if (const int cached = cache[device].load(std::memory_order_relaxed)) return cached;
+    if (const int8_t cached = cache[device].load(std::memory_order_relaxed)) return cached == 2;
   }
-  int count = 0;
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  count = std::max(count, 1);
-  if (cacheable) cache[device].store(count, std::memory_order_relaxed);
-  return count;
+  cudaFuncAttributes attributes{};
+  const bool waits = cudaFuncGetAttributes(&attributes, kKernel) == cudaSuccess && attributes.ptxVersion >= 90;
+  if (cacheable) cache[device].store(waits ? 2 : 1, std::memory_order_relaxed);
+  return waits;
+}
+
+// Launches kKernel(args...) on `stream` (no dynamic shared memory); returns the launch
+// error. Where the device and the kernel's code allow (Device::early_launch,
+// waits_for_predecessor), as a programmatic dependent launch: the kernel may be scheduled
+// before its stream predecessor completes, and waits for it in await_stream_predecessor().
+template <auto kKernel, typename... Args>
+cudaError_t launch_kernel(const Device& device, dim3 grid, dim3 block, cudaStream_t stream, const Args&... args) {
+  if (!device.early_launch || !waits_for_predecessor<kKernel>(device.index)) {
+    kKernel<<<grid, block, 0, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kKernel, args...);
 }
 
 int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : dtype == DType::kFloat64 ? 8 : 2; }
@@ -1148,6 +1239,7 @@ size_t batch_stats_workspace_bytes(const ActivationGeometry& g) {
 cudaError_t launch_batch_stats(const BatchStatsParams& p, cudaStream_t stream) {
   const ActivationGeometry& g = p.geometry;
   if (g.channels == 0 || g.reduce_size() == 0) return cudaSuccess;
+  const Device device = current_device();
   const int64_t C = g.channels;
   const int64_t splits = reduction_splits(g, kStatsConfig);
   float* workspace = static_cast<float*>(p.workspace);
@@ -1159,8 +1251,7 @@ cudaError_t launch_batch_stats(const BatchStatsParams& p, cudaStream_t stream) {
       constexpr Layout L = decltype(layout)::value;
       constexpr int V = decltype(vec)::value;
       const Launch l = make_launch(g, V, splits);
-      batch_stats_kernel<T, V, L><<<l.grid, l.block, 0, stream>>>(input, l.shape, partials);
-      return cudaGetLastError();
+      return launch_kernel<batch_stats_kernel<T, V, L>>(device, l.grid, l.block, stream, input, l.shape, partials);
     });
   });
   if (error != cudaSuccess) return error;
@@ -1176,13 +1267,13 @@ cudaError_t launch_batch_stats(const BatchStatsParams& p, cudaStream_t stream) {
   f.running_var = static_cast<float*>(p.running_var);
   f.momentum = p.momentum;
   f.eps = p.eps;
-  batch_stats_finalize_kernel<<<finalize_grid(C), kFinalizeBlock, 0, stream>>>(f);
-  return cudaGetLastError();
+  return launch_kernel<batch_stats_finalize_kernel>(device, finalize_grid(C), kFinalizeBlock, stream, f);
 }
 
 cudaError_t launch_bn_act_forward(const BnActForwardParams& p, cudaStream_t stream) {
   const ActivationGeometry& g = p.geometry;
   if (g.numel() == 0) return cudaSuccess;
+  const Device device = current_device();
   return with_dtype(g.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     ForwardArgs<T> a{};
@@ -1198,8 +1289,7 @@ cudaError_t launch_bn_act_forward(const BnActForwardParams& p, cudaStream_t stre
         constexpr Layout L = decltype(layout)::value;
         constexpr int V = decltype(vec)::value;
         const Launch l = make_launch(g, V, wave_grid_y(g, V, forward_config(E)));
-        bn_act_forward_kernel<T, V, E, L><<<l.grid, l.block, 0, stream>>>(a, l.shape);
-        return cudaGetLastError();
+        return launch_kernel<bn_act_forward_kernel<T, V, E, L>>(device, l.grid, l.block, stream, a, l.shape);
       });
     });
   });
@@ -1214,6 +1304,7 @@ size_t bn_act_backward_workspace_bytes(const ActivationGeometry& g, Epilogue e) 
 cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t stream) {
   const ActivationGeometry& g = p.geometry;
   if (g.numel() == 0) return cudaSuccess;
+  const Device device = current_device();
   const int64_t C = g.channels;
   return with_dtype(g.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
@@ -1235,8 +1326,8 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
         constexpr Layout L = decltype(layout)::value;
         constexpr int V = decltype(vec)::value;
         const Launch reduce = make_launch(g, V, splits);
-        bn_act_backward_reduce_kernel<T, V, E, L><<<reduce.grid, reduce.block, 0, stream>>>(a, reduce.shape, partials);
-        cudaError_t error = cudaGetLastError();
+        cudaError_t error = launch_kernel<bn_act_backward_reduce_kernel<T, V, E, L>>(device, reduce.grid, reduce.block,
+                                                                                    stream, a, reduce.shape, partials);
         if (error != cudaSuccess) return error;
 
         BackwardFinalize f{};
@@ -1252,14 +1343,12 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
         f.grad_weight_d = static_cast<float*>(p.grad_weight_d);
         f.grad_bias_d = static_cast<float*>(p.grad_bias_d);
         f.coefficients = coefficients;
-        bn_act_backward_finalize_kernel<E><<<finalize_grid(C), kFinalizeBlock, 0, stream>>>(f);
-        error = cudaGetLastError();
+        error = launch_kernel<bn_act_backward_finalize_kernel<E>>(device, finalize_grid(C), kFinalizeBlock, stream, f);
         if (error != cudaSuccess) return error;
 
         const Launch elementwise = make_launch(g, V, wave_grid_y(g, V, backward_elementwise_config(E)));
-        bn_act_backward_elementwise_kernel<T, V, E, L>
-            <<<elementwise.grid, elementwise.block, 0, stream>>>(a, elementwise.shape, coefficients);
-        return cudaGetLastError();
+        return launch_kernel<bn_act_backward_elementwise_kernel<T, V, E, L>>(
+            device, elementwise.grid, elementwise.block, stream, a, elementwise.shape, coefficients);
       });
     });
   });

@@ -566,8 +566,27 @@ int main(int argc, char** argv) {
   // lane loads its partials in two rounds.
   check_statistics<float>(Layout::kNHWC, "float32",
                           {.N = 1, .C = 4, .S = 1040 * 1024, .multiprocessors = 180, .min_partials = 513});
-  failures += emulation::barrier_errors;
-  std::printf("%d emulated launches, %d barrier errors, %d failed checks\n", emulation::launches,
-              emulation::barrier_errors, failures);
+  // Ordinary launches: a device below sm_90, and an sm_90 device running kernels compiled
+  // for compute_80 (whose code has no griddepcontrol.wait: they must not start early).
+  for (const auto& [compute_capability, ptx_version] : {std::pair{8, 80}, std::pair{9, 80}}) {
+    emulation::compute_capability = compute_capability;
+    emulation::ptx_version = ptx_version;
+    const int programmatic = emulation::programmatic_launches;
+    for (Epilogue e : {Epilogue::kRelu, Epilogue::kDualAddRelu}) {
+      run<__nv_bfloat16>({2, 264, 2, 4, Layout::kNHWC, e, true, true, true, false, 5}, "bfloat16", seed++);
+      run<float>({9, 3, 5, 7, Layout::kNCHW, e, true, true, true, false, 2}, "float32", seed++);
+    }
+    if (emulation::programmatic_launches != programmatic) {
+      std::printf("FAIL sm_%d device, compute_%d kernels: %d programmatic launches\n", compute_capability,
+                  ptx_version, emulation::programmatic_launches - programmatic);
+      ++failures;
+    }
+  }
+  emulation::compute_capability = 9;
+  emulation::ptx_version = 90;
+  failures += emulation::barrier_errors + emulation::dependency_errors;
+  std::printf("%d emulated launches (%d programmatic), %d barrier errors, %d dependency errors, %d failed checks\n",
+              emulation::launches, emulation::programmatic_launches, emulation::barrier_errors,
+              emulation::dependency_errors, failures);
   return failures == 0 ? 0 : 1;
 }

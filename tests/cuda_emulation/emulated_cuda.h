@@ -15,7 +15,13 @@
 // schedule (the kernels never wait on other blocks); __shared__ variables become
 // function statics, one per kernel instantiation, which is all one running block needs.
 // Device intrinsics map to their IEEE host equivalents (compile with -ffp-contract=off so
-// the host compiler fuses nothing the device code did not ask for). Launches are written
+// the host compiler fuses nothing the device code did not ask for). Programmatic dependent
+// launches (cudaLaunchKernelEx) run like any other, in order; what is checked is the rule
+// that makes them safe on a GPU: every thread of every kernel calls
+// cudaGridDependencySynchronize() (before its first barrier, and before it triggers its
+// dependents' launch). The emulated device's compute capability and the kernels' PTX
+// version decide which launches the host makes programmatic (emulation::compute_capability,
+// emulation::ptx_version). Launches are written
 // `kernel<<<grid, block, shared, stream>>>(args)` in the source; the test rewrites them to
 // `::emulation::launch(kernel, grid, block, shared, stream)(args)`.
 #pragma once
@@ -32,6 +38,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -47,7 +54,7 @@ using std::sqrt;
 // ---------------------------------------------------------------- runtime API
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
@@ -57,20 +64,39 @@ struct dim3 {
 };
 
 namespace emulation {
-inline int multiprocessors = 4;  // what cudaDevAttrMultiProcessorCount reports
+inline int multiprocessors = 4;       // what cudaDevAttrMultiProcessorCount reports
+inline int compute_capability = 9;    // what cudaDevAttrComputeCapabilityMajor reports
+inline int ptx_version = 90;          // every kernel's cudaFuncAttributes::ptxVersion
 inline cudaError_t last_error = cudaSuccess;
 inline int launches = 0;
+inline int programmatic_launches = 0;  // of the launches, those through cudaLaunchKernelEx's attribute
 }  // namespace emulation
 
-// Each emulated SM count is a device of its own: the kernels cache the count per device,
-// and a case that sets another count must not get the first case's.
+// Each emulated configuration is a device of its own: the kernels cache what they learn
+// per device, and a case that sets another SM count (or compute capability, or PTX
+// version) must not get the first case's. The default sm_90 configuration is device
+// `multiprocessors`; the others lie past the range the kernels cache.
 inline cudaError_t cudaGetDevice(int* device) {
-  *device = emulation::multiprocessors;
+  const bool sm90 = emulation::compute_capability == 9 && emulation::ptx_version == 90;
+  *device = emulation::multiprocessors +
+            (sm90 ? 0 : 1024 * (emulation::compute_capability * 1000 + emulation::ptx_version));
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = emulation::multiprocessors;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = emulation::multiprocessors; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = emulation::compute_capability; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+struct cudaFuncAttributes {
+  int ptxVersion;
+  int binaryVersion;
+};
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
+  attributes->ptxVersion = emulation::ptx_version;
+  attributes->binaryVersion = emulation::compute_capability * 10;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() {
@@ -167,6 +193,8 @@ inline const bool reverse_order = [] {
 inline int barrier_line = 0;  // the __syncthreads() the running pass's waiting threads reached
 inline int barrier_errors = 0;
 inline long long block_serial = 0;  // counts the blocks run, to poison shared memory once per block
+inline std::vector<char> waited;     // per thread of the running block: called cudaGridDependencySynchronize()
+inline int dependency_errors = 0;
 inline void (*job)() = nullptr;    // what every fiber of the running block executes
 inline std::vector<std::vector<char>> stacks;
 constexpr size_t kStackBytes = 256 * 1024;
@@ -194,6 +222,7 @@ inline void* start_frame(std::vector<char>& stack) {
 inline void run_block(const dim3& block, void (*block_job)()) {
   ++block_serial;
   const unsigned threads = block.x * block.y * block.z;
+  waited.assign(threads, 0);
   std::vector<Fiber> fibers(threads);
   if (stacks.size() < threads) stacks.resize(threads, std::vector<char>(kStackBytes));
   job = block_job;
@@ -217,6 +246,22 @@ inline void run_block(const dim3& block, void (*block_job)()) {
                    barrier_line);
     }
   }
+  if (std::count(waited.begin(), waited.end(), 0) != 0 && dependency_errors++ < 10) {
+    std::fprintf(stderr, "emulated block: a thread returned without cudaGridDependencySynchronize()\n");
+  }
+}
+
+inline unsigned linear_thread() {
+  return thread_index.x + block_dim.x * (thread_index.y + block_dim.y * thread_index.z);
+}
+
+// Where a kernel launched early waits for the kernels before it: here, every thread must.
+inline void grid_dependency_wait() { waited[linear_thread()] = 1; }
+
+inline void trigger_dependents() {
+  if (!waited[linear_thread()] && dependency_errors++ < 10) {
+    std::fprintf(stderr, "emulated block: a thread let the next kernel launch before it waited for the previous\n");
+  }
 }
 
 // Fills a __shared__ variable with 0xff bytes (NaN as float or double) the first time a
@@ -233,6 +278,10 @@ inline void poison(void* shared, size_t bytes) {
 
 // __syncthreads(): this fiber waits until every live thread of the block has arrived.
 inline void barrier(int line) {
+  if (!waited[linear_thread()] && dependency_errors++ < 10) {
+    std::fprintf(stderr, "emulated block: a thread reached the barrier of line %d before it waited for the previous "
+                 "kernel\n", line);
+  }
   if (barrier_line == 0) {
     barrier_line = line;
   } else if (barrier_line != line && barrier_errors++ < 10) {
@@ -282,9 +331,42 @@ Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_
 
 }  // namespace emulation
 
+inline void cudaGridDependencySynchronize() { ::emulation::grid_dependency_wait(); }
+inline void cudaTriggerProgrammaticLaunchCompletion() { ::emulation::trigger_dependents(); }
+
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 6 };
+union cudaLaunchAttributeValue {
+  int programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+
+template <typename... Params, typename... Args>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const cudaLaunchAttribute& a = config->attrs[i];
+    if (a.id != cudaLaunchAttributeProgrammaticStreamSerialization) return cudaErrorInvalidValue;
+    if (a.val.programmaticStreamSerializationAllowed) ++::emulation::programmatic_launches;
+  }
+  ::emulation::launch(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes,
+                      config->stream)(std::forward<Args>(args)...);
+  return cudaGetLastError();
+}
+
 #define __syncthreads() ::emulation::barrier(__LINE__)
 
-#define threadIdx ::emulation::thread_index
-#define blockIdx ::emulation::block_index
-#define blockDim ::emulation::block_dim
-#define gridDim ::emulation::grid_dim
+// References rather than macros: a macro would also rewrite members of these names
+// (cudaLaunchConfig_t::gridDim).
+inline const dim3& threadIdx = ::emulation::thread_index;
+inline const dim3& blockIdx = ::emulation::block_index;
+inline const dim3& blockDim = ::emulation::block_dim;
+inline const dim3& gridDim = ::emulation::grid_dim;
