@@ -39,6 +39,7 @@ class RecordedLaunch:
     stream: int
     function: Any
     args: tuple  # the launcher's kernel arguments, in order
+    early: bool = False  # a programmatic dependent launch (the compiled kernel's launch_pdl)
 
 
 # The latest launches: a record that grew with every launch would keep every tensor alive
@@ -92,10 +93,11 @@ class _Launcher:
 
     def __init__(self, src, metadata) -> None:
         self.name = src.fn.__name__
+        self.early = bool(metadata.launch_pdl)
 
     def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
                  exit_hook, *args) -> None:
-        LAUNCHES.append(RecordedLaunch(self.name, (grid_x, grid_y, grid_z), stream, function, args))
+        LAUNCHES.append(RecordedLaunch(self.name, (grid_x, grid_y, grid_z), stream, function, args, self.early))
 
 
 def jit_functions() -> list[Any]:

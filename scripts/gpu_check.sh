@@ -13,7 +13,7 @@
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py), a brief NCHW run of it
 # (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the CUDA kernels launched
-# in order (RESNET_FUSED_CUDA_PDL=0: in-order/, bench_in_order.log, and in_order_diff.txt
+# in order (RESNET_FUSED_PDL=0: in-order/, bench_in_order.log, and in_order_diff.txt
 # against the default run), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
@@ -195,7 +195,7 @@ if want kernels; then
     || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
   # The CUDA kernels launched in order, against the programmatic dependent launches of the
   # run above (docs/performance.md, "CUDA kernels launched as programmatic dependents").
-  capped 40 env RESNET_FUSED_CUDA_PDL=0 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --backends cuda \
+  capped 40 env RESNET_FUSED_PDL=0 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --backends cuda \
     --ops batch_stats,train_bn_relu,bn_relu_backward --shapes layer1,layer2 --budget-s 20 \
     --out "$out/in-order" >"$out/bench_in_order.log" 2>&1 \
     || { echo "gpu_check: IN-ORDER BENCHMARK FAILED ($out/bench_in_order.log)"; status=1; }

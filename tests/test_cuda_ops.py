@@ -279,14 +279,14 @@ def _chained_results_to(inputs_path: str, results_path: str) -> None:
     torch.save(_chained_results(cases), results_path)
 
 
-EARLY_LAUNCH_ENV = "RESNET_FUSED_CUDA_PDL"
+EARLY_LAUNCH_ENV = "RESNET_FUSED_PDL"
 
 
 @GPU_ONLY
 @pytest.mark.skipif(os.environ.get(EARLY_LAUNCH_ENV) == "0", reason=f"{EARLY_LAUNCH_ENV}=0: this process launches in order")
 def test_early_launches_change_no_bit(tmp_path):
     """On sm_90 and later every kernel is a programmatic dependent launch (it may start
-    before the kernel before it ends, and waits for it first); RESNET_FUSED_CUDA_PDL=0 (read
+    before the kernel before it ends, and waits for it first); RESNET_FUSED_PDL=0 (read
     once per process, so in a subprocess) launches in order. Same results, bit for bit,
     with every kernel reading what the one before it wrote (a kernel that read too early
     would differ), at shapes from one block per reduction to one wave of many."""

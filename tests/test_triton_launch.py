@@ -188,7 +188,8 @@ def test_a_builder_must_take_its_tensors_from_the_operands(stand_in):
 
 
 @triton.jit
-def _fill_kernel(out_ptr, other_ptr, value, SCALE: tl.constexpr):
+def _fill_kernel(out_ptr, other_ptr, value, SCALE: tl.constexpr, PDL: tl.constexpr):
+    _runtime.await_stream_predecessor(PDL)
     tl.store(out_ptr, value * SCALE)
 
 
@@ -211,6 +212,23 @@ def test_a_builder_that_moves_an_operand_or_compiles_a_float_in_is_refused(stand
     with pytest.raises(RuntimeError, match="passes a float operand to SCALE, a constexpr"):
         _runtime.launch(_fill, (), (a, b, 1.5, 2.0))
     _runtime.launch(_fill, (), (a, b, 1.5, 2))  # an integer constexpr is keyed by value: fine
+
+
+def test_kernels_launch_early_on_sm90_unless_told_not_to(stand_in, monkeypatch):
+    """On the stand-in's sm_90 every launch is a programmatic dependent one, compiled with
+    PDL (its first statement waits for the kernel before it); with RESNET_FUSED_PDL=0 none
+    is, and the kernels are compiled without the wait."""
+    pdl = batch_stats._batch_stats_finalize_kernel.arg_names.index("PDL")
+    for allowed in (True, False):
+        monkeypatch.setattr(_runtime, "_EARLY_LAUNCH_ALLOWED", allowed)
+        _runtime.forget_plans()
+        LAUNCHES.clear()
+        for _, call in compile_report.representative_calls(torch.float32, SHAPE, ("nhwc",)):
+            _runtime.launch(*call)  # through Triton
+            _runtime.launch(*call)  # replayed
+        assert len(LAUNCHES) > 2 and {launch.early for launch in LAUNCHES} == {allowed}
+        finalize = [launch for launch in LAUNCHES if launch.kernel == "_batch_stats_finalize_kernel"]
+        assert finalize and all(launch.args[pdl] is allowed for launch in finalize)
 
 
 def test_the_record_starts_over_past_its_limit(stand_in, monkeypatch):

@@ -999,12 +999,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct Device {
   int index = 0;
   int multiprocessors = 1;
-  bool early_launch = false;  // sm_90 or later, and RESNET_FUSED_CUDA_PDL is not 0 (launch_kernel)
+  bool early_launch = false;  // sm_90 or later, and RESNET_FUSED_PDL is not 0 (launch_kernel)
 };
 
 bool early_launch_allowed() {
   static const bool allowed = [] {
-    const char* value = std::getenv("RESNET_FUSED_CUDA_PDL");
+    const char* value = std::getenv("RESNET_FUSED_PDL");
     return value == nullptr || std::strcmp(value, "0") != 0;
   }();
   return allowed;

@@ -18,7 +18,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import triton
+import triton.language as tl
 import triton.testing
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 PIN_ENV = "RESNET_FUSED_TRITON_CONFIG"
@@ -85,6 +87,50 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# ---------------------------------------------------------------- early launch
+#
+# On sm_90 and later every kernel is launched as a programmatic dependent of the kernel
+# before it in the stream (Triton's `launch_pdl` option): the driver may schedule its
+# programs while that kernel still runs, so an op's next kernel is resident when the one
+# before ends instead of being launched then. Every kernel's first statement,
+# `await_stream_predecessor(PDL)`, makes it exact: it waits until the kernels before it
+# have completed and their writes are visible, then lets the next kernel be scheduled
+# (docs/cuda_kernels.md, "Launches": the CUDA backend does the same).
+
+PDL_ENV = "RESNET_FUSED_PDL"  # 0: every kernel launched in order (both GPU backends)
+_EARLY_LAUNCH_ALLOWED = os.environ.get(PDL_ENV, "").strip() != "0"
+
+
+@triton.jit
+def await_stream_predecessor(PDL: tl.constexpr):
+    """A kernel's first statement: with ``PDL``, griddepcontrol.wait (the kernels before it
+    in the stream have completed, their writes visible), then
+    griddepcontrol.launch_dependents (the stream's next kernel may be scheduled)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def early_launch_allowed() -> bool:
+    """False where ``RESNET_FUSED_PDL=0`` (read at import)."""
+    return _EARLY_LAUNCH_ALLOWED
+
+
+def early_launch() -> bool:
+    """Whether kernels launched now, on the current device, are programmatic dependents:
+    a CUDA device of sm_90 or later (its code has griddepcontrol), not the interpreter."""
+    if INTERPRET or not early_launch_allowed():
+        return False
+    target = triton.runtime.driver.active.get_current_target()
+    return target.backend == "cuda" and isinstance(target.arch, int) and target.arch >= 90
+
+
+def early_launch_arguments(early: bool) -> tuple[dict, dict]:
+    """(kernel arguments, launch options) of every launch: the kernels' ``PDL`` and Triton's
+    ``launch_pdl``."""
+    return {"PDL": early}, {"launch_pdl": early}
+
+
 # ---------------------------------------------------------------- launching
 #
 # Triton's own launch path (the autotuner's key, the JIT's argument binding and
@@ -134,15 +180,17 @@ class Launch:
         """Launches through Triton (autotuning a new key, compiling a new specialization);
         returns the kernel it ran, or None where Triton returned no compiled kernel."""
         config = pinned_config_of(self.kernel)
+        arguments, options = early_launch_arguments(early_launch())
         if config is None:
-            compiled = self.kernel[self.grid](**self.args)
+            compiled = self.kernel[self.grid](**self.args, **arguments, **options)
         else:
-            compiled = self.kernel.fn[self.grid](**self.args, **config.all_kwargs())
+            compiled = self.kernel.fn[self.grid](**self.args, **config.all_kwargs(), **arguments, **options)
         source = getattr(compiled, "src", None)
         signature, constants = getattr(source, "signature", None), getattr(source, "constants", None)
         if INTERPRET or not isinstance(signature, dict) or not isinstance(constants, dict):
             return None
-        # The configuration's constants (TILE, STAGES) as this kernel was compiled with them:
+        # The constants not among the launch's arguments (the configuration's TILE, STAGES;
+        # PDL) as this kernel was compiled with them:
         # not the autotuner's `best_config`, which a launch on another thread may have changed.
         names = source.fn.arg_names  # the JITFunction compiled
         set_by_config = {names[k[0]]: v for k, v in constants.items() if names[k[0]] not in self.args}
@@ -158,7 +206,7 @@ class _Compiled:
     runner: Callable[..., None]  # CompiledKernel[grid]: launches on the current device and stream
     params: tuple[str, ...]  # the launcher's parameters in order (Triton's compiled signature)
     kinds: tuple[str, ...]  # their types as compiled: "*bf16", "i32", "fp32", "constexpr" (compiled in), ...
-    constants: dict[str, Any]  # compiled-in values not among the launch's arguments: the config's TILE, STAGES
+    constants: dict[str, Any]  # compiled-in values not among the launch's arguments: the config's TILE, STAGES; PDL
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,8 +56,9 @@ def _batch_stats_partials_kernel(
     x_ptr, part_ptr,
     C, rows, row_stride, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks,
     CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, TILE: tl.constexpr, STAGES: tl.constexpr,
-    CHUNKS_PER_PROGRAM: tl.constexpr,
+    CHUNKS_PER_PROGRAM: tl.constexpr, PDL: tl.constexpr,
 ):
+    _runtime.await_stream_predecessor(PDL)
     BLOCK_R: tl.constexpr = TILE // BLOCK_L
     group, chunk, covered, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
         rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks, CHANNELS_LAST, BLOCK_L,
@@ -134,8 +135,9 @@ def _batch_stats_partials_kernel(
 def _batch_stats_finalize_kernel(
     part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
     C, chunks, momentum, one_minus_momentum, eps, unbias,
-    HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    _runtime.await_stream_predecessor(PDL)
     channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
     mask = (channel < C)[:, None] & (s < chunks)[None, :]

@@ -137,8 +137,9 @@ def _bn_act_forward_kernel(
     C, rows, lanes, lane_blocks,
     EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
-    BLOCK_L: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_L: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr,
 ):
+    _runtime.await_stream_predecessor(PDL)
     offsets, mask, channel = _tile(C, rows, lanes, lane_blocks, CHANNELS_LAST, TILE // BLOCK_L, BLOCK_L)
     scale, shift, mean = _tile_coefficients(
         weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C, HAS_WEIGHT, HAS_BIAS, CHANNELS_LAST
@@ -187,7 +188,9 @@ def _bn_act_backward_reduce_kernel(
     EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
     BLOCK_L: tl.constexpr, TILE: tl.constexpr, STAGES: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _runtime.await_stream_predecessor(PDL)
     BLOCK_R: tl.constexpr = TILE // BLOCK_L
     group, chunk, covered, row_begin, row_end, lane_begin, lane_end, base = _reduce.chunk_bounds(
         rows, lanes, groups, lane_chunks, rows_per_chunk, lanes_per_chunk, chunks, CHANNELS_LAST, BLOCK_L,
@@ -261,8 +264,9 @@ def _bn_act_backward_finalize_kernel(
     grad_weight_ptr, grad_bias_ptr, grad_weight_d_ptr, grad_bias_d_ptr, coef_ptr,
     C, chunks, reduce_size,
     TRAINING: tl.constexpr, DUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_WEIGHT_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    _runtime.await_stream_predecessor(PDL)
     channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
     mask = (channel < C)[:, None] & (s < chunks)[None, :]
@@ -287,8 +291,9 @@ def _bn_act_backward_elementwise_kernel(
     C, rows, lanes, lane_blocks,
     TRAINING: tl.constexpr, EPILOGUE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT_D: tl.constexpr, HAS_BIAS_D: tl.constexpr,
-    BLOCK_L: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_L: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr,
 ):
+    _runtime.await_stream_predecessor(PDL)
     offsets, mask, channel = _tile(C, rows, lanes, lane_blocks, CHANNELS_LAST, TILE // BLOCK_L, BLOCK_L)
     scale, shift, mean = _tile_coefficients(
         weight_ptr, bias_ptr, mean_ptr, invstd_ptr, channel, C, HAS_WEIGHT, HAS_BIAS, CHANNELS_LAST

@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import _reduce, batch_stats, bn_act
+from . import _reduce, _runtime, batch_stats, bn_act
 from ._runtime import Call, Launch
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -48,6 +48,7 @@ class KernelResources:
     shared_bytes: int
     narrow_stores: Optional[int] = None  # elementwise kernels: stores narrower than 128 bits
     warps: int = 4  # per program
+    waits_first: Optional[bool] = None  # launched early: griddepcontrol.wait before any global access
 
     @property
     def resident_warps(self) -> int:
@@ -190,30 +191,44 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+_GLOBAL_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:ld|st|cp\.async|atom|red|prefetch)\.(?:\w+\.)*global\b",
+                            re.M)
+
+
+def _waits_first(ptx: str) -> bool:
+    """Whether the kernel's PTX waits for its stream predecessor (griddepcontrol.wait)
+    before its first global memory access."""
+    wait = ptx.find("griddepcontrol.wait")
+    first = _GLOBAL_ACCESS.search(ptx)
+    return wait >= 0 and (first is None or wait < first.start())
+
+
 def _narrow_stores(cubin: bytes) -> int:
     """Global stores in ``cubin``'s machine code narrower than 128 bits."""
     return sum(".128" not in s for s in re.findall(r"\bSTG\.E(?:\.[A-Z0-9_]+)*", _cuobjdump_of(cubin, "-sass")))
 
 
-def _configs(launch: Launch) -> Iterator[tuple[triton.JITFunction, dict, dict]]:
-    """(function, arguments, compile options) per configuration the launch may run."""
+def _configs(launch: Launch, early: bool) -> Iterator[tuple[triton.JITFunction, dict, dict]]:
+    """(function, arguments, compile options) per configuration the launch may run, as a
+    programmatic dependent launch or not (``early``: ``_runtime.early_launch``)."""
     kernel = launch.kernel
+    early_args, early_options = _runtime.early_launch_arguments(early)
     if isinstance(kernel, triton.runtime.Autotuner):
         for config in kernel.configs:
-            options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+            options = dict(num_warps=config.num_warps, num_stages=config.num_stages, **early_options)
             if config.maxnreg is not None:
                 options["maxnreg"] = config.maxnreg
-            yield kernel.fn, {**launch.args, **config.kwargs}, options
+            yield kernel.fn, {**launch.args, **config.kwargs, **early_args}, options
     else:
-        args = dict(launch.args)
-        options = {k: args.pop(k) for k in ("num_warps", "num_stages") if k in args}
+        args = {**launch.args, **early_args}
+        options = {k: args.pop(k) for k in ("num_warps", "num_stages") if k in args} | early_options
         yield kernel, args, options
 
 
 def _describe(fn: triton.JITFunction, args: dict, options: dict) -> str:
     tuned = ("TILE", "BLOCK", "STAGES", "CHUNKS")
     shown = [f"{p.name}={args[p.name]}" for p in fn.params if p.is_constexpr and p.name.startswith(tuned)]
-    return " ".join(shown + [f"{k}={v}" for k, v in options.items()])
+    return " ".join(shown + [f"{k}={v}" for k, v in options.items() if k != "launch_pdl"])
 
 
 def _kernel_key(source: ASTSource, options: dict) -> tuple:
@@ -226,7 +241,7 @@ def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResource
     rows, seen = [], set()
     for dtype in dtypes:
         for variant, launch in representative_launches(dtype):
-            for fn, args, options in _configs(launch):
+            for fn, args, options in _configs(launch, _runtime.early_launch_allowed()):  # TARGET: sm_90
                 source = _source(fn, args)
                 key = _kernel_key(source, options)
                 if key in seen:
@@ -240,15 +255,17 @@ def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResource
                     compiled.metadata.shared,
                     _narrow_stores(cubin) if fn.__name__ in ELEMENTWISE_KERNELS else None,
                     compiled.metadata.num_warps,
+                    _waits_first(compiled.asm["ptx"]) if options.get("launch_pdl") else None,
                 ))
     return rows
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = ("kernel", "variant", "config", "regs", "local B", "shared B", "warps/SM", "narrow st")
+    header = ("kernel", "variant", "config", "regs", "local B", "shared B", "warps/SM", "narrow st", "waits first")
     table = [header] + [
         (r.kernel, r.variant, r.config, str(r.registers), str(r.local_bytes), str(r.shared_bytes),
-         str(r.resident_warps), "-" if r.narrow_stores is None else str(r.narrow_stores))
+         str(r.resident_warps), "-" if r.narrow_stores is None else str(r.narrow_stores),
+         "-" if r.waits_first is None else "yes" if r.waits_first else "NO")
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -269,7 +286,9 @@ Spec = tuple[str, tuple[int, int, int, int], str]  # dtype name, shape, layout
 
 def _compilations(spec: Spec) -> list[tuple[triton.JITFunction, dict, dict]]:
     dtype, shape, layout = spec
-    return [c for _, launch in representative_launches(getattr(torch, dtype), shape, (layout,)) for c in _configs(launch)]
+    early = _runtime.early_launch()  # the current GPU's
+    return [c for _, launch in representative_launches(getattr(torch, dtype), shape, (layout,))
+            for c in _configs(launch, early)]
 
 
 def _warm(tasks: list[tuple[Spec, int]]) -> int:
