@@ -1042,7 +1042,9 @@ bool waits_for_predecessor(int device) {
     if (const int8_t cached = cache[device].load(std::memory_order_relaxed)) return cached == 2;
   }
   cudaFuncAttributes attributes{};
-  const bool waits = cudaFuncGetAttributes(&attributes, kKernel) == cudaSuccess && attributes.ptxVersion >= 90;
+  const bool known = cudaFuncGetAttributes(&attributes, kKernel) == cudaSuccess;
+  if (!known) cudaGetLastError();  // launched in order: its launch reports what is wrong, not this query
+  const bool waits = known && attributes.ptxVersion >= 90;
   if (cacheable) cache[device].store(waits ? 2 : 1, std::memory_order_relaxed);
   return waits;
 }
