@@ -9,7 +9,9 @@ frame = local memory, static shared memory) and exits with status 1 if any kerne
 or uses local memory, 2 if a source does not compile. Where cuobjdump is found (the CUDA
 toolkit's or the one Triton bundles), it also reads the machine code: every store of a
 vectorized streaming kernel (forward, backward elementwise; V > 1) must be one 128-bit
-STG.E.128, and status 1 says when nvcc split one (it did once, see store() in the .cu). The sources are torch-free
+STG.E.128, and status 1 says when nvcc split one (it did once, see store() in the .cu); and on
+sm_90 and later every kernel must wait for its stream predecessor (ACQBULK) before its first
+memory instruction (the kernels launch early, docs/cuda_kernels.md "Launches"). The sources are torch-free
 (csrc/cuda/*.cu include only the CUDA runtime and csrc/*.h), so this needs nvcc only,
 not a GPU or torch. Flags follow the build's (setup.py and torch.utils.cpp_extension).
 """
@@ -116,6 +118,33 @@ def narrow_stores(sass: str) -> tuple[int, list[tuple[str, str, int]]]:
     return checked, found
 
 
+# Instructions that touch memory beyond registers and the constant bank.
+MEMORY = re.compile(r"\b(?:LDG|STG|LDS|STS|LD|ST|ATOM|ATOMG|ATOMS|RED|CCTL|LDGSTS|UBLKCP|UTMALDG|SULD|SUST|TLD|TEX)\b")
+
+
+def early_accesses(sass: str) -> tuple[int, list[tuple[str, str]]]:
+    """The sm_90+ kernels checked, and (arch, mangled kernel) for each whose machine code
+    touches memory before ACQBULK (griddepcontrol.wait) or has none: launched as a
+    programmatic dependent, it would read what the kernel before it has not finished
+    writing (docs/cuda_kernels.md, "Launches"). The compiler could hoist a load of
+    const __restrict__ memory above the wait; this sees it if it does."""
+    checked, found, arch = 0, [], "?"
+    for part in re.split(r"\n(?=\s*(?:Function : |arch = ))", sass):
+        if m := re.match(r"\s*arch = sm_(\d+)", part):
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", part)
+        if not m or not arch.isdigit() or int(arch) < 90:
+            continue
+        checked += 1
+        code = [line.split("*/", 1)[1] for line in part.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+        wait = next((i for i, ins in enumerate(code) if "ACQBULK" in ins), None)
+        first = next((i for i, ins in enumerate(code) if MEMORY.search(ins)), None)
+        if wait is None or (first is not None and first < wait):
+            found.append(("sm_" + arch, m.group(1)))
+    return checked, found
+
+
 def parse(source: str, log: str) -> list[Kernel]:
     kernels: list[Kernel] = []
     for line in log.splitlines():
@@ -164,6 +193,8 @@ def main() -> int:
     kernels: list[Kernel] = []
     narrow: list[tuple[str, str, int]] = []
     streaming = 0
+    early: list[tuple[str, str]] = []
+    waiting = 0
     failed = False
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for source, rc, log, sass in pool.map(lambda s: compile_source(nvcc, s, archs, cuobjdump), SOURCES):
@@ -179,6 +210,9 @@ def main() -> int:
             checked, found = narrow_stores(sass)
             streaming += checked
             narrow += found
+            checked, found = early_accesses(sass)
+            waiting += checked
+            early += found
     if failed:
         return 2
     demangle(kernels)
@@ -202,12 +236,16 @@ def main() -> int:
             print(f"{k.name} {k.arch}: {count} stores narrower than 128 bits  <-- split vector stores")
         verdict = f"{len(narrow)} with narrower stores" if narrow else "every store one STG.E.128"
         print(f"\nvector stores: {streaming} vectorized streaming kernels x archs, {verdict} (SASS, cuobjdump)")
+        for arch, mangled in early:
+            print(f"{mangled} {arch}: memory accessed before ACQBULK (griddepcontrol.wait)  <-- reads too early")
+        verdict = f"{len(early)} touch memory first" if early else "each waits (ACQBULK) before any memory access"
+        print(f"early launch: {waiting} kernels x archs of sm_90 or later, {verdict} (SASS)")
     print(
         f"\nptxas: {len(kernels)} kernels x archs ({', '.join('sm_' + a for a in archs)}), "
         f"max {max((k.registers for k in kernels), default=0)} registers, "
         + (f"{len(bad)} with spills or local memory" if bad else "no spills, no local memory")
     )
-    return 1 if bad or narrow else 0
+    return 1 if bad or narrow or early else 0
 
 
 if __name__ == "__main__":

@@ -256,11 +256,14 @@ def test_results_are_bitwise_reproducible(layout):
 def _chained_results(cases, repeats=3):
     """Each case (x, r, g, w, b) through every op, each op's input the output of the one
     before where it can be: statistics -> forward -> backward, so every kernel reads what
-    its stream predecessor just wrote. Run ``repeats`` times."""
+    its stream predecessor just wrote. ``repeats`` rounds, each on new input values (x
+    shifted), so a kernel that read a reused buffer too early would find another round's
+    values there, not equal ones."""
     ops = torch.ops.resnet_fused
     results = []
-    for _ in range(repeats):
+    for round in range(repeats):
         for x, r, g, w, b in cases:
+            x = x + round
             mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
             y = ops.bn_relu(x, w, b, mean, invstd, True)
             mean_y, invstd_y = ops.batch_stats(y, None, None, 0.1, 1e-5)
@@ -273,10 +276,19 @@ def _chained_results(cases, repeats=3):
     return [t.cpu() for t in results]
 
 
+def _launch_calls(x):
+    """The CUDA runtime's launch calls (profiler names) of one statistics op on ``x``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        torch.ops.resnet_fused.batch_stats(x, None, None, 0.1, 1e-5)
+        torch.cuda.synchronize()
+    return sorted({e.name for e in profile.events() if e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel"))})
+
+
 def _chained_results_to(inputs_path: str, results_path: str) -> None:
     """The subprocess's half of the test below."""
     cases = [[t.to(DEVICE) for t in case] for case in torch.load(inputs_path)]
-    torch.save(_chained_results(cases), results_path)
+    torch.save({"results": _chained_results(cases), "launch_calls": _launch_calls(cases[0][0]),
+                "module": resnet_fused.__file__}, results_path)
 
 
 EARLY_LAUNCH_ENV = "RESNET_FUSED_PDL"
@@ -289,7 +301,8 @@ def test_early_launches_change_no_bit(tmp_path):
     before the kernel before it ends, and waits for it first); RESNET_FUSED_PDL=0 (read
     once per process, so in a subprocess) launches in order. Same results, bit for bit,
     with every kernel reading what the one before it wrote (a kernel that read too early
-    would differ), at shapes from one block per reduction to one wave of many."""
+    would differ), at shapes from one block per reduction to one wave of many. The launch
+    calls show that this process launched early (cudaLaunchKernelExC) and the child did not."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("below sm_90 every launch is in order: nothing to compare")
     cases = []
@@ -299,15 +312,23 @@ def test_early_launches_change_no_bit(tmp_path):
             cases.append([x, r, g, torch.rand(shape[1], device=DEVICE) + 0.5, torch.randn(shape[1], device=DEVICE)])
     inputs, results = tmp_path / "inputs.pt", tmp_path / "results.pt"
     torch.save([[t.cpu() for t in case] for case in cases], inputs)
-    tests = Path(__file__).resolve().parent
-    path = os.pathsep.join(p for p in (str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")) if p)
+    # The child imports this very resnet_fused (installed or in the tree) and these tests.
+    package_root = str(Path(resnet_fused.__file__).resolve().parent.parent)
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (package_root, tests, os.environ.get("PYTHONPATH", "")) if p)
     child = subprocess.run(
         [sys.executable, "-c", f"import test_cuda_ops as t; t._chained_results_to({str(inputs)!r}, {str(results)!r})"],
         env={**os.environ, EARLY_LAUNCH_ENV: "0", "PYTHONPATH": path}, capture_output=True, text=True, timeout=300,
     )
     assert child.returncode == 0, child.stderr[-3000:]
-    for i, (early, in_order) in enumerate(zip(_chained_results(cases), torch.load(results), strict=True)):
-        assert early.stride() == in_order.stride() and torch.equal(early, in_order), f"result {i} differs"
+    in_order = torch.load(results)
+    assert Path(in_order["module"]).resolve() == Path(resnet_fused.__file__).resolve(), in_order["module"]
+    early_calls = _launch_calls(cases[0][0])
+    assert "cudaLaunchKernelExC" in early_calls, early_calls
+    assert "cudaLaunchKernelExC" not in in_order["launch_calls"], in_order["launch_calls"]
+    for i, (early, ordered) in enumerate(zip(_chained_results(cases), in_order["results"], strict=True)):
+        assert early.stride() == ordered.stride() and torch.equal(early, ordered), f"result {i} differs"
+
 
 def _graph_case(layout):
     shape = (8, 64, 16, 16)

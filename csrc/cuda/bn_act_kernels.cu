@@ -27,7 +27,7 @@
 // still runs, and it first waits, in await_stream_predecessor(), until the kernels before it
 // have completed and their writes are visible. So an op's second and third kernels (and
 // the next op's first) are resident when the one before ends, instead of being launched
-// then: the few microseconds between two kernels, a fifth of a statistics op at layer2.
+// then: their start overlaps its end.
 //
 // Indices and offsets are 64-bit. The pre-activation is formed by one function with
 // explicitly rounded operations (never contracted or reordered by nvcc), so the
@@ -999,13 +999,17 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct Device {
   int index = 0;
   int multiprocessors = 1;
-  bool early_launch = false;  // sm_90 or later, and RESNET_FUSED_PDL is not 0 (launch_kernel)
+  bool early_launch = false;  // sm_90 or later, and early_launch_allowed() (launch_kernel)
 };
 
+// RESNET_FUSED_PDL is not 0, and the driver records early launches in stream capture as
+// programmatic graph edges (CUDA 12.3 and later: torch.cuda.graph must keep working).
 bool early_launch_allowed() {
   static const bool allowed = [] {
     const char* value = std::getenv("RESNET_FUSED_PDL");
-    return value == nullptr || std::strcmp(value, "0") != 0;
+    int driver = 0;
+    if (cudaDriverGetVersion(&driver) != cudaSuccess) cudaGetLastError();
+    return (value == nullptr || std::strcmp(value, "0") != 0) && driver >= 12030;
   }();
   return allowed;
 }

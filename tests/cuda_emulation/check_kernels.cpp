@@ -568,6 +568,11 @@ int main(int argc, char** argv) {
                           {.N = 1, .C = 4, .S = 1040 * 1024, .multiprocessors = 180, .min_partials = 513});
   // Ordinary launches: a device below sm_90, and an sm_90 device running kernels compiled
   // for compute_80 (whose code has no griddepcontrol.wait: they must not start early).
+  // Every launch so far was on the default sm_90 device: each must have been programmatic.
+  if (emulation::programmatic_launches != emulation::launches) {
+    std::printf("FAIL sm_90: %d of %d launches programmatic\n", emulation::programmatic_launches, emulation::launches);
+    ++failures;
+  }
   for (const auto& [compute_capability, ptx_version] : {std::pair{8, 80}, std::pair{9, 80}}) {
     emulation::compute_capability = compute_capability;
     emulation::ptx_version = ptx_version;

@@ -16,10 +16,10 @@
 // function statics, one per kernel instantiation, which is all one running block needs.
 // Device intrinsics map to their IEEE host equivalents (compile with -ffp-contract=off so
 // the host compiler fuses nothing the device code did not ask for). Programmatic dependent
-// launches (cudaLaunchKernelEx) run like any other, in order; what is checked is the rule
-// that makes them safe on a GPU: every thread of every kernel calls
-// cudaGridDependencySynchronize() (before its first barrier, and before it triggers its
-// dependents' launch). The emulated device's compute capability and the kernels' PTX
+// launches (cudaLaunchKernelEx) run like any other, in order; what is checked is the
+// kernels' rule: every thread of every kernel calls cudaGridDependencySynchronize(), before
+// its first barrier and before it triggers its dependents' launch (that a kernel touches
+// no global memory before the wait, the machine code shows: scripts/ptxas_report.py). The emulated device's compute capability and the kernels' PTX
 // version decide which launches the host makes programmatic (emulation::compute_capability,
 // emulation::ptx_version). Launches are written
 // `kernel<<<grid, block, shared, stream>>>(args)` in the source; the test rewrites them to
@@ -88,6 +88,10 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
     case cudaDevAttrComputeCapabilityMajor: *value = emulation::compute_capability; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
+}
+inline cudaError_t cudaDriverGetVersion(int* version) {
+  *version = 13000;
+  return cudaSuccess;
 }
 struct cudaFuncAttributes {
   int ptxVersion;
