@@ -29,6 +29,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -100,21 +101,28 @@ def compile_source(nvcc: str, source: Path, archs: list[str], cuobjdump: str | N
 STREAMING = re.compile(r"(bn_act_forward_kernel|bn_act_backward_elementwise_kernel)I\w+?Li(\d+)E")
 
 
-def narrow_stores(sass: str) -> tuple[int, list[tuple[str, str, int]]]:
-    """The vectorized streaming kernels (x archs) checked, and (arch, mangled kernel, count)
-    for each one with a store that is not one 128-bit STG.E.128."""
-    checked, found, arch = 0, [], "?"
+def sass_functions(sass: str) -> Iterator[tuple[str, str, str]]:
+    """(arch such as "sm_90", mangled kernel name, its machine code) of each kernel in
+    cuobjdump's -sass output."""
+    arch = "?"
     for part in re.split(r"\n(?=\s*(?:Function : |arch = ))", sass):
         if m := re.match(r"\s*arch = (sm_\w+)", part):
             arch = m.group(1)
-            continue
-        m = re.match(r"\s*Function : (\S+)", part)
-        kernel = STREAMING.search(m.group(1)) if m else None
+        elif m := re.match(r"\s*Function : (\S+)", part):
+            yield arch, m.group(1), part
+
+
+def narrow_stores(sass: str) -> tuple[int, list[tuple[str, str, int]]]:
+    """The vectorized streaming kernels (x archs) checked, and (arch, mangled kernel, count)
+    for each one with a store that is not one 128-bit STG.E.128."""
+    checked, found = 0, []
+    for arch, mangled, code in sass_functions(sass):
+        kernel = STREAMING.search(mangled)
         if kernel and int(kernel.group(2)) > 1:
             checked += 1
-            narrow = [s for s in re.findall(r"\bSTG\.E(?:\.[A-Z0-9_]+)*", part) if ".128" not in s]
+            narrow = [s for s in re.findall(r"\bSTG\.E(?:\.[A-Z0-9_]+)*", code) if ".128" not in s]
             if narrow:
-                found.append((arch, m.group(1), len(narrow)))
+                found.append((arch, mangled, len(narrow)))
     return checked, found
 
 
@@ -128,20 +136,17 @@ def early_accesses(sass: str) -> tuple[int, list[tuple[str, str]]]:
     programmatic dependent, it would read what the kernel before it has not finished
     writing (docs/cuda_kernels.md, "Launches"). The compiler could hoist a load of
     const __restrict__ memory above the wait; this sees it if it does."""
-    checked, found, arch = 0, [], "?"
-    for part in re.split(r"\n(?=\s*(?:Function : |arch = ))", sass):
-        if m := re.match(r"\s*arch = sm_(\d+)", part):
-            arch = m.group(1)
-            continue
-        m = re.match(r"\s*Function : (\S+)", part)
-        if not m or not arch.isdigit() or int(arch) < 90:
+    checked, found = 0, []
+    for arch, mangled, code in sass_functions(sass):
+        version = arch.removeprefix("sm_").rstrip("af")
+        if not version.isdigit() or int(version) < 90:
             continue
         checked += 1
-        code = [line.split("*/", 1)[1] for line in part.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
-        wait = next((i for i, ins in enumerate(code) if "ACQBULK" in ins), None)
-        first = next((i for i, ins in enumerate(code) if MEMORY.search(ins)), None)
+        lines = [line.split("*/", 1)[1] for line in code.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+        wait = next((i for i, ins in enumerate(lines) if "ACQBULK" in ins), None)
+        first = next((i for i, ins in enumerate(lines) if MEMORY.search(ins)), None)
         if wait is None or (first is not None and first < wait):
-            found.append(("sm_" + arch, m.group(1)))
+            found.append((arch, mangled))
     return checked, found
 
 
