@@ -47,8 +47,11 @@ class RecordedLaunch:
 LAUNCHES: collections.deque[RecordedLaunch] = collections.deque(maxlen=64)
 
 
+STAND_IN_DRIVER_VERSION = 13000  # what the backend reads as the CUDA driver's version inside
+
+
 class StandInDriver(DriverBase):
-    """Triton's CUDA driver for an sm_90 device that never runs anything."""
+    """Triton's CUDA driver for an sm_90 device (on a CUDA 13.0 driver) that never runs anything."""
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -128,7 +131,7 @@ def stand_in_driver(prefer: int = 0) -> Iterator[None]:
         return [0.0 if index == min(prefer, len(self.configs) - 1) else 1.0 + index]
 
     triton_backend = backends.get("triton")
-    saved = Autotuner._bench, _runtime.DEVICE_TYPES
+    saved = Autotuner._bench, _runtime.DEVICE_TYPES, _runtime._cuda_driver_version
     # The private slot: reading `driver.active` would create the default driver, which
     # fails without a GPU (as would `reset_active`).
     saved_driver = triton.runtime.driver._active
@@ -136,6 +139,7 @@ def stand_in_driver(prefer: int = 0) -> Iterator[None]:
     triton.runtime.driver.set_active(StandInDriver())
     Autotuner._bench = bench
     _runtime.DEVICE_TYPES = ("cpu",)
+    _runtime._cuda_driver_version = lambda: STAND_IN_DRIVER_VERSION
     backends.register(dataclasses.replace(triton_backend, device_types=("cpu",), unavailable=None))
     try:
         yield
@@ -143,5 +147,5 @@ def stand_in_driver(prefer: int = 0) -> Iterator[None]:
         _forget_compiled_kernels()  # while the stand-in is active: Triton unloads them through it
         LAUNCHES.clear()
         backends.register(triton_backend)
-        Autotuner._bench, _runtime.DEVICE_TYPES = saved
+        Autotuner._bench, _runtime.DEVICE_TYPES, _runtime._cuda_driver_version = saved
         triton.runtime.driver._active = saved_driver

@@ -29,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-in driver runs without a GPU only"),
 ]
 
-from benchmarks.triton_stand_in import LAUNCHES, jit_functions, stand_in_driver  # noqa: E402
+from benchmarks.triton_stand_in import LAUNCHES, STAND_IN_DRIVER_VERSION, jit_functions, stand_in_driver  # noqa: E402
 
 SHAPE = (3, 40, 6, 5)  # C: a multiple of 8 (16-byte rows in channels_last), H*W = 30: not one
 
@@ -214,21 +214,60 @@ def test_a_builder_that_moves_an_operand_or_compiles_a_float_in_is_refused(stand
     _runtime.launch(_fill, (), (a, b, 1.5, 2))  # an integer constexpr is keyed by value: fine
 
 
-def test_kernels_launch_early_on_sm90_unless_told_not_to(stand_in, monkeypatch):
+@pytest.mark.parametrize(
+    "allowed, driver, early",
+    [(True, STAND_IN_DRIVER_VERSION, True), (False, STAND_IN_DRIVER_VERSION, False),
+     (True, 12020, False), (True, 12030, True)],
+    ids=["default", "RESNET_FUSED_PDL=0", "driver-12.2", "driver-12.3"],
+)
+def test_kernels_launch_early_on_sm90_unless_told_not_to(stand_in, monkeypatch, allowed, driver, early):
     """On the stand-in's sm_90 every launch is a programmatic dependent one, compiled with
-    PDL (its first statement waits for the kernel before it); with RESNET_FUSED_PDL=0 none
-    is, and the kernels are compiled without the wait."""
+    PDL (its first statement waits for the kernel before it); with RESNET_FUSED_PDL=0, or a
+    driver older than CUDA 12.3 (whose graph capture has no programmatic edges), none is,
+    and the kernels are compiled without the wait."""
     pdl = batch_stats._batch_stats_finalize_kernel.arg_names.index("PDL")
-    for allowed in (True, False):
-        monkeypatch.setattr(_runtime, "_EARLY_LAUNCH_ALLOWED", allowed)
-        _runtime.forget_plans()
-        LAUNCHES.clear()
-        for _, call in compile_report.representative_calls(torch.float32, SHAPE, ("nhwc",)):
-            _runtime.launch(*call)  # through Triton
-            _runtime.launch(*call)  # replayed
-        assert len(LAUNCHES) > 2 and {launch.early for launch in LAUNCHES} == {allowed}
-        finalize = [launch for launch in LAUNCHES if launch.kernel == "_batch_stats_finalize_kernel"]
-        assert finalize and all(launch.args[pdl] is allowed for launch in finalize)
+    monkeypatch.setattr(_runtime, "_EARLY_LAUNCH_ALLOWED", allowed)
+    monkeypatch.setattr(_runtime, "_cuda_driver_version", lambda: driver)
+    _runtime.forget_plans()
+    LAUNCHES.clear()
+    for _, call in compile_report.representative_calls(torch.float32, SHAPE, ("nhwc",)):
+        _runtime.launch(*call)  # through Triton
+        _runtime.launch(*call)  # replayed
+    assert len(LAUNCHES) > 2 and {launch.early for launch in LAUNCHES} == {early}
+    finalize = [launch for launch in LAUNCHES if launch.kernel == "_batch_stats_finalize_kernel"]
+    assert finalize and all(launch.args[pdl] is early for launch in finalize)
+
+
+class _FakeLibcuda:
+    def __init__(self, version: int, status: int = 0) -> None:
+        self.version, self.status = version, status
+
+    def cuDriverGetVersion(self, out) -> int:  # noqa: N802 (the driver API's name)
+        out._obj.value = self.version
+        return self.status
+
+
+@pytest.mark.parametrize(
+    "library, expected",
+    [(_FakeLibcuda(12020), 12020), (_FakeLibcuda(13000), 13000), (_FakeLibcuda(13000, status=3), 0), (None, 0)],
+    ids=["12.2", "13.0", "not-initialized", "no-libcuda"],
+)
+def test_the_driver_version_is_read_from_libcuda(monkeypatch, library, expected):
+    """What early launch checks: cuDriverGetVersion's answer, and 0 (launch in order) where
+    it fails or there is no libcuda."""
+
+    def load(name):
+        assert name == "libcuda.so.1"
+        if library is None:
+            raise OSError(f"{name}: cannot open shared object file")
+        return library
+
+    monkeypatch.setattr(_runtime.ctypes, "CDLL", load)
+    _runtime._cuda_driver_version.cache_clear()
+    try:
+        assert _runtime._cuda_driver_version() == expected
+    finally:
+        _runtime._cuda_driver_version.cache_clear()
 
 
 def test_the_record_starts_over_past_its_limit(stand_in, monkeypatch):

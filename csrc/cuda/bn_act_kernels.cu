@@ -1032,8 +1032,6 @@ Device current_device() {
   return d;
 }
 
-int sm_count() { return current_device().multiprocessors; }
-
 // Whether kKernel's code on `device` waits for its stream predecessor: it was compiled for
 // a virtual architecture of sm_90 or later (await_stream_predecessor() is a no-op below). A
 // build whose device code is compute_80 PTX, JIT-compiled for an sm_90 device, has none:
@@ -1108,7 +1106,9 @@ RowTiling row_tiling(int64_t channels, int vec) {
 }
 
 // Blocks of a kernel resident at once: `blocks_per_sm` on every SM.
-int64_t resident_blocks(StreamConfig config) { return static_cast<int64_t>(sm_count()) * config.blocks_per_sm; }
+int64_t resident_blocks(const Device& device, StreamConfig config) {
+  return static_cast<int64_t>(device.multiprocessors) * config.blocks_per_sm;
+}
 
 // NCHW: the most splits of a channel that still give every thread U vectors.
 int64_t nchw_most_splits(const ActivationGeometry& g, int vec, StreamConfig config) {
@@ -1117,8 +1117,8 @@ int64_t nchw_most_splits(const ActivationGeometry& g, int vec, StreamConfig conf
 
 // grid.y of a launch that is one wave of `blocks_per_sm` blocks per SM, and no more
 // blocks than there is work for.
-int64_t wave_grid_y(const ActivationGeometry& g, int vec, StreamConfig config) {
-  const int64_t capacity = resident_blocks(config);
+int64_t wave_grid_y(const Device& device, const ActivationGeometry& g, int vec, StreamConfig config) {
+  const int64_t capacity = resident_blocks(device, config);
   int64_t y;
   if (g.layout == Layout::kNHWC) {
     const RowTiling t = row_tiling(g.channels, vec);
@@ -1147,11 +1147,12 @@ int64_t nchw_reduction_splits(int64_t channels, int64_t capacity, int64_t most) 
 
 // Splits (grid.y) of a reduction: a function of the geometry and the device only, so the
 // workspace size and the launch agree, and results are reproducible.
-int64_t reduction_splits(const ActivationGeometry& g, StreamConfig config) {
+int64_t reduction_splits(const Device& device, const ActivationGeometry& g, StreamConfig config) {
   const int vec = nominal_vector(g);
-  const int64_t y = g.layout == Layout::kNHWC
-                        ? wave_grid_y(g, vec, config)
-                        : nchw_reduction_splits(g.channels, resident_blocks(config), nchw_most_splits(g, vec, config));
+  const int64_t y =
+      g.layout == Layout::kNHWC
+          ? wave_grid_y(device, g, vec, config)
+          : nchw_reduction_splits(g.channels, resident_blocks(device, config), nchw_most_splits(g, vec, config));
   return std::min(std::max(y, ceil_div(g.reduce_size(), kMaxSplitValues)), kMaxGridY);
 }
 
@@ -1238,7 +1239,7 @@ const dim3 kFinalizeBlock(kFinalizeChannels, kFinalizeLanes);
 
 size_t batch_stats_workspace_bytes(const ActivationGeometry& g) {
   if (g.channels == 0 || g.reduce_size() == 0) return 0;
-  const int64_t splits = reduction_splits(g, kStatsConfig);
+  const int64_t splits = reduction_splits(current_device(), g, kStatsConfig);
   return sizeof(float) * static_cast<size_t>(splits * (2 * g.channels + 1));
 }
 
@@ -1247,7 +1248,7 @@ cudaError_t launch_batch_stats(const BatchStatsParams& p, cudaStream_t stream) {
   if (g.channels == 0 || g.reduce_size() == 0) return cudaSuccess;
   const Device device = current_device();
   const int64_t C = g.channels;
-  const int64_t splits = reduction_splits(g, kStatsConfig);
+  const int64_t splits = reduction_splits(device, g, kStatsConfig);
   float* workspace = static_cast<float*>(p.workspace);
   const StatsPartials partials{workspace, workspace + splits * C, workspace + 2 * splits * C};
   const cudaError_t error = with_dtype(g.dtype, [&](auto type) {
@@ -1294,7 +1295,7 @@ cudaError_t launch_bn_act_forward(const BnActForwardParams& p, cudaStream_t stre
       return with_layout_and_vector<T>(g.layout, vector, [&](auto layout, auto vec) {
         constexpr Layout L = decltype(layout)::value;
         constexpr int V = decltype(vec)::value;
-        const Launch l = make_launch(g, V, wave_grid_y(g, V, forward_config(E)));
+        const Launch l = make_launch(g, V, wave_grid_y(device, g, V, forward_config(E)));
         return launch_kernel<bn_act_forward_kernel<T, V, E, L>>(device, l.grid, l.block, stream, a, l.shape);
       });
     });
@@ -1303,7 +1304,7 @@ cudaError_t launch_bn_act_forward(const BnActForwardParams& p, cudaStream_t stre
 
 size_t bn_act_backward_workspace_bytes(const ActivationGeometry& g, Epilogue e) {
   if (g.numel() == 0) return 0;
-  const int64_t splits = reduction_splits(g, backward_reduce_config(e));
+  const int64_t splits = reduction_splits(current_device(), g, backward_reduce_config(e));
   return sizeof(float) * static_cast<size_t>((num_sums(e) * splits + num_coefficients(e)) * g.channels);
 }
 
@@ -1325,7 +1326,7 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
     const int vector = launch_vector(g, {a.grad_out, a.input, a.other, a.grad_input, a.grad_other});
     return with_epilogue(p.epilogue, [&](auto epilogue) {
       constexpr Epilogue E = decltype(epilogue)::value;
-      const int64_t splits = reduction_splits(g, backward_reduce_config(E));
+      const int64_t splits = reduction_splits(device, g, backward_reduce_config(E));
       float* partials = static_cast<float*>(p.workspace);
       float* coefficients = partials + num_sums(E) * splits * C;
       return with_layout_and_vector<T>(g.layout, vector, [&](auto layout, auto vec) {
@@ -1352,7 +1353,7 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
         error = launch_kernel<bn_act_backward_finalize_kernel<E>>(device, finalize_grid(C), kFinalizeBlock, stream, f);
         if (error != cudaSuccess) return error;
 
-        const Launch elementwise = make_launch(g, V, wave_grid_y(g, V, backward_elementwise_config(E)));
+        const Launch elementwise = make_launch(g, V, wave_grid_y(device, g, V, backward_elementwise_config(E)));
         return launch_kernel<bn_act_backward_elementwise_kernel<T, V, E, L>>(
             device, elementwise.grid, elementwise.block, stream, a, elementwise.shape, coefficients);
       });

@@ -10,6 +10,7 @@ it every kernel gets one small configuration that still exercises loops and tail
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import os
@@ -116,13 +117,35 @@ def early_launch_allowed() -> bool:
     return _EARLY_LAUNCH_ALLOWED
 
 
+# A driver records early launches in stream capture as programmatic graph edges from CUDA
+# 12.3 on: below, torch.cuda.graph would fail (the CUDA backend asks the same).
+EARLY_LAUNCH_MIN_DRIVER = 12030
+
+
+@functools.cache
+def _cuda_driver_version() -> int:
+    """The CUDA driver's version (12030 for 12.3), or 0 where libcuda cannot be asked."""
+    try:
+        version = ctypes.c_int(0)
+        status = ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+    except (OSError, AttributeError):  # no libcuda (another OS: launched in order, safe)
+        return 0
+    return version.value if status == 0 else 0
+
+
 def early_launch() -> bool:
     """Whether kernels launched now, on the current device, are programmatic dependents:
-    a CUDA device of sm_90 or later (its code has griddepcontrol), not the interpreter."""
+    a CUDA device of sm_90 or later (its code has griddepcontrol) and a CUDA 12.3+ driver,
+    not the interpreter."""
     if INTERPRET or not early_launch_allowed():
         return False
     target = triton.runtime.driver.active.get_current_target()
-    return target.backend == "cuda" and isinstance(target.arch, int) and target.arch >= 90
+    return (
+        target.backend == "cuda"
+        and isinstance(target.arch, int)
+        and target.arch >= 90
+        and _cuda_driver_version() >= EARLY_LAUNCH_MIN_DRIVER
+    )
 
 
 def early_launch_arguments(early: bool) -> tuple[dict, dict]:
