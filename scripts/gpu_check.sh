@@ -11,7 +11,8 @@
 #
 # Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
-# auto_order.json it implies (scripts/auto_order.py), a brief NCHW run of it
+# auto_order.json it implies (scripts/auto_order.py; after the suite, with its blocks' times
+# too), a brief NCHW run of it
 # (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the CUDA kernels launched
 # in order (RESNET_FUSED_PDL=0: in-order/, bench_in_order.log, and in_order_diff.txt
 # against the default run), triton_precompile.log, the
@@ -223,6 +224,12 @@ if want suite; then
   if [[ $suite_rc -ne 0 ]]; then
     echo "gpu_check: BLOCK SUITE FAILED or incomplete (rc=$suite_rc; full log: $out/suite.log)"
     status=1
+  fi
+  # auto's order again, the blocks' times by the clock (host included) beside the kernels'
+  suite_json="$(ls -t "$out"/results/*/results.json 2>/dev/null | head -n 1)"
+  if [[ -s "$out/kernels_cuda_nhwc.json" && -n "$suite_json" ]]; then
+    "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --blocks "$suite_json" \
+      --out "$out/auto_order.json" || echo "gpu_check: no auto order from this run"
   fi
 fi
 

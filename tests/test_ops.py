@@ -832,10 +832,15 @@ def test_cuda_device_key_is_cached_per_device(monkeypatch):
     assert calls == [0, 1]
 
 
-def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
+def _auto_order_script():
     spec = importlib.util.spec_from_file_location("auto_order", Path(__file__).parent.parent / "scripts" / "auto_order.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
+    script = _auto_order_script()
 
     def row(backend, op, shape, ms, dtype="bfloat16", **extra):
         return dict(backend=backend, op=op, shape=shape, dtype=dtype, layout="channels_last", median_ms=ms, **extra)
@@ -864,6 +869,57 @@ def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
     cpu_run.write_text(json.dumps({"environment": dict(env, device="cpu", arch=None), "rows": rows}))
     with pytest.raises(SystemExit):
         script.main([str(cpu_run), "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    "triton_kernels, triton_blocks, expected",
+    [(0.99, None, ["cuda", "triton"]),  # 1% faster kernels: within the margin
+     (0.95, None, ["triton", "cuda"]),  # 5% faster: ahead
+     (0.95, 0.97, ["triton", "cuda"]),  # and 3% faster blocks
+     (0.95, 1.5, ["cuda", "triton"]),  # faster kernels, slower blocks (the host): not ahead
+     (1.10, 0.5, ["cuda", "triton"])],  # slower kernels, faster blocks: not ahead either
+)
+def test_auto_order_moves_a_backend_ahead_only_when_clearly_faster_everywhere(tmp_path, triton_kernels,
+                                                                             triton_blocks, expected):
+    """Kernels (device time) and, when a suite run is given, blocks (by the clock, host
+    included): Triton goes ahead of AUTO_ORDER's CUDA C++ only if faster by more than the
+    margin in both."""
+    script = _auto_order_script()
+    env = dict(device="cuda", arch="sm_90", card="NVIDIA H200", timestamp="2026-11-27T00:00:00+00:00", git_commit="abc")
+    kernel_rows = [dict(backend=backend, op="bn_relu", shape=shape, dtype="float32", layout="channels_last",
+                        median_ms=ms * (triton_kernels if backend == "triton" else 1.0))
+                   for shape, ms in (("layer1.64", 0.03), ("layer2.128", 0.02)) for backend in ("cuda", "triton")]
+    kernels = tmp_path / "kernels_cuda_nhwc.json"
+    kernels.write_text(json.dumps({"environment": env, "rows": kernel_rows}))
+    argv = [str(kernels), "--out", str(tmp_path / "auto_order.json")]
+    if triton_blocks is not None:
+        block_rows = [dict(workload="bottleneck", mode=mode, shape="layer1", dtype="bf16", layout="channels_last",
+                           provider=provider, median_ms=ms * (triton_blocks if provider == "fused-triton" else 1.0))
+                      for mode, ms in (("train", 1.7), ("infer", 0.3))
+                      for provider in ("eager", "fused-cuda", "fused-triton", "compile-fused-cuda")]
+        block_rows.append(dict(block_rows[0], provider="fused-reference", median_ms=1e-3))  # the oracle: no contender
+        block_rows.append(dict(block_rows[0], mode="fwd_train", provider="fused-cuda"))  # triton skipped: not common
+        suite = tmp_path / "results.json"
+        suite.write_text(json.dumps({"environment": env, "rows": block_rows}))
+        argv += ["--blocks", str(suite)]
+    assert script.main(argv) == 0
+    entry = json.loads((tmp_path / "auto_order.json").read_text())["measured"]["cuda:sm_90"]["float32"]
+    assert entry["order"] == expected and entry["margin"] == script.DEFAULT_MARGIN
+    if triton_blocks is not None:
+        assert entry["blocks_cases"] == 2
+        assert entry["blocks_geomean_ms"]["triton"] == pytest.approx(triton_blocks * (1.7 * 0.3) ** 0.5, rel=1e-3)
+
+
+def test_auto_order_refuses_blocks_of_another_card(tmp_path):
+    script = _auto_order_script()
+    env = dict(device="cuda", arch="sm_90", card="NVIDIA H200", timestamp="2026-11-27T00:00:00+00:00")
+    rows = [dict(backend=b, op="bn_relu", shape="layer1.64", dtype="float32", median_ms=1.0) for b in ("cuda", "triton")]
+    kernels, suite = tmp_path / "kernels.json", tmp_path / "results.json"
+    kernels.write_text(json.dumps({"environment": env, "rows": rows}))
+    suite.write_text(json.dumps({"environment": dict(env, card="NVIDIA H100 80GB HBM3"), "rows": []}))
+    with pytest.raises(SystemExit):
+        script.main([str(kernels), "--blocks", str(suite), "--out", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_auto_warns_once_when_falling_back(monkeypatch):
