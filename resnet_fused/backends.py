@@ -13,10 +13,11 @@ name           implementation                                              devic
 ``auto``       the fastest available one for the tensor's device
 =============  ==========================================================  ============
 
-``auto``'s order on a GPU architecture is the one the kernel benchmark measured there
-(``auto_order.json``, written by ``scripts/auto_order.py`` from a benchmark run: the
-backends by the geometric mean of their time over every op and shape, per dtype); where
-nothing was measured, ``AUTO_ORDER``'s default.
+``auto``'s order on a GPU architecture is the one measured there (``auto_order.json``,
+written by ``scripts/auto_order.py`` from benchmark runs: ``AUTO_ORDER``'s order, but where
+a backend is faster than one before it by more than a margin both in its kernels, per
+dtype, and in whole fused blocks by the clock); where nothing was measured,
+``AUTO_ORDER``'s default.
 
 Choose per call (``backend=`` on every functional op), globally with
 ``RESNET_FUSED_BACKEND`` (read at import) or :func:`set_backend`, or for a block of code

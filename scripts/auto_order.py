@@ -10,8 +10,9 @@ Two measures, each a geometric mean over the cases every compiled backend (``cud
 - the kernels' time (``benchmarks/kernels.py``, per dtype): each op's CUDA-graph replay,
   device time alone;
 - with ``--blocks``, the blocks' time (``benchmarks/run.py``'s ``results.json``): the
-  fused blocks' and ResNet-50's steps by the clock, each backend as provider
-  ``fused-<backend>``, over every workload, mode, shape and dtype of the run. This is what
+  fused blocks' and ResNet-50's steps by the clock, each backend of the kernels' measure as
+  provider ``fused-<backend>``, over every workload, mode, shape and dtype of the run that
+  they all measured (none is an error). This is what
   a user waits for: the host's time per launch counts there, and it differs between the
   backends far more than their kernels do (third GPU run: Triton's kernels within 2% of
   CUDA C++'s, its Bottleneck training steps 0.54x eager by the clock to CUDA C++'s
@@ -20,11 +21,12 @@ Two measures, each a geometric mean over the cases every compiled backend (``cud
 
 The order starts from ``resnet_fused.backends.AUTO_ORDER`` (CUDA C++ first: the shorter
 host path) and a backend moves ahead of another only where it is faster by more than
-``--margin`` (default 2%) in every measure given: the same eager code's rows moved by up
-to 1.4% between the second and third GPU runs (``benchmarks/kernel_diff.py``), so a
-smaller difference keeps the default. The order, the means, the margin, the card, the date
-and the commit go into resnet_fused/auto_order.json under the run's architecture
-(``cuda:sm_90`` for an H100 or an H200). Other entries are kept.
+``--margin`` (default 2%) in every measure given. The margin is a policy, not a noise
+bound: the same eager code's geometric means moved by 0.05% between the second and third
+GPU runs (single rows by up to 1.4%; the blocks' run-to-run spread is unmeasured), and a
+near-tie keeps the default, whose host path is the shorter. The order, the means, the
+margin, the card, the date and the commit go into resnet_fused/auto_order.json under the
+run's architecture (``cuda:sm_90`` for an H100 or an H200). Other entries are kept.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ ORDER_FILE = ROOT / "resnet_fused" / "auto_order.json"
 NOT_CONTENDERS = ("eager", "reference", "torch")  # torch: the same-size copy, a yardstick
 BLOCK_PROVIDER_PREFIX = "fused-"  # the suite's provider of a backend's fused blocks
 DEFAULT_MARGIN = 0.02
+ABOUT = ("The order in which backend 'auto' tries the compiled backends, per device (cuda:sm_XY) and dtype: "
+         "resnet_fused.backends.AUTO_ORDER's, but where a backend is faster than one before it by more than the "
+         "margin in its kernels' device time (benchmarks/kernels.py) and, where the entry has blocks_*, in whole "
+         "fused blocks by the clock, host time included (benchmarks/run.py). Written by scripts/auto_order.py; never by hand. A device or "
+         "dtype absent here takes AUTO_ORDER's default.")
 
 
 def geometric_means(cases: dict[tuple, dict[str, float]]) -> tuple[dict[str, float], int]:
@@ -68,54 +75,63 @@ def kernel_times(rows: list[dict]) -> dict[str, tuple[dict[str, float], int]]:
     return {dtype: means for dtype, cases in by_dtype.items() if (means := geometric_means(cases))[0]}
 
 
-def block_times(rows: list[dict]) -> tuple[dict[str, float], int]:
-    """({backend: geometric mean ms}, cases) of the fused providers' rows of a suite run."""
+def block_times(rows: list[dict], backends: set[str]) -> tuple[dict[str, float], int, list[str]]:
+    """({backend: geometric mean ms}, cases, dtypes) of ``backends``' fused providers in a
+    suite run, over the cases all of them measured."""
     cases: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        provider = r.get("provider", "")
-        backend = provider.removeprefix(BLOCK_PROVIDER_PREFIX)
-        if not provider.startswith(BLOCK_PROVIDER_PREFIX) or backend in NOT_CONTENDERS or not r.get("median_ms"):
+        backend = r.get("provider", "").removeprefix(BLOCK_PROVIDER_PREFIX)
+        if r.get("provider") != BLOCK_PROVIDER_PREFIX + backend or backend not in backends or not r.get("median_ms"):
             continue
         case = (r["workload"], r["mode"], r["shape"], r["dtype"], r.get("layout"))
         cases.setdefault(case, {})[backend] = r["median_ms"]
-    return geometric_means(cases)
+    means, count = geometric_means({case: times for case, times in cases.items() if set(times) == backends})
+    dtypes = sorted({case[3] for case, times in cases.items() if set(times) == backends})
+    return means, count, dtypes
 
 
 def order(measures: list[dict[str, float]], margin: float) -> list[str]:
-    """The backends of ``measures[0]`` in AUTO_ORDER's order but where one is faster than the
-    one before it by more than ``margin`` in every measure that has both."""
+    """The backends of ``measures[0]`` in AUTO_ORDER's order, but each placed ahead of those
+    before it that it is faster than by more than ``margin`` in every measure."""
 
     def clearly_faster(a: str, b: str) -> bool:
-        return all(m[a] < (1 - margin) * m[b] for m in measures if a in m and b in m)
+        return all(m[a] < (1 - margin) * m[b] for m in measures)
 
     default = AUTO_ORDER["cuda"]
-    ranked = sorted(measures[0], key=lambda b: default.index(b) if b in default else len(default))
-    swapped = True
-    while swapped:  # terminates: a swap always puts the lower time of measures[0] first
-        swapped = False
-        for i in range(len(ranked) - 1):
-            if clearly_faster(ranked[i + 1], ranked[i]):
-                ranked[i], ranked[i + 1] = ranked[i + 1], ranked[i]
-                swapped = True
+    ranked: list[str] = []
+    for backend in sorted(measures[0], key=lambda b: default.index(b) if b in default else len(default)):
+        place = len(ranked)
+        while place > 0 and clearly_faster(backend, ranked[place - 1]):
+            place -= 1
+        ranked.insert(place, backend)
     return ranked
 
 
 def rank(rows: list[dict], block_rows: Optional[list[dict]] = None, margin: float = DEFAULT_MARGIN) -> dict[str, dict]:
-    """{dtype: {"order": [...], "geomean_ms": {...}, "cases": n[, "blocks_geomean_ms", "blocks_cases"],
-    "margin": margin}} from kernel benchmark rows and, optionally, a suite run's rows."""
-    blocks, block_cases = block_times(block_rows) if block_rows else ({}, 0)
+    """{dtype: {"order": [...], "geomean_ms": {...}, "cases": n[, "blocks_geomean_ms",
+    "blocks_cases", "blocks_dtypes"], "margin": margin}} from kernel benchmark rows and,
+    optionally, a suite run's rows (SystemExit where those time no case of every backend)."""
     ranked = {}
     for dtype, (kernels, cases) in kernel_times(rows).items():
-        entry = {"order": order([kernels, blocks], margin),
-                 "geomean_ms": {b: round(v, 6) for b, v in kernels.items()}, "cases": cases}
-        if blocks:
-            entry.update(blocks_geomean_ms={b: round(v, 4) for b, v in blocks.items()}, blocks_cases=block_cases)
-        ranked[dtype] = {**entry, "margin": margin}
+        entry = {"geomean_ms": {b: round(v, 6) for b, v in kernels.items()}, "cases": cases}
+        measures = [kernels]
+        if block_rows is not None:
+            blocks, block_cases, block_dtypes = block_times(block_rows, set(kernels))
+            if not blocks:
+                raise SystemExit(f"auto_order: the suite run timed no case of every one of {sorted(kernels)}'s "
+                                 "fused blocks (provider fused-<backend>): nothing to weigh the kernels against")
+            measures.append(blocks)
+            entry.update(blocks_geomean_ms={b: round(v, 4) for b, v in blocks.items()}, blocks_cases=block_cases,
+                         blocks_dtypes=block_dtypes)
+        ranked[dtype] = {"order": order(measures, margin), **entry, "margin": margin}
     return ranked
 
 
 def _read(path: Path) -> dict:
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"auto_order: cannot read {path} as a benchmark run: {error}") from None
     if not isinstance(data, dict) or "rows" not in data or "environment" not in data:
         raise SystemExit(f"auto_order: {path} is not a benchmark run (expected 'environment' and 'rows')")
     return data
@@ -151,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     env = envs[0]
     key = f"cuda:{env['arch']}"
     sources = [str(p) for p in args.runs] + ([str(args.blocks)] if args.blocks else [])
-    table = json.loads(args.out.read_text()) if args.out.exists() else {"measured": {}}
-    table.setdefault("measured", {})[key] = {
+    table = json.loads(args.out.read_text()) if args.out.exists() else {}
+    table = {"about": ABOUT, "measured": table.get("measured", {})}
+    table["measured"][key] = {
         dtype: {**entry, "card": env.get("card"), "date": env.get("timestamp"), "commit": env.get("git_commit"),
                 "torch": env.get("torch"), "triton": env.get("triton"), "source": ", ".join(sources)}
         for dtype, entry in sorted(ranked.items())
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, entry in sorted(ranked.items()):
         means = ", ".join(f"{b} {entry['geomean_ms'][b]:.4f} ms" for b in entry["order"])
         blocks = entry.get("blocks_geomean_ms")
-        block_means = (f"; blocks over {entry['blocks_cases']} cases: "
+        block_means = (f"; blocks over {entry['blocks_cases']} {'/'.join(entry['blocks_dtypes'])} cases: "
                        + ", ".join(f"{b} {blocks[b]:.3f} ms" for b in entry["order"] if b in blocks)) if blocks else ""
         print(f"{key} {dtype}: {' > '.join(entry['order'])} (kernels over {entry['cases']} cases: {means}"
               f"{block_means}; margin {entry['margin']:.0%})")

@@ -229,7 +229,8 @@ if want suite; then
   suite_json="$(ls -t "$out"/results/*/results.json 2>/dev/null | head -n 1)"
   if [[ -s "$out/kernels_cuda_nhwc.json" && -n "$suite_json" ]]; then
     "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --blocks "$suite_json" \
-      --out "$out/auto_order.json" || echo "gpu_check: no auto order from this run"
+      --out "$out/auto_order.json" \
+      || echo "gpu_check: no auto order with the blocks; auto_order.json has the kernels' measure alone (no blocks_*)"
   fi
 fi
 

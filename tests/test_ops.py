@@ -859,7 +859,7 @@ def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
     out.write_text(json.dumps({"about": "kept", "measured": {"cuda:sm_80": {"bfloat16": {"order": ["triton"]}}}}))
     assert script.main([str(run), "--out", str(out)]) == 0
     table = json.loads(out.read_text())
-    assert table["about"] == "kept" and table["measured"]["cuda:sm_80"] == {"bfloat16": {"order": ["triton"]}}
+    assert table["about"] == script.ABOUT and table["measured"]["cuda:sm_80"] == {"bfloat16": {"order": ["triton"]}}
     entry = table["measured"]["cuda:sm_90"]["bfloat16"]
     assert entry["order"] == ["cuda", "triton"] and entry["cases"] == 2 and entry["card"] == "NVIDIA H200"
     assert entry["geomean_ms"]["cuda"] == pytest.approx(2**0.5, rel=1e-5)
@@ -876,6 +876,7 @@ def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
     [(0.99, None, ["cuda", "triton"]),  # 1% faster kernels: within the margin
      (0.95, None, ["triton", "cuda"]),  # 5% faster: ahead
      (0.95, 0.97, ["triton", "cuda"]),  # and 3% faster blocks
+     (0.95, 0.99, ["cuda", "triton"]),  # blocks 1% faster: within the margin
      (0.95, 1.5, ["cuda", "triton"]),  # faster kernels, slower blocks (the host): not ahead
      (1.10, 0.5, ["cuda", "triton"])],  # slower kernels, faster blocks: not ahead either
 )
@@ -898,6 +899,7 @@ def test_auto_order_moves_a_backend_ahead_only_when_clearly_faster_everywhere(tm
                       for mode, ms in (("train", 1.7), ("infer", 0.3))
                       for provider in ("eager", "fused-cuda", "fused-triton", "compile-fused-cuda")]
         block_rows.append(dict(block_rows[0], provider="fused-reference", median_ms=1e-3))  # the oracle: no contender
+        block_rows.append(dict(block_rows[0], provider="fused-cpu", mode="eval"))  # no kernels measured: no contender
         block_rows.append(dict(block_rows[0], mode="fwd_train", provider="fused-cuda"))  # triton skipped: not common
         suite = tmp_path / "results.json"
         suite.write_text(json.dumps({"environment": env, "rows": block_rows}))
@@ -906,19 +908,33 @@ def test_auto_order_moves_a_backend_ahead_only_when_clearly_faster_everywhere(tm
     entry = json.loads((tmp_path / "auto_order.json").read_text())["measured"]["cuda:sm_90"]["float32"]
     assert entry["order"] == expected and entry["margin"] == script.DEFAULT_MARGIN
     if triton_blocks is not None:
-        assert entry["blocks_cases"] == 2
+        assert entry["blocks_cases"] == 2 and entry["blocks_dtypes"] == ["bf16"]
         assert entry["blocks_geomean_ms"]["triton"] == pytest.approx(triton_blocks * (1.7 * 0.3) ** 0.5, rel=1e-3)
 
 
-def test_auto_order_refuses_blocks_of_another_card(tmp_path):
+@pytest.mark.parametrize("suite", ["another card", "no triton block", "not JSON"])
+def test_auto_order_refuses_blocks_it_cannot_weigh(tmp_path, suite, capsys):
+    """A suite run of another card, one where a backend timed no block (all failed, say:
+    the kernels alone would then decide, unnoticed), or a file that is not a run: an error
+    naming the problem, and no order written."""
     script = _auto_order_script()
     env = dict(device="cuda", arch="sm_90", card="NVIDIA H200", timestamp="2026-11-27T00:00:00+00:00")
-    rows = [dict(backend=b, op="bn_relu", shape="layer1.64", dtype="float32", median_ms=1.0) for b in ("cuda", "triton")]
-    kernels, suite = tmp_path / "kernels.json", tmp_path / "results.json"
+    rows = [dict(backend=b, op="bn_relu", shape="layer1.64", dtype="float32", median_ms=ms)
+            for b, ms in (("cuda", 1.0), ("triton", 0.5))]
+    block = dict(workload="bottleneck", mode="train", shape="layer1", dtype="bf16", layout="channels_last")
+    blocks = [dict(block, provider="fused-cuda", median_ms=1.7), dict(block, provider="fused-triton", median_ms=None,
+                                                                      status="error: RuntimeError")]
+    kernels, results = tmp_path / "kernels.json", tmp_path / "results.json"
     kernels.write_text(json.dumps({"environment": env, "rows": rows}))
-    suite.write_text(json.dumps({"environment": dict(env, card="NVIDIA H100 80GB HBM3"), "rows": []}))
-    with pytest.raises(SystemExit):
-        script.main([str(kernels), "--blocks", str(suite), "--out", str(tmp_path / "out.json")])
+    results.write_text({
+        "another card": json.dumps({"environment": dict(env, card="NVIDIA H100 80GB HBM3"), "rows": blocks}),
+        "no triton block": json.dumps({"environment": env, "rows": blocks}),
+        "not JSON": "{",
+    }[suite])
+    with pytest.raises(SystemExit) as raised:
+        script.main([str(kernels), "--blocks", str(results), "--out", str(tmp_path / "out.json")])
+    message = str(raised.value) + capsys.readouterr().err
+    assert {"another card": "NVIDIA H100", "no triton block": "timed no case", "not JSON": "cannot read"}[suite] in message
     assert not (tmp_path / "out.json").exists()
 
 

@@ -227,6 +227,7 @@ def test_kernels_launch_early_on_sm90_unless_told_not_to(stand_in, monkeypatch, 
     and the kernels are compiled without the wait."""
     pdl = batch_stats._batch_stats_finalize_kernel.arg_names.index("PDL")
     monkeypatch.setattr(_runtime, "_EARLY_LAUNCH_ALLOWED", allowed)
+    # undone before the stand-in (set up first) puts back the real one
     monkeypatch.setattr(_runtime, "_cuda_driver_version", lambda: driver)
     _runtime.forget_plans()
     LAUNCHES.clear()
@@ -250,7 +251,7 @@ class _FakeLibcuda:
 @pytest.mark.parametrize(
     "library, expected",
     [(_FakeLibcuda(12020), 12020), (_FakeLibcuda(13000), 13000), (_FakeLibcuda(13000, status=3), 0), (None, 0)],
-    ids=["12.2", "13.0", "not-initialized", "no-libcuda"],
+    ids=["12.2", "13.0", "driver-error", "no-libcuda"],
 )
 def test_the_driver_version_is_read_from_libcuda(monkeypatch, library, expected):
     """What early launch checks: cuDriverGetVersion's answer, and 0 (launch in order) where
