@@ -350,6 +350,39 @@ def check_statistics_with_an_outlier_first(backend, shape, layout, device="cpu")
     torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
 
 
+def check_running_statistics_of_any_kind(backend, layout, device="cpu"):
+    """Running statistics a kernel cannot update in place (float16 after a model.half(), a
+    strided view) and leaves that require grad: updated as the reference updates them,
+    without an autograd record (as eager's in-place update, which a leaf that requires
+    grad would otherwise refuse, after the kernel ran). Tolerance: one float16 ulp (the
+    update rounds to float16 from float32 values that may differ in their last bits), a
+    few float32 ulps."""
+    x = activation((3, 5, 4, 4), layout=layout, device=device)
+    kinds = {
+        "float16 leaves that require grad": lambda: (
+            torch.zeros(5, dtype=torch.float16, device=device).requires_grad_(),
+            torch.ones(5, dtype=torch.float16, device=device).requires_grad_()),
+        "float32 leaves that require grad": lambda: (
+            torch.zeros(5, device=device).requires_grad_(), torch.ones(5, device=device).requires_grad_()),
+        "strided views": lambda: (torch.zeros(10, device=device)[::2], torch.ones(10, device=device)[1::2]),
+    }
+    for kind, make in kinds.items():
+        (got_mean, got_var), (want_mean, want_var) = make(), make()
+        RF.batch_stats(x, got_mean, got_var, 0.3, backend=backend)
+        RF.batch_stats(x, want_mean, want_var, 0.3, backend="reference")
+        for got, want in ((got_mean, want_mean), (got_var, want_var)):
+            assert got.grad_fn is None and got.requires_grad == want.requires_grad, kind
+            tol = dict(rtol=1e-3, atol=1e-3) if got.dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{kind}: {m}")
+            assert not torch.equal(got, make()[0 if got is got_mean else 1]), f"{kind}: not updated"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_running_statistics_of_any_kind(backend, layout):
+    check_running_statistics_of_any_kind(backend, layout)
+
+
 OUTLIER_CASES = [((1, 4, 40, 40), "nhwc"), ((2, 3, 30, 30), "nchw")]
 OUTLIER_SHAPES_ON_GPU = [(8, 24, 64, 64), (3, 5, 30, 30)]  # each in both layouts
 

@@ -27,7 +27,7 @@ from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
 from test_ops import (OPS, OUTLIER_CASES, check_nan_residual_gradients, check_non_finite_statistics,
-                      check_statistics_with_an_outlier_first, run_case)
+                      check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first, run_case)
 from test_triton_ops import check_functional_training, check_ops_against_reference
 
 if not _runtime.INTERPRET:
@@ -211,6 +211,11 @@ def test_statistics_are_stable_far_from_zero(shape, layout):
 @pytest.mark.parametrize("shape, layout", OUTLIER_CASES)
 def test_statistics_with_an_outlier_first(shape, layout):
     check_statistics_with_an_outlier_first("triton", shape, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_running_statistics_of_any_kind(layout):
+    check_running_statistics_of_any_kind("triton", layout)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf

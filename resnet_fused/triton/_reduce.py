@@ -202,14 +202,19 @@ def store_partial(part_ptr, k, value, C, chunks, chunk, covered, group, lane_beg
                   CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr):
     """partials[k, channel, chunk] = value for the channels of this program, and 0 in the
     slots of the other ``covered - 1`` chunks it took."""
-    plane = part_ptr + k * C * chunks
+    # 64-bit: the partials of a wide input pass 2^31 (at most 3 * C * MAX_CHUNKS values).
+    # (tl.cast, not .to(): an argument of 1 is specialized to a constexpr.)
+    C64 = tl.cast(C, tl.int64)
+    plane = part_ptr + k * C64 * chunks
     if CHANNELS_LAST:
         channel = lane_begin + tl.arange(0, BLOCK_L)
         valid = channel < lane_end
-        tl.store(plane + channel * chunks + chunk, value, mask=valid)
+        tl.store(plane + channel.to(tl.int64) * chunks + chunk, value, mask=valid)
         for other in tl.static_range(1, CHUNKS_PER_PROGRAM):
-            tl.store(plane + channel * chunks + chunk + other, tl.zeros_like(value), mask=valid & (other < covered))
+            tl.store(plane + channel.to(tl.int64) * chunks + chunk + other, tl.zeros_like(value),
+                     mask=valid & (other < covered))
     else:
-        tl.store(plane + group * chunks + chunk, value)
+        tl.store(plane + group.to(tl.int64) * chunks + chunk, value)
         for other in tl.static_range(1, CHUNKS_PER_PROGRAM):
-            tl.store(plane + group * chunks + chunk + other, tl.zeros_like(value), mask=other < covered)
+            tl.store(plane + group.to(tl.int64) * chunks + chunk + other, tl.zeros_like(value),
+                     mask=other < covered)

@@ -141,8 +141,8 @@ def _batch_stats_finalize_kernel(
     channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
     mask = (channel < C)[:, None] & (s < chunks)[None, :]
-    offsets = channel[:, None] * chunks + s[None, :]
-    plane = C * chunks
+    offsets = channel.to(tl.int64)[:, None] * chunks + s[None, :]  # 64-bit: _reduce.store_partial
+    plane = tl.cast(C, tl.int64) * chunks
     count = tl.load(part_ptr + offsets, mask=mask, other=0.0)  # 0 past the last chunk
     chunk_mean = tl.load(part_ptr + plane + offsets, mask=mask, other=0.0)
     chunk_m2 = tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0)
@@ -227,7 +227,8 @@ def batch_stats(
     partials = empty_partials(part, x.device)
     with _runtime.device_guard(x):
         _runtime.launch(launches, (part,), (x, partials, mean, invstd, *buffers, momentum, 1.0 - momentum, eps))
-    for user, buffer in zip((running_mean, running_var), buffers):
-        if buffer is not user:
-            user.copy_(buffer)
+    with torch.no_grad():  # as the kernel's own writes: no autograd record (a leaf may require grad)
+        for user, buffer in zip((running_mean, running_var), buffers):
+            if buffer is not user:
+                user.copy_(buffer)
     return mean, invstd

@@ -270,8 +270,8 @@ def _bn_act_backward_finalize_kernel(
     channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
     mask = (channel < C)[:, None] & (s < chunks)[None, :]
-    offsets = channel[:, None] * chunks + s[None, :]
-    plane = C * chunks
+    offsets = channel.to(tl.int64)[:, None] * chunks + s[None, :]  # 64-bit: _reduce.store_partial
+    plane = tl.cast(C, tl.int64) * chunks
     sum_g = tl.sum(tl.load(part_ptr + offsets, mask=mask, other=0.0), 1)
     sum_gc = tl.sum(tl.load(part_ptr + plane + offsets, mask=mask, other=0.0), 1)
     _branch_gradients(sum_g, sum_gc, weight_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr, coef_ptr,
