@@ -222,10 +222,17 @@ def _fold_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[torc
     """The dtype to run ``bn(conv(x))`` folded in; None when it must run unfolded.
 
     Folding needs running statistics and pays off only through the cache, which holds
-    non-differentiable tensors and relies on eager tensor versions: so no autograd graph
-    and no torch.compile tracing (which sees conv + fused op instead).
+    non-differentiable tensors and relies on eager tensor versions: so no autograd graph,
+    and no tracing (torch.compile, torch.jit.trace), which sees conv + fused op instead: a
+    trace would otherwise keep the cached folded weights as constants, blind to weights
+    loaded into it later.
     """
-    if uses_batch_statistics(bn) or torch.compiler.is_compiling() or _records_autograd(x, conv, bn):
+    if (
+        uses_batch_statistics(bn)
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or _records_autograd(x, conv, bn)
+    ):
         return None
     return folding.compute_dtype(x, conv)
 
@@ -249,6 +256,17 @@ class _FusedBlock:
         for conv_name, bn_name in self._inner_stages:
             out = self._conv_bn_relu(conv_name, bn_name, out)
         return self._conv_bn_add_relu(*self._last_stage, out, x)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script asks this first: TorchScript cannot compile the fused forward
+        (its backends are Python), and a torchvision stand-in put in its place would
+        silently unfuse the scripted model too (torch.jit.script writes what this returns
+        into the parent's modules)."""
+        raise RuntimeError(
+            f"resnet_fused: torch.jit.script cannot compile {type(self).__name__}'s fused forward. "
+            "torch.export.export and torch.compile trace the fused ops; to script, script an unfused copy: "
+            "torch.jit.script(resnet_fused.unfuse(copy.deepcopy(model)))"
+        )
 
     def _folded(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> folding.FoldedConv:
         cache = self.__dict__.get(_CACHE_ATTRIBUTE)

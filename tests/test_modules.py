@@ -460,6 +460,41 @@ class TestFoldCache:
             assert_close_scaled({"eval": eval_output(clone, self.x)}, {"eval": eval_output(self.plain, self.x)}, 1e-5)
 
 
+def test_jit_trace_keeps_no_folded_weights():
+    """A trace of an eval block records conv + fused op, not the cache's folded weights as
+    constants: weights loaded into it afterwards take effect, whether the cache was warm
+    or cold when it was traced (cold: torch.jit.trace's own check, which runs the block
+    again, must see the same graph)."""
+    config = "bottleneck_stride2_downsample"
+    plain, fused = pair(config)
+    plain.eval(), fused.eval()
+    x = inputs_for(config, 1)[0]
+    other = randomize_batch_norms(make_block(config)).state_dict()
+    with torch.no_grad():
+        traced_cold = torch.jit.trace(copy.deepcopy(fused), x)
+        fused(x)  # the cache is warm now
+        traced_warm = torch.jit.trace(fused, x)
+    plain.load_state_dict(other)
+    for traced in (traced_cold, traced_warm):
+        traced.load_state_dict(other)
+        assert_close_scaled({"eval": eval_output(traced, x)}, {"eval": eval_output(plain, x)}, 1e-5)
+
+
+def test_jit_script_says_what_to_do_instead():
+    """TorchScript cannot compile the fused forward: a clear error, and the model is left
+    as it was (a torchvision stand-in would be written into it); the unfused copy the
+    message names scripts, and matches."""
+    config = "bottleneck_stride2_downsample"
+    plain, fused = pair(config)
+    model = nn.Sequential(fused).eval()
+    with pytest.raises(RuntimeError, match=r"cannot compile FusedBottleneck's fused forward.*resnet_fused\.unfuse"):
+        torch.jit.script(model)
+    assert model[0] is fused and type(fused) is FusedBottleneck
+    scripted = torch.jit.script(resnet_fused.unfuse(copy.deepcopy(model)))
+    x = inputs_for(config, 1)[0]
+    assert_close_scaled({"eval": eval_output(scripted, x)}, {"eval": eval_output(plain.eval(), x)}, 1e-5)
+
+
 # ------------------------------------------------------------------ the reference path
 
 
