@@ -202,10 +202,9 @@ def store_partial(part_ptr, k, value, C, chunks, chunk, covered, group, lane_beg
                   CHANNELS_LAST: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS_PER_PROGRAM: tl.constexpr):
     """partials[k, channel, chunk] = value for the channels of this program, and 0 in the
     slots of the other ``covered - 1`` chunks it took."""
-    # 64-bit: the partials of a wide input pass 2^31 (at most 3 * C * MAX_CHUNKS values).
-    # (tl.cast, not .to(): an argument of 1 is specialized to a constexpr.)
-    C64 = tl.cast(C, tl.int64)
-    plane = part_ptr + k * C64 * chunks
+    # 64-bit: a wide input's partials (up to 3 * C * MAX_CHUNKS values) can pass 2^31.
+    # tl.cast, not .to(): Triton specializes an integer argument of 1 to a constexpr.
+    plane = part_ptr + k * tl.cast(C, tl.int64) * chunks
     if CHANNELS_LAST:
         channel = lane_begin + tl.arange(0, BLOCK_L)
         valid = channel < lane_end
