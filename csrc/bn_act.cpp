@@ -51,6 +51,14 @@ void check_per_channel(const char* op, const std::string& name, const OptionalTe
 
 bool defined(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 
+// A running statistic is updated in place: it needs a memory location per channel, which
+// an expanded tensor (stride 0) does not have (_checks.check_running_stats_writable).
+void check_running_stat_writable(const char* op, const char* name, const OptionalTensor& t) {
+  TORCH_CHECK_VALUE(!defined(t) || t->size(0) <= 1 || t->stride(0) != 0, op, "(): expected `", name,
+                    "` to hold one value per channel in memory (it is updated in place), got an expanded "
+                    "tensor (stride 0)");
+}
+
 void check_batch_size(const Tensor& input) {
   TORCH_CHECK_VALUE(input.size(0) * input.size(2) * input.size(3) != 1,
                     "Expected more than 1 value per channel when training, got input size ",
@@ -236,6 +244,8 @@ std::tuple<Tensor, Tensor> batch_stats(const BnActKernels& kernels, const Tensor
   check_per_channel(op, "running_var", running_var, "input", input);
   TORCH_CHECK_VALUE(defined(running_mean) == defined(running_var), op,
                     "(): expected `running_mean` and `running_var` to be given together or both be None");
+  check_running_stat_writable(op, "running_mean", running_mean);
+  check_running_stat_writable(op, "running_var", running_var);
   check_batch_size(input);
   c10::DeviceGuard guard(input.device());
 

@@ -141,7 +141,22 @@ def check_batch_norm(  # the arguments of torch.nn.functional.batch_norm
             f"training=False (eval mode normalizes with them)"
         )
     if training:
+        check_running_stats_writable(op, running_mean, running_var, suffix)
         check_batch_size(input)
+
+
+def check_running_stats_writable(
+    op: str, running_mean: Optional[Tensor], running_var: Optional[Tensor], suffix: str = ""
+) -> None:
+    """Running statistics a training op updates in place need a memory location per
+    channel: an expanded tensor (stride 0) has one for all (eager writes every channel's
+    value there, the last one wins; the kernels would fail after writing the other)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.shape[0] > 1 and t.stride(0) == 0:
+            raise ValueError(
+                f"{op}(): expected `{name}{suffix}` to hold one value per channel in memory (it is "
+                f"updated in place), got an expanded tensor (stride 0)"
+            )
 
 
 def check_batch_size(input: Tensor) -> None:
@@ -171,6 +186,7 @@ def check_batch_stats(
         raise ValueError(
             f"{op}(): expected `running_mean` and `running_var` to be given together or both be None"
         )
+    check_running_stats_writable(op, running_mean, running_var)
     check_batch_size(input)
 
 

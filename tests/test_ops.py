@@ -535,6 +535,8 @@ BAD_INPUTS = [
     ("param dtype", lambda x, c: (x, {**c, "weight": torch.ones(6, dtype=torch.int64)}), TypeError, "`weight` to be a floating"),
     ("stats pair", lambda x, c: (x, {**c, "running_var": None}), ValueError, "`running_mean` and `running_var`"),
     ("one value", lambda x, c: (x[:1, :, :1, :1], c), ValueError, "Expected more than 1 value per channel"),
+    ("expanded stats", lambda x, c: (x, {**c, "running_var": torch.ones(1).expand(6)}), ValueError,
+     r"`running_var` to hold one value per channel in memory .* expanded tensor"),
 ]
 
 
@@ -547,6 +549,26 @@ def test_bad_input_names_the_argument(backend, case):
     x, kwargs = mutate(x, kwargs)
     with pytest.raises(error, match=message):
         RF.bn_relu(x, training=True, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_expanded_running_statistics_are_refused_before_any_update(backend):
+    """Updated in place, a running statistic needs a value per channel in memory: an expanded
+    one is refused before anything is written (the other stays as it was), by the eager
+    path and by the registered op; in eval it is only read, and fine."""
+    x = activation((2, 6, 3, 3))
+    running_mean, running_var = torch.zeros(6), torch.ones(1).expand(6)
+    ops = resnet_fused.backends.get(backend).ops
+    for call in (lambda: RF.batch_stats(x, running_mean, running_var, backend=backend),
+                 lambda: RF.dual_bn_add_relu(x, x, torch.zeros(6), torch.ones(6), running_mean, running_var,
+                                             training=True, backend=backend),
+                 lambda: ops.batch_stats(x, running_mean, running_var, 0.1, 1e-5)):
+        with pytest.raises(ValueError, match=r"`running_var(_d)?` to hold one value per channel in memory"):
+            call()
+        assert torch.equal(running_mean, torch.zeros(6))
+    y = RF.bn_relu(x, running_mean, running_var, training=False, backend=backend)
+    torch.testing.assert_close(y, RF.bn_relu(x, running_mean, running_var.contiguous(), training=False,
+                                             backend="reference"), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
