@@ -164,9 +164,10 @@ def _branch_backward(
     return grad_input.contiguous(memory_format=memory_format), sum_g_centered * invstd, sum_g
 
 
-def _masked_grad(grad_out: Tensor, pre: Tensor) -> Tensor:
-    # As torch.relu's backward (threshold_backward): 0 where the output is <= 0, so a NaN passes.
-    return torch.where(pre <= 0, 0.0, grad_out.to(pre.dtype))
+def _masked_grad(grad_out: Tensor, pre: Tensor, output_dtype: torch.dtype) -> Tensor:
+    # As torch.relu's backward (threshold_backward): 0 where the output is <= 0, so a NaN
+    # passes. The output as stored: a pre-activation that rounds to 0 in it masks too.
+    return torch.where(pre.to(output_dtype) <= 0, 0.0, grad_out.to(pre.dtype))
 
 
 def bn_relu_backward(
@@ -178,7 +179,7 @@ def bn_relu_backward(
     invstd: Tensor,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    g = _masked_grad(grad_out, _normalized(input, mean, invstd, weight, bias))
+    g = _masked_grad(grad_out, _normalized(input, mean, invstd, weight, bias), input.dtype)
     return _branch_backward(g, input, weight, mean, invstd, training, activation_memory_format(input))
 
 
@@ -193,7 +194,7 @@ def bn_add_relu_backward(
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     pre = _normalized(input, mean, invstd, weight, bias) + residual.to(accumulation_dtype(input.dtype))
-    g = _masked_grad(grad_out, pre)
+    g = _masked_grad(grad_out, pre, input.dtype)
     memory_format = activation_memory_format(input)
     grad_input, grad_weight, grad_bias = _branch_backward(g, input, weight, mean, invstd, training, memory_format)
     grad_residual = g.to(residual.dtype).contiguous(memory_format=memory_format)
@@ -217,7 +218,7 @@ def dual_bn_add_relu_backward(
     pre = _normalized(input, mean, invstd, weight, bias) + _normalized(
         input_d, mean_d, invstd_d, weight_d, bias_d
     )
-    g = _masked_grad(grad_out, pre)
+    g = _masked_grad(grad_out, pre, input.dtype)
     memory_format = activation_memory_format(input)
     main = _branch_backward(g, input, weight, mean, invstd, training, memory_format)
     downsample = _branch_backward(g, input_d, weight_d, mean_d, invstd_d, training, memory_format)

@@ -34,8 +34,8 @@ from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
 import test_ops
 from test_ops import (OUTLIER_SHAPES_ON_GPU, ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients,
-                      check_non_finite_statistics, check_running_statistics_of_any_kind,
-                      check_statistics_with_an_outlier_first)
+                      check_mask_of_the_rounded_output, check_non_finite_statistics,
+                      check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
 if _ON not in ("", "cpu"):  # a typo would otherwise skip everything, green
@@ -467,6 +467,10 @@ def test_nan_residual_passes_the_gradient_as_eager(layout):
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_non_finite_values_poison_only_their_channel(layout):
     check_non_finite_statistics(BACKEND, layout, DEVICE)
+
+
+def test_mask_of_the_rounded_output():
+    check_mask_of_the_rounded_output(BACKEND, DEVICE)
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])

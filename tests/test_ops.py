@@ -383,6 +383,50 @@ def test_running_statistics_of_any_kind(backend, layout):
     check_running_statistics_of_any_kind(backend, layout)
 
 
+def check_mask_of_the_rounded_output(backend, device="cpu", dtypes=(torch.float16, torch.bfloat16)):
+    """The backward masks where the output, as stored in the input's dtype, is <= 0, as
+    eager's relu backward does: in float16 a pre-activation of 1e-9 (under 2^-25) rounds
+    to 0 and gets no gradient, 4e-8 rounds to 2^-24 and gets it; in bfloat16 both are
+    normal numbers. Eval mode with x = 0 makes the pre-activation the bias exactly; every
+    op, both backward passes (the bias gradient, a count of the unmasked values, comes
+    from the reduction). Tolerance: the input gradient is 1 * invstd rounded to the dtype."""
+    stats = torch.zeros(3, device=device), torch.ones(3, device=device)
+    zero_bias = torch.zeros(3, device=device)
+    for dtype in dtypes:
+        x = torch.zeros(2, 3, 1, 2, device=device, dtype=dtype, requires_grad=True)
+        zeros = torch.zeros_like(x)
+        bias = torch.tensor([1e-9, 4e-8, -1e-9], device=device, requires_grad=True)
+
+        def bn(t):
+            return F.batch_norm(t, *stats, None, bias, False)
+
+        eager = {
+            "bn_relu": lambda: torch.relu(bn(x)),
+            "bn_add_relu": lambda: torch.relu(bn(x) + zeros),
+            "dual_bn_add_relu": lambda: torch.relu(bn(x) + F.batch_norm(zeros, *stats, None, zero_bias, False)),
+        }
+        fused = {
+            "bn_relu": lambda: RF.bn_relu(x, *stats, None, bias, False, backend=backend),
+            "bn_add_relu": lambda: RF.bn_add_relu(x, zeros, *stats, None, bias, False, backend=backend),
+            "dual_bn_add_relu": lambda: RF.dual_bn_add_relu(x, zeros, *stats, *stats, None, bias, None, zero_bias,
+                                                            False, backend=backend),
+        }
+        for op, fused_call in fused.items():
+            got, want = fused_call(), eager[op]()
+            assert torch.equal(got, want), (op, dtype, got, want)
+            upstream = torch.ones_like(x)
+            for a, e, name in zip(torch.autograd.grad(got, [x, bias], upstream),
+                                  torch.autograd.grad(want, [x, bias], upstream), ("x", "bias")):
+                torch.testing.assert_close(a, e, rtol=1e-3, atol=0, msg=lambda m: f"{op} {dtype} grad {name}: {m}")
+        if dtype == torch.float16:
+            assert (want[:, 0] == 0).all() and (want[:, 1] > 0).all()  # the case this checks
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mask_of_the_rounded_output(backend):
+    check_mask_of_the_rounded_output(backend)
+
+
 OUTLIER_CASES = [((1, 4, 40, 40), "nhwc"), ((2, 3, 30, 30), "nchw")]
 OUTLIER_SHAPES_ON_GPU = [(8, 24, 64, 64), (3, 5, 30, 30)]  # each in both layouts
 

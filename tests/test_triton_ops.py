@@ -25,8 +25,9 @@ import torch
 import resnet_fused
 from resnet_fused import _extension, functional as RF, ops
 from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck
-from test_ops import (OUTLIER_SHAPES_ON_GPU, check_nan_residual_gradients, check_non_finite_statistics,
-                      check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
+from test_ops import (OUTLIER_SHAPES_ON_GPU, check_mask_of_the_rounded_output, check_nan_residual_gradients,
+                      check_non_finite_statistics, check_running_statistics_of_any_kind,
+                      check_statistics_with_an_outlier_first)
 
 pytest.importorskip("triton")
 from resnet_fused.triton import _runtime, compile_report  # noqa: E402
@@ -503,6 +504,11 @@ def test_nan_residual_passes_the_gradient_as_eager_on_cuda(layout):
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_non_finite_values_poison_only_their_channel_on_cuda(layout):
     check_non_finite_statistics("triton", layout, "cuda")
+
+
+@cuda
+def test_mask_of_the_rounded_output_on_cuda():
+    check_mask_of_the_rounded_output("triton", "cuda")
 
 
 @cuda

@@ -88,6 +88,14 @@ struct Lanes {
       }
     }
   }
+  // v as a T output stores it, widened back (v itself where T is the accumulation type).
+  static Vec as_stored(const Vec& v) {
+    if constexpr (std::is_same_v<T, A>) {
+      return v;
+    } else {
+      return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+    }
+  }
   // Per-channel coefficient: one channel per lane (a channels_last row; arrays are padded
   // to whole vectors) or one channel broadcast to every lane (an NCHW plane).
   template <bool kPerLane>
@@ -384,11 +392,12 @@ typename Lanes<T>::Vec preactivation(const Loaded<T>& v, const Coefficients<A>& 
 }
 
 // The upstream gradient, 0 where the ReLU's output is <= 0: as torch.relu's backward
-// (threshold_backward), so a NaN pre-activation passes it.
-template <typename Vec>
+// (threshold_backward), so a NaN pre-activation passes it. The output as the forward
+// stores it in T: a pre-activation that rounds to 0 there masks too.
+template <typename T, typename Vec>
 Vec masked_gradient(const Vec& pre, const Vec& grad) {
   const Vec zero(0);
-  return Vec::blendv(grad, zero, pre <= zero);
+  return Vec::blendv(grad, zero, Lanes<T>::as_stored(pre) <= zero);
 }
 
 // Calls fn(per_lane, offset, length, channel) for every run, in parallel.
@@ -455,7 +464,7 @@ struct ReduceStep {
                   int64_t i, int64_t n, int64_t j, Vec& sum_g, Vec& sum_gc, Vec& sum_gc_d) {
     const auto v = load_sources<T, E>(io, i, n);
     const Vec pre = preactivation<T, E, kPerLane>(v, main, downsample, j);
-    const Vec g = masked_gradient(pre, L::load(io.grad_out + i, n));
+    const Vec g = masked_gradient<T>(pre, L::load(io.grad_out + i, n));
     if constexpr (E == Epilogue::kAddRelu) L::store(io.grad_residual + i, g, n);
     sum_g = sum_g + g;
     sum_gc = at::vec::fmadd(g, v.x - L::template coeff<kPerLane>(main.mean, j), sum_gc);
@@ -593,7 +602,7 @@ void backward(const BnActBackwardParams& p) {
       } else {
         const auto v = load_sources<T, E>(s, i, n);
         const Vec pre = preactivation<T, E, kPerLane>(v, cm, cd, j);
-        grad = masked_gradient(pre, L::load(s.grad_out + i, n));
+        grad = masked_gradient<T>(pre, L::load(s.grad_out + i, n));
         x = v.x;
         x_d = v.x_d;
       }

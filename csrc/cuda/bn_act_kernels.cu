@@ -249,8 +249,12 @@ __device__ __forceinline__ float preactivation(float x, float other, float scale
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
 // The upstream gradient, 0 where the ReLU's output is <= 0: as torch.relu's backward
-// (threshold_backward), so a NaN pre-activation passes it.
-__device__ __forceinline__ float masked_gradient(float pre, float grad) { return pre <= 0.f ? 0.f : grad; }
+// (threshold_backward), so a NaN pre-activation passes it. The output as the forward
+// stores it in T: a pre-activation that rounds to 0 there masks too.
+template <typename T>
+__device__ __forceinline__ float masked_gradient(float pre, float grad) {
+  return to_float(from_float<T>(pre)) <= 0.f ? 0.f : grad;
+}
 
 // Per-lane affine maps of one branch: lane i holds channel walk.channel(i).
 template <int V>
@@ -717,7 +721,7 @@ struct StepLoads {
   __device__ float masked(int u, int i, const LaneAffine<V>& main, const LaneAffine<V>& down) const {
     const float other = E == Epilogue::kRelu ? 0.f : o[u][i];
     const float pre = preactivation<E>(x[u][i], other, main.scale[i], main.shift[i], down.scale[i], down.shift[i]);
-    return masked_gradient(pre, g[u][i]);
+    return masked_gradient<T>(pre, g[u][i]);
   }
 };
 

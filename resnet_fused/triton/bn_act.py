@@ -107,9 +107,11 @@ def _preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE: tl.constexpr)
 
 
 @triton.jit
-def _masked_gradient(pre, dy):
-    """dy, 0 where the ReLU's output is <= 0: as torch.relu's backward, so a NaN pre-activation passes dy."""
-    return tl.where(pre <= 0, 0.0, dy)
+def _masked_gradient(pre, dy, OUT: tl.constexpr):
+    """dy, 0 where the ReLU's output (in dtype ``OUT``, as the forward stores it) is <= 0:
+    as torch.relu's backward, so a NaN pre-activation passes dy, and one that rounds to 0
+    does not."""
+    return tl.where(pre.to(OUT) <= 0, 0.0, dy)
 
 
 @triton.jit
@@ -172,7 +174,7 @@ def _backward_terms(grad_ptr, x_ptr, y_ptr, grad_y_ptr, offsets, mask, scale, sh
     y = x
     if EPILOGUE != RELU:
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = _masked_gradient(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE), dy)
+    g = _masked_gradient(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE), dy, x_ptr.dtype.element_ty)
     if EPILOGUE == ADD_RELU:
         tl.store(grad_y_ptr + offsets, g.to(grad_y_ptr.dtype.element_ty), mask=mask)
     return g, g * (x - mean), g * (y - mean_d)
@@ -313,7 +315,8 @@ def _bn_act_backward_elementwise_kernel(
                 weight_d_ptr, bias_d_ptr, mean_d_ptr, invstd_d_ptr, channel, C, HAS_WEIGHT_D, HAS_BIAS_D,
                 CHANNELS_LAST,
             )
-        g = _masked_gradient(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE), dy)
+        g = _masked_gradient(_preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE), dy,
+                             x_ptr.dtype.element_ty)
     grad_x = _grad_input(g, x, scale, mean, coef_ptr, channel, C, TRAINING, CHANNELS_LAST)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if EPILOGUE == DUAL_ADD_RELU:
