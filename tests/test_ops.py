@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -553,6 +554,26 @@ def test_opcheck(namespace):
 
 
 @requires_cpu_kernels()
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_cpu_kernels_of_every_instruction_set(capability):
+    """The CPU kernels are built once per instruction set and picked at run time as ATen
+    picks its own (ATEN_CPU_CAPABILITY): the suite runs this machine's widest; this runs the
+    cpu backend's tests of this file under a narrower one, in a process of its own."""
+    if capability == "AVX2" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
+    picked = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                            env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert picked == capability
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "cpu and not reference and not instruction_set"],
+        env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+@requires_cpu_kernels()
 def test_python_schemas_equal_cpp_schemas():
     for name in resnet_fused.ops.OP_NAMES:
         cpp = getattr(torch.ops.resnet_fused, name).default._schema
@@ -896,7 +917,7 @@ def test_backend_env_var_and_missing_extension():
         "    y = RF.bn_relu(x, None, None, training=True)\n"
         "print(resnet_fused.get_backend(), [str(w.message).split(':')[0] for w in caught])\n"
     )
-    env = {**__import__("os").environ, "RESNET_FUSED_BACKEND": "reference"}
+    env = {**os.environ, "RESNET_FUSED_BACKEND": "reference"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "reference ['resnet_fused']", out
 
