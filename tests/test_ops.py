@@ -386,17 +386,22 @@ def test_running_statistics_of_any_kind(backend, layout):
 
 def check_mask_of_the_rounded_output(backend, device="cpu", dtypes=(torch.float16, torch.bfloat16)):
     """The backward masks where the output, as stored in the input's dtype, is <= 0, as
-    eager's relu backward does: in float16 a pre-activation of 1e-9 (under 2^-25) rounds
-    to 0 and gets no gradient, 4e-8 rounds to 2^-24 and gets it; in bfloat16 both are
-    normal numbers. Eval mode with x = 0 makes the pre-activation the bias exactly; every
-    op, both backward passes (the bias gradient, a count of the unmasked values, comes
-    from the reduction). Tolerance: the input gradient is 1 * invstd rounded to the dtype."""
-    stats = torch.zeros(3, device=device), torch.ones(3, device=device)
-    zero_bias = torch.zeros(3, device=device)
+    eager's relu backward does: a pre-activation of half the dtype's smallest subnormal
+    (2^-25 in float16, 2^-134 in bfloat16) rounds to 0 (a tie, to even) and gets no
+    gradient, the next float rounds to the smallest subnormal and gets it; 1e-9 rounds to
+    0 in float16, not in bfloat16. Eval mode with x = 0 makes the pre-activation the bias
+    exactly; every op, both backward passes (the bias gradient, a count of the unmasked
+    values, comes from the reduction). Tolerance: the input gradient is 1 * invstd rounded
+    to the dtype."""
+    stats = torch.zeros(4, device=device), torch.ones(4, device=device)
+    zero_bias = torch.zeros(4, device=device)
     for dtype in dtypes:
-        x = torch.zeros(2, 3, 1, 2, device=device, dtype=dtype, requires_grad=True)
+        tie = 2.0 ** (-25 if dtype == torch.float16 else -134)
+        values = torch.tensor([tie, 0.0, 1e-9, -1e-9])
+        values[1] = torch.nextafter(values[0], torch.tensor(1.0))
+        bias = values.to(device).requires_grad_()
+        x = torch.zeros(2, 4, 1, 2, device=device, dtype=dtype, requires_grad=True)
         zeros = torch.zeros_like(x)
-        bias = torch.tensor([1e-9, 4e-8, -1e-9], device=device, requires_grad=True)
 
         def bn(t):
             return F.batch_norm(t, *stats, None, bias, False)
@@ -419,8 +424,7 @@ def check_mask_of_the_rounded_output(backend, device="cpu", dtypes=(torch.float1
             for a, e, name in zip(torch.autograd.grad(got, [x, bias], upstream),
                                   torch.autograd.grad(want, [x, bias], upstream), ("x", "bias")):
                 torch.testing.assert_close(a, e, rtol=1e-3, atol=0, msg=lambda m: f"{op} {dtype} grad {name}: {m}")
-        if dtype == torch.float16:
-            assert (want[:, 0] == 0).all() and (want[:, 1] > 0).all()  # the case this checks
+        assert (want[:, 0] == 0).all() and (want[:, 1] > 0).all(), want  # the boundary this checks
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

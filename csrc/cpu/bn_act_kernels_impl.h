@@ -88,14 +88,6 @@ struct Lanes {
       }
     }
   }
-  // v as a T output stores it, widened back (v itself where T is the accumulation type).
-  static Vec as_stored(const Vec& v) {
-    if constexpr (std::is_same_v<T, A>) {
-      return v;
-    } else {
-      return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
-    }
-  }
   // Per-channel coefficient: one channel per lane (a channels_last row; arrays are padded
   // to whole vectors) or one channel broadcast to every lane (an NCHW plane).
   template <bool kPerLane>
@@ -391,13 +383,22 @@ typename Lanes<T>::Vec preactivation(const Loaded<T>& v, const Coefficients<A>& 
   return pre;
 }
 
+// The largest pre-activation whose output, rounded to T to nearest even as the forward
+// stores it, is 0: half the smallest subnormal of T (a tie, which rounds to 0).
+template <typename T>
+constexpr double kLargestZeroOutput = 0.0;
+template <>
+constexpr double kLargestZeroOutput<at::Half> = 0x1p-25;
+template <>
+constexpr double kLargestZeroOutput<at::BFloat16> = 0x1p-134;
+
 // The upstream gradient, 0 where the ReLU's output is <= 0: as torch.relu's backward
 // (threshold_backward), so a NaN pre-activation passes it. The output as the forward
 // stores it in T: a pre-activation that rounds to 0 there masks too.
 template <typename T, typename Vec>
 Vec masked_gradient(const Vec& pre, const Vec& grad) {
-  const Vec zero(0);
-  return Vec::blendv(grad, zero, Lanes<T>::as_stored(pre) <= zero);
+  using A = typename Vec::value_type;
+  return Vec::blendv(grad, Vec(A(0)), pre <= Vec(static_cast<A>(kLargestZeroOutput<T>)));
 }
 
 // Calls fn(per_lane, offset, length, channel) for every run, in parallel.

@@ -248,12 +248,21 @@ __device__ __forceinline__ float preactivation(float x, float other, float scale
 // NaN propagates, as in torch.relu.
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
+// The largest pre-activation whose output, rounded to T to nearest even as the forward
+// stores it (from_float), is 0: half the smallest subnormal of T (a tie, which rounds to 0).
+template <typename T>
+constexpr float kLargestZeroOutput = 0.f;
+template <>
+constexpr float kLargestZeroOutput<__half> = 0x1p-25f;
+template <>
+constexpr float kLargestZeroOutput<__nv_bfloat16> = 0x1p-134f;
+
 // The upstream gradient, 0 where the ReLU's output is <= 0: as torch.relu's backward
 // (threshold_backward), so a NaN pre-activation passes it. The output as the forward
 // stores it in T: a pre-activation that rounds to 0 there masks too.
 template <typename T>
 __device__ __forceinline__ float masked_gradient(float pre, float grad) {
-  return to_float(from_float<T>(pre)) <= 0.f ? 0.f : grad;
+  return pre <= kLargestZeroOutput<T> ? 0.f : grad;
 }
 
 // Per-lane affine maps of one branch: lane i holds channel walk.channel(i).

@@ -110,7 +110,10 @@ def _preactivation(x, y, scale, shift, scale_d, shift_d, EPILOGUE: tl.constexpr)
 def _masked_gradient(pre, dy, OUT: tl.constexpr):
     """dy, 0 where the ReLU's output (in dtype ``OUT``, as the forward stores it) is <= 0:
     as torch.relu's backward, so a NaN pre-activation passes dy, and one that rounds to 0
-    does not."""
+    does not. LLVM folds the conversion into one compare with half the dtype's smallest
+    subnormal (sm_90 PTX: ``setp.le.f32`` with ``0f33000000``, 2^-25, for float16,
+    ``0f00008000``, 2^-134, for bfloat16); spelled as that compare in Triton, the constant
+    cost the bfloat16 backward kernels up to 28 registers."""
     return tl.where(pre.to(OUT) <= 0, 0.0, dy)
 
 
