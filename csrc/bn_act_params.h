@@ -82,7 +82,8 @@ struct BnActForwardParams {
   void* out = nullptr;
 };
 
-// Backward of BnActForwardParams. With g = 0 where pre <= 0, else grad_out (NaN passes), per branch:
+// Backward of BnActForwardParams. With g = 0 where the output (pre as stored in the input dtype) is <= 0,
+// else grad_out (NaN passes), per branch:
 //   grad_bias   = sum(g)
 //   grad_weight = sum(g * (x - mean)) * invstd
 //   training:   grad_x = scale * (g - sum(g) / M - (x - mean) * invstd^2 * sum(g * (x - mean)) / M)

@@ -395,12 +395,15 @@ def check_mask_of_the_rounded_output(backend, device="cpu", dtypes=(torch.float1
     to the dtype."""
     stats = torch.zeros(4, device=device), torch.ones(4, device=device)
     zero_bias = torch.zeros(4, device=device)
-    for dtype in dtypes:
+    for dtype, layout in itertools.product(dtypes, ("nchw", "nhwc")):
         tie = 2.0 ** (-25 if dtype == torch.float16 else -134)
         values = torch.tensor([tie, 0.0, 1e-9, -1e-9])
         values[1] = torch.nextafter(values[0], torch.tensor(1.0))
         bias = values.to(device).requires_grad_()
-        x = torch.zeros(2, 4, 1, 2, device=device, dtype=dtype, requires_grad=True)
+        x = torch.zeros(2, 4, 1, 2, device=device, dtype=dtype)
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
         zeros = torch.zeros_like(x)
 
         def bn(t):
@@ -419,11 +422,12 @@ def check_mask_of_the_rounded_output(backend, device="cpu", dtypes=(torch.float1
         }
         for op, fused_call in fused.items():
             got, want = fused_call(), eager[op]()
-            assert torch.equal(got, want), (op, dtype, got, want)
+            assert torch.equal(got, want), (op, dtype, layout, got, want)
             upstream = torch.ones_like(x)
             for a, e, name in zip(torch.autograd.grad(got, [x, bias], upstream),
                                   torch.autograd.grad(want, [x, bias], upstream), ("x", "bias")):
-                torch.testing.assert_close(a, e, rtol=1e-3, atol=0, msg=lambda m: f"{op} {dtype} grad {name}: {m}")
+                torch.testing.assert_close(a, e, rtol=1e-3, atol=0,
+                                           msg=lambda m: f"{op} {dtype} {layout} grad {name}: {m}")
         assert (want[:, 0] == 0).all() and (want[:, 1] > 0).all(), want  # the boundary this checks
 
 

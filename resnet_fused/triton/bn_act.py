@@ -8,7 +8,8 @@ One kernel family, the tail chosen by the ``EPILOGUE`` constexpr:
 ``DUAL_ADD_RELU``  relu(bn(x) + bn_d(y))         ``dual_bn_add_relu``, y the downsample
 =================  ============================  =======================================
 
-Forward: ``_bn_act_forward_kernel``, one pass. Backward, with g = 0 where pre <= 0, else grad_out:
+Forward: ``_bn_act_forward_kernel``, one pass. Backward, with g = 0 where the output (``pre`` as
+stored in the input dtype) is <= 0, else grad_out:
 
 1. ``_bn_act_backward_reduce_kernel``: per-channel partials of sum(g) and sum(g * (x - mean))
    (and sum(g * (y - mean_d))), over the deterministic partition of ``_reduce``; for
