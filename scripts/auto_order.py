@@ -51,8 +51,8 @@ DEFAULT_MARGIN = 0.02
 ABOUT = ("The order in which backend 'auto' tries the compiled backends, per device (cuda:sm_XY) and dtype: "
          "resnet_fused.backends.AUTO_ORDER's, but where a backend is faster than one before it by more than the "
          "margin in its kernels' device time (benchmarks/kernels.py) and, where the entry has blocks_*, in whole "
-         "fused blocks by the clock, host time included (benchmarks/run.py). Written by scripts/auto_order.py; never by hand. A device or "
-         "dtype absent here takes AUTO_ORDER's default.")
+         "fused blocks by the clock, host time included (benchmarks/run.py). Written by scripts/auto_order.py; "
+         "never by hand. A device or dtype absent here takes AUTO_ORDER's default.")
 
 
 def geometric_means(cases: dict[tuple, dict[str, float]]) -> tuple[dict[str, float], int]:
@@ -85,9 +85,9 @@ def block_times(rows: list[dict], backends: set[str]) -> tuple[dict[str, float],
             continue
         case = (r["workload"], r["mode"], r["shape"], r["dtype"], r.get("layout"))
         cases.setdefault(case, {})[backend] = r["median_ms"]
-    means, count = geometric_means({case: times for case, times in cases.items() if set(times) == backends})
-    dtypes = sorted({case[3] for case, times in cases.items() if set(times) == backends})
-    return means, count, dtypes
+    common = {case: times for case, times in cases.items() if set(times) == backends}
+    means, count = geometric_means(common)
+    return means, count, sorted({case[3] for case in common})
 
 
 def order(measures: list[dict[str, float]], margin: float) -> list[str]:
