@@ -40,6 +40,14 @@ struct ActivationGeometry {
   int64_t reduce_size() const { return batch * spatial; }
 };
 
+// The largest pre-activation whose output, stored in `dtype` (rounded to nearest even), is 0:
+// half the dtype's smallest subnormal, a tie that rounds to 0; 0 where the output keeps the
+// accumulation type. Every backend's ReLU backward masks where pre <= this, so the mask
+// follows the output as the forward stored it, exactly as torch.relu's backward does.
+constexpr double largest_zero_output(DType dtype) {
+  return dtype == DType::kFloat16 ? 0x1p-25 : dtype == DType::kBFloat16 ? 0x1p-134 : 0.0;
+}
+
 // The three fused tails of a residual block.
 enum class Epilogue : int8_t {
   kRelu,          // relu(bn(x))                       BN1, BN2 of a block

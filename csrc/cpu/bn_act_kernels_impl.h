@@ -383,14 +383,12 @@ typename Lanes<T>::Vec preactivation(const Loaded<T>& v, const Coefficients<A>& 
   return pre;
 }
 
-// The largest pre-activation whose output, rounded to T to nearest even as the forward
-// stores it, is 0: half the smallest subnormal of T (a tie, which rounds to 0).
 template <typename T>
-constexpr double kLargestZeroOutput = 0.0;
+constexpr DType kDTypeOf = std::is_same_v<T, double> ? DType::kFloat64 : DType::kFloat32;
 template <>
-constexpr double kLargestZeroOutput<at::Half> = 0x1p-25;
+constexpr DType kDTypeOf<at::Half> = DType::kFloat16;
 template <>
-constexpr double kLargestZeroOutput<at::BFloat16> = 0x1p-134;
+constexpr DType kDTypeOf<at::BFloat16> = DType::kBFloat16;
 
 // The upstream gradient, 0 where the ReLU's output is <= 0: as torch.relu's backward
 // (threshold_backward), so a NaN pre-activation passes it. The output as the forward
@@ -398,7 +396,7 @@ constexpr double kLargestZeroOutput<at::BFloat16> = 0x1p-134;
 template <typename T, typename Vec>
 Vec masked_gradient(const Vec& pre, const Vec& grad) {
   using A = typename Vec::value_type;
-  return Vec::blendv(grad, Vec(A(0)), pre <= Vec(static_cast<A>(kLargestZeroOutput<T>)));
+  return Vec::blendv(grad, Vec(A(0)), pre <= Vec(static_cast<A>(largest_zero_output(kDTypeOf<T>))));
 }
 
 // Calls fn(per_lane, offset, length, channel) for every run, in parallel.

@@ -248,14 +248,16 @@ __device__ __forceinline__ float preactivation(float x, float other, float scale
 // NaN propagates, as in torch.relu.
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
-// The largest pre-activation whose output, rounded to T to nearest even as the forward
-// stores it (from_float), is 0: half the smallest subnormal of T (a tie, which rounds to 0).
 template <typename T>
-constexpr float kLargestZeroOutput = 0.f;
+constexpr DType kDTypeOf = DType::kFloat32;
 template <>
-constexpr float kLargestZeroOutput<__half> = 0x1p-25f;
+constexpr DType kDTypeOf<__half> = DType::kFloat16;
 template <>
-constexpr float kLargestZeroOutput<__nv_bfloat16> = 0x1p-134f;
+constexpr DType kDTypeOf<__nv_bfloat16> = DType::kBFloat16;
+
+// largest_zero_output (bn_act_params.h) for T, exact in float.
+template <typename T>
+constexpr float kLargestZeroOutput = static_cast<float>(largest_zero_output(kDTypeOf<T>));
 
 // The upstream gradient, 0 where the ReLU's output is <= 0: as torch.relu's backward
 // (threshold_backward), so a NaN pre-activation passes it. The output as the forward
