@@ -9,10 +9,11 @@
 # runs (incremental when build/ is there), e.g. a rerun after a fix: --only tests.
 # PYTEST_ARGS replaces the test selection "tests" (e.g. PYTEST_ARGS="tests/test_cuda_ops.py -k graph").
 #
-# Writes to DIR (default results/local/gpu-check-<UTC time>): build.log, ptxas.txt,
+# Writes to DIR (default results/local/gpu-check-<UTC time>): gpu_check.log (this script's
+# own output), build.log, ptxas.txt,
 # pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py; after the suite, with its blocks' times
-# too), a brief NCHW run of it
+# too, when both run into one DIR), a brief NCHW run of it
 # (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the CUDA kernels launched
 # in order (RESNET_FUSED_PDL=0: in-order/, bench_in_order.log, and in_order_diff.txt
 # against the default run), triton_precompile.log, the
@@ -20,18 +21,25 @@
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
 # the build fails; otherwise runs every phase and exits non-zero if any test or
-# measurement failed. Each phase after the build has a time cap, and the benchmarks end
-# at their budgets by themselves. Measured on an H200 (2026-11-27, third run): build 48 s
-# (the resource report alongside), tests 94 s, kernels phase 121 s (with two brief runs
-# since dropped, about 45 s), profile 69 s, and the suite its budget plus a few seconds:
-# about 6.5 minutes with the default budgets, and up to 40 s more since the in-order run
-# (budget 20 s; unmeasured) joined the kernels phase. A capped phase says so and keeps what it
-# wrote. Prints each phase's wall time, the suite's table and the step profile's totals;
-# the kernel summary comes last.
+# measurement failed.
+#
+# Time: TOTAL_BUDGET (default 420 s) bounds the whole script. The phases run in order of
+# importance (tests, kernels, suite, profile); each has its own cap, and each cap and
+# benchmark budget shrinks to what TOTAL_BUDGET leaves; a phase left under 15 s is skipped,
+# and a capped or skipped one says so and keeps what it wrote. An outer `timeout` then never
+# has to cut a phase short; if one does, its TERM (or an INT) stops the running phase's
+# processes too (each runs in timeout's own process group), not only this script.
+# Measured on an H200 (2026-11-27, third run): build 48 s (the resource report alongside),
+# tests 94 s, kernels phase 121 s (with two brief runs since dropped, about 45 s), profile
+# 69 s, the suite its budget plus a few seconds; the in-order run (budget 20 s) joined the
+# kernels phase since, unmeasured. Prints each phase's wall time, the suite's table and the
+# step profile's totals; the kernel summary comes last.
+#
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
-# TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100),
-# TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60), SUITE_BUDGET (s, default 90),
-# PROFILE_CAP (s, default 60).
+# TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100), TOTAL_BUDGET (s,
+# default 420), TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60),
+# KERNELS_SHAPES (the main kernel run's shapes, default layer1,layer2: the target stages;
+# "all" for every stage), SUITE_BUDGET (s, default 90), PROFILE_CAP (s, default 60).
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
@@ -56,12 +64,18 @@ want() { [[ ",$only," == *",$1,"* ]]; }
 out="${out:-results/local/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+# Everything this script prints also goes to gpu_check.log: a device's output tail is short.
+exec > >(tee -a "$out/gpu_check.log") 2>&1
+tee_pid=$!
 PYTHON="${PYTHON:-python3}"
 TESTS_BUDGET="${TESTS_BUDGET:-150}"
 KERNELS_BUDGET="${KERNELS_BUDGET:-60}"
 SUITE_BUDGET="${SUITE_BUDGET:-90}"
 PROFILE_CAP="${PROFILE_CAP:-60}"
+TOTAL_BUDGET="${TOTAL_BUDGET:-420}"
+KERNELS_SHAPES="${KERNELS_SHAPES:-layer1,layer2}"
 GRACE=30  # the benchmarks end near their budget by themselves; the cap is for a hang
+KILL_AFTER=10  # a capped command that ignores TERM gets KILL this much later
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1  # a capped phase's log keeps its last lines
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -74,17 +88,60 @@ phase() {
   phase_start=$SECONDS
 }
 took() { printf -- '--- %s: %ds\n' "$1" $((SECONDS - phase_start)); }
-# capped SECONDS COMMAND...: runs COMMAND, stopped after SECONDS; says so when it was.
+
+# Seconds TOTAL_BUDGET leaves for a command, its KILL_AFTER and a margin to report counted off.
+time_left() { echo $((TOTAL_BUDGET - (SECONDS - start) - KILL_AFTER - 5)); }
+# fit BUDGET RESERVE: BUDGET, shrunk so that BUDGET + RESERVE fits in time_left (>= 1).
+fit() {
+  local room=$(($(time_left) - $2))
+  if (( room < $1 )); then echo $((room > 1 ? room : 1)); else echo "$1"; fi
+}
+
+# capped SECONDS LOG COMMAND...: runs COMMAND, its output to LOG, in its own process group
+# (timeout's), stopped after SECONDS or when TOTAL_BUDGET runs out, whichever comes first;
+# says so when it was. In the background, waited for: a TERM to this script then runs its
+# trap at once (and no redirection of this function holds the log's pipe open meanwhile).
+child=""
 capped() {
-  local cap=$1
-  shift
-  timeout --kill-after=10 "$cap" "$@"
+  local cap=$1 log=$2 left
+  shift 2
+  left=$(time_left)
+  if (( left < 15 )); then
+    echo "gpu_check: SKIPPED (TOTAL_BUDGET=${TOTAL_BUDGET}s is spent): ${*:1:4}" | tee "$log"
+    return 124
+  fi
+  (( cap > left )) && cap=$left
+  timeout --kill-after=$KILL_AFTER "$cap" "$@" >"$log" 2>&1 &
+  child=$!
+  wait "$child"
   local rc=$?
+  child=""
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then
     echo "gpu_check: STOPPED at its cap of ${cap}s (raise it through the environment)"
   fi
   return $rc
 }
+
+# runs PHASE: PHASE is wanted, and TOTAL_BUDGET leaves time for it (else says it is skipped).
+runs() {
+  want "$1" || return 1
+  (( $(time_left) >= 15 )) && return 0
+  echo "gpu_check: SKIPPED the $1 phase (TOTAL_BUDGET=${TOTAL_BUDGET}s is spent)"
+  status=1
+  return 1
+}
+
+# A TERM (an outer timeout) or INT stops what runs in the background, and the script.
+stop() {
+  trap - TERM INT
+  echo "gpu_check: stopped by a signal at t=$((SECONDS - start))s; what each phase wrote is in $out"
+  local pids=(${child:-} ${ptxas_pid:-} ${precompile_pid:-})
+  (( ${#pids[@]} )) && kill -TERM "${pids[@]}" 2>/dev/null && wait "${pids[@]}" 2>/dev/null
+  exit 143
+}
+trap stop TERM INT
+# The log's last lines are written before the script's caller reads (or archives) it.
+trap 'exec >&- 2>&-; wait "$tee_pid" 2>/dev/null' EXIT
 
 phase "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader \
@@ -115,8 +172,13 @@ if want ptxas; then
 fi
 # The Triton kernels the benchmarks autotune, compiled ahead on half the cores (the
 # autotuner would compile them one by one): Triton needs no extension, only the GPU.
+# Channels_last at every stage, and the brief NCHW run's bf16 target stages.
 if (want kernels || want suite) && "$PYTHON" -c "import triton" 2>/dev/null; then
-  timeout 240 "$PYTHON" scripts/triton_precompile.py --jobs $(( (MAX_JOBS + 1) / 2 )) >"$out/triton_precompile.log" 2>&1 &
+  jobs=$(( (MAX_JOBS + 1) / 2 ))
+  timeout 240 bash -c '"$0" scripts/triton_precompile.py --jobs "$1" \
+      && "$0" scripts/triton_precompile.py --jobs "$1" --dtype bfloat16 --layout nchw \
+           --shape 128x256x56x56 --shape 128x64x56x56 --shape 128x512x28x28 --shape 128x128x28x28' \
+    "$PYTHON" "$jobs" >"$out/triton_precompile.log" 2>&1 &
   precompile_pid=$!
 fi
 if ! RESNET_FUSED_CUDA=1 "$PYTHON" setup.py build_ext --inplace >"$out/build.log" 2>&1; then
@@ -143,7 +205,7 @@ if want ptxas; then
   took "ptxas report"
 fi
 
-if want tests; then
+if runs tests; then
   phase "CUDA-marked tests (pytest -m cuda, cap ${TESTS_BUDGET}s)"
   # Verbose, so a capped run's log shows how far it got; parallel where pytest-xdist is
   # installed (8 processes share the GPU: the Triton tests are bound by compiling, one
@@ -151,7 +213,7 @@ if want tests; then
   pytest_args=(-m cuda -v -p no:cacheprovider -rfEs --durations=15)
   if "$PYTHON" -c "import xdist" 2>/dev/null; then pytest_args+=(-n 8 --dist loadgroup); fi
   if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout=120); fi
-  capped "$TESTS_BUDGET" "$PYTHON" -m pytest "${pytest_args[@]}" ${PYTEST_ARGS:-tests} >"$out/pytest.log" 2>&1
+  capped "$TESTS_BUDGET" "$out/pytest.log" "$PYTHON" -m pytest "${pytest_args[@]}" ${PYTEST_ARGS:-tests}
   tests_rc=$?
   grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -30
   grep -E "^=+ .*(passed|failed|error|skipped).* =+$" "$out/pytest.log" | tail -n 1
@@ -162,7 +224,7 @@ if want tests; then
   took "tests"
 fi
 
-if want kernels; then
+if runs kernels; then
   phase "Triton kernels compiled ahead (scripts/triton_precompile.py)"
   if [[ -n "${precompile_pid:-}" ]]; then
     wait "$precompile_pid" || echo "gpu_check: the Triton precompile failed (the autotuner compiles instead; $out/triton_precompile.log)"
@@ -171,9 +233,12 @@ if want kernels; then
   fi
   took "precompile (waited for)"
 
-  phase "kernel benchmark (N=128, channels_last, bf16 and fp32, budget ${KERNELS_BUDGET}s)"
-  capped $((KERNELS_BUDGET + GRACE)) "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16,fp32 \
-    --budget-s "$KERNELS_BUDGET" --out "$out" >"$out/bench.log" 2>&1
+  budget=$(fit "$KERNELS_BUDGET" $((GRACE + 90)))  # the two brief runs below: up to 90 s
+  phase "kernel benchmark (N=128, channels_last, $KERNELS_SHAPES, bf16 and fp32, budget ${budget}s)"
+  shapes=()
+  [[ "$KERNELS_SHAPES" != all ]] && shapes=(--shapes "$KERNELS_SHAPES")
+  capped $((budget + GRACE)) "$out/bench.log" "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16,fp32 "${shapes[@]}" \
+    --budget-s "$budget" --out "$out"
   bench_rc=$?
   took "benchmark"
   sed -n '/^summary (/,$p' "$out/bench.log"
@@ -191,14 +256,14 @@ if want kernels; then
   fi
   # NCHW, the other layout, in brief: the statistics, the forward and its backward at the target
   # stages (kernels_cuda_nchw.*).
-  capped 50 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops batch_stats,bn_relu,bn_relu_backward \
-    --shapes layer1,layer2 --budget-s 30 --out "$out" >"$out/bench_nchw.log" 2>&1 \
+  capped 50 "$out/bench_nchw.log" "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops batch_stats,bn_relu,bn_relu_backward \
+    --shapes layer1,layer2 --budget-s "$(fit 30 $((GRACE - 10)))" --out "$out" \
     || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
   # The CUDA kernels launched in order, against the programmatic dependent launches of the
   # run above (docs/performance.md, "CUDA kernels launched as programmatic dependents").
-  capped 40 env RESNET_FUSED_PDL=0 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --backends cuda \
-    --ops batch_stats,train_bn_relu,bn_relu_backward --shapes layer1,layer2 --budget-s 20 \
-    --out "$out/in-order" >"$out/bench_in_order.log" 2>&1 \
+  capped 40 "$out/bench_in_order.log" env RESNET_FUSED_PDL=0 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --backends cuda \
+    --ops batch_stats,train_bn_relu,bn_relu_backward --shapes layer1,layer2 --budget-s "$(fit 20 20)" \
+    --out "$out/in-order" \
     || { echo "gpu_check: IN-ORDER BENCHMARK FAILED ($out/bench_in_order.log)"; status=1; }
   if [[ -s "$out/in-order/kernels_cuda_nhwc.json" && -s "$out/kernels_cuda_nhwc.json" ]]; then
     "$PYTHON" benchmarks/kernel_diff.py "$out/in-order/kernels_cuda_nhwc.json" "$out/kernels_cuda_nhwc.json" \
@@ -212,12 +277,13 @@ if want kernels; then
   fi
 fi
 
-if want suite; then
+if runs suite; then
   [[ -n "${precompile_pid:-}" ]] && wait "$precompile_pid"
-  phase "block benchmark suite (benchmarks.run, budget ${SUITE_BUDGET}s)"
+  budget=$(fit "$SUITE_BUDGET" "$GRACE")
+  phase "block benchmark suite (benchmarks.run, budget ${budget}s)"
   # The kernels were measured above: the suite runs the blocks and the whole model.
-  capped $((SUITE_BUDGET + GRACE)) "$PYTHON" -m benchmarks.run --device cuda --budget "$SUITE_BUDGET" \
-    --workloads bottleneck,basicblock,resnet50 --publish "$out/results" >"$out/suite.log" 2>&1
+  capped $((budget + GRACE)) "$out/suite.log" "$PYTHON" -m benchmarks.run --device cuda --budget "$budget" \
+    --workloads bottleneck,basicblock,resnet50 --publish "$out/results"
   suite_rc=$?
   took "suite"
   tail -n 40 "$out/suite.log"
@@ -231,18 +297,21 @@ if want suite; then
     "$PYTHON" scripts/auto_order.py "$out/kernels_cuda_nhwc.json" --blocks "$suite_json" \
       --out "$out/auto_order.json" \
       || echo "gpu_check: no auto order with the blocks; auto_order.json has the kernels' measure alone (no blocks_*)"
+  elif [[ -n "$suite_json" ]]; then
+    echo "gpu_check: no kernels_cuda_nhwc.json in $out: for auto's order, run" \
+      "scripts/auto_order.py <a kernels run's kernels_cuda_nhwc.json> --blocks $suite_json"
   fi
 fi
 
-if want profile; then
+if runs profile; then
   phase "ResNet-50 training step, host and device (benchmarks/step_profile.py, cap ${PROFILE_CAP}s)"
-  capped "$PROFILE_CAP" "$PYTHON" benchmarks/step_profile.py --device cuda --providers eager,fused-cuda,fused-triton \
-    --steps 2 >"$out/profile.log" 2>&1 || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
+  capped "$PROFILE_CAP" "$out/profile.log" "$PYTHON" benchmarks/step_profile.py --device cuda --providers eager,fused-cuda,fused-triton \
+    --steps 2 || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
   grep -E "^[a-z-]+: wall|^  kernels" "$out/profile.log"
   # A block's host time: the CUDA backend also with Python autograd Functions (what the C++ ones
   # save), the Triton backend also with every launch through Triton (what the replay saves).
-  capped 45 "$PYTHON" benchmarks/host_overhead.py --device cuda --backends cuda,triton --calls 100 \
-    >"$out/host_overhead.log" 2>&1 || { echo "gpu_check: HOST OVERHEAD FAILED ($out/host_overhead.log)"; status=1; }
+  capped 45 "$out/host_overhead.log" "$PYTHON" benchmarks/host_overhead.py --device cuda --backends cuda,triton --calls 100 \
+    || { echo "gpu_check: HOST OVERHEAD FAILED ($out/host_overhead.log)"; status=1; }
   grep -E "train step|train forward" "$out/host_overhead.log"
   took "profile"
 fi

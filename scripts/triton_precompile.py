@@ -17,9 +17,14 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's resnet_fused
+# It runs alongside the extension's build (scripts/gpu_check.sh): resnet_fused._C may be
+# half-written and is not needed. Its warning is silenced here and, as spawned workers run
+# this module first, in the workers.
+warnings.filterwarnings("ignore", message="resnet_fused: the compiled extension", category=RuntimeWarning)
 
 from resnet_fused.triton import compile_report  # noqa: E402
 

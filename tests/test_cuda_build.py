@@ -3,7 +3,9 @@
 - The CUDA sources stay torch-free (the build-time rule of DESIGN.md section 4).
 - An extension built with CUDA registers a CUDA kernel for every op, and the ``cuda``
   backend reports itself available.
-- The GPU check script parses, and rejects an unknown phase before it touches anything.
+- The GPU check script parses, and rejects an unknown phase before it touches anything;
+  against a stand-in GPU machine (stub nvidia-smi and python), it keeps to TOTAL_BUDGET,
+  logs to its results directory, and a TERM stops the running phase's processes too.
 - The kernels' own source, compiled for the CPU against a CUDA stand-in
   (``tests/cuda_emulation``), computes every op correctly under AddressSanitizer and
   UBSan: index math, tails, layouts, the misaligned-pointer fallback, the two-level
@@ -111,3 +113,84 @@ def test_gpu_check_script_parses_and_names_a_bad_phase(tmp_path):
     assert not (tmp_path / "out").exists()
     shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--only PHASES" in shown and "TESTS_BUDGET" in shown and "set -uo" not in shown
+
+
+# A stand-in GPU machine for scripts/gpu_check.sh: every python call is logged, and a test
+# run sleeps for STUB_TEST_S seconds (its pid in pytest.pid), the benchmarks for STUB_BENCH_S.
+STUB_PYTHON = r"""#!/usr/bin/env bash
+echo "$*" >> "$STUB_DIR/calls.log"
+case "$1" in
+  -) cat > /dev/null; echo "python 3.12, torch stub, NVIDIA H200: sm_90" ;;
+  -c) case "$2" in *get_device_capability*) echo 9.0 ;; *"import triton"*|*"import xdist"*|*pytest_timeout*) exit 1 ;; esac ;;
+  setup.py) ;;
+  -m) [[ "$2" == pytest ]] && { echo $$ > "$STUB_DIR/pytest.pid"; exec sleep "$STUB_TEST_S"; } ;;
+  *) exec sleep "${STUB_BENCH_S:-0}" ;;
+esac
+"""
+
+
+def _stand_in_gpu_machine(tmp_path: Path) -> dict:
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    for name, text in [("python", STUB_PYTHON), ("nvidia-smi", "#!/bin/sh\necho 'NVIDIA H200, 580.0'\n"),
+                       ("nvcc", "#!/bin/sh\necho 'Build cuda_13.0'\n")]:
+        (stub / name).write_text(text)
+        (stub / name).chmod(0o755)
+    import os
+
+    return dict(os.environ, PATH=f"{stub}:{os.environ['PATH']}", PYTHON=str(stub / "python"), STUB_DIR=str(stub),
+                TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS="2")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or shutil.which("timeout") is None, reason="needs Linux and timeout")
+def test_gpu_check_script_keeps_to_its_total_budget(tmp_path):
+    """A test run that would take 300 s is stopped where TOTAL_BUDGET leaves no room for more;
+    the kernels phase after it is skipped and says so; the log lands in the results directory."""
+    import time
+
+    env = _stand_in_gpu_machine(tmp_path)
+    env.update(TOTAL_BUDGET="30", STUB_TEST_S="300")
+    out = tmp_path / "out"
+    started = time.monotonic()
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(out), "--only", "tests,kernels"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert took < 30, f"{took:.0f} s:\n{run.stdout}"
+    assert run.returncode == 1, run.stdout  # the stopped tests count as a failure
+    assert "gpu_check: STOPPED at its cap of" in run.stdout, run.stdout
+    assert "gpu_check: SKIPPED the kernels phase (TOTAL_BUDGET=30s is spent)" in run.stdout, run.stdout
+    assert "kernels.py" not in (tmp_path / "stub" / "calls.log").read_text()
+    assert (out / "gpu_check.log").read_text() == run.stdout + run.stderr
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or shutil.which("timeout") is None, reason="needs Linux and timeout")
+def test_gpu_check_script_stops_its_phase_on_a_term(tmp_path):
+    """An outer `timeout` signals the script alone; the phase it runs (in timeout's own
+    process group) must stop with it, not write on while the caller archives the results."""
+    import signal
+    import time
+
+    env = _stand_in_gpu_machine(tmp_path)
+    env.update(STUB_TEST_S="300")
+    pid_file = tmp_path / "stub" / "pytest.pid"
+    script = subprocess.Popen(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
+                               "--only", "tests"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_file.exists(), script.communicate(timeout=5)[0] if script.poll() is not None else "no test run started"
+    tests_pid = int(pid_file.read_text())
+    assert _alive(tests_pid)
+    script.send_signal(signal.SIGTERM)
+    output = script.communicate(timeout=30)[0]
+    assert script.returncode == 143, output
+    assert "gpu_check: stopped by a signal" in output, output
+    assert not _alive(tests_pid), output
