@@ -254,13 +254,13 @@ def test_results_are_bitwise_reproducible(layout):
 
 
 
-def _chained_results(cases, repeats=3):
-    """Each case (x, r, g, w, b) through every op, each op's input the output of the one
-    before where it can be: statistics -> forward -> backward, so every kernel reads what
-    its stream predecessor just wrote. ``repeats`` rounds, each on new input values (x
-    shifted), so a kernel that read a reused buffer too early would find another round's
-    values there, not equal ones."""
-    ops = torch.ops.resnet_fused
+def _chained_results(cases, namespace, repeats=3):
+    """Each case (x, r, g, w, b) through every op of ``namespace``, each op's input the
+    output of the one before where it can be: statistics -> forward -> backward, so every
+    kernel reads what its stream predecessor just wrote. ``repeats`` rounds, each on new
+    input values (x shifted), so a kernel that read a reused buffer too early would find
+    another round's values there, not equal ones."""
+    ops = getattr(torch.ops, namespace)
     results = []
     for round in range(repeats):
         for x, r, g, w, b in cases:
@@ -285,27 +285,45 @@ def _launch_calls(x):
     return sorted({e.name for e in profile.events() if e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel"))})
 
 
-def _chained_results_to(inputs_path: str, results_path: str) -> None:
+def _launches_early(namespace, x) -> bool:
+    """Whether this process launches ``namespace``'s kernels early: for the CUDA backend the
+    runtime's launch calls of one op on ``x`` say so (cudaLaunchKernelExC, with the
+    programmatic attribute; in order, cudaLaunchKernel); Triton launches through
+    cuLaunchKernelEx either way, and its runtime says."""
+    if namespace == TRITON_NAMESPACE:
+        from resnet_fused.triton import _runtime
+
+        return _runtime.early_launch()
+    calls = _launch_calls(x)
+    assert calls, "no kernel launch seen"
+    return "cudaLaunchKernelExC" in calls
+
+
+def _chained_results_to(namespace: str, inputs_path: str, results_path: str) -> None:
     """The subprocess's half of the test below."""
     cases = [[t.to(DEVICE) for t in case] for case in torch.load(inputs_path)]
-    torch.save({"results": _chained_results(cases), "launch_calls": _launch_calls(cases[0][0]),
+    torch.save({"results": _chained_results(cases, namespace), "early": _launches_early(namespace, cases[0][0]),
                 "module": resnet_fused.__file__}, results_path)
 
 
 EARLY_LAUNCH_ENV = "RESNET_FUSED_PDL"
+TRITON_NAMESPACE = "resnet_fused_triton"
 
 
 @GPU_ONLY
 @pytest.mark.skipif(os.environ.get(EARLY_LAUNCH_ENV) == "0", reason=f"{EARLY_LAUNCH_ENV}=0: this process launches in order")
-def test_early_launches_change_no_bit(tmp_path):
-    """On sm_90 and later every kernel is a programmatic dependent launch (it may start
-    before the kernel before it ends, and waits for it first); RESNET_FUSED_PDL=0 (read
-    once per process, so in a subprocess) launches in order. Same results, bit for bit,
-    with every kernel reading what the one before it wrote (a kernel that read too early
-    would differ), at shapes from one block per reduction to one wave of many. The launch
-    calls show that this process launched early (cudaLaunchKernelExC) and the child did not."""
+@pytest.mark.parametrize("namespace", ["resnet_fused", TRITON_NAMESPACE], ids=["cuda", "triton"])
+def test_early_launches_change_no_bit(namespace, tmp_path):
+    """On sm_90 and later every kernel of both GPU backends is a programmatic dependent
+    launch (it may start before the kernel before it ends, and waits for it first);
+    RESNET_FUSED_PDL=0 (read once per process, so in a subprocess) launches in order. Same
+    results, bit for bit, with every kernel reading what the one before it wrote (a kernel
+    that read too early would differ), at shapes from one block per reduction to one wave
+    of many. This process launched early and the child did not (_launches_early)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("below sm_90 every launch is in order: nothing to compare")
+    if namespace == TRITON_NAMESPACE and resnet_fused.backends.get("triton").unavailable:
+        pytest.skip(f"the triton backend is unavailable: {resnet_fused.backends.get('triton').unavailable}")
     cases = []
     for shape in [(4, 19, 5, 7), (16, 64, 14, 14), (32, 64, 56, 56)]:
         for layout in ("nhwc", "nchw"):
@@ -318,16 +336,15 @@ def test_early_launches_change_no_bit(tmp_path):
     tests = str(Path(__file__).resolve().parent)
     path = os.pathsep.join(p for p in (package_root, tests, os.environ.get("PYTHONPATH", "")) if p)
     child = subprocess.run(
-        [sys.executable, "-c", f"import test_cuda_ops as t; t._chained_results_to({str(inputs)!r}, {str(results)!r})"],
+        [sys.executable, "-c",
+         f"import test_cuda_ops as t; t._chained_results_to({namespace!r}, {str(inputs)!r}, {str(results)!r})"],
         env={**os.environ, EARLY_LAUNCH_ENV: "0", "PYTHONPATH": path}, capture_output=True, text=True, timeout=300,
     )
     assert child.returncode == 0, child.stderr[-3000:]
     in_order = torch.load(results)
     assert Path(in_order["module"]).resolve() == Path(resnet_fused.__file__).resolve(), in_order["module"]
-    early_calls = _launch_calls(cases[0][0])
-    assert "cudaLaunchKernelExC" in early_calls, early_calls
-    assert "cudaLaunchKernelExC" not in in_order["launch_calls"], in_order["launch_calls"]
-    for i, (early, ordered) in enumerate(zip(_chained_results(cases), in_order["results"], strict=True)):
+    assert _launches_early(namespace, cases[0][0]) and not in_order["early"]
+    for i, (early, ordered) in enumerate(zip(_chained_results(cases, namespace), in_order["results"], strict=True)):
         assert early.stride() == ordered.stride() and torch.equal(early, ordered), f"result {i} differs"
 
 

@@ -351,3 +351,25 @@ def test_inputs_beyond_the_row_limit_run_the_reference(stand_in, monkeypatch):
         assert torch.equal(got, want) and torch.equal(again, want) and got.stride() == want.stride()
     T.bn_relu(torch.empty((2, C, 5, 5), memory_format=torch.channels_last), w, b, mean, invstd, True)  # 50 rows
     assert len(LAUNCHES) == 1
+
+
+@pytest.mark.parametrize("replay", [True, False], ids=["recorded", "through_triton"])
+def test_a_first_call_failing_in_graph_capture_says_to_warm_up(stand_in, monkeypatch, replay):
+    """A new key goes through Triton, whose autotuner synchronizes: inside CUDA graph capture
+    that fails, and the error says to call the op once before capture. Outside capture the
+    error is Triton's own, unchanged."""
+    def synchronizing(self):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_runtime.Launch, "through_triton", synchronizing)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _runtime.forget_plans()
+    call = _stats_call(torch.empty(SHAPE, memory_format=torch.channels_last))
+    with _runtime.replaying(replay):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        with pytest.raises(RuntimeError, match=r"call it once before capture.*operation not permitted") as raised:
+            _runtime.launch(*call)
+        assert isinstance(raised.value.__cause__, RuntimeError)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        with pytest.raises(RuntimeError, match=r"^CUDA error: operation not permitted when stream is capturing$"):
+            _runtime.launch(*call)

@@ -274,8 +274,26 @@ Call = tuple[Callable[..., list[Launch]], tuple, tuple]  # what `launch` takes: 
 
 def run(launches: list[Launch]) -> None:
     """Every launch through Triton, in order."""
-    for one in launches:
-        one.through_triton()
+    with _explained_in_capture():
+        for one in launches:
+            one.through_triton()
+
+
+@contextlib.contextmanager
+def _explained_in_capture():
+    """Launches through Triton: a failure while the stream is being captured into a CUDA
+    graph says what most likely caused it. A new key's autotuning times its candidates and
+    synchronizes, which capture forbids (torch.cuda.graph's warm-up avoids it)."""
+    try:
+        yield
+    except Exception as error:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "resnet_fused (triton backend): an op's first call at this shape, dtype and layout went through "
+                "Triton (autotuning, compiling) inside CUDA graph capture, and failed; call it once before capture, "
+                f"as torch.cuda.graph's warm-up does ({type(error).__name__}: {error})"
+            ) from error
+        raise
 
 
 def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> None:
@@ -305,7 +323,8 @@ def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) 
     """Launches ``build``'s launches through Triton; returns them as a plan, or None where
     Triton returned no compiled kernel for one of them."""
     launches = build(*static, *operands)
-    compiled = [one.through_triton() for one in launches]
+    with _explained_in_capture():
+        compiled = [one.through_triton() for one in launches]
     if any(c is None for c in compiled):
         return None
     # The same launches with a marker for each operand: where the operands go.
