@@ -20,15 +20,17 @@
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
 # a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
-# the build fails; otherwise runs every phase and exits non-zero if any test or
-# measurement failed.
+# the build fails; otherwise runs every phase. Exit status: 0 all passed, 1 a test or
+# measurement failed, 3 none failed but TOTAL_BUDGET cut something short (the last line
+# names what).
 #
-# Time: TOTAL_BUDGET (default 420 s) bounds the whole script. The phases run in order of
-# importance (tests, kernels, suite, profile); each has its own cap, and each cap and
-# benchmark budget shrinks to what TOTAL_BUDGET leaves; a phase left under 15 s is skipped,
-# and a capped or skipped one says so and keeps what it wrote. An outer `timeout` then never
-# has to cut a phase short; if one does, its TERM (or an INT) stops the running phase's
-# processes too (each runs in timeout's own process group), not only this script.
+# Time: TOTAL_BUDGET (default 420 s) bounds everything after the build (about 50 s on 16
+# cores). The phases run in order of importance (tests, kernels, suite, profile); each has
+# its own cap, and each cap, benchmark budget and the Triton precompile shrink to what
+# TOTAL_BUDGET leaves; a phase or run left under 15 s is skipped. A capped or skipped one
+# says so and keeps what it wrote. A TERM or INT to the script or its process group (an
+# outer `timeout`, Ctrl-C) stops the running phase too, which runs in a process group of
+# its own (timeout's), and leaves the log complete.
 # Measured on an H200 (2026-11-27, third run): build 48 s (the resource report alongside),
 # tests 94 s, kernels phase 121 s (with two brief runs since dropped, about 45 s), profile
 # 69 s, the suite its budget plus a few seconds; the in-order run (budget 20 s) joined the
@@ -61,19 +63,24 @@ for p in ${only//,/ }; do
   case "$p" in ptxas|tests|kernels|suite|profile) ;; *) echo "gpu_check: unknown phase $p in --only (expected ptxas, tests, kernels, suite, profile)" >&2; exit 2 ;; esac
 done
 want() { [[ ",$only," == *",$1,"* ]]; }
-out="${out:-results/local/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-# Everything this script prints also goes to gpu_check.log: a device's output tail is short.
-exec > >(tee -a "$out/gpu_check.log") 2>&1
-tee_pid=$!
 PYTHON="${PYTHON:-python3}"
+TOTAL_BUDGET="${TOTAL_BUDGET:-420}"
 TESTS_BUDGET="${TESTS_BUDGET:-150}"
 KERNELS_BUDGET="${KERNELS_BUDGET:-60}"
 SUITE_BUDGET="${SUITE_BUDGET:-90}"
 PROFILE_CAP="${PROFILE_CAP:-60}"
-TOTAL_BUDGET="${TOTAL_BUDGET:-420}"
 KERNELS_SHAPES="${KERNELS_SHAPES:-layer1,layer2}"
+for name in TOTAL_BUDGET TESTS_BUDGET KERNELS_BUDGET SUITE_BUDGET PROFILE_CAP; do
+  [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check: $name=${!name}: expected a whole number of seconds" >&2; exit 2; }
+done
+out="${out:-results/local/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+# Everything this script prints also goes to gpu_check.log: a device's output tail is short.
+# tee ignores TERM and INT, which an outer timeout or Ctrl-C sends the whole process group:
+# it must outlive the script to write the script's last lines.
+exec > >(trap '' TERM INT; exec tee -a "$out/gpu_check.log") 2>&1
+tee_pid=$!
 GRACE=30  # the benchmarks end near their budget by themselves; the cap is for a hang
 KILL_AFTER=10  # a capped command that ignores TERM gets KILL this much later
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
@@ -91,51 +98,55 @@ took() { printf -- '--- %s: %ds\n' "$1" $((SECONDS - phase_start)); }
 
 # Seconds TOTAL_BUDGET leaves for a command, its KILL_AFTER and a margin to report counted off.
 time_left() { echo $((TOTAL_BUDGET - (SECONDS - start) - KILL_AFTER - 5)); }
-# fit BUDGET RESERVE: BUDGET, shrunk so that BUDGET + RESERVE fits in time_left (>= 1).
-fit() {
+# fit_budget BUDGET RESERVE: BUDGET, shrunk so that BUDGET + RESERVE fits in time_left (>= 1).
+fit_budget() {
   local room=$(($(time_left) - $2))
   if (( room < $1 )); then echo $((room > 1 ? room : 1)); else echo "$1"; fi
 }
+cut=()  # what TOTAL_BUDGET skipped or cut short
 
 # capped SECONDS LOG COMMAND...: runs COMMAND, its output to LOG, in its own process group
 # (timeout's), stopped after SECONDS or when TOTAL_BUDGET runs out, whichever comes first;
-# says so when it was. In the background, waited for: a TERM to this script then runs its
-# trap at once (and no redirection of this function holds the log's pipe open meanwhile).
-child=""
+# says so when it was. Skipped, and 0 returned, where TOTAL_BUDGET leaves under 15 s (it is
+# then listed in `cut`, not a failure). In the background, waited for: a TERM to this
+# script then runs its trap at once.
+phase_pid=""
 capped() {
-  local cap=$1 log=$2 left
+  local cap=$1 log=$2 left limit="its cap"
   shift 2
   left=$(time_left)
   if (( left < 15 )); then
-    echo "gpu_check: SKIPPED (TOTAL_BUDGET=${TOTAL_BUDGET}s is spent): ${*:1:4}" | tee "$log"
-    return 124
+    echo "gpu_check: SKIPPED, TOTAL_BUDGET=${TOTAL_BUDGET}s is spent: ${*:1:4}" | tee "$log"
+    cut+=("$(basename "$log" .log) (skipped)")
+    return 0
   fi
-  (( cap > left )) && cap=$left
+  (( cap > left )) && { cap=$left; limit="what TOTAL_BUDGET left"; }
   timeout --kill-after=$KILL_AFTER "$cap" "$@" >"$log" 2>&1 &
-  child=$!
-  wait "$child"
+  phase_pid=$!
+  wait "$phase_pid"
   local rc=$?
-  child=""
+  phase_pid=""
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then
-    echo "gpu_check: STOPPED at its cap of ${cap}s (raise it through the environment)"
+    echo "gpu_check: STOPPED at ${limit}, ${cap}s (raise it through the environment)"
+    [[ $limit == "its cap" ]] || cut+=("$(basename "$log" .log) (stopped)")
   fi
   return $rc
 }
 
-# runs PHASE: PHASE is wanted, and TOTAL_BUDGET leaves time for it (else says it is skipped).
-runs() {
+# phase_fits PHASE: PHASE is wanted, and TOTAL_BUDGET leaves time for it (else says it is skipped).
+phase_fits() {
   want "$1" || return 1
   (( $(time_left) >= 15 )) && return 0
-  echo "gpu_check: SKIPPED the $1 phase (TOTAL_BUDGET=${TOTAL_BUDGET}s is spent)"
-  status=1
+  echo "gpu_check: SKIPPED the $1 phase, TOTAL_BUDGET=${TOTAL_BUDGET}s is spent"
+  cut+=("$1 (skipped)")
   return 1
 }
 
-# A TERM (an outer timeout) or INT stops what runs in the background, and the script.
+# A TERM or INT stops what runs in the background, and the script.
 stop() {
   trap - TERM INT
   echo "gpu_check: stopped by a signal at t=$((SECONDS - start))s; what each phase wrote is in $out"
-  local pids=(${child:-} ${ptxas_pid:-} ${precompile_pid:-})
+  local pids=(${phase_pid:-} ${ptxas_pid:-} ${precompile_pid:-})
   (( ${#pids[@]} )) && kill -TERM "${pids[@]}" 2>/dev/null && wait "${pids[@]}" 2>/dev/null
   exit 143
 }
@@ -174,11 +185,11 @@ fi
 # autotuner would compile them one by one): Triton needs no extension, only the GPU.
 # Channels_last at every stage, and the brief NCHW run's bf16 target stages.
 if (want kernels || want suite) && "$PYTHON" -c "import triton" 2>/dev/null; then
-  jobs=$(( (MAX_JOBS + 1) / 2 ))
-  timeout 240 bash -c '"$0" scripts/triton_precompile.py --jobs "$1" \
-      && "$0" scripts/triton_precompile.py --jobs "$1" --dtype bfloat16 --layout nchw \
-           --shape 128x256x56x56 --shape 128x64x56x56 --shape 128x512x28x28 --shape 128x128x28x28' \
-    "$PYTHON" "$jobs" >"$out/triton_precompile.log" 2>&1 &
+  precompile_jobs=$(( (MAX_JOBS + 1) / 2 ))
+  timeout "$(fit_budget 240 0)" bash -c '"$0" scripts/triton_precompile.py --jobs "$1"; nhwc=$?
+      "$0" scripts/triton_precompile.py --jobs "$1" --dtype bfloat16 --layout nchw \
+        --shape 128x256x56x56 --shape 128x64x56x56 --shape 128x512x28x28 --shape 128x128x28x28 && exit $nhwc' \
+    "$PYTHON" "$precompile_jobs" >"$out/triton_precompile.log" 2>&1 &
   precompile_pid=$!
 fi
 if ! RESNET_FUSED_CUDA=1 "$PYTHON" setup.py build_ext --inplace >"$out/build.log" 2>&1; then
@@ -195,7 +206,10 @@ took "build"
 
 if want ptxas; then
   phase "kernel resources (ptxas -v)"
-  if wait "$ptxas_pid"; then
+  wait "$ptxas_pid"
+  ptxas_rc=$?
+  ptxas_pid=""
+  if [[ $ptxas_rc -eq 0 ]]; then
     tail -n 1 "$out/ptxas.txt"
   else
     grep -E "spills / local memory|failed|error" "$out/ptxas.txt" | head -20
@@ -205,7 +219,7 @@ if want ptxas; then
   took "ptxas report"
 fi
 
-if runs tests; then
+if phase_fits tests; then
   phase "CUDA-marked tests (pytest -m cuda, cap ${TESTS_BUDGET}s)"
   # Verbose, so a capped run's log shows how far it got; parallel where pytest-xdist is
   # installed (8 processes share the GPU: the Triton tests are bound by compiling, one
@@ -224,7 +238,7 @@ if runs tests; then
   took "tests"
 fi
 
-if runs kernels; then
+if phase_fits kernels; then
   phase "Triton kernels compiled ahead (scripts/triton_precompile.py)"
   if [[ -n "${precompile_pid:-}" ]]; then
     wait "$precompile_pid" || echo "gpu_check: the Triton precompile failed (the autotuner compiles instead; $out/triton_precompile.log)"
@@ -233,7 +247,7 @@ if runs kernels; then
   fi
   took "precompile (waited for)"
 
-  budget=$(fit "$KERNELS_BUDGET" $((GRACE + 90)))  # the two brief runs below: up to 90 s
+  budget=$(fit_budget "$KERNELS_BUDGET" $((GRACE + 90)))  # the two brief runs below: up to 90 s
   phase "kernel benchmark (N=128, channels_last, $KERNELS_SHAPES, bf16 and fp32, budget ${budget}s)"
   shapes=()
   [[ "$KERNELS_SHAPES" != all ]] && shapes=(--shapes "$KERNELS_SHAPES")
@@ -257,12 +271,12 @@ if runs kernels; then
   # NCHW, the other layout, in brief: the statistics, the forward and its backward at the target
   # stages (kernels_cuda_nchw.*).
   capped 50 "$out/bench_nchw.log" "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops batch_stats,bn_relu,bn_relu_backward \
-    --shapes layer1,layer2 --budget-s "$(fit 30 $((GRACE - 10)))" --out "$out" \
+    --shapes layer1,layer2 --budget-s "$(fit_budget 30 $((GRACE - 10)))" --out "$out" \
     || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
   # The CUDA kernels launched in order, against the programmatic dependent launches of the
   # run above (docs/performance.md, "CUDA kernels launched as programmatic dependents").
   capped 40 "$out/bench_in_order.log" env RESNET_FUSED_PDL=0 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --backends cuda \
-    --ops batch_stats,train_bn_relu,bn_relu_backward --shapes layer1,layer2 --budget-s "$(fit 20 20)" \
+    --ops batch_stats,train_bn_relu,bn_relu_backward --shapes layer1,layer2 --budget-s "$(fit_budget 20 20)" \
     --out "$out/in-order" \
     || { echo "gpu_check: IN-ORDER BENCHMARK FAILED ($out/bench_in_order.log)"; status=1; }
   if [[ -s "$out/in-order/kernels_cuda_nhwc.json" && -s "$out/kernels_cuda_nhwc.json" ]]; then
@@ -277,9 +291,9 @@ if runs kernels; then
   fi
 fi
 
-if runs suite; then
+if phase_fits suite; then
   [[ -n "${precompile_pid:-}" ]] && wait "$precompile_pid"
-  budget=$(fit "$SUITE_BUDGET" "$GRACE")
+  budget=$(fit_budget "$SUITE_BUDGET" "$GRACE")
   phase "block benchmark suite (benchmarks.run, budget ${budget}s)"
   # The kernels were measured above: the suite runs the blocks and the whole model.
   capped $((budget + GRACE)) "$out/suite.log" "$PYTHON" -m benchmarks.run --device cuda --budget "$budget" \
@@ -303,7 +317,7 @@ if runs suite; then
   fi
 fi
 
-if runs profile; then
+if phase_fits profile; then
   phase "ResNet-50 training step, host and device (benchmarks/step_profile.py, cap ${PROFILE_CAP}s)"
   capped "$PROFILE_CAP" "$out/profile.log" "$PYTHON" benchmarks/step_profile.py --device cuda --providers eager,fused-cuda,fused-triton \
     --steps 2 || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
@@ -322,5 +336,11 @@ if want kernels && grep -q "^summary (" "$out/bench.log" 2>/dev/null; then
   sed -n '/^summary (/,$p' "$out/bench.log"
 fi
 
-printf '\n=== done in %ds: %s (results in %s)\n' $((SECONDS - start)) "$([[ $status -eq 0 ]] && echo OK || echo FAILURES)" "$out"
+verdict=$([[ $status -eq 0 ]] && echo OK || echo FAILURES)
+if (( ${#cut[@]} )); then
+  listed=$(printf '%s, ' "${cut[@]}")
+  verdict+="; cut by TOTAL_BUDGET=${TOTAL_BUDGET}s: ${listed%, }"
+  [[ $status -eq 0 ]] && status=3
+fi
+printf '\n=== done in %ds: %s (results in %s)\n' $((SECONDS - start)) "$verdict" "$out"
 exit $status

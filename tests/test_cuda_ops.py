@@ -21,6 +21,7 @@ are float32 reductions over N*H*W values on both sides: 1e-4 relative.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -286,21 +287,37 @@ def _launch_calls(x):
 
 
 def _launches_early(namespace, x) -> bool:
-    """Whether this process launches ``namespace``'s kernels early: for the CUDA backend the
-    runtime's launch calls of one op on ``x`` say so (cudaLaunchKernelExC, with the
+    """Whether this process launches ``namespace``'s kernels early, seen in one op on ``x``:
+    for the CUDA backend in the runtime's launch calls (cudaLaunchKernelExC, with the
     programmatic attribute; in order, cudaLaunchKernel); Triton launches through
-    cuLaunchKernelEx either way, and its runtime says."""
+    cuLaunchKernelEx either way, so in the ``launch_pdl`` option each launch hands Triton."""
     if namespace == TRITON_NAMESPACE:
         from resnet_fused.triton import _runtime
 
-        return _runtime.early_launch()
+        handed, original = [], _runtime.early_launch_arguments
+
+        def recorded(early):
+            arguments, options = original(early)
+            handed.append(options["launch_pdl"])
+            return arguments, options
+
+        _runtime.forget_plans()  # each launch through Triton again, not replayed
+        _runtime.early_launch_arguments = recorded
+        try:
+            torch.ops.resnet_fused_triton.batch_stats(x, None, None, 0.1, 1e-5)
+            torch.cuda.synchronize()
+        finally:
+            _runtime.early_launch_arguments = original
+        assert handed, "no launch through Triton seen"
+        return all(handed)
     calls = _launch_calls(x)
     assert calls, "no kernel launch seen"
     return "cudaLaunchKernelExC" in calls
 
 
 def _chained_results_to(namespace: str, inputs_path: str, results_path: str) -> None:
-    """The subprocess's half of the test below."""
+    """The subprocess's half of the test below (Triton's configuration pinned by the
+    environment, as the parent pins it)."""
     cases = [[t.to(DEVICE) for t in case] for case in torch.load(inputs_path)]
     torch.save({"results": _chained_results(cases, namespace), "early": _launches_early(namespace, cases[0][0]),
                 "module": resnet_fused.__file__}, results_path)
@@ -319,7 +336,9 @@ def test_early_launches_change_no_bit(namespace, tmp_path):
     RESNET_FUSED_PDL=0 (read once per process, so in a subprocess) launches in order. Same
     results, bit for bit, with every kernel reading what the one before it wrote (a kernel
     that read too early would differ), at shapes from one block per reduction to one wave
-    of many. This process launched early and the child did not (_launches_early)."""
+    of many. This process launched early and the child did not (_launches_early). Triton's
+    configurations are pinned in both: two autotuned processes may choose differently, and
+    differ in the last bits for that reason alone."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("below sm_90 every launch is in order: nothing to compare")
     if namespace == TRITON_NAMESPACE and resnet_fused.backends.get("triton").unavailable:
@@ -335,16 +354,25 @@ def test_early_launches_change_no_bit(namespace, tmp_path):
     package_root = str(Path(resnet_fused.__file__).resolve().parent.parent)
     tests = str(Path(__file__).resolve().parent)
     path = os.pathsep.join(p for p in (package_root, tests, os.environ.get("PYTHONPATH", "")) if p)
-    child = subprocess.run(
-        [sys.executable, "-c",
-         f"import test_cuda_ops as t; t._chained_results_to({namespace!r}, {str(inputs)!r}, {str(results)!r})"],
-        env={**os.environ, EARLY_LAUNCH_ENV: "0", "PYTHONPATH": path}, capture_output=True, text=True, timeout=300,
-    )
-    assert child.returncode == 0, child.stderr[-3000:]
-    in_order = torch.load(results)
-    assert Path(in_order["module"]).resolve() == Path(resnet_fused.__file__).resolve(), in_order["module"]
-    assert _launches_early(namespace, cases[0][0]) and not in_order["early"]
-    for i, (early, ordered) in enumerate(zip(_chained_results(cases, namespace), in_order["results"], strict=True)):
+    pinned = {}
+    with contextlib.ExitStack() as stack:
+        if namespace == TRITON_NAMESPACE:
+            from resnet_fused.triton import _runtime
+
+            stack.enter_context(_runtime.pinned_config(0))
+            pinned = {_runtime.PIN_ENV: "0"}
+        child = subprocess.run(
+            [sys.executable, "-c",
+             f"import test_cuda_ops as t; t._chained_results_to({namespace!r}, {str(inputs)!r}, {str(results)!r})"],
+            env={**os.environ, EARLY_LAUNCH_ENV: "0", "PYTHONPATH": path, **pinned}, capture_output=True, text=True,
+            timeout=300,
+        )
+        assert child.returncode == 0, child.stderr[-3000:]
+        in_order = torch.load(results)
+        assert Path(in_order["module"]).resolve() == Path(resnet_fused.__file__).resolve(), in_order["module"]
+        assert _launches_early(namespace, cases[0][0]) and not in_order["early"]
+        early_results = _chained_results(cases, namespace)
+    for i, (early, ordered) in enumerate(zip(early_results, in_order["results"], strict=True)):
         assert early.stride() == ordered.stride() and torch.equal(early, ordered), f"result {i} differs"
 
 

@@ -367,7 +367,7 @@ def test_a_first_call_failing_in_graph_capture_says_to_warm_up(stand_in, monkeyp
     call = _stats_call(torch.empty(SHAPE, memory_format=torch.channels_last))
     with _runtime.replaying(replay):
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-        with pytest.raises(RuntimeError, match=r"call it once before capture.*operation not permitted") as raised:
+        with pytest.raises(RuntimeError, match=r"call each op once before capture.*operation not permitted") as raised:
             _runtime.launch(*call)
         assert isinstance(raised.value.__cause__, RuntimeError)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)

@@ -1040,7 +1040,7 @@ Device current_device() {
     cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, d.index);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d.index);
     packed = std::max(count, 1) * 2 + (major >= 9 && early_launch_allowed() ? 1 : 0);
-    // A failed query is cached too (as one multiprocessor, in order): a workspace sized
+    // A failed query is cached too (one multiprocessor, no early launch): a workspace sized
     // before and a launch planned after a retry must never see different split counts.
     if (cacheable) cache[d.index].store(packed, std::memory_order_relaxed);
   }

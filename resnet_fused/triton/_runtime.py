@@ -274,13 +274,13 @@ Call = tuple[Callable[..., list[Launch]], tuple, tuple]  # what `launch` takes: 
 
 def run(launches: list[Launch]) -> None:
     """Every launch through Triton, in order."""
-    with _explained_in_capture():
+    with _capture_failure_explained():
         for one in launches:
             one.through_triton()
 
 
 @contextlib.contextmanager
-def _explained_in_capture():
+def _capture_failure_explained():
     """Launches through Triton: a failure while the stream is being captured into a CUDA
     graph says what most likely caused it. A new key's autotuning times its candidates and
     synchronizes, which capture forbids (torch.cuda.graph's warm-up avoids it)."""
@@ -289,9 +289,10 @@ def _explained_in_capture():
     except Exception as error:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                "resnet_fused (triton backend): an op's first call at this shape, dtype and layout went through "
-                "Triton (autotuning, compiling) inside CUDA graph capture, and failed; call it once before capture, "
-                f"as torch.cuda.graph's warm-up does ({type(error).__name__}: {error})"
+                "resnet_fused (triton backend): a launch through Triton failed inside CUDA graph capture, most "
+                "likely an op's first call at this shape, dtype and layout (autotuning synchronizes, which capture "
+                f"forbids); call each op once before capture, as torch.cuda.graph's warm-up does "
+                f"({type(error).__name__}: {error})"
             ) from error
         raise
 
@@ -323,7 +324,7 @@ def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) 
     """Launches ``build``'s launches through Triton; returns them as a plan, or None where
     Triton returned no compiled kernel for one of them."""
     launches = build(*static, *operands)
-    with _explained_in_capture():
+    with _capture_failure_explained():
         compiled = [one.through_triton() for one in launches]
     if any(c is None for c in compiled):
         return None
