@@ -40,7 +40,8 @@ output, against the eager composite on float32 copies of the inputs (so the base
 reduced-precision rounding does not count); above ``ACCURACY_BOUND`` the row fails, untimed,
 and the run exits non-zero: a fast wrong result cannot pass unnoticed.
 On CUDA, rows of the ``cuda`` and ``triton`` backends also break the op into its kernels
-(``kernels``: device time per call from the torch profiler, L2 flushed before each call,
+(``kernels``: device time per call from the torch profiler, each kernel's from the end of
+the one before it where an early launch started it sooner, L2 flushed before each call,
 and each streaming kernel's own % of copy bandwidth), which separates the streaming passes
 from the fixed cost of the small reduction-finalize kernels. ``--l2-flush`` says how:
 ``zero`` writes a 256 MiB buffer, as do_bench does, and leaves L2 full of dirty lines that
@@ -87,7 +88,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `resnet_
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import resnet_fused  # noqa: E402
-from benchmarks import common  # noqa: E402
+from benchmarks import common, metrics  # noqa: E402
 from resnet_fused import backends  # noqa: E402
 
 EPS = 1e-5
@@ -96,8 +97,9 @@ MOMENTUM = 0.1
 # ResNet-50 stages: spatial size and the two channel counts of their activations (the
 # block's output width and its bottleneck width).
 STAGES = {"layer1": (56, (256, 64)), "layer2": (28, (512, 128)), "layer3": (14, (1024, 256)), "layer4": (7, (2048, 512))}
-# Where the L1 target (>= 85% of copy bandwidth) applies.
+# Where the L1 target (every kernel >= 85% of copy bandwidth) applies, and its shapes.
 TARGET_STAGES = ("layer1", "layer2")
+TARGET_PCT_COPY = 85.0
 DEFAULT_BATCH = {"cuda": 128, "cpu": 8}
 DEFAULT_BUDGET_MS = {"cuda": 40.0, "cpu": 100.0}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -229,8 +231,13 @@ def _add_bandwidths(row: dict, copy_gbs: float, size_copy_gbs: Optional[float]) 
     """A timed row's GB/s, by the issue's bytes and by the kernels' own traffic, and their
     shares of the 1 GiB copy and (when it was measured) of the same-size copy."""
     ms = row["median_ms"]
-    row["gbs"], row["kernel_gbs"] = row["bytes"] / ms / 1e6, row["kernel_bytes"] / ms / 1e6
-    row["pct_copy"], row["kernel_pct_copy"] = 100 * row["gbs"] / copy_gbs, 100 * row["kernel_gbs"] / copy_gbs
+    row["gbs"] = row["bytes"] / ms / 1e6
+    row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+    if row["kernel_bytes"] is None:  # eager: not the fused kernels' traffic
+        row["kernel_gbs"] = row["kernel_pct_copy"] = row["pct_size_copy"] = None
+        return
+    row["kernel_gbs"] = row["kernel_bytes"] / ms / 1e6
+    row["kernel_pct_copy"] = 100 * row["kernel_gbs"] / copy_gbs
     row["pct_size_copy"] = None if size_copy_gbs is None else 100 * row["kernel_gbs"] / size_copy_gbs
 
 
@@ -375,7 +382,6 @@ def _device_us(role_of: Callable[[str], Optional[str]], fn: Callable[[], object]
                iterations: int) -> dict[str, float]:
     """Device time per call of the CUDA kernels fn launches, summed by ``role_of(name)`` (None:
     not counted), by the torch profiler, L2 emptied the ``flush`` way before every call."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     buffer = torch.zeros(256 << 20, dtype=torch.int8, device="cuda")
@@ -387,12 +393,8 @@ def _device_us(role_of: Callable[[str], Optional[str]], fn: Callable[[], object]
             empty_l2(buffer)
             fn()
         torch.cuda.synchronize()
-    total_us: dict[str, float] = {}
-    for event in prof.events():
-        role = role_of(event.name) if event.device_type == DeviceType.CUDA else None
-        if role:
-            total_us[role] = total_us.get(role, 0.0) + event.time_range.elapsed_us()
-    return {role: us / iterations for role, us in total_us.items()}
+    own_us = metrics.own_device_us(metrics.device_events(prof), role_of)
+    return {role: us / iterations for role, us in own_us.items()}
 
 
 def _profiled_us(backend: str, fn: Callable[[], object], flush: str, iterations: int) -> dict[str, float]:
@@ -643,6 +645,8 @@ def run(
                 eager_ms = None
                 for name, fn in variants:
                     row = dict(base, backend=name)
+                    if name == "eager":
+                        row["kernel_bytes"] = None  # kernel_bytes is the fused kernels' traffic
                     try:
                         if name != "eager":
                             row["rel_err"] = relative_error(op_name, fn(), expected)
@@ -710,7 +714,7 @@ def rows_table(rows: list[dict]) -> str:
             continue
         lines.append(
             f"{r['op']:<26} {r['shape']:<12} {r['dtype']:<9} {r['backend']:<9} {r['median_ms']:>9.4f} "
-            f"{r['gbs']:>7.0f} {r['pct_copy']:>6.1f} {r['kernel_pct_copy']:>12.1f} "
+            f"{r['gbs']:>7.0f} {r['pct_copy']:>6.1f} {_fmt(r.get('kernel_pct_copy'), '>12.1f'):>12} "
             f"{_fmt(r.get('pct_size_copy'), '>10.1f'):>10} "
             f"{_fmt(r.get('speedup_vs_eager'), '>8.2f'):>8} {_fmt(r.get('rel_err'), '>8.1e'):>8}"
         )
@@ -726,30 +730,63 @@ def streaming_kernel_pcts(rows: list[dict], key: str = "pct_copy") -> list[float
     return [k[key] for r in rows for kind, k in (r.get("kernels") or {}).items() if kind != "error" and key in k]
 
 
+def target_shapes() -> list[str]:
+    """The shapes of the target stages, as rows name them (layer1.256, ...)."""
+    return [f"{stage}.{channels}" for stage in TARGET_STAGES for channels in STAGES[stage][1]]
+
+
+def target_verdict(per_kernel: list[float], covered: int) -> str:
+    """The L1 target for one (op, dtype, backend): every streaming kernel at
+    TARGET_PCT_COPY or more, at every target shape ("incomplete": not all were measured)."""
+    if not per_kernel:
+        return "-"
+    if min(per_kernel) < TARGET_PCT_COPY:
+        return "MISS"
+    return "met" if covered == len(target_shapes()) else "incomplete"
+
+
+def summary_legend(card: str, copy_gbs: float) -> str:
+    stages = "/".join(TARGET_STAGES)
+    return (f"summary ({card}, copy {copy_gbs:.0f} GB/s; '%copy' by inputs read once and outputs "
+            f"written once; 'kernel' by the fused kernels' own traffic; 'per kernel': the slowest streaming "
+            f"kernel alone (profiler); 'size copy': by own traffic against a copy of the same activation "
+            f"(op copy: what a copy reaches at that size); 'vs size': the slowest streaming kernel against "
+            f"a PyTorch read or copy of its own traffic's size; minima over the {stages} shapes measured, "
+            f"'{stages}' of {len(target_shapes())}; 'target': every streaming kernel ('per kernel') at "
+            f">= {TARGET_PCT_COPY:.0f}% of copy at every {stages} shape: met, MISS, or incomplete):")
+
+
 def summary_table(rows: list[dict]) -> str:
     """Per (op, dtype, backend): the largest shape's time and bandwidth, the lowest
-    % of copy bandwidth over the target stages, the geometric-mean speedup over eager.
-    The reference backend (the tests' oracle, not a contender) is left to the full table."""
+    % of copy bandwidth over the target stages (and how many of their shapes were
+    measured), the L1 target's verdict, the geometric-mean speedup over eager. The
+    reference backend (the tests' oracle, not a contender) is left to the full table."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "error" not in r and r["backend"] != "reference":
             groups.setdefault((r["op"], r["dtype"], r["backend"]), []).append(r)
+    stages = "L" + "-".join(stage.removeprefix("layer") for stage in TARGET_STAGES)
     header = (f"{'op':<26} {'dtype':<9} {'backend':<9} {'largest':<12} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
-              f"{'min %copy L1-2':>14} {'kernel':>7} {'per kernel':>10} {'size copy':>9} {'vs size':>7} "
-              f"{'x eager geo':>11} {'max err':>8}")
+              f"{'min %copy ' + stages:>14} {stages:>4} {'kernel':>7} {'per kernel':>10} {'target':>10} "
+              f"{'size copy':>9} {'vs size':>7} {'x eager geo':>11} {'max err':>8}")
     lines = [header, "-" * len(header)]
     for (op, dtype, backend), group in groups.items():
         largest = max(group, key=lambda r: r["bytes"])
-        target = [r for r in group if r["shape"].split(".")[0] in TARGET_STAGES] or group
+        target = [r for r in group if r["shape"] in target_shapes()]
+        covered = len({r["shape"] for r in target})
+        target = target or group  # no target shape measured: minima over what was
         speedups = [r["speedup_vs_eager"] for r in group if r.get("speedup_vs_eager")]
         errors = [r["rel_err"] for r in group if r.get("rel_err") is not None]
         per_kernel = streaming_kernel_pcts(target)
         per_kernel_vs_size = streaming_kernel_pcts(target, "pct_yardstick")
         size_copy = [r["pct_size_copy"] for r in target if r.get("pct_size_copy") is not None]
+        kernel_pct = [r["kernel_pct_copy"] for r in target if r.get("kernel_pct_copy") is not None]
         lines.append(
             f"{op:<26} {dtype:<9} {backend:<9} {largest['shape']:<12} {largest['median_ms']:>9.4f} "
             f"{largest['gbs']:>7.0f} {largest['pct_copy']:>6.1f} {min(r['pct_copy'] for r in target):>14.1f} "
-            f"{min(r['kernel_pct_copy'] for r in target):>7.1f} {_fmt(min(per_kernel, default=None), '>10.1f'):>10} "
+            f"{f'{covered}/{len(target_shapes())}':>4} "
+            f"{_fmt(min(kernel_pct, default=None), '>7.1f'):>7} {_fmt(min(per_kernel, default=None), '>10.1f'):>10} "
+            f"{target_verdict(per_kernel, covered):>10} "
             f"{_fmt(min(size_copy, default=None), '>9.1f'):>9} "
             f"{_fmt(min(per_kernel_vs_size, default=None), '>7.1f'):>7} "
             f"{_fmt(math.exp(sum(map(math.log, speedups)) / len(speedups)) if speedups else None, '>11.2f'):>11} "
@@ -806,18 +843,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         env["triton_configs"] = triton_configs()
         common.write_json(out / f"{stem}.json", env, rows)
         header = {k: v for k, v in env.items() if k != "triton_configs"}  # the JSON has them
-        (out / f"{stem}.txt").write_text(f"{header}\n\n{rows_table(rows)}\n\n{summary_table(rows)}\n")
+        (out / f"{stem}.txt").write_text(f"{header}\n\n{rows_table(rows)}\n\n"
+                                         f"{summary_legend(env['card'], env['copy_gbs'])}\n{summary_table(rows)}\n")
 
     rows = run(args.device, dtypes, args.shapes, split(args.ops), split(args.backends), args.batch, args.layout,
                args.budget_ms, env["copy_gbs"], budget_s=args.budget_s, on_progress=write, l2_flush=args.l2_flush)
     write(rows)
     table, summary = rows_table(rows), summary_table(rows)
     print(f"\n{table}\n\nwritten: {out / (stem + '.json')}, {out / (stem + '.txt')}\n")
-    print(f"summary ({env['card']}, copy {env['copy_gbs']:.0f} GB/s; '%copy' by inputs read once and outputs "
-          f"written once; 'kernel' by the fused kernels' own traffic; 'per kernel': the slowest streaming "
-          f"kernel alone (profiler); 'size copy': by own traffic against a copy of the same activation "
-          f"(op copy: what a copy reaches at that size); 'vs size': the slowest streaming kernel against "
-          f"a PyTorch read or copy of its own traffic's size; minima over {'/'.join(TARGET_STAGES)}):")
+    print(summary_legend(env["card"], env["copy_gbs"]))
     print(summary)
     return 1 if any("error" in r for r in rows) else 0
 

@@ -54,14 +54,42 @@ def classify(name: str) -> str:
 KERNEL_NAME_CHARS = 160
 
 
+DeviceEvent = tuple[object, str, float, float]  # stream, name, start and end (µs)
+
+
+def device_events(prof) -> list[DeviceEvent]:
+    """The kernels, copies and fills a torch profiler saw on the GPU (not the annotations of
+    record_function ranges), with their streams."""
+    from torch.autograd import DeviceType
+
+    return [(getattr(e, "device_resource_id", None), e.name, e.time_range.start, e.time_range.end)
+            for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
+def own_device_us(events: Iterable[DeviceEvent], role_of: Callable[[str], Optional[str]]) -> dict[str, float]:
+    """Device time (µs) of ``events``, summed by ``role_of(name)`` (None: not counted), each
+    from the end of the one before it on its stream where it started earlier: a programmatic
+    dependent launch (sm_90) is resident before its predecessor ends and waits for it, and
+    that wait is the predecessor's time, not its own."""
+    total_us: dict[str, float] = {}
+    previous_end: dict[object, float] = {}
+    for stream, name, start, end in sorted(events, key=lambda event: event[2]):
+        role = role_of(name)
+        if role:
+            own = end - max(start, previous_end.get(stream, start))
+            total_us[role] = total_us.get(role, 0.0) + max(0.0, own)
+        previous_end[stream] = max(previous_end.get(stream, end), end)
+    return total_us
+
+
 def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> dict:
     """Per-step device time by category from the profiler: ``<category>_pct``,
     ``profiled_ms`` (their sum) and ``profiled_kernels``: every kernel or operator with its ms per
     step, largest first, from which a report applies the classification again.
 
-    CUDA: kernel (and memcpy/memset) time. CPU: the self time of every operator.
+    CUDA: kernel (and memcpy/memset) time, each kernel's own (:func:`own_device_us`). CPU:
+    the self time of every operator.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -72,12 +100,15 @@ def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> d
             step()
         common.sync(device)
     per_name: Counter[str] = Counter()
-    for event in prof.key_averages():
-        if cuda and event.device_type != DeviceType.CUDA:
-            continue
-        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+    if cuda:
+        own_us = own_device_us(device_events(prof), lambda name: name[:KERNEL_NAME_CHARS])
+    else:
+        own_us = Counter()
+        for event in prof.key_averages():
+            own_us[event.key[:KERNEL_NAME_CHARS]] += event.self_cpu_time_total
+    for name, us in own_us.items():
         if us > 0:
-            per_name[event.key[:KERNEL_NAME_CHARS]] += us / iters / 1e3
+            per_name[name] += us / iters / 1e3
     kernels = [[name, round(ms, 4)] for name, ms in per_name.most_common()]
     out = category_shares(kernels)
     if out:

@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common, providers  # noqa: E402
+from benchmarks import common, metrics, providers  # noqa: E402
 from benchmarks.workloads import (LAYOUTS, SIZES, Precision, cases, default_precision,  # noqa: E402
                                   default_size, make_inputs, make_step)
 
@@ -54,8 +54,7 @@ def _summary(prof, steps: int, top: int) -> str:
     # With CUDA profiled, each range is also a GPU annotation under the same name (key_averages
     # keeps the device type apart) spanning the range's kernels, with no host time: the
     # kernels are the device events that are not annotations, the host phases the CPU ones.
-    device_us = sum(e.self_device_time_total for e in events
-                    if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+    device_us = sum(metrics.own_device_us(metrics.device_events(prof), lambda name: "kernels").values())
     phases = {e.key: per_step(e.cpu_time_total) for e in events
               if e.key.startswith("step: ") and e.device_type == torch.autograd.DeviceType.CPU}
     lines = [f"  kernels {per_step(device_us):.2f} ms; host: "

@@ -280,10 +280,27 @@ def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tm
     size_copy_gbs = copies[0]["gbs"]
     for r in rows:
         assert r["median_ms"] > 0
+        if r["backend"] == "eager":  # the fused kernels' traffic is not eager's
+            assert r["kernel_bytes"] is r["kernel_pct_copy"] is r["pct_size_copy"] is None
+            continue
         assert r["pct_size_copy"] == pytest.approx(100 * r["kernel_bytes"] / r["median_ms"] / 1e6 / size_copy_gbs)
-        if r["backend"] == "cpu":
-            assert r["rel_err"] < 1e-5 and r["speedup_vs_eager"] > 0
-    assert "summary (" in capsys.readouterr().out and (out / "kernels_cpu_nhwc.txt").exists()
+        assert r["rel_err"] < 1e-5 and r["speedup_vs_eager"] > 0
+    assert "summary (" in capsys.readouterr().out
+    # The table's summary keeps its legend, and says how many target shapes it covers (1 of 4).
+    text = (out / "kernels_cpu_nhwc.txt").read_text()
+    assert "summary (" in text and "'target': every streaming kernel" in text
+    summary = text[text.index("summary ("):].splitlines()
+    (summary_row,) = [line for line in summary if line.startswith("bn_add_relu ") and " cpu " in line]
+    assert " 1/4 " in summary_row, summary_row
+
+
+def test_the_target_verdict_needs_every_kernel_at_every_target_shape():
+    assert kernels.target_shapes() == ["layer1.256", "layer1.64", "layer2.512", "layer2.128"]
+    assert kernels.target_verdict([], 4) == "-"  # no kernel breakdown (eager, the CPU)
+    assert kernels.target_verdict([92.0, 84.9], 4) == "MISS"
+    assert kernels.target_verdict([92.0, 85.0], 4) == "met"
+    assert kernels.target_verdict([92.0, 85.0], 3) == "incomplete"
+    assert kernels.target_verdict([84.0], 3) == "MISS"
 
 
 def test_kernel_benchmark_fails_a_wrong_result(tmp_path, monkeypatch, capsys):
@@ -379,6 +396,26 @@ def test_own_l2_flush_times_read_only_kernels_after_a_read(monkeypatch):
     k = kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, 10**8, 4000.0, yardstick=failing)
     reduce = k["backward reduce"]
     assert reduce["us"] == 52.0 and reduce["yardstick_error"] == "RuntimeError: no yardstick"
+
+
+def test_an_early_launched_kernel_is_charged_from_its_predecessors_end():
+    """Programmatic dependents start while the kernel before them on their stream runs and
+    wait for it: each kernel's own time starts where the one before it (ours or the flush's)
+    ends. Kernels launched in order, gaps included, keep their own durations, and so do
+    kernels that overlap on another stream."""
+    role_of = {"flush": None, "stats": "statistics", "finalize": "statistics finalize",
+               "forward": "forward", "other": "other stream"}.get
+    early = [(7, "flush", 0.0, 10.0), (7, "stats", 9.0, 60.0), (7, "finalize", 11.0, 64.0),
+             (7, "forward", 62.0, 160.0), (8, "other", 20.0, 30.0)]
+    assert metrics.own_device_us(early, role_of) == {"statistics": 50.0, "statistics finalize": 4.0,
+                                                     "forward": 96.0, "other stream": 10.0}
+    in_order = [(7, "flush", 0.0, 10.0), (7, "stats", 12.0, 60.0), (7, "finalize", 65.0, 69.0),
+                (7, "forward", 70.0, 170.0)]
+    assert metrics.own_device_us(in_order, role_of) == {"statistics": 48.0, "statistics finalize": 4.0,
+                                                        "forward": 100.0}
+    # Two calls, as kernels._device_us profiles them: summed per role, in any event order.
+    twice = early + [(s, n, a + 200, b + 200) for s, n, a, b in early]
+    assert metrics.own_device_us(list(reversed(twice)), role_of)["statistics finalize"] == 8.0
 
 
 def test_yardstick_times_its_own_kernels_not_the_flush(monkeypatch):
@@ -488,7 +525,13 @@ def test_step_profile_host_phases_ignore_gpu_annotations():
               event("step: backward", CPU, 30000.0), event("step: backward", CUDA, 0.0, 12000.0),
               event("sm90_xmma_fprop", CUDA, 0.0, 3000.0, annotation=False),
               event("bn_act_forward_kernel", CUDA, 0.0, 2000.0, annotation=False)]
-    summary = step_profile._summary(SimpleNamespace(key_averages=lambda: events, events=lambda: []), steps=2, top=5)
+    def raw(name, start, end, annotation=False):  # prof.events(): the kernels' own spans
+        return SimpleNamespace(name=name, device_type=CUDA, is_user_annotation=annotation, device_resource_id=7,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    spans = [raw("step: forward", 0.0, 7000.0, annotation=True), raw("sm90_xmma_fprop", 0.0, 3000.0),
+             raw("bn_act_forward_kernel", 3000.0, 5000.0)]
+    summary = step_profile._summary(SimpleNamespace(key_averages=lambda: events, events=lambda: spans), steps=2, top=5)
     assert summary.splitlines()[0] == "  kernels 2.50 ms; host: backward 15.00 ms, forward 4.50 ms"
 
 
