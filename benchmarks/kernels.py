@@ -499,6 +499,8 @@ def relative_error(op: str, actual, expected) -> float:
     """The largest relative error over the op's outputs."""
     actual, expected = _outputs(actual), _outputs(expected)
     order = EAGER_OUTPUT_ORDER.get(op, range(len(actual)))
+    if len(actual) != len(expected) or len(order) != len(actual):
+        raise ValueError(f"{op}: {len(actual)} outputs against eager's {len(expected)}")
     errors = []
     for a, i in zip(actual, order):
         a, e = a.float(), expected[i].float()
