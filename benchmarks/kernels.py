@@ -747,15 +747,21 @@ def target_verdict(per_kernel: list[float], covered: int) -> str:
     return "met" if covered == len(target_shapes()) else "incomplete"
 
 
+def _target_column() -> str:
+    """The summary's name for the target stages: L1-2."""
+    return "L" + "-".join(stage.removeprefix("layer") for stage in TARGET_STAGES)
+
+
 def summary_legend(card: str, copy_gbs: float) -> str:
-    stages = "/".join(TARGET_STAGES)
+    stages, column = "/".join(TARGET_STAGES), _target_column()
     return (f"summary ({card}, copy {copy_gbs:.0f} GB/s; '%copy' by inputs read once and outputs "
             f"written once; 'kernel' by the fused kernels' own traffic; 'per kernel': the slowest streaming "
             f"kernel alone (profiler); 'size copy': by own traffic against a copy of the same activation "
             f"(op copy: what a copy reaches at that size); 'vs size': the slowest streaming kernel against "
             f"a PyTorch read or copy of its own traffic's size; minima over the {stages} shapes measured, "
-            f"'{stages}' of {len(target_shapes())}; 'target': every streaming kernel ('per kernel') at "
-            f">= {TARGET_PCT_COPY:.0f}% of copy at every {stages} shape: met, MISS, or incomplete):")
+            f"'{column}': how many of their {len(target_shapes())}; 'target': every streaming kernel "
+            f"('per kernel') at >= {TARGET_PCT_COPY:.0f}% of copy at every {stages} shape: met, MISS, or "
+            f"incomplete):")
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -767,7 +773,7 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         if "error" not in r and r["backend"] != "reference":
             groups.setdefault((r["op"], r["dtype"], r["backend"]), []).append(r)
-    stages = "L" + "-".join(stage.removeprefix("layer") for stage in TARGET_STAGES)
+    stages = _target_column()
     header = (f"{'op':<26} {'dtype':<9} {'backend':<9} {'largest':<12} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
               f"{'min %copy ' + stages:>14} {stages:>4} {'kernel':>7} {'per kernel':>10} {'target':>10} "
               f"{'size copy':>9} {'vs size':>7} {'x eager geo':>11} {'max err':>8}")
