@@ -97,8 +97,11 @@ MOMENTUM = 0.1
 # ResNet-50 stages: spatial size and the two channel counts of their activations (the
 # block's output width and its bottleneck width).
 STAGES = {"layer1": (56, (256, 64)), "layer2": (28, (512, 128)), "layer3": (14, (1024, 256)), "layer4": (7, (2048, 512))}
-# Where the L1 target (every kernel >= 85% of copy bandwidth) applies, and its shapes.
+# Where the L1 target (every kernel >= 85% of copy bandwidth) applies: its stages, their
+# shapes as rows name them (layer1.256, ...), and the summary's name for them (L1-2).
 TARGET_STAGES = ("layer1", "layer2")
+TARGET_SHAPES = tuple(f"{stage}.{channels}" for stage in TARGET_STAGES for channels in STAGES[stage][1])
+TARGET_COLUMN = "L" + "-".join(stage.removeprefix("layer") for stage in TARGET_STAGES)
 TARGET_PCT_COPY = 85.0
 DEFAULT_BATCH = {"cuda": 128, "cpu": 8}
 DEFAULT_BUDGET_MS = {"cuda": 40.0, "cpu": 100.0}
@@ -732,11 +735,6 @@ def streaming_kernel_pcts(rows: list[dict], key: str = "pct_copy") -> list[float
     return [k[key] for r in rows for kind, k in (r.get("kernels") or {}).items() if kind != "error" and key in k]
 
 
-def target_shapes() -> list[str]:
-    """The shapes of the target stages, as rows name them (layer1.256, ...)."""
-    return [f"{stage}.{channels}" for stage in TARGET_STAGES for channels in STAGES[stage][1]]
-
-
 def target_verdict(per_kernel: list[float], covered: int) -> str:
     """The L1 target for one (op, dtype, backend): every streaming kernel at
     TARGET_PCT_COPY or more, at every target shape ("incomplete": not all were measured)."""
@@ -744,22 +742,17 @@ def target_verdict(per_kernel: list[float], covered: int) -> str:
         return "-"
     if min(per_kernel) < TARGET_PCT_COPY:
         return "MISS"
-    return "met" if covered == len(target_shapes()) else "incomplete"
-
-
-def _target_column() -> str:
-    """The summary's name for the target stages: L1-2."""
-    return "L" + "-".join(stage.removeprefix("layer") for stage in TARGET_STAGES)
+    return "met" if covered == len(TARGET_SHAPES) else "incomplete"
 
 
 def summary_legend(card: str, copy_gbs: float) -> str:
-    stages, column = "/".join(TARGET_STAGES), _target_column()
+    stages = "/".join(TARGET_STAGES)
     return (f"summary ({card}, copy {copy_gbs:.0f} GB/s; '%copy' by inputs read once and outputs "
             f"written once; 'kernel' by the fused kernels' own traffic; 'per kernel': the slowest streaming "
             f"kernel alone (profiler); 'size copy': by own traffic against a copy of the same activation "
             f"(op copy: what a copy reaches at that size); 'vs size': the slowest streaming kernel against "
             f"a PyTorch read or copy of its own traffic's size; minima over the {stages} shapes measured, "
-            f"'{column}': how many of their {len(target_shapes())}; 'target': every streaming kernel "
+            f"'{TARGET_COLUMN}': how many of their {len(TARGET_SHAPES)}; 'target': every streaming kernel "
             f"('per kernel') at >= {TARGET_PCT_COPY:.0f}% of copy at every {stages} shape: met, MISS, or "
             f"incomplete):")
 
@@ -773,14 +766,13 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         if "error" not in r and r["backend"] != "reference":
             groups.setdefault((r["op"], r["dtype"], r["backend"]), []).append(r)
-    stages = _target_column()
     header = (f"{'op':<26} {'dtype':<9} {'backend':<9} {'largest':<12} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
-              f"{'min %copy ' + stages:>14} {stages:>4} {'kernel':>7} {'per kernel':>10} {'target':>10} "
+              f"{'min %copy ' + TARGET_COLUMN:>14} {TARGET_COLUMN:>4} {'kernel':>7} {'per kernel':>10} {'target':>10} "
               f"{'size copy':>9} {'vs size':>7} {'x eager geo':>11} {'max err':>8}")
     lines = [header, "-" * len(header)]
     for (op, dtype, backend), group in groups.items():
         largest = max(group, key=lambda r: r["bytes"])
-        target = [r for r in group if r["shape"] in target_shapes()]
+        target = [r for r in group if r["shape"] in TARGET_SHAPES]
         covered = len({r["shape"] for r in target})
         target = target or group  # no target shape measured: minima over what was
         speedups = [r["speedup_vs_eager"] for r in group if r.get("speedup_vs_eager")]
@@ -792,7 +784,7 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(
             f"{op:<26} {dtype:<9} {backend:<9} {largest['shape']:<12} {largest['median_ms']:>9.4f} "
             f"{largest['gbs']:>7.0f} {largest['pct_copy']:>6.1f} {min(r['pct_copy'] for r in target):>14.1f} "
-            f"{f'{covered}/{len(target_shapes())}':>4} "
+            f"{f'{covered}/{len(TARGET_SHAPES)}':>4} "
             f"{_fmt(min(kernel_pct, default=None), '>7.1f'):>7} {_fmt(min(per_kernel, default=None), '>10.1f'):>10} "
             f"{target_verdict(per_kernel, covered):>10} "
             f"{_fmt(min(size_copy, default=None), '>9.1f'):>9} "

@@ -99,16 +99,13 @@ def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> d
         for _ in range(iters):
             step()
         common.sync(device)
-    per_name: Counter[str] = Counter()
     if cuda:
-        own_us = own_device_us(device_events(prof), lambda name: name[:KERNEL_NAME_CHARS])
+        us_by_name = own_device_us(device_events(prof), lambda name: name[:KERNEL_NAME_CHARS])
     else:
-        own_us = Counter()
+        us_by_name = Counter()
         for event in prof.key_averages():
-            own_us[event.key[:KERNEL_NAME_CHARS]] += event.self_cpu_time_total
-    for name, us in own_us.items():
-        if us > 0:
-            per_name[name] += us / iters / 1e3
+            us_by_name[event.key[:KERNEL_NAME_CHARS]] += event.self_cpu_time_total
+    per_name = Counter({name: us / iters / 1e3 for name, us in us_by_name.items() if us > 0})
     kernels = [[name, round(ms, 4)] for name, ms in per_name.most_common()]
     out = category_shares(kernels)
     if out:

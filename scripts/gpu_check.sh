@@ -83,6 +83,7 @@ exec > >(trap '' TERM INT; exec tee -a "$out/gpu_check.log") 2>&1
 tee_pid=$!
 GRACE=30  # the benchmarks end near their budget by themselves; the cap is for a hang
 KILL_AFTER=10  # a capped command that ignores TERM gets KILL this much later
+MIN_RUN=15  # a phase or command TOTAL_BUDGET leaves less than this is skipped
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1  # a capped phase's log keeps its last lines
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -107,7 +108,7 @@ cut=()  # what TOTAL_BUDGET skipped or cut short
 
 # capped SECONDS LOG COMMAND...: runs COMMAND, its output to LOG, in its own process group
 # (timeout's), stopped after SECONDS or when TOTAL_BUDGET runs out, whichever comes first;
-# says so when it was. Skipped, and 0 returned, where TOTAL_BUDGET leaves under 15 s (it is
+# says so when it was. Skipped, and 0 returned, where TOTAL_BUDGET leaves under MIN_RUN (it is
 # then listed in `cut`, not a failure). In the background, waited for: a TERM to this
 # script then runs its trap at once.
 phase_pid=""
@@ -115,7 +116,7 @@ capped() {
   local cap=$1 log=$2 left limit="its cap"
   shift 2
   left=$(time_left)
-  if (( left < 15 )); then
+  if (( left < MIN_RUN )); then
     echo "gpu_check: SKIPPED, TOTAL_BUDGET=${TOTAL_BUDGET}s is spent: ${*:1:4}" | tee "$log"
     cut+=("$(basename "$log" .log) (skipped)")
     return 0
@@ -136,7 +137,7 @@ capped() {
 # phase_fits PHASE: PHASE is wanted, and TOTAL_BUDGET leaves time for it (else says it is skipped).
 phase_fits() {
   want "$1" || return 1
-  (( $(time_left) >= 15 )) && return 0
+  (( $(time_left) >= MIN_RUN )) && return 0
   echo "gpu_check: SKIPPED the $1 phase, TOTAL_BUDGET=${TOTAL_BUDGET}s is spent"
   cut+=("$1 (skipped)")
   return 1
