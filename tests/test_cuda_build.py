@@ -114,6 +114,11 @@ def test_gpu_check_script_parses_and_names_a_bad_phase(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown phase bogus in --only" in bad.stderr, bad.stderr
     assert not (tmp_path / "out").exists()
+    for name in ("TOTAL_BUDGET", "TESTS_BUDGET", "KERNELS_BUDGET", "SUITE_BUDGET", "PROFILE_CAP"):
+        bad = subprocess.run(["bash", str(script), "--out", str(tmp_path / "out")], env={**os.environ, name: "7m"},
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and f"{name}=7m: expected a whole number of seconds" in bad.stderr, bad.stderr
+        assert not (tmp_path / "out").exists()
     shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--only PHASES" in shown and "TESTS_BUDGET" in shown and "set -uo" not in shown
 
