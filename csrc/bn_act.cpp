@@ -59,6 +59,11 @@ void check_running_stat_writable(const char* op, const char* name, const Optiona
                     "tensor (stride 0)");
 }
 
+// Eager's rule for a training BatchNorm (_checks.check_eps); NaN passes, as there.
+void check_training_eps(const char* op, double eps) {
+  TORCH_CHECK_VALUE(!(eps <= 0.0), op, "(): expected `eps` to be positive in training, got ", eps);
+}
+
 void check_batch_size(const Tensor& input) {
   TORCH_CHECK_VALUE(input.size(0) * input.size(2) * input.size(3) != 1,
                     "Expected more than 1 value per channel when training, got input size ",
@@ -247,6 +252,7 @@ std::tuple<Tensor, Tensor> batch_stats(const BnActKernels& kernels, const Tensor
   check_running_stat_writable(op, "running_mean", running_mean);
   check_running_stat_writable(op, "running_var", running_var);
   check_batch_size(input);
+  check_training_eps(op, eps);
   c10::DeviceGuard guard(input.device());
 
   const Activation x = dense_activation(input, input.suggest_memory_format());

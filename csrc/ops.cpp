@@ -105,7 +105,11 @@ void bump_mutated_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet k
     c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : mutated) torch::autograd::impl::bump_version(t);
+  for (const at::Tensor& t : mutated) {
+    // An inference tensor has no version counter (eager updates such running statistics
+    // outside inference mode too, and bumps nothing).
+    if (!t.is_inference()) torch::autograd::impl::bump_version(t);
+  }
 }
 
 }  // namespace

@@ -58,9 +58,17 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
+def _check_strided(op: str, name: str, t: Tensor) -> None:
+    """Kernels read dense memory. (The C++ ops need no such check: the dispatcher has no
+    sparse or mkldnn kernel of theirs to call.)"""
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}(): expected `{name}` to be a strided (dense) tensor, got layout {t.layout}")
+
+
 def check_activation(op: str, name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}(): expected `{name}` to be a Tensor, got {type(t).__name__}")
+    _check_strided(op, name, t)
     if t.dim() != 4:
         raise ValueError(
             f"{op}(): expected `{name}` to be a 4-D (N, C, H, W) tensor, "
@@ -77,6 +85,7 @@ def check_like(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> Non
     """``t`` must match ``ref`` in shape, dtype and device (a residual, a gradient)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}(): expected `{name}` to be a Tensor, got {type(t).__name__}")
+    _check_strided(op, name, t)
     if t.shape != ref.shape:
         raise ValueError(
             f"{op}(): expected `{name}` to have the shape of `{ref_name}` {_shape(ref)}, "
@@ -100,6 +109,7 @@ def check_per_channel(op: str, name: str, t: Optional[Tensor], ref_name: str, re
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}(): expected `{name}` to be a Tensor or None, got {type(t).__name__}")
+    _check_strided(op, name, t)
     channels = ref.shape[1]
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(
@@ -128,6 +138,7 @@ def check_batch_norm(  # the arguments of torch.nn.functional.batch_norm
     """One BatchNorm branch of a forward op: its input, parameters and running stats."""
     name = "input" + suffix
     check_activation(op, name, input)
+    check_training(op, training)
     for arg, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_per_channel(op, arg + suffix, t, name, input)
     if (running_mean is None) != (running_var is None):
@@ -142,7 +153,15 @@ def check_batch_norm(  # the arguments of torch.nn.functional.batch_norm
         )
     if training:
         check_running_stats_writable(op, running_mean, running_var, suffix)
+        check_running_stats_not_differentiated(op, running_mean, running_var, suffix)
         check_batch_size(input)
+
+
+def check_training(op: str, training: object) -> None:
+    """``training`` is a bool, as in eager's schema: a truthy tensor or string would pick a
+    mode silently, and a running-statistics update could precede the error."""
+    if not isinstance(training, bool):
+        raise TypeError(f"{op}(): expected `training` to be a bool, got {type(training).__name__}")
 
 
 def check_running_stats_writable(
@@ -156,6 +175,23 @@ def check_running_stats_writable(
             raise ValueError(
                 f"{op}(): expected `{name}{suffix}` to hold one value per channel in memory (it is "
                 f"updated in place), got an expanded tensor (stride 0)"
+            )
+
+
+def check_running_stats_not_differentiated(
+    op: str, running_mean: Optional[Tensor], running_var: Optional[Tensor], suffix: str = ""
+) -> None:
+    """Eager's rule for the functional API: with grad mode on, running statistics that
+    require grad are refused (their update is not differentiable); under no_grad they are
+    updated. (Not a rule of the registered ops: a Python-defined one runs with grad mode
+    off, whatever its caller's, and the ops agree across backends.)"""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{op}(): expected `{name}{suffix}` not to require grad in training with grad mode "
+                f"on (it is updated in place, which autograd cannot differentiate)"
             )
 
 
@@ -174,6 +210,15 @@ def as_float(op: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}(): expected `{name}` to be a float, got {type(value).__name__}")
     return float(value)
+
+
+def check_eps(op: str, name: str, eps: float, training: bool) -> None:
+    """Eager's rule (``torch.nn.functional.batch_norm``): ``eps`` > 0 in training, where a
+    constant channel has variance 0, and >= 0 in eval. (NaN passes, as there.)"""
+    if training and eps <= 0.0:
+        raise ValueError(f"{op}(): expected `{name}` to be positive in training, got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"{op}(): expected `{name}` to be non-negative, got {eps}")
 
 
 def check_batch_stats(
@@ -249,7 +294,7 @@ def _dual_bn_add_relu_backward(grad_out, *args):
 def _batch_stats(input, running_mean, running_var, momentum, eps):
     check_batch_stats("batch_stats", input, running_mean, running_var)
     as_float("batch_stats", "momentum", momentum)
-    as_float("batch_stats", "eps", eps)
+    check_eps("batch_stats", "eps", as_float("batch_stats", "eps", eps), training=True)
 
 
 # Validation of every op of the set, called with the op's arguments: by the fake kernels,

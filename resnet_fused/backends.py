@@ -161,13 +161,23 @@ def register(backend: Backend) -> None:
 
 
 def _validate_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"expected a resnet_fused backend name (a str), got {type(name).__name__}")
     name = name.strip().lower()
     if name not in NAMES:
         raise ValueError(f"unknown resnet_fused backend {name!r}; expected one of {', '.join(NAMES)}")
     return name
 
 
-_selected = _validate_name(os.environ.get(ENV_VAR, "") or "auto")
+def _from_environment() -> str:
+    value = os.environ.get(ENV_VAR, "")
+    try:
+        return _validate_name(value or "auto")
+    except ValueError as error:
+        raise ValueError(f"{ENV_VAR}={value!r}: {error}") from None
+
+
+_selected = _from_environment()
 
 
 def get_backend() -> str:
@@ -183,7 +193,12 @@ def set_backend(name: str) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager selecting ``name`` for the ops called inside it."""
+    """Context manager selecting ``name`` for the ops called inside it.
+
+    The selection is process-wide, as :func:`set_backend`'s (and
+    ``torch.backends.cudnn.flags``'): threads share it, so that the worker threads of
+    ``nn.DataParallel`` run what their caller selected. Threads that need different
+    backends at once pass ``backend=`` per call instead."""
     previous = get_backend()
     set_backend(name)
     try:

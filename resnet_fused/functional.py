@@ -41,13 +41,16 @@ def batch_stats(
     differentiate through the statistics themselves when ``training=True``.
     """
     _checks.check_batch_stats("batch_stats", input, running_mean, running_var)
-    momentum, eps = _scalars("batch_stats", momentum, eps)
+    _checks.check_running_stats_not_differentiated("batch_stats", running_mean, running_var)
+    momentum, eps = _scalars("batch_stats", momentum, eps, training=True)
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     return ops.batch_stats(input.detach(), running_mean, running_var, momentum, eps)
 
 
-def _scalars(op: str, momentum, eps, suffix: str = "") -> tuple[float, float]:
-    return _checks.as_float(op, "momentum" + suffix, momentum), _checks.as_float(op, "eps" + suffix, eps)
+def _scalars(op: str, momentum, eps, training: bool, suffix: str = "") -> tuple[float, float]:
+    momentum, eps = _checks.as_float(op, "momentum" + suffix, momentum), _checks.as_float(op, "eps" + suffix, eps)
+    _checks.check_eps(op, "eps" + suffix, eps, training)
+    return momentum, eps
 
 
 def _statistics(ops, input, running_mean, running_var, training, momentum, eps):
@@ -78,7 +81,7 @@ def bn_relu(
     it into the BatchNorm reduction: two reads of ``input`` and the gradient, one write.
     """
     _checks.check_batch_norm("bn_relu", input, weight, bias, running_mean, running_var, training)
-    momentum, eps = _scalars("bn_relu", momentum, eps)
+    momentum, eps = _scalars("bn_relu", momentum, eps, training)
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     return ops.bn_relu(input, weight, bias, mean, invstd, training)
@@ -105,7 +108,7 @@ def bn_add_relu(
     op = "bn_add_relu"
     _checks.check_batch_norm(op, input, weight, bias, running_mean, running_var, training)
     _checks.check_like(op, "residual", residual, "input", input)
-    momentum, eps = _scalars(op, momentum, eps)
+    momentum, eps = _scalars(op, momentum, eps, training)
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     return ops.bn_add_relu(input, residual, weight, bias, mean, invstd, training)
@@ -140,8 +143,8 @@ def dual_bn_add_relu(
     _checks.check_batch_norm(op, input, weight, bias, running_mean, running_var, training)
     _checks.check_batch_norm(op, input_d, weight_d, bias_d, running_mean_d, running_var_d, training, "_d")
     _checks.check_like(op, "input_d", input_d, "input", input)
-    momentum, eps = _scalars(op, momentum, eps)
-    momentum_d, eps_d = _scalars(op, momentum_d, eps_d, "_d")
+    momentum, eps = _scalars(op, momentum, eps, training)
+    momentum_d, eps_d = _scalars(op, momentum_d, eps_d, training, "_d")
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     mean_d, invstd_d = _statistics(ops, input_d, running_mean_d, running_var_d, training, momentum_d, eps_d)

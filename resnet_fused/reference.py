@@ -63,9 +63,19 @@ def batch_stats(
         var, mean = torch.var_mean(input.to(acc), dim=_REDUCE_DIMS, correction=0)
         if running_mean is not None:
             unbiased_var = var * (reduce_size / (reduce_size - 1))
-            running_mean.copy_(momentum * mean + (1.0 - momentum) * running_mean.to(acc))
-            running_var.copy_(momentum * unbiased_var + (1.0 - momentum) * running_var.to(acc))
+            new_mean = momentum * mean + (1.0 - momentum) * running_mean.to(acc)
+            new_var = momentum * unbiased_var + (1.0 - momentum) * running_var.to(acc)
+            _update(running_mean, new_mean)
+            _update(running_var, new_var)
     return mean, torch.rsqrt(var + eps)
+
+
+def _update(running: Tensor, value: Tensor) -> None:
+    if running.is_inference():  # eager updates one outside inference mode too; copy_ only inside
+        with torch.inference_mode():
+            running.copy_(value)
+    else:
+        running.copy_(value)
 
 
 def _scale_shift(

@@ -353,11 +353,11 @@ def check_statistics_with_an_outlier_first(backend, shape, layout, device="cpu")
 
 def check_running_statistics_of_any_kind(backend, layout, device="cpu"):
     """Running statistics a kernel cannot update in place (float16 after a model.half(), a
-    strided view) and leaves that require grad: updated as the reference updates them,
-    without an autograd record (as eager's in-place update, which a leaf that requires
-    grad would otherwise refuse, after the kernel ran). Tolerance: one float16 ulp (the
-    update rounds to float16 from float32 values that may differ in their last bits), a
-    few float32 ulps."""
+    strided view) and leaves that require grad, under no_grad (eager updates those there
+    and refuses them with grad mode on; so do the ops, test_bad_input_names_the_argument):
+    updated as the reference updates them, without an autograd record. Tolerance: one
+    float16 ulp (the update rounds to float16 from float32 values that may differ in their
+    last bits), a few float32 ulps."""
     x = activation((3, 5, 4, 4), layout=layout, device=device)
     kinds = {
         "float16 leaves that require grad": lambda: (
@@ -369,8 +369,9 @@ def check_running_statistics_of_any_kind(backend, layout, device="cpu"):
     }
     for kind, make in kinds.items():
         (got_mean, got_var), (want_mean, want_var) = make(), make()
-        RF.batch_stats(x, got_mean, got_var, 0.3, backend=backend)
-        RF.batch_stats(x, want_mean, want_var, 0.3, backend="reference")
+        with torch.no_grad():
+            RF.batch_stats(x, got_mean, got_var, 0.3, backend=backend)
+            RF.batch_stats(x, want_mean, want_var, 0.3, backend="reference")
         for got, want in ((got_mean, want_mean), (got_var, want_var)):
             assert got.grad_fn is None and got.requires_grad == want.requires_grad, kind
             tol = dict(rtol=1e-3, atol=1e-3) if got.dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
@@ -610,6 +611,11 @@ BAD_INPUTS = [
     ("one value", lambda x, c: (x[:1, :, :1, :1], c), ValueError, "Expected more than 1 value per channel"),
     ("expanded stats", lambda x, c: (x, {**c, "running_var": torch.ones(1).expand(6)}), ValueError,
      r"`running_var` to hold one value per channel in memory .* expanded tensor"),
+    ("stats require grad", lambda x, c: (x, {**c, "running_mean": torch.zeros(6, requires_grad=True)}), ValueError,
+     r"`running_mean` not to require grad in training"),
+    ("sparse param", lambda x, c: (x, {**c, "weight": torch.ones(6).to_sparse()}), TypeError,
+     r"`weight` to be a strided \(dense\) tensor, got layout torch.sparse_coo"),
+    ("eps zero", lambda x, c: (x, {**c, "eps": 0.0}), ValueError, r"`eps` to be positive in training, got 0.0"),
 ]
 
 
@@ -645,6 +651,69 @@ def test_expanded_running_statistics_are_refused_before_any_update(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_refused_calls_leave_the_running_statistics_alone(backend):
+    """Arguments eager refuses are refused before the statistics are taken, so no running
+    statistic moves: a non-bool `training` (a truthy string or tensor would pick a mode),
+    running statistics that require grad, a sparse parameter, eps <= 0 in training."""
+    x = activation((2, 6, 3, 3))
+    running_mean, running_var = torch.randn(6), torch.rand(6) + 0.5
+    before = running_mean.clone(), running_var.clone()
+    calls = [
+        (TypeError, r"bn_relu\(\): expected `training` to be a bool, got str",
+         lambda: RF.bn_relu(x, running_mean, running_var, training="False", backend=backend)),
+        (TypeError, r"expected `training` to be a bool, got int",
+         lambda: RF.bn_add_relu(x, x, running_mean, running_var, training=1, backend=backend)),
+        (ValueError, r"dual_bn_add_relu\(\): expected `running_var_d` not to require grad",
+         lambda: RF.dual_bn_add_relu(x, x, running_mean, running_var, torch.zeros(6), torch.ones(6, requires_grad=True),
+                                     training=True, backend=backend)),
+        (TypeError, r"`bias` to be a strided",
+         lambda: RF.bn_relu(x, running_mean, running_var, None, torch.zeros(6).to_sparse(), True, backend=backend)),
+        (ValueError, r"dual_bn_add_relu\(\): expected `eps_d` to be positive in training, got -1.0",
+         lambda: RF.dual_bn_add_relu(x, x, torch.zeros(6), torch.ones(6), running_mean, running_var,
+                                     training=True, eps_d=-1.0, backend=backend)),
+        (ValueError, r"batch_stats\(\): expected `eps` to be positive in training, got 0.0",
+         lambda: RF.batch_stats(x, running_mean, running_var, eps=0.0, backend=backend)),
+    ]
+    for error, message, call in calls:
+        with pytest.raises(error, match=message):
+            call()
+        assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1]), message
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eps_follows_eager_in_eval(backend):
+    """Eval only adds eps to the running variance: 0 is allowed (as in eager), a negative one refused."""
+    x = activation((2, 6, 3, 3))
+    running_mean, running_var = torch.randn(6), torch.rand(6) + 0.5
+    torch.testing.assert_close(
+        RF.bn_relu(x, running_mean, running_var, training=False, eps=0.0, backend=backend),
+        F.relu(F.batch_norm(x, running_mean, running_var, training=False, eps=0.0)), rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
+    with pytest.raises(ValueError, match=r"bn_relu\(\): expected `eps` to be non-negative, got -1e-05"):
+        RF.bn_relu(x, running_mean, running_var, training=False, eps=-1e-5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inference_tensor_running_statistics_update_as_in_eager(backend):
+    """Buffers created under torch.inference_mode (a model built there, then recalibrated
+    with training-mode forwards under no_grad, as swa_utils.update_bn does) are updated as
+    eager updates them, outside inference mode too, and nothing asks for their versions."""
+    x = activation((3, 5, 4, 4))
+    with torch.inference_mode():
+        running_mean, running_var = torch.randn(5), torch.rand(5) + 0.5
+        eager_mean, eager_var = running_mean.clone(), running_var.clone()
+    F.batch_norm(x, eager_mean, eager_var, training=True, momentum=0.3)
+    with torch.no_grad():
+        RF.bn_relu(x, running_mean, running_var, training=True, momentum=0.3, backend=backend)
+    torch.testing.assert_close(running_mean, eager_mean, rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
+    torch.testing.assert_close(running_var, eager_var, rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
+    assert not torch.equal(running_var, torch.ones(5))
+    ops = backends.get(backend).ops
+    ops.batch_stats(x, running_mean, running_var, 0.3, 1e-5)  # the registered op too
+    F.batch_norm(x, eager_mean, eager_var, training=True, momentum=0.3)
+    torch.testing.assert_close(running_mean, eager_mean, rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_mismatched_residual_is_rejected(backend):
     x = activation((2, 6, 3, 3))
     with pytest.raises(ValueError, match="`residual` to have the shape of `input`"):
@@ -677,6 +746,8 @@ def test_raw_ops_validate(namespace):
                              None, torch.zeros(6), torch.ones(6), True)
     with pytest.raises(ValueError, match="`residual` to have the shape of `input`"):
         ops.bn_add_relu(x, x[:, :, :1], None, None, torch.zeros(6), torch.ones(6), True)
+    with pytest.raises(ValueError, match=r"batch_stats\(\): expected `eps` to be positive in training, got -1"):
+        ops.batch_stats(x, None, None, 0.1, -1.0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -901,11 +972,15 @@ def test_backend_selection_api():
     assert resnet_fused.get_backend() == selected
     with pytest.raises(ValueError, match="unknown resnet_fused backend 'fast'"):
         resnet_fused.set_backend("fast")
+    with pytest.raises(TypeError, match="expected a resnet_fused backend name \\(a str\\), got NoneType"):
+        resnet_fused.set_backend(None)
     x = activation((2, 6, 3, 3))
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         RF.bn_relu(x, None, None, training=True, backend="cuda")
     with pytest.raises(RuntimeError, match="backend 'triton'"):
         RF.bn_relu(x, None, None, training=True, backend="triton")
+    with pytest.raises(TypeError, match="backend name \\(a str\\), got int"):
+        RF.bn_relu(x, None, None, training=True, backend=1)
     assert backends.resolve(x.device, x.dtype, "auto").name == ("cpu" if "cpu" in CPU_BACKENDS else "reference")
 
 
@@ -928,6 +1003,10 @@ def test_backend_env_var_and_missing_extension():
     env = {**os.environ, "RESNET_FUSED_BACKEND": "reference"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "reference ['resnet_fused']", out
+    env["RESNET_FUSED_BACKEND"] = "fastest"
+    failed = subprocess.run([sys.executable, "-c", "import resnet_fused"], capture_output=True, text=True, env=env)
+    assert failed.returncode != 0
+    assert "RESNET_FUSED_BACKEND='fastest': unknown resnet_fused backend 'fastest'" in failed.stderr, failed.stderr
 
 
 def test_auto_follows_the_measured_order(monkeypatch):
@@ -967,7 +1046,7 @@ def _auto_order_script():
     return script
 
 
-def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
+def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path, capsys):
     script = _auto_order_script()
 
     def row(backend, op, shape, ms, dtype="bfloat16", **extra):
@@ -997,6 +1076,7 @@ def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path):
     cpu_run.write_text(json.dumps({"environment": dict(env, device="cpu", arch=None), "rows": rows}))
     with pytest.raises(SystemExit):
         script.main([str(cpu_run), "--out", str(out)])
+    assert "expected runs of one CUDA architecture (environment 'arch'), got ['None']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -98,14 +98,17 @@ def test_nan_residual_passes_the_gradient_as_eager(layout):
     check_nan_residual_gradients("triton", layout)
 
 
-@pytest.mark.parametrize("eps", [1e-5, 0.0, -1e-5])
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
 def test_empty_batch_statistics_match_the_reference(eps):
-    """mean 0, invstd = 1 / sqrt(eps): inf or nan for eps <= 0 as in the reference, not a Python error."""
+    """mean 0, invstd = 1 / sqrt(eps), as in the reference; eps <= 0 is refused by both, as eager refuses it."""
     x = torch.empty(0, 3, 2, 2)
     got = torch.ops.resnet_fused_triton.batch_stats(x, None, None, 0.1, eps)
     want = torch.ops.resnet_fused_reference.batch_stats(x, None, None, 0.1, eps)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for ops in (torch.ops.resnet_fused_triton, torch.ops.resnet_fused_reference):
+        with pytest.raises(ValueError, match=r"batch_stats\(\): expected `eps` to be positive in training, got 0.0"):
+            ops.batch_stats(x, None, None, 0.1, 0.0)
 
 
 # ---------------------------------------------------------------- the raw ops
