@@ -13,15 +13,18 @@ On CUDA those run as cuDNN's fused kernels (``torch.cudnn_convolution_relu`` /
 
 Folded weights are cached per block (:class:`FoldCache`) and rebuilt whenever a source
 tensor may have changed. For each of conv.weight, conv.bias, bn.weight, bn.bias,
-bn.running_mean and bn.running_var the cache records the tensor object itself (by weak
-reference), its version counter (``_version``: bumped by every in-place write through
-autograd-visible tensors: optimizer steps, ``load_state_dict``'s ``copy_``, in-place ops
-under ``no_grad``), ``data_ptr()``, dtype, device, shape and strides (``.to()``,
-``param.data = ...``, ``load_state_dict(assign=True)``, new Parameters), plus ``bn.eps``
-and the compute dtype (autocast on or off). One kind of write is invisible to all of
-these: an in-place write through ``param.data`` (``p.data.mul_(2)``), whose tensor has
-a version counter of its own; a block drops its cache on every ``train()`` / ``eval()``
-call, so calling ``model.eval()`` after such an edit refreshes it.
+bn.running_mean, bn.running_var and bn.num_batches_tracked the cache records the tensor
+object itself (by weak reference), its version counter (``_version``: bumped by every
+in-place write through autograd-visible tensors: foreach optimizer steps,
+``load_state_dict``'s ``copy_``, in-place ops under ``no_grad``; eager BatchNorm bumps
+``num_batches_tracked``'s, not its running statistics'), ``data_ptr()``, dtype, device,
+shape and strides (``.to()``, ``param.data = ...``, ``load_state_dict(assign=True)``,
+new Parameters; the entry holds each source's storage, so that its address cannot be
+reused meanwhile), plus ``bn.eps``, the compute dtype (autocast on or off) and the count
+of optimizer steps (fused optimizers bump no version). One kind of write is invisible to
+all of these: an in-place write through ``param.data`` (``p.data.mul_(2)``), whose tensor
+has a version counter of its own; a block drops its cache on every ``train()`` /
+``eval()`` call, so calling ``model.eval()`` after such an edit refreshes it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _checks, backends
 
@@ -57,6 +61,7 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
     Computed in float32 (float64 for float64 sources) and rounded once to ``dtype``;
     not differentiable.
     """
+    _checks.check_eps("batch_norm", "eps", bn.eps, training=False)  # F.batch_norm's rule in eval
     acc = _fold_dtype(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
@@ -85,11 +90,15 @@ def _member(module: nn.Module, store: dict, name: str) -> Optional[Tensor]:
 
 
 def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], ...]:
+    """What a folded pair is computed from, plus ``num_batches_tracked``: eager BatchNorm
+    updates the running statistics without bumping their versions (a downsample's, run by
+    torchvision's code) but bumps this counter's in the same forward."""
     params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
     return (
         _member(conv, params, "weight"), _member(conv, params, "bias"),
         _member(bn, bn_params, "weight"), _member(bn, bn_params, "bias"),
         _member(bn, bn_buffers, "running_mean"), _member(bn, bn_buffers, "running_var"),
+        _member(bn, bn_buffers, "num_batches_tracked"),
     )  # fmt: skip
 
 
@@ -97,10 +106,32 @@ def _state(t: Tensor) -> tuple:
     return (t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
 
 
+# torch.optim's fused optimizers (fused=True) write the parameters without bumping their
+# versions: every optimizer step anywhere moves this count, and an entry built before it
+# is stale. Counted from the first FoldCache on (_watch_optimizer_steps).
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _watch_optimizer_steps() -> None:
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class _Entry(NamedTuple):
     refs: tuple  # weakref.ref per source tensor, None for an absent one
     states: tuple  # _state per source tensor, None for an absent one
+    # Each source's storage, held so that its address cannot be reused by a tensor that
+    # replaces it (`param.data = ...` twice) while the entry compares data_ptr().
+    storages: tuple
     eps: float
+    optimizer_steps: int
     folded: FoldedConv
 
     def matches(self, sources: tuple[Optional[Tensor], ...], eps: float) -> bool:
@@ -110,7 +141,7 @@ class _Entry(NamedTuple):
                     return False
             elif ref is None or ref() is not t or state != _state(t):
                 return False
-        return eps == self.eps
+        return eps == self.eps and self.optimizer_steps == _optimizer_steps
 
 
 class FoldCache:
@@ -118,6 +149,7 @@ class FoldCache:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, torch.dtype], _Entry] = {}
+        _watch_optimizer_steps()
 
     def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
         """The folded ``conv``/``bn`` pair ``name`` in ``dtype``, from the cache when valid."""
@@ -135,21 +167,27 @@ class FoldCache:
             entry = _Entry(
                 tuple(None if t is None else weakref.ref(t) for t in sources),
                 tuple(None if t is None else _state(t) for t in sources),
+                tuple(t.untyped_storage() for t in sources if t is not None),
                 bn.eps,
+                _optimizer_steps,
                 folded,
             )
             self._entries[key] = entry
         return entry.folded
 
 
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def compute_dtype(x: Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
     """The dtype ``conv`` runs in on ``x``, as eager decides it; None when eager would raise.
 
-    Under autocast the convolution runs in the autocast dtype (autocast casts every
-    floating input but float64); otherwise input and weight must agree.
+    Under autocast the convolution runs in the autocast dtype (autocast casts the
+    floating inputs but float64, and leaves an integer input to conv's own error);
+    otherwise input and weight must agree.
     """
     device_type = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    if x.dtype in _AUTOCAST_CASTS and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype if x.dtype == conv.weight.dtype else None
 

@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -181,11 +182,30 @@ def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
         if reason:
             return reason
         submodules += [conv_d, bn_d]
+    replaced = [m for m in submodules if m is not None and "forward" in m.__dict__]
+    if replaced:  # e.g. accelerate's hooks, which wrap forward on the instance
+        return f"forward replaced on the instance of {', '.join(type(m).__name__ for m in replaced)}"
     hooked = [m for m in submodules if m is not None and _has_hooks(m)]
     if hooked:
         return f"hooks on {', '.join(type(m).__name__ for m in hooked)} (fusing would skip them)"
     if _has_global_hooks():
         return "global module hooks are registered (fusing would skip them)"
+    return None
+
+
+def _transform_reason() -> Optional[str]:
+    """Why the fused forward cannot run under the active autograd transforms, or None.
+
+    The fused ops have no forward-mode derivative (jvp) and no batching rule (vmap), and
+    the folded eval path writes through ``out=``, which vmap refuses; torchvision's
+    forward runs under both. (Under torch.compile, Dynamo traces the fused ops.)
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if _forward_ad._current_level >= 0:
+        return "forward-mode AD (a dual level) is active"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (vmap, grad, jvp, ...) is active"
     return None
 
 
@@ -247,7 +267,7 @@ class _FusedBlock:
     _last_stage: tuple[str, str]  # the pair ending in BN + residual add + ReLU
 
     def forward(self, x: Tensor) -> Tensor:
-        reason = unsupported_reason(self)
+        reason = unsupported_reason(self) or _transform_reason()
         if reason is not None or x.dim() != 4:  # other ranks: eager raises its own error
             if reason is not None:
                 _warn_reference_path(self, reason)
@@ -321,7 +341,9 @@ class _FusedBlock:
         return super().train(mode)
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != _CACHE_ATTRIBUTE}
+        state = super().__getstate__()  # Module's: drops a compile()d call bound to this block
+        state.pop(_CACHE_ATTRIBUTE, None)
+        return state
 
 
 class FusedBasicBlock(_FusedBlock, BasicBlock):

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import pickle
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -191,6 +193,28 @@ def test_batch_of_one_value_per_channel_raises_like_eager():
     with pytest.raises(ValueError) as fused_error:
         fused(x)
     assert str(fused_error.value) == str(eager_error.value)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eps_eager_refuses_is_refused(training):
+    """A BatchNorm eps eager refuses (<= 0 in training, < 0 in eval) raises a ValueError
+    in the fused forward too, the folded eval path included, rather than normalizing with
+    NaN; eps = 0 in eval runs as in eager."""
+    plain, fused = pair("bottleneck_stride2_downsample")
+    plain.train(training), fused.train(training)
+    x = torch.randn(block_input_shape("bottleneck_stride2_downsample"))
+    for block in (plain, fused):
+        block.bn2.eps = 0.0 if training else -1e-3
+    with pytest.raises(ValueError, match="eps must be"):
+        plain(x)
+    with pytest.raises(ValueError, match=r"expected `eps` to be (positive in training|non-negative), got"):
+        with torch.no_grad():
+            fused(x)
+    if not training:
+        for block in (plain, fused):
+            block.bn2.eps = 0.0
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), plain(x), rtol=2e-5, atol=2e-5)  # the float32 policy above
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -387,6 +411,48 @@ class TestFoldCache:
             opt.step()
         self.check()
 
+    @pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
+    def test_fused_optimizer_step(self, optimizer):
+        """A fused optimizer (fused=True) writes the parameters without bumping their
+        versions; the cache counts optimizer steps instead."""
+        self.check()
+        for model in (self.plain, self.fused):
+            opt = optimizer(model.parameters(), lr=0.1, fused=True)
+            model(self.x).square().sum().backward()
+            version = model.conv1.weight._version
+            opt.step()
+            assert model.conv1.weight._version == version  # what the count is for
+        self.check()
+
+    def test_running_statistics_of_a_training_downsample(self):
+        """torchvision's BatchNorm, which runs a training downsample's, updates the running
+        statistics without bumping their versions, but bumps num_batches_tracked's."""
+        self.check()
+        for model in (self.plain, self.fused):
+            model.downsample[1].train()
+            with torch.no_grad():
+                model(self.x * 3 + 1)
+            model.downsample[1].eval()
+        self.check()
+
+    def test_replaced_storage_is_held_until_refolded(self):
+        """After `param.data = new`, the old storage must not be freed while an entry
+        compares data_ptr() against its address: a second `param.data = ...` could land
+        there (seen: a 147 KB weight back at its address within 1-161 rounds), with the
+        Parameter and its version unchanged, and the entry would match stale weights.
+        Storages keep their Python object, so a weak reference says when one is freed."""
+        self.check()
+        weight = self.fused.conv2.weight
+        old = weakref.ref(weight.untyped_storage())
+        weight.data = torch.randn_like(weight)
+        gc.collect()
+        assert old() is not None
+        with torch.no_grad():
+            self.plain.conv2.weight.copy_(weight)
+        self.check()
+        gc.collect()
+        assert old() is None  # refolded: released
+
     def test_load_state_dict(self):
         self.check()
         other = randomize_batch_norms(make_block(self.config)).state_dict()
@@ -459,6 +525,17 @@ class TestFoldCache:
             assert "_fold_cache" not in clone.__dict__
             assert_close_scaled({"eval": eval_output(clone, self.x)}, {"eval": eval_output(self.plain, self.x)}, 1e-5)
 
+    def test_deepcopy_and_pickle_after_compile(self):
+        """Module.compile() binds a compiled call to the block; a copy must not keep it (it
+        would run the original block's weights) and pickling must not fail on it."""
+        self.fused.compile()
+        clone = copy.deepcopy(self.fused)
+        assert "_compiled_call_impl" not in clone.__dict__
+        with torch.no_grad():
+            clone.conv3.weight.mul_(0.5), self.plain.conv3.weight.mul_(0.5)
+        assert_close_scaled({"eval": eval_output(clone, self.x)}, {"eval": eval_output(self.plain, self.x)}, 1e-5)
+        assert "_compiled_call_impl" not in pickle.loads(pickle.dumps(self.fused)).__dict__
+
 
 def test_jit_trace_keeps_no_folded_weights():
     """A trace of an eval block records conv + fused op, not the cache's folded weights as
@@ -522,6 +599,60 @@ def test_hook_on_a_submodule_runs_torchvision_forward():
         y = fused(x)
     assert seen == [torch.Size([2, 16, 6, 6])]
     assert torch.equal(y, plain(x))
+
+
+def test_forward_replaced_on_a_submodule_runs_torchvision_forward():
+    """accelerate's hooks (cpu_offload, device maps) wrap a submodule's forward on the
+    instance: the fused forward, which calls no submodule forward, would skip them."""
+    plain, fused = pair("basic")
+    x = inputs_for("basic", 1)[0]
+    for block in (plain, fused):
+        block.bn1.forward = functools.partial(lambda forward, t: forward(t) * 0.5, block.bn1.forward)
+    with pytest.warns(RuntimeWarning, match="forward replaced on the instance of BatchNorm2d"):
+        y = fused(x)
+    assert torch.equal(y, plain(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_autograd_transforms_run_torchvision_forward(training, monkeypatch):
+    """The fused ops have no jvp and no vmap rule: under forward-mode AD and torch.func
+    transforms a block runs torchvision's forward (and says so once), as eager would."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setattr(resnet_fused.modules, "_warned", set())
+    plain, fused = pair("basic", torch.float64)
+    plain.train(training), fused.train(training)
+    x = inputs_for("basic", 1, torch.float64)[0]
+    tangent = torch.randn_like(x)
+    with pytest.warns(RuntimeWarning, match="forward-mode AD"):
+        with fwAD.dual_level():
+            y, dy = fwAD.unpack_dual(fused(fwAD.make_dual(x, tangent)))
+    with fwAD.dual_level():
+        y_plain, dy_plain = fwAD.unpack_dual(plain(fwAD.make_dual(x, tangent)))
+    assert torch.equal(y, y_plain) and torch.equal(dy, dy_plain)
+    if training:
+        return  # vmap refuses a training BatchNorm's unbatched running statistics, in eager too
+    batched = torch.stack([x, x * 2])
+    with pytest.warns(RuntimeWarning, match="a torch.func transform"), torch.no_grad():
+        out = torch.vmap(fused)(batched)
+    with torch.no_grad():
+        expected = torch.vmap(plain)(batched)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_integer_input_under_autocast_raises_like_eager(training):
+    """Autocast casts floating inputs only: an integer input reaches the convolution as is
+    and fails there, in eval (folded) too."""
+    plain, fused = pair("basic")
+    plain.train(training), fused.train(training)
+    x = torch.randint(0, 5, block_input_shape("basic"))
+    errors = []
+    for block in (plain, fused):
+        with pytest.raises(RuntimeError) as error, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            block(x)
+        errors.append(str(error.value))
+    assert errors[1] == errors[0]
 
 
 def test_unbatched_input_raises_like_eager():
