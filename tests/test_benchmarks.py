@@ -249,6 +249,7 @@ def test_host_overhead_times_the_triton_backend_without_a_gpu(capsys):
     assert not resnet_fused.backends.get("triton").supports(torch.device("cpu"), torch.float32), "not restored"
     with pytest.raises(SystemExit):
         host_overhead.main(["--triton-stand-in", "--backends", "cpu"])
+    assert "--triton-stand-in times the triton backend on the cpu device" in capsys.readouterr().err
 
 
 def test_plan_puts_resnet50_against_torch_compile_right_after_the_design_targets():
@@ -321,7 +322,7 @@ def test_kernel_benchmark_fails_a_wrong_result(tmp_path, monkeypatch, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
-def test_l2_flushes_write_or_only_read_their_buffer():
+def test_l2_flushes_write_or_only_read_their_buffer(capsys):
     """'zero' leaves L2 dirty by writing the buffer, 'read' leaves it clean by reading only."""
     buffer = torch.arange(64, dtype=torch.int8)
     kernels.L2_FLUSHES["read"](buffer)
@@ -330,6 +331,7 @@ def test_l2_flushes_write_or_only_read_their_buffer():
     assert not buffer.any()
     with pytest.raises(SystemExit):
         kernels.main(["--device", "cpu", "--l2-flush", "clean"])
+    assert "argument --l2-flush: invalid choice: 'clean'" in capsys.readouterr().err
 
 
 def test_own_l2_flush_times_read_only_kernels_after_a_read(monkeypatch):

@@ -43,12 +43,14 @@ not_interpreting = pytest.mark.skipif(_runtime.INTERPRET, reason="run without TR
 # ---------------------------------------------------------------- shared checks (also run by the interpreter)
 
 
-def assert_matches(got, want, tol, what):
+def assert_matches(got, want, tol, what, *, cancels=True):
     """Same dtype, shape and strides; values within ``tol`` relative to each element and,
-    for results that cancel towards 0 (gradients), to the largest of them."""
+    absolutely, ``tol`` relative to the largest of them for results that cancel towards 0
+    (gradients, per-channel sums), else ``tol`` itself: the forward outputs, at most a
+    rounding apart elementwise, are unit-scale here."""
     assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride(), what
-    atol = tol * max(want.abs().max().item(), 1e-30) if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+    scale = max(want.abs().max().item(), 1e-30) if want.numel() and cancels else 1.0
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
 def normalized64(x, weight, bias, mean, invstd):
@@ -107,17 +109,27 @@ def check_ops_against_reference(device, dtype, layout, shape):
             got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
             for i, (a, e) in enumerate(zip(got, want)):
                 tol = 2 * ROUNDING[dtype] if a.dim() == 4 else PER_CHANNEL_TOL
-                assert_matches(a, e, tol, f"{name}(training={training}) output {i}")
+                assert_matches(a, e, tol, f"{name}(training={training}) output {i}", cancels=name.endswith("backward"))
 
 
 def check_functional_training(device, op, dtype, layout, shape):
     """``op`` through autograd with backend='triton' against backend='reference':
-    output, running statistics and every gradient (the masks: check_ops_against_reference)."""
+    output, running statistics and every gradient. The upstream gradient is zeroed only
+    where the float64 pre-activation, from the reference's batch statistics, is within
+    1e-3 of 0 (the two backends' statistics differ in their last float32 bits, which may
+    flip the ReLU there: ~0.1% of the elements), so a wrong mask shows."""
     C = shape[1]
     inputs = [activation(shape, dtype, layout, device) for _ in range(2)]
     params = [torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)] * 2
     stats = [torch.randn(C, device=device), torch.rand(C, device=device) + 0.5] * 2
     upstream = activation(shape, dtype, layout, device)
+    x, other = inputs
+    pre = normalized64(x, params[0], params[1], *R.batch_stats(x, None, None, 0.1, 1e-5))
+    if op == "bn_add_relu":
+        pre = pre + other.double()
+    elif op == "dual_bn_add_relu":
+        pre = pre + normalized64(other, params[2], params[3], *R.batch_stats(other, None, None, 0.1, 1e-5))
+    grad = torch.where(pre.abs() < 1e-3, 0.0, upstream.double()).to(dtype).contiguous(memory_format=LAYOUTS[layout])
     results = {}
     for backend in ("triton", "reference"):
         x, other = (t.detach().clone().requires_grad_() for t in inputs)
@@ -132,11 +144,9 @@ def check_functional_training(device, op, dtype, layout, shape):
         else:
             out = RF.dual_bn_add_relu(x, other, rm, rv, rm_d, rv_d, w, b, w_d, b_d, True, backend=backend)
             leaves = [x, other, w, b, w_d, b_d]
-        if backend == "triton":  # 0 where the ReLU is off or nearly so: no flipped masks
-            grad = torch.where(out.detach().float().abs() < 1e-2, 0.0, upstream.float()).to(dtype)
         results[backend] = (out, torch.autograd.grad(out, leaves, grad), (rm, rv, rm_d, rv_d))
     (out, grads, running), (want_out, want_grads, want_running) = results["triton"], results["reference"]
-    assert_matches(out, want_out, 2 * ROUNDING[dtype], "output")
+    assert_matches(out, want_out, 2 * ROUNDING[dtype], "output", cancels=False)
     for i, (a, e) in enumerate(zip(grads, want_grads)):
         assert_matches(a, e, 2 * ROUNDING[dtype] if a.dim() == 4 else PER_CHANNEL_TOL, f"gradient {i}")
     for a, e in zip(running, want_running):
@@ -479,7 +489,8 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.synchronize()
     want = (R.bn_add_relu(x, r, w, b, mean, invstd, True), *R.bn_add_relu_backward(g, x, r, w, b, mean, invstd, True))
     for i, (a, e) in enumerate(zip(captured, want)):
-        assert_matches(a, e, 2 * ROUNDING[torch.bfloat16] if a.dim() == 4 else PER_CHANNEL_TOL, f"replayed output {i}")
+        assert_matches(a, e, 2 * ROUNDING[torch.bfloat16] if a.dim() == 4 else PER_CHANNEL_TOL, f"replayed output {i}",
+                       cancels=i > 0)
     assert_matches(rm, want_rm, PER_CHANNEL_TOL, "running_mean")
     assert_matches(rv, want_rv, PER_CHANNEL_TOL, "running_var")
 
