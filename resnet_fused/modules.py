@@ -340,6 +340,12 @@ class _FusedBlock:
         self.__dict__.pop(_CACHE_ATTRIBUTE, None)
         return super().train(mode)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half(), ...: the cache would keep the old tensors (its sources'
+        # storages and the folded weights) alive until this block runs again.
+        self.__dict__.pop(_CACHE_ATTRIBUTE, None)
+        return super()._apply(fn, *args, **kwargs)
+
     def __getstate__(self):
         state = super().__getstate__()  # Module's: drops a compile()d call bound to this block
         state.pop(_CACHE_ATTRIBUTE, None)

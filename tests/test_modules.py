@@ -492,6 +492,7 @@ class TestFoldCache:
     def test_to_dtype(self):
         self.check()
         self.both(lambda m: m.double())
+        assert "_fold_cache" not in self.fused.__dict__  # the old tensors are not kept alive
         self.x = self.x.double()
         self.check(1e-12)
 
