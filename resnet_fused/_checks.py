@@ -161,7 +161,9 @@ def check_training(op: str, training: object) -> None:
     """``training`` is a bool, as in eager's schema: a truthy tensor or string would pick a
     mode silently, and a running-statistics update could precede the error."""
     if not isinstance(training, bool):
-        raise TypeError(f"{op}(): expected `training` to be a bool, got {type(training).__name__}")
+        kind = type(training)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{op}(): expected `training` to be a bool, got {name}")
 
 
 def check_running_stats_writable(

@@ -21,7 +21,7 @@ in-place write through autograd-visible tensors: foreach optimizer steps,
 shape and strides (``.to()``, ``param.data = ...``, ``load_state_dict(assign=True)``,
 new Parameters; the entry holds each source's storage, so that its address cannot be
 reused meanwhile), plus ``bn.eps``, the compute dtype (autocast on or off) and the count
-of optimizer steps (fused optimizers bump no version). One kind of write is invisible to
+of fused optimizers' steps (which bump no version). One kind of write is invisible to
 all of these: an in-place write through ``param.data`` (``p.data.mul_(2)``), whose tensor
 has a version counter of its own; a block drops its cache on every ``train()`` /
 ``eval()`` call, so calling ``model.eval()`` after such an edit refreshes it.
@@ -107,15 +107,16 @@ def _state(t: Tensor) -> tuple:
 
 
 # torch.optim's fused optimizers (fused=True) write the parameters without bumping their
-# versions: every optimizer step anywhere moves this count, and an entry built before it
-# is stale. Counted from the first FoldCache on (_watch_optimizer_steps).
+# versions: every step of one moves this count, and an entry built before it is stale.
+# Counted from the first FoldCache on (_watch_optimizer_steps).
 _optimizer_steps = 0
 _step_hook = None
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
     global _optimizer_steps
-    _optimizer_steps += 1
+    if any(group.get("fused") for group in optimizer.param_groups):
+        _optimizer_steps += 1
 
 
 def _watch_optimizer_steps() -> None:

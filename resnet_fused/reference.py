@@ -65,17 +65,21 @@ def batch_stats(
             unbiased_var = var * (reduce_size / (reduce_size - 1))
             new_mean = momentum * mean + (1.0 - momentum) * running_mean.to(acc)
             new_var = momentum * unbiased_var + (1.0 - momentum) * running_var.to(acc)
-            _update(running_mean, new_mean)
-            _update(running_var, new_var)
+            write_running_statistic(running_mean, new_mean)
+            write_running_statistic(running_var, new_var)
     return mean, torch.rsqrt(var + eps)
 
 
-def _update(running: Tensor, value: Tensor) -> None:
-    if running.is_inference():  # eager updates one outside inference mode too; copy_ only inside
-        with torch.inference_mode():
+def write_running_statistic(running: Tensor, value: Tensor) -> None:
+    """``running.copy_(value)`` as eager's BatchNorm writes a running statistic: without an
+    autograd record (a leaf may require grad, under no_grad), and into an inference tensor
+    outside inference mode too (copy_ may write one only inside)."""
+    with torch.no_grad():
+        if running.is_inference():
+            with torch.inference_mode():
+                running.copy_(value)
+        else:
             running.copy_(value)
-    else:
-        running.copy_(value)
 
 
 def _scale_shift(

@@ -402,6 +402,11 @@ class TestFoldCache:
         self.check()
         self.check(tol=2e-2, dtype=torch.bfloat16)
         assert len(calls) == 8
+        other = nn.Linear(2, 2)  # an unrelated model's step: not a fused optimizer's
+        other(torch.randn(1, 2)).sum().backward()
+        torch.optim.SGD(other.parameters(), lr=0.1).step()
+        self.check()
+        assert len(calls) == 8
 
     def test_optimizer_step(self):
         self.check()

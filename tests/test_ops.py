@@ -351,9 +351,14 @@ def check_statistics_with_an_outlier_first(backend, shape, layout, device="cpu")
     torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
 
 
+def _inference(make):
+    with torch.inference_mode():
+        return make()
+
+
 def check_running_statistics_of_any_kind(backend, layout, device="cpu"):
     """Running statistics a kernel cannot update in place (float16 after a model.half(), a
-    strided view) and leaves that require grad, under no_grad (eager updates those there
+    strided view, also an inference tensor) and leaves that require grad, under no_grad (eager updates those there
     and refuses them with grad mode on; so do the ops, test_bad_input_names_the_argument):
     updated as the reference updates them, without an autograd record. Tolerance: one
     float16 ulp (the update rounds to float16 from float32 values that may differ in their
@@ -366,6 +371,8 @@ def check_running_statistics_of_any_kind(backend, layout, device="cpu"):
         "float32 leaves that require grad": lambda: (
             torch.zeros(5, device=device).requires_grad_(), torch.ones(5, device=device).requires_grad_()),
         "strided views": lambda: (torch.zeros(10, device=device)[::2], torch.ones(10, device=device)[1::2]),
+        "strided inference tensors": lambda: _inference(
+            lambda: (torch.zeros(10, device=device)[::2], torch.ones(10, device=device)[1::2])),
     }
     for kind, make in kinds.items():
         (got_mean, got_var), (want_mean, want_var) = make(), make()
@@ -694,9 +701,9 @@ def test_eps_follows_eager_in_eval(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inference_tensor_running_statistics_update_as_in_eager(backend):
-    """Buffers created under torch.inference_mode (a model built there, then recalibrated
-    with training-mode forwards under no_grad, as swa_utils.update_bn does) are updated as
-    eager updates them, outside inference mode too, and nothing asks for their versions."""
+    """Running statistics created under torch.inference_mode and passed to a training op
+    outside it are updated as F.batch_norm updates them, and nothing asks for their
+    versions (the C++ op bumped them and raised after writing; the reference wrote one)."""
     x = activation((3, 5, 4, 4))
     with torch.inference_mode():
         running_mean, running_var = torch.randn(5), torch.rand(5) + 0.5

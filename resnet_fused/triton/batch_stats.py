@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
+from ..reference import write_running_statistic
 from . import _reduce, _runtime
 from ._runtime import Launch
 
@@ -219,7 +220,7 @@ def batch_stats(
     if x.numel() == 0:
         # An empty batch: mean 0, variance 0; eager leaves the running statistics untouched.
         mean.zero_()
-        invstd.fill_(eps).rsqrt_()  # as the reference: inf or nan for eps <= 0, not a Python error
+        invstd.fill_(eps).rsqrt_()  # as the reference
         return mean, invstd
     # What the kernel updates: the running statistics themselves, or copies written back.
     buffers = [_runtime.float32_contiguous(t) for t in (running_mean, running_var)]
@@ -227,8 +228,7 @@ def batch_stats(
     partials = empty_partials(part, x.device)
     with _runtime.device_guard(x):
         _runtime.launch(launches, (part,), (x, partials, mean, invstd, *buffers, momentum, 1.0 - momentum, eps))
-    with torch.no_grad():  # as the kernel's own writes: no autograd record (a leaf may require grad)
-        for user, buffer in zip((running_mean, running_var), buffers):
-            if buffer is not user:
-                user.copy_(buffer)
+    for user, buffer in zip((running_mean, running_var), buffers):
+        if buffer is not user:
+            write_running_statistic(user, buffer)
     return mean, invstd
