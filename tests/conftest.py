@@ -21,7 +21,8 @@ def pytest_collection_modifyitems(config, items):
 
 def _fail_skip(report, where: str) -> None:
     report.outcome = "failed"
-    report.longrepr = f"skipped {where}, where RESNET_FUSED_ONLY_GPU_SKIPS=1 allows only `cuda` tests to: {report.longrepr}"
+    report.longrepr = (f"skipped {where}, where RESNET_FUSED_ONLY_GPU_SKIPS=1 allows only `cuda` tests to: "
+                       f"{report.longrepr}")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -419,7 +419,7 @@ class TestFoldCache:
     @pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
     def test_fused_optimizer_step(self, optimizer):
         """A fused optimizer (fused=True) writes the parameters without bumping their
-        versions; the cache counts optimizer steps instead."""
+        versions; the cache counts fused optimizers' steps instead."""
         self.check()
         for model in (self.plain, self.fused):
             opt = optimizer(model.parameters(), lr=0.1, fused=True)

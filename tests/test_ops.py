@@ -358,9 +358,10 @@ def _inference(make):
 
 def check_running_statistics_of_any_kind(backend, layout, device="cpu"):
     """Running statistics a kernel cannot update in place (float16 after a model.half(), a
-    strided view, also an inference tensor) and leaves that require grad, under no_grad (eager updates those there
-    and refuses them with grad mode on; so do the ops, test_bad_input_names_the_argument):
-    updated as the reference updates them, without an autograd record. Tolerance: one
+    strided view, also an inference tensor) and leaves that require grad, under no_grad
+    (eager updates those there and refuses them with grad mode on; so does the functional
+    API, test_bad_input_names_the_argument): updated as the reference updates them,
+    without an autograd record. Tolerance: one
     float16 ulp (the update rounds to float16 from float32 values that may differ in their
     last bits), a few float32 ulps."""
     x = activation((3, 5, 4, 4), layout=layout, device=device)
@@ -694,7 +695,8 @@ def test_eps_follows_eager_in_eval(backend):
     running_mean, running_var = torch.randn(6), torch.rand(6) + 0.5
     torch.testing.assert_close(
         RF.bn_relu(x, running_mean, running_var, training=False, eps=0.0, backend=backend),
-        F.relu(F.batch_norm(x, running_mean, running_var, training=False, eps=0.0)), rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
+        F.relu(F.batch_norm(x, running_mean, running_var, training=False, eps=0.0)),
+        rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
     with pytest.raises(ValueError, match=r"bn_relu\(\): expected `eps` to be non-negative, got -1e-05"):
         RF.bn_relu(x, running_mean, running_var, training=False, eps=-1e-5, backend=backend)
 
