@@ -53,6 +53,13 @@ def _scalars(op: str, momentum, eps, training: bool, suffix: str = "") -> tuple[
     return momentum, eps
 
 
+def _checked_scalars(op: str, input: Tensor, running_mean, running_var, weight, bias, training, momentum, eps,
+                     suffix: str = "") -> tuple[float, float]:
+    """Checks one BatchNorm's arguments (``F.batch_norm``'s order); returns momentum and eps as floats."""
+    _checks.check_batch_norm(op, input, weight, bias, running_mean, running_var, training, suffix)
+    return _scalars(op, momentum, eps, training, suffix)
+
+
 def _statistics(ops, input, running_mean, running_var, training, momentum, eps):
     """The mean and invstd a fused op normalizes with: batch or running statistics."""
     if training:
@@ -80,8 +87,7 @@ def bn_relu(
     one read and one write. The backward recomputes the ReLU mask from ``input`` and fuses
     it into the BatchNorm reduction: two reads of ``input`` and the gradient, one write.
     """
-    _checks.check_batch_norm("bn_relu", input, weight, bias, running_mean, running_var, training)
-    momentum, eps = _scalars("bn_relu", momentum, eps, training)
+    momentum, eps = _checked_scalars("bn_relu", input, running_mean, running_var, weight, bias, training, momentum, eps)
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     return ops.bn_relu(input, weight, bias, mean, invstd, training)
@@ -106,9 +112,8 @@ def bn_add_relu(
     the gradients of ``input`` and ``residual`` in the same pass.
     """
     op = "bn_add_relu"
-    _checks.check_batch_norm(op, input, weight, bias, running_mean, running_var, training)
+    momentum, eps = _checked_scalars(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
     _checks.check_like(op, "residual", residual, "input", input)
-    momentum, eps = _scalars(op, momentum, eps, training)
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     return ops.bn_add_relu(input, residual, weight, bias, mean, invstd, training)
@@ -140,11 +145,11 @@ def dual_bn_add_relu(
     and every ``*_d`` argument belongs to the downsample BatchNorm.
     """
     op = "dual_bn_add_relu"
-    _checks.check_batch_norm(op, input, weight, bias, running_mean, running_var, training)
-    _checks.check_batch_norm(op, input_d, weight_d, bias_d, running_mean_d, running_var_d, training, "_d")
+    momentum, eps = _checked_scalars(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    momentum_d, eps_d = _checked_scalars(
+        op, input_d, running_mean_d, running_var_d, weight_d, bias_d, training, momentum_d, eps_d, "_d"
+    )
     _checks.check_like(op, "input_d", input_d, "input", input)
-    momentum, eps = _scalars(op, momentum, eps, training)
-    momentum_d, eps_d = _scalars(op, momentum_d, eps_d, training, "_d")
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     mean_d, invstd_d = _statistics(ops, input_d, running_mean_d, running_var_d, training, momentum_d, eps_d)

@@ -323,6 +323,9 @@ class _FusedBlock:
         main = batch_norm_call(bn)
         if self.downsample is None:
             return functional.bn_add_relu(t, x.to(t.dtype), *main)  # x: the block input, maybe outside autocast
+        # Eager runs this BatchNorm before the downsample: bad arguments to it must raise
+        # before the downsample's BatchNorm moves its running statistics or counter.
+        functional._checked_scalars("bn_add_relu", t, *main)
         conv_d, bn_d = self.downsample
         if uses_batch_statistics(bn_d) != main.training:
             # The dual op normalizes both branches in one mode; compose instead.
@@ -345,6 +348,13 @@ class _FusedBlock:
         # storages and the folded weights) alive until this block runs again.
         self.__dict__.pop(_CACHE_ATTRIBUTE, None)
         return super()._apply(fn, *args, **kwargs)
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel copies __dict__ into each replica: its own cache, not the original's
+        # (whose entries would hold the replica's tensors alive on the replica's device).
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__.pop(_CACHE_ATTRIBUTE, None)
+        return replica
 
     def __getstate__(self):
         state = super().__getstate__()  # Module's: drops a compile()d call bound to this block

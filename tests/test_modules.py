@@ -217,6 +217,26 @@ def test_eps_eager_refuses_is_refused(training):
             torch.testing.assert_close(fused(x), plain(x), rtol=2e-5, atol=2e-5)  # the float32 policy above
 
 
+@pytest.mark.parametrize("config", ["basic_stride2_downsample", "bottleneck_stride2_downsample"])
+@pytest.mark.parametrize("last_bn_training", [True, False])
+def test_bad_eps_of_the_last_batch_norm_raises_before_the_downsample_runs(config, last_bn_training):
+    """Eager runs the last BatchNorm before the downsample, so a bad eps raises before the
+    downsample's BatchNorm (training) moves its running statistics or counter; the fused
+    forward too, whether it runs the dual op (both BatchNorms training) or composes."""
+    plain, fused = pair(config, torch.float64)
+    x = torch.randn(block_input_shape(config), dtype=torch.float64)
+    downsample_bn = copy.deepcopy(fused.downsample[1].state_dict())
+    for block in (plain, fused):
+        block.train()
+        last = getattr(block, fused._last_stage[1])
+        last.train(last_bn_training)
+        last.eps = 0.0 if last_bn_training else -1e-3
+        with pytest.raises(ValueError, match="eps"):
+            block(x)
+    assert_close_scaled(dict(fused.downsample[1].state_dict()), downsample_bn, 0.0)
+    assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-10)  # bn1's (and bn2's) moved
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_empty_batch(training):
     plain, fused = pair("bottleneck_stride2_downsample", torch.float64)
@@ -530,6 +550,16 @@ class TestFoldCache:
         for clone in (copy.deepcopy(self.fused), pickle.loads(pickle.dumps(self.fused))):
             assert "_fold_cache" not in clone.__dict__
             assert_close_scaled({"eval": eval_output(clone, self.x)}, {"eval": eval_output(self.plain, self.x)}, 1e-5)
+
+    def test_data_parallel_replica_has_a_cache_of_its_own(self):
+        """nn.DataParallel copies a block's __dict__ into each replica: sharing the cache
+        would let a replica's entries hold its tensors alive on its device."""
+        self.check()
+        cache = self.fused.__dict__["_fold_cache"]
+        replica = self.fused._replicate_for_data_parallel()
+        assert "_fold_cache" not in replica.__dict__
+        assert_close_scaled({"eval": eval_output(replica, self.x)}, {"eval": eval_output(self.plain, self.x)}, 1e-5)
+        assert replica.__dict__["_fold_cache"] is not cache and self.fused.__dict__["_fold_cache"] is cache
 
     def test_deepcopy_and_pickle_after_compile(self):
         """Module.compile() binds a compiled call to the block; a copy must not keep it (it
