@@ -638,6 +638,54 @@ def test_bad_input_names_the_argument(backend, case):
         RF.bn_relu(x, training=True, backend=backend, **kwargs)
 
 
+def _batch_norm_argument_variants():
+    """check_batch_norm's arguments, each variant changing one of a valid call's: valid
+    ones (layouts, dtypes, absent tensors, eval, no_grad, one channel) and refused ones."""
+    x = activation((2, 6, 3, 3))
+    ok = dict(input=x, weight=torch.ones(6), bias=torch.zeros(6), running_mean=torch.zeros(6),
+              running_var=torch.ones(6), training=True)
+    one_channel = dict(ok, input=x[:, :1], weight=None, bias=None,
+                       running_mean=torch.zeros(()).expand(1), running_var=torch.ones(1, 1)[0])
+    variants = [
+        ok, dict(ok, training=False), dict(ok, input=x.to(memory_format=torch.channels_last)),
+        dict(ok, input=x.double()), dict(ok, input=x.half(), weight=torch.ones(6, dtype=torch.bfloat16)),
+        dict(ok, input=non_contiguous(x)), dict(ok, weight=None, bias=None),
+        dict(ok, running_mean=None, running_var=None), one_channel, dict(one_channel, training=False),
+        dict(ok, running_mean=torch.zeros(12)[::2]), dict(ok, weight=torch.nn.Parameter(torch.ones(6))),
+        dict(ok, training=False, running_mean=torch.zeros(6, requires_grad=True)),
+        # refused
+        dict(ok, input=x[0]), dict(ok, input=x.unsqueeze(-1)), dict(ok, input=x.int()), dict(ok, input=x.to_sparse()), dict(ok, input=x.tolist()),
+        dict(ok, weight=torch.ones(5)), dict(ok, weight=torch.ones(1, 6)), dict(ok, weight=torch.ones(6).to_sparse()),
+        dict(ok, bias=torch.zeros(6, dtype=torch.int64)), dict(ok, bias=torch.zeros(6, device="meta")),
+        dict(ok, bias=[0.0] * 6), dict(ok, running_var=None), dict(ok, running_mean=None, running_var=None, training=False),
+        dict(ok, training=1), dict(ok, training="False"), dict(ok, input=x[:1, :, :1, :1]),
+        dict(ok, running_var=torch.ones(1).expand(6)), dict(ok, running_mean=torch.zeros(6, requires_grad=True)),
+        dict(ok, input=torch.randn(2, 6, 3, 3, device="meta")),
+    ]
+    return [dict(v) for v in variants]
+
+
+def test_batch_norm_checks_fast_path_passes_only_what_the_checks_pass():
+    """check_batch_norm returns early where one combined test passes; that test must
+    never pass an argument the separate checks refuse (nor may it refuse what they
+    pass: that is only slower, but would leave the fast path untested)."""
+    from resnet_fused import _checks
+
+    passed = refused = 0
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode):
+            for args in _batch_norm_argument_variants():
+                fast = _checks._batch_norm_arguments_pass(**args)
+                try:
+                    _checks._check_batch_norm_arguments("bn_relu", **args)
+                    checks_pass = True
+                except (TypeError, ValueError):
+                    checks_pass = False
+                assert fast == checks_pass, (grad_mode, {k: getattr(v, "shape", v) for k, v in args.items()})
+                passed, refused = passed + checks_pass, refused + (not checks_pass)
+    assert (passed, refused) == (27, 37)  # every variant ran both ways (no_grad passes one more)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_expanded_running_statistics_are_refused_before_any_update(backend):
     """Updated in place, a running statistic needs a value per channel in memory: an expanded
