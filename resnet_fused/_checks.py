@@ -7,6 +7,7 @@ backend, so a bad argument is reported before any kernel runs, whatever the back
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -251,11 +252,18 @@ def check_batch_size(input: Tensor) -> None:
 
 
 def as_float(op: str, name: str, value: object) -> float:
-    """``value`` as a Python float, as the schema's ``float`` would take it; else a TypeError
-    naming the argument (Python-implemented ops are called without the schema in eager mode)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}(): expected `{name}` to be a float, got {type(value).__name__}")
-    return float(value)
+    """``value`` as a Python float, taking what a schema's ``float`` takes (``F.batch_norm``'s
+    momentum and eps, the C++ ops'): a Python or NumPy real number (bool included) or a
+    0-dim real tensor that does not require grad; else a TypeError naming the argument
+    (Python-implemented ops are called without the schema in eager mode)."""
+    if isinstance(value, (int, float)):  # bool is an int
+        return float(value)
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.requires_grad and not value.is_complex():
+            return float(value)
+    elif type(value).__module__ == "numpy" and isinstance(value, numbers.Real):  # np.float32(0.1)
+        return float(value)
+    raise TypeError(f"{op}(): expected `{name}` to be a float, got {type(value).__name__}")
 
 
 def check_eps(op: str, name: str, eps: float, training: bool) -> None:

@@ -61,10 +61,11 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
     Computed in float32 (float64 for float64 sources) and rounded once to ``dtype``;
     not differentiable.
     """
-    _checks.check_eps("batch_norm", "eps", bn.eps, training=False)  # F.batch_norm's rule in eval
+    eps = _checks.as_float("batch_norm", "eps", bn.eps)
+    _checks.check_eps("batch_norm", "eps", eps, training=False)  # F.batch_norm's rule in eval
     acc = _fold_dtype(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        scale = torch.rsqrt(bn.running_var.to(acc) + eps)
         if bn.weight is not None:
             scale = scale * bn.weight.to(acc)
         shift = -bn.running_mean.to(acc) * scale
@@ -158,10 +159,11 @@ class FoldCache:
         if any(t is not None and t.is_inference() for t in sources):
             return fold(conv, bn, dtype)  # inference tensors have no version counter
         key = (name, dtype)
+        eps = _checks.as_float("batch_norm", "eps", bn.eps)  # a float: a tensor eps could change in place
         entry = self._entries.get(key)
-        if entry is None or not entry.matches(sources, bn.eps):
+        if entry is None or not entry.matches(sources, eps):
             # Drop this pair's stale entries in other dtypes too, not to keep them alive.
-            self._entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, bn.eps)}
+            self._entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, eps)}
             # Built outside inference mode so the entry is usable in any later mode.
             with torch.inference_mode(False):
                 folded = fold(conv, bn, dtype)
@@ -169,7 +171,7 @@ class FoldCache:
                 tuple(None if t is None else weakref.ref(t) for t in sources),
                 tuple(None if t is None else _state(t) for t in sources),
                 tuple(t.untyped_storage() for t in sources if t is not None),
-                bn.eps,
+                eps,
                 _optimizer_steps,
                 folded,
             )
@@ -183,12 +185,17 @@ _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
 def compute_dtype(x: Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
     """The dtype ``conv`` runs in on ``x``, as eager decides it; None when eager would raise.
 
-    Under autocast the convolution runs in the autocast dtype (autocast casts the
-    floating inputs but float64, and leaves an integer input to conv's own error);
-    otherwise input and weight must agree.
+    Under autocast the convolution runs in the autocast dtype when autocast casts both
+    input and weight (float16, bfloat16, float32: it leaves float64, and an integer input
+    to conv's own error); otherwise input and weight must agree.
     """
     device_type = x.device.type
-    if x.dtype in _AUTOCAST_CASTS and torch.is_autocast_enabled(device_type):
+    if (
+        x.dtype in _AUTOCAST_CASTS
+        and conv.weight.dtype in _AUTOCAST_CASTS
+        and torch.amp.is_autocast_available(device_type)  # not on meta, for one
+        and torch.is_autocast_enabled(device_type)
+    ):
         return torch.get_autocast_dtype(device_type)
     return x.dtype if x.dtype == conv.weight.dtype else None
 

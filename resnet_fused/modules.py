@@ -245,13 +245,16 @@ def _fold_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[torc
     non-differentiable tensors and relies on eager tensor versions: so no autograd graph,
     and no tracing (torch.compile, torch.jit.trace), which sees conv + fused op instead: a
     trace would otherwise keep the cached folded weights as constants, blind to weights
-    loaded into it later.
+    loaded into it later. Nor under a dispatch mode (FakeTensorMode: the cache would keep
+    fake weights, keyed by real parameters, for the next real call) or on the meta device.
     """
     if (
         uses_batch_statistics(bn)
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or _records_autograd(x, conv, bn)
+        or torch._C._len_torch_dispatch_stack() > 0
+        or x.is_meta
     ):
         return None
     return folding.compute_dtype(x, conv)

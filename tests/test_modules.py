@@ -23,6 +23,7 @@ import pickle
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -689,6 +690,64 @@ def test_integer_input_under_autocast_raises_like_eager(training):
             block(x)
         errors.append(str(error.value))
     assert errors[1] == errors[0]
+
+
+def test_float64_weights_under_autocast_raise_like_eager():
+    """Autocast leaves float64 weights as they are: a float32 input, cast to bfloat16, then
+    meets float64 weights and the convolution fails, in eval (folded) too."""
+    plain, fused = pair("basic", torch.float64)
+    plain.eval(), fused.eval()
+    x = torch.randn(block_input_shape("basic"))
+    errors = []
+    for block in (plain, fused):
+        with pytest.raises(RuntimeError) as error, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            block(x)
+        errors.append(str(error.value))
+    assert errors[1] == errors[0]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), torch.tensor(0.25)], ids=lambda v: type(v).__name__)
+def test_numpy_and_tensor_momentum_and_eps_as_in_eager(training, value):
+    """A BatchNorm's momentum or eps may be a NumPy scalar or a 0-dim tensor, as eager's
+    F.batch_norm takes them (a schema float); they were refused, after the counter moved."""
+    plain, fused = pair("bottleneck_stride2_downsample", torch.float64)
+    x = torch.randn(block_input_shape("bottleneck_stride2_downsample"), dtype=torch.float64)
+    for block in (plain, fused):
+        block.train(training)
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum, m.eps = value, value * 1e-3
+    for no_grad in (False, True):
+        with torch.set_grad_enabled(not no_grad):
+            assert_close_scaled({"out": fused(x)}, {"out": plain(x)}, 1e-10)
+    assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-10)
+
+
+def test_fake_tensor_forward_leaves_no_fake_folded_weights():
+    """A forward under FakeTensorMode (shape inference, export's tracing) must not fold:
+    the cache, keyed by the real parameters, would serve fake weights to the next real call."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    plain, fused = pair("bottleneck_stride2_downsample")
+    plain.eval(), fused.eval()
+    x = inputs_for("bottleneck_stride2_downsample", 1)[0]
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert isinstance(fused(mode.from_tensor(x)), FakeTensor)
+    y = eval_output(fused, x)
+    assert type(y) is torch.Tensor
+    assert_close_scaled({"eval": y}, {"eval": eval_output(plain, x)}, 1e-5)
+
+
+def test_meta_device_eval_returns_what_eager_returns():
+    """Shape inference on the meta device, in eval without autograd: the meta device has no
+    autocast state to ask (it raised) and nothing to fold."""
+    plain, fused = pair("bottleneck_stride2_downsample", device="meta")
+    plain.eval(), fused.eval()
+    x = torch.empty(block_input_shape("bottleneck_stride2_downsample"), device="meta")
+    with torch.no_grad():
+        y, expected = fused(x), plain(x)
+    assert y.is_meta and y.shape == expected.shape and y.stride() == expected.stride()
 
 
 def test_unbatched_input_raises_like_eager():

@@ -17,6 +17,7 @@ fused code and are compared at float32 precision whatever the input dtype.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import importlib.util
 import itertools
 import json
@@ -26,6 +27,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -941,6 +943,23 @@ def test_scalar_arguments_are_checked_before_any_kernel(backend):
     with pytest.raises(TypeError, match=r"dual_bn_add_relu\(\): expected `eps_d` to be a float, got str"):
         RF.dual_bn_add_relu(x, x, running_mean, running_var, None, None, training=True, eps_d="1e-5", backend=backend)
     assert torch.equal(running_mean, torch.zeros(4))  # no statistics were taken
+    for value in (torch.tensor([0.1]), torch.tensor(0.1, requires_grad=True), 0.1j, fractions.Fraction(1, 10)):
+        with pytest.raises(TypeError, match=r"bn_relu\(\): expected `momentum` to be a float, got"):
+            RF.bn_relu(x, running_mean, running_var, training=True, momentum=value, backend=backend)
+        assert torch.equal(running_mean, torch.zeros(4)), value
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scalar_arguments_take_what_a_schema_float_takes(backend):
+    """momentum and eps as F.batch_norm takes them: NumPy scalars, 0-dim tensors and bools
+    too, each acting as its float value."""
+    x = activation((2, 4, 3, 3))
+    expected_mean = torch.zeros(4)
+    expected = RF.bn_relu(x, expected_mean, torch.ones(4), training=True, momentum=1.0, eps=0.5, backend=backend)
+    for momentum, eps in ((np.float32(1), np.float16(0.5)), (torch.tensor(1), torch.tensor(0.5)), (True, np.float64(0.5))):
+        running_mean = torch.zeros(4)
+        y = RF.bn_relu(x, running_mean, torch.ones(4), training=True, momentum=momentum, eps=eps, backend=backend)
+        assert torch.equal(y, expected) and torch.equal(running_mean, expected_mean), (momentum, eps)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
