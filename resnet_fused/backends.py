@@ -116,7 +116,8 @@ class Backend:
             )
         if dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
-            raise TypeError(f"resnet_fused backend {self.name!r} supports dtypes {names}, got {dtype}")
+            hint = "; the reference backend runs it" if dtype in _ALL_DTYPES and self.name != "reference" else ""
+            raise TypeError(f"resnet_fused backend {self.name!r} supports dtypes {names}, got {dtype}{hint}")
 
     def callable_ops(self) -> object:
         """The ops to call now: in plain eager mode the implementations without torch.library's
@@ -208,7 +209,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` here."""
+    """Names of the backends built and registered for ``device``'s type here (whether a GPU
+    is present is not checked)."""
     device = torch.device(device)
     return [b.name for b in _REGISTRY.values() if b.unavailable is None and (not b.device_types or device.type in b.device_types)]
 

@@ -219,9 +219,10 @@ def _cudnn_fused_or(fallback: Callable[[], Tensor], x: Tensor, conv: nn.Conv2d, 
                     residual: Optional[Tensor]) -> Tensor:
     """cuDNN's fused conv + bias [+ residual] + ReLU where it applies, else ``fallback()``.
 
-    The H200 anchors (anchors/h200-cudnn-fused-conv.json) measure both fused ops at the
-    plain convolution's time on ResNet-50 shapes (bf16, channels_last), so no convolution
-    followed by a separate epilogue pass can beat them; they are used wherever they run.
+    The H200 anchors (../shared/anchors/h200-cudnn-fused-conv.json, beside this
+    repository) measure both fused ops at the plain convolution's time on ResNet-50 shapes
+    (bf16, channels_last), so no convolution followed by a separate epilogue pass can beat
+    them; they are used wherever they run.
     cuDNN finds no fused engine for some configurations and raises: such a configuration
     is remembered and runs ``fallback`` from then on, once ``fallback`` has run it (bad
     input raises there too, and is no reason to give up on cuDNN for later calls).
