@@ -70,6 +70,8 @@ def check_activation(op: str, name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}(): expected `{name}` to be a Tensor, got {type(t).__name__}")
     _check_strided(op, name, t)
+    if t.is_nested:  # a strided nested tensor: no single shape
+        raise TypeError(f"{op}(): expected `{name}` to be a dense tensor, got a nested tensor")
     if t.dim() != 4:
         raise ValueError(
             f"{op}(): expected `{name}` to be a 4-D (N, C, H, W) tensor, "
@@ -166,13 +168,14 @@ def _check_batch_norm_arguments(op, input, weight, bias, running_mean, running_v
 
 def _batch_norm_arguments_pass(input, weight, bias, running_mean, running_var, training) -> bool:
     """True only where every check of ``check_batch_norm`` passes, in one pass without its
-    per-argument calls: the common case, checked in ~2.3 of the ~5.7 µs the checks take
-    (2-core Xeon), on every fused op of every training step. False decides nothing: the
+    per-argument calls: the common case, whose checks take ~3.3 µs instead of ~5.7 (2-core
+    Xeon, docs/performance.md), on every fused op of every training step. False decides nothing: the
     checks then run and name what is wrong."""
     if (
         type(training) is not bool
         or not isinstance(input, Tensor)
         or input.layout != torch.strided
+        or input.is_nested  # strided nested tensors have no .shape
         or input.dim() != 4
         or input.dtype not in ACTIVATION_DTYPES
     ):
@@ -253,8 +256,9 @@ def check_batch_size(input: Tensor) -> None:
 
 def as_float(op: str, name: str, value: object) -> float:
     """``value`` as a Python float, taking what a schema's ``float`` takes (``F.batch_norm``'s
-    momentum and eps, the C++ ops'): a Python or NumPy real number (bool included) or a
-    0-dim real tensor that does not require grad; else a TypeError naming the argument
+    momentum and eps, the C++ ops'): a Python real number (bool included), a NumPy integer
+    or floating scalar, or a 0-dim real tensor that does not require grad (not a NumPy bool,
+    which eager takes too); else a TypeError naming the argument
     (Python-implemented ops are called without the schema in eager mode)."""
     if isinstance(value, (int, float)):  # bool is an int
         return float(value)

@@ -3,7 +3,7 @@
 Importing it registers the op schemas and the CPU (and, when compiled, CUDA) kernels
 under ``torch.ops.resnet_fused``. Without it the package still works: every op runs the
 plain-PyTorch reference path: a warning at import says so, and one on the first
-call per device and dtype (``backends.resolve``).
+call per device type and dtype (``backends.resolve``).
 """
 
 from __future__ import annotations

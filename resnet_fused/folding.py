@@ -189,15 +189,15 @@ def compute_dtype(x: Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
     input and weight (float16, bfloat16, float32: it leaves float64, and an integer input
     to conv's own error); otherwise input and weight must agree.
     """
-    device_type = x.device.type
+    device_type, weight_dtype = x.device.type, conv.weight.dtype
     if (
         x.dtype in _AUTOCAST_CASTS
-        and conv.weight.dtype in _AUTOCAST_CASTS
-        and torch.amp.is_autocast_available(device_type)  # not on meta, for one
+        and weight_dtype in _AUTOCAST_CASTS
+        and torch._C._is_autocast_available(device_type)  # torch.amp's test, without its wrapper; not on meta
         and torch.is_autocast_enabled(device_type)
     ):
         return torch.get_autocast_dtype(device_type)
-    return x.dtype if x.dtype == conv.weight.dtype else None
+    return x.dtype if x.dtype == weight_dtype else None
 
 
 # ------------------------------------------------------------------ convolutions

@@ -623,6 +623,8 @@ BAD_INPUTS = [
      r"`running_var` to hold one value per channel in memory .* expanded tensor"),
     ("stats require grad", lambda x, c: (x, {**c, "running_mean": torch.zeros(6, requires_grad=True)}), ValueError,
      r"`running_mean` not to require grad in training"),
+    ("nested", lambda x, c: (torch.nested.nested_tensor(list(x)), c), TypeError,
+     r"`input` to be a dense tensor, got a nested tensor"),
     ("sparse param", lambda x, c: (x, {**c, "weight": torch.ones(6).to_sparse()}), TypeError,
      r"`weight` to be a strided \(dense\) tensor, got layout torch.sparse_coo"),
     ("eps zero", lambda x, c: (x, {**c, "eps": 0.0}), ValueError, r"`eps` to be positive in training, got 0.0"),
@@ -646,6 +648,7 @@ def _batch_norm_argument_variants():
     x = activation((2, 6, 3, 3))
     ok = dict(input=x, weight=torch.ones(6), bias=torch.zeros(6), running_mean=torch.zeros(6),
               running_var=torch.ones(6), training=True)
+    nested = torch.nested.nested_tensor([x[0], x[1]])  # strided, no single shape
     one_channel = dict(ok, input=x[:, :1], weight=None, bias=None,
                        running_mean=torch.zeros(()).expand(1), running_var=torch.ones(1, 1)[0])
     variants = [
@@ -663,6 +666,7 @@ def _batch_norm_argument_variants():
         dict(ok, training=1), dict(ok, training="False"), dict(ok, input=x[:1, :, :1, :1]),
         dict(ok, running_var=torch.ones(1).expand(6)), dict(ok, running_mean=torch.zeros(6, requires_grad=True)),
         dict(ok, input=torch.randn(2, 6, 3, 3, device="meta")),
+        dict(ok, input=nested), dict(ok, input=nested, training=False),
     ]
     return [dict(v) for v in variants]
 
@@ -685,7 +689,7 @@ def test_batch_norm_checks_fast_path_passes_only_what_the_checks_pass():
                     checks_pass = False
                 assert fast == checks_pass, (grad_mode, {k: getattr(v, "shape", v) for k, v in args.items()})
                 passed, refused = passed + checks_pass, refused + (not checks_pass)
-    assert (passed, refused) == (27, 37)  # every variant ran both ways (no_grad passes one more)
+    assert (passed, refused) == (27, 41)  # every variant ran both ways (no_grad passes one more)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
