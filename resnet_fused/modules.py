@@ -326,12 +326,12 @@ class _FusedBlock:
         main = batch_norm_call(bn)
         if self.downsample is None:
             return functional.bn_add_relu(t, x.to(t.dtype), *main)  # x: the block input, maybe outside autocast
+        conv_d, bn_d = self.downsample
+        dual = uses_batch_statistics(bn_d) == main.training  # the dual op normalizes both branches in one mode
         # Eager runs this BatchNorm before the downsample: bad arguments to it must raise
         # before the downsample's BatchNorm moves its running statistics or counter.
-        functional._checked_scalars("bn_add_relu", t, *main)
-        conv_d, bn_d = self.downsample
-        if uses_batch_statistics(bn_d) != main.training:
-            # The dual op normalizes both branches in one mode; compose instead.
+        functional._checked_scalars("dual_bn_add_relu" if dual else "bn_add_relu", t, *main)
+        if not dual:
             return functional.bn_add_relu(t, self.downsample(x).to(t.dtype), *main)
         d = batch_norm_call(bn_d)
         return functional.dual_bn_add_relu(

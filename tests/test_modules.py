@@ -227,12 +227,13 @@ def test_bad_eps_of_the_last_batch_norm_raises_before_the_downsample_runs(config
     plain, fused = pair(config, torch.float64)
     x = torch.randn(block_input_shape(config), dtype=torch.float64)
     downsample_bn = copy.deepcopy(fused.downsample[1].state_dict())
-    for block in (plain, fused):
+    op = "dual_bn_add_relu" if last_bn_training else "bn_add_relu"  # the op the fused forward calls
+    for block, message in ((plain, "eps"), (fused, rf"^{op}\(\): expected `eps`")):
         block.train()
         last = getattr(block, fused._last_stage[1])
         last.train(last_bn_training)
         last.eps = 0.0 if last_bn_training else -1e-3
-        with pytest.raises(ValueError, match="eps"):
+        with pytest.raises(ValueError, match=message):
             block(x)
     assert_close_scaled(dict(fused.downsample[1].state_dict()), downsample_bn, 0.0)
     assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-10)  # bn1's (and bn2's) moved
@@ -600,6 +601,25 @@ def test_jit_trace_keeps_no_folded_weights():
     for traced in (traced_cold, traced_warm):
         traced.load_state_dict(other)
         assert_close_scaled({"eval": eval_output(traced, x)}, {"eval": eval_output(plain, x)}, 1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", ["basic", "bottleneck_stride2_downsample"])
+def test_torch_export_traces_the_fused_ops(config, training):
+    """torch.export.export records the fused ops (not torchvision's forward, not folded
+    weights), and the exported module trains like torchvision's block: outputs, input and
+    parameter gradients over SGD steps, running statistics and num_batches_tracked."""
+    plain, fused = pair(config, torch.float64)
+    plain.train(training), fused.train(training)
+    inputs = inputs_for(config, 3, torch.float64)
+    grads = random_like_outputs(plain, inputs)
+    exported = torch.export.export(fused, (inputs[0],))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    last = "resnet_fused.dual_bn_add_relu.default" if fused.downsample is not None else "resnet_fused.bn_add_relu.default"
+    assert {"resnet_fused.bn_relu.default", last} <= ops
+    assert ("resnet_fused.batch_stats.default" in ops) == training
+    assert not any("batch_norm" in op for op in ops), ops
+    assert_close_scaled(train(exported.module(), inputs, grads).tensors(), train(plain, inputs, grads).tensors(), 1e-10)
 
 
 def test_jit_script_says_what_to_do_instead():
