@@ -271,3 +271,51 @@ def test_cuda_compile_inductor_resnet18(training, no_tf32):
     x = images(1, torch.float32, size=128, device="cuda")[0].contiguous(memory_format=torch.channels_last)
     grad = random_like_outputs(reference, [x])
     assert_close_scaled(_uncompiled_names(train(compiled, [x], grad)), train(reference, [x], grad).tensors(), 1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_of_whole_training_steps(backend, no_tf32, monkeypatch):
+    """A fused model's whole training step (forward, backward, SGD) captured in one CUDA graph,
+    torch.cuda.graph's recipe for a host-bound loop (docs/modules.md): each replay trains as
+    the same step run eagerly does, outputs, parameters, momenta, running statistics and
+    num_batches_tracked. Deterministic float32 convolutions, so the two runs compute alike:
+    1e-6 is float32 rounding; a replay that missed an update or read stale memory is off by O(1)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    model, _ = resnet_fused.fuse(torchvision_model("resnet18", torch.float32).cuda())
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = sgd(model)
+    # 128x128 images: 32 values per channel in the last stage (see test_cuda_compile_inductor_resnet18).
+    steps = [(x.contiguous(memory_format=torch.channels_last), torch.randn(2, 10, device="cuda"))
+             for x in images(4, torch.float32, size=128, device="cuda")]
+    static_x, static_grad = (torch.empty_like(t) for t in steps[0])
+
+    def step(model, optimizer, x, grad):
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x)
+        out.backward(grad)
+        optimizer.step()
+        return out
+
+    with resnet_fused.use_backend(backend):
+        side = torch.cuda.Stream()  # warm-up (autotuners, momentum buffers) off the capture stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for x, grad in steps[:2]:
+                step(model, optimizer, x, grad)
+        torch.cuda.current_stream().wait_stream(side)
+        eager_model = copy.deepcopy(model)
+        eager_optimizer = sgd(eager_model)
+        eager_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # its own momentum buffers
+        graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_out = step(model, optimizer, static_x, static_grad)
+        for i, (x, grad) in enumerate(steps[2:]):
+            static_x.copy_(x), static_grad.copy_(grad)
+            graph.replay()
+            eager_out = step(eager_model, eager_optimizer, x, grad)
+            assert_close_scaled({f"step{i}.output": static_out}, {f"step{i}.output": eager_out.detach()}, 1e-6)
+    momenta = {f"momentum.{n}": optimizer.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
+    eager_momenta = {f"momentum.{n}": eager_optimizer.state[p]["momentum_buffer"] for n, p in eager_model.named_parameters()}
+    assert_close_scaled({**model.state_dict(), **momenta}, {**eager_model.state_dict(), **eager_momenta}, 1e-6)
