@@ -18,7 +18,8 @@
 # in order (RESNET_FUSED_PDL=0: in-order/, bench_in_order.log, and in_order_diff.txt
 # against the default run), triton_precompile.log, the
 # block suite's suite.log and results/ (its published table and chart), profile.log (where
-# a ResNet-50 training step's host and device time go, benchmarks/step_profile.py) and
+# a ResNet-50 training step's host and device time go, and its wall time replayed from one
+# CUDA graph, benchmarks/step_profile.py --graph) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
 # the build fails; otherwise runs every phase. Exit status: 0 all passed, 1 a test or
 # measurement failed, 3 none failed but TOTAL_BUDGET cut something short (the last line
@@ -321,8 +322,8 @@ fi
 if phase_fits profile; then
   phase "ResNet-50 training step, host and device (benchmarks/step_profile.py, cap ${PROFILE_CAP}s)"
   capped "$PROFILE_CAP" "$out/profile.log" "$PYTHON" benchmarks/step_profile.py --device cuda --providers eager,fused-cuda,fused-triton \
-    --steps 2 || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
-  grep -E "^[a-z-]+: wall|^  kernels" "$out/profile.log"
+    --steps 2 --graph || { echo "gpu_check: STEP PROFILE FAILED ($out/profile.log)"; status=1; }
+  grep -E "^[a-z-]+: wall|^  kernels|^  in one CUDA graph" "$out/profile.log"
   # A block's host time: the CUDA backend also with Python autograd Functions (what the C++ ones
   # save), the Triton backend also with every launch through Triton (what the replay saves).
   capped 45 "$out/host_overhead.log" "$PYTHON" benchmarks/host_overhead.py --device cuda --backends cuda,triton --calls 100 \

@@ -507,6 +507,26 @@ def test_step_profile_names_phases_and_backward_nodes(capsys):
     assert "CppNode<resnet_fused::eager::BnRelu>" in fused and "CppNode<resnet_fused::eager::DualBnA" in fused
 
 
+def test_step_profile_graph_needs_cuda(capsys):
+    from benchmarks import step_profile
+
+    with pytest.raises(SystemExit):
+        step_profile.main(["--device", "cpu", "--graph"])
+    assert "--graph needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_step_profile_times_the_step_in_one_cuda_graph(capsys):
+    """--graph captures the suite's own training step (forward, backward, optimizer) whole and
+    times its replays, for eager and for both fused GPU backends."""
+    from benchmarks import step_profile
+
+    step_profile.main(["--device", "cuda", "--size", "tiny", "--workload", "resnet50",
+                       "--providers", "eager,fused-cuda,fused-triton", "--steps", "1", "--top", "1", "--graph"])
+    out = capsys.readouterr().out
+    assert out.count("in one CUDA graph: wall ") == 3 and "capture failed" not in out, out
+
+
 def test_step_profile_host_phases_ignore_gpu_annotations():
     """Profiled with CUDA, each ``step: <phase>`` range comes back twice from key_averages:
     the host range and a GPU annotation of the same name, with no host time and the span of
