@@ -35,7 +35,7 @@ from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
 import test_ops
 from test_ops import (OUTLIER_SHAPES_ON_GPU, ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients,
-                      check_mask_of_the_rounded_output, check_non_finite_statistics,
+                      check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
@@ -512,6 +512,11 @@ def test_nan_residual_passes_the_gradient_as_eager(layout):
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_non_finite_values_poison_only_their_channel(layout):
     check_non_finite_statistics(BACKEND, layout, DEVICE)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_non_finite_inputs_in_eval_keep_to_their_element(layout):
+    check_non_finite_inputs_in_eval(BACKEND, layout, DEVICE)
 
 
 def test_mask_of_the_rounded_output():

@@ -318,6 +318,47 @@ def test_nan_residual_passes_the_gradient_as_eager(backend, layout):
     check_nan_residual_gradients(backend, layout)
 
 
+def check_non_finite_inputs_in_eval(backend, layout, device="cpu"):
+    """Eval normalizes with running statistics, so an Inf or NaN in the input stays in its
+    element: -Inf gives an output of 0 and no gradient, +Inf and NaN pass the gradient
+    (scale * g, as eager's relu and batch_norm backward give it), and every other element
+    is eager's. A backward that adds (x - mean) * 0 for eval's missing batch terms gets NaN
+    at all three. Every op, both inputs of the dual one; upstream gradient without zeros."""
+    shape = (2, 6, 3, 5)
+
+    def poisoned():
+        t = activation(shape, layout=layout, device=device)
+        t[0, 1, 2, 3], t[1, 4, 0, 0], t[1, 2, 1, 1] = float("-inf"), float("inf"), float("nan")
+        return t.requires_grad_()
+
+    x, other = poisoned(), poisoned()
+    w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    rm, rv = torch.randn(6, device=device), torch.rand(6, device=device) + 0.5
+    upstream = activation(shape, layout=layout, device=device, offset=2.0)
+    eager_bn = lambda t: F.batch_norm(t, rm, rv, w, b, False)  # noqa: E731
+    cases = {
+        "bn_relu": ((x,), lambda: torch.relu(eager_bn(x)),
+                    lambda: RF.bn_relu(x, rm, rv, w, b, False, backend=backend)),
+        "bn_add_relu": ((x, other), lambda: torch.relu(eager_bn(x) + other),
+                        lambda: RF.bn_add_relu(x, other, rm, rv, w, b, False, backend=backend)),
+        "dual_bn_add_relu": ((x, other), lambda: torch.relu(eager_bn(x) + eager_bn(other)),
+                             lambda: RF.dual_bn_add_relu(x, other, rm, rv, rm, rv, w, b, w, b, False, backend=backend)),
+    }
+    for op, (inputs, eager, fused) in cases.items():
+        want, got = eager(), fused()
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5, msg=lambda m: f"{op}: {m}")
+        for i, (a, e) in enumerate(zip(torch.autograd.grad(got, inputs, upstream),
+                                       torch.autograd.grad(want, inputs, upstream))):
+            assert not a.isnan().any(), f"{op}: a NaN in the gradient of input {i}"
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{op}, input {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_non_finite_inputs_in_eval_keep_to_their_element(backend, layout):
+    check_non_finite_inputs_in_eval(backend, layout)
+
+
 def check_non_finite_statistics(backend, layout, device="cpu"):
     """A channel holding an Inf or a NaN gets a non-finite mean and a NaN invstd, so its
     whole output is NaN, as eager's (whose mean there is Inf or NaN by its summation

@@ -26,8 +26,8 @@ import resnet_fused
 from resnet_fused import _extension, functional as RF, ops
 from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck
 from test_ops import (OUTLIER_SHAPES_ON_GPU, check_mask_of_the_rounded_output, check_nan_residual_gradients,
-                      check_non_finite_statistics, check_running_statistics_of_any_kind,
-                      check_statistics_with_an_outlier_first)
+                      check_non_finite_inputs_in_eval, check_non_finite_statistics,
+                      check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
 
 pytest.importorskip("triton")
 from resnet_fused.triton import _runtime, compile_report  # noqa: E402
@@ -515,6 +515,12 @@ def test_nan_residual_passes_the_gradient_as_eager_on_cuda(layout):
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_non_finite_values_poison_only_their_channel_on_cuda(layout):
     check_non_finite_statistics("triton", layout, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_non_finite_inputs_in_eval_keep_to_their_element_on_cuda(layout):
+    check_non_finite_inputs_in_eval("triton", layout, "cuda")
 
 
 @cuda

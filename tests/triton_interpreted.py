@@ -27,8 +27,8 @@ from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
 from test_ops import (OPS, OUTLIER_CASES, check_mask_of_the_rounded_output, check_nan_residual_gradients,
-                      check_non_finite_statistics, check_running_statistics_of_any_kind,
-                      check_statistics_with_an_outlier_first, run_case)
+                      check_non_finite_inputs_in_eval, check_non_finite_statistics,
+                      check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first, run_case)
 from test_triton_ops import check_functional_training, check_ops_against_reference
 
 if not _runtime.INTERPRET:
@@ -226,6 +226,12 @@ def test_running_statistics_of_any_kind(layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_finite_values_poison_only_their_channel(layout):
     check_non_finite_statistics("triton", layout)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the weight gradient: 0 * -Inf, as eager
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_finite_inputs_in_eval_keep_to_their_element(layout):
+    check_non_finite_inputs_in_eval("triton", layout)
 
 
 def test_mask_of_the_rounded_output():

@@ -586,11 +586,18 @@ void backward(const BnActBackwardParams& p) {
                      p.grad_weight_d, p.grad_bias_d);
   }
 
+  // Eval: grad_x = scale * g alone. The batch terms are zero there, but (x - mean) * 0
+  // would turn an Inf in x into a NaN gradient, where eager passes scale * g.
+  const bool training = p.training;
   parallel_for_runs(g, [&](auto per_lane, int64_t offset, int64_t len, int64_t channel) {
     constexpr bool kPerLane = decltype(per_lane)::value;
     const Operands<T> s = operands;
     const Coefficients<A> cm = main.at(channel), cd = downsample.at(channel);
     auto coeff = [](const A* a, int64_t j) { return L::template coeff<kPerLane>(a, j); };
+    auto grad_x = [&](const Vec& grad, const Vec& x, const Coefficients<A>& c, int64_t j) {
+      if (!training) return grad * coeff(c.scale, j);
+      return at::vec::fmadd(grad, coeff(c.scale, j), at::vec::fmadd(x - coeff(c.mean, j), coeff(c.k2, j), coeff(c.k1, j)));
+    };
     for (int64_t j = 0; j < len; j += L::kSize) {
       const int64_t n = std::min(L::kSize, len - j);
       const int64_t i = offset + j;
@@ -605,13 +612,8 @@ void backward(const BnActBackwardParams& p) {
         x = v.x;
         x_d = v.x_d;
       }
-      const Vec dx = at::vec::fmadd(grad, coeff(cm.scale, j), at::vec::fmadd(x - coeff(cm.mean, j), coeff(cm.k2, j), coeff(cm.k1, j)));
-      L::store(s.grad_input + i, dx, n);
-      if constexpr (E == Epilogue::kDualAddRelu) {
-        const Vec dx_d =
-            at::vec::fmadd(grad, coeff(cd.scale, j), at::vec::fmadd(x_d - coeff(cd.mean, j), coeff(cd.k2, j), coeff(cd.k1, j)));
-        L::store(s.grad_input_d + i, dx_d, n);
-      }
+      L::store(s.grad_input + i, grad_x(grad, x, cm, j), n);
+      if constexpr (E == Epilogue::kDualAddRelu) L::store(s.grad_input_d + i, grad_x(grad, x_d, cd, j), n);
     }
   });
 }

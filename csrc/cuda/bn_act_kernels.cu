@@ -957,7 +957,8 @@ __global__ void __launch_bounds__(kFinalizeThreads, 2) bn_act_backward_finalize_
 
 // Pass 2: grad_input (and grad_input_d) from the coefficients. For kAddRelu the masked
 // gradient g is grad_residual, written by pass 1: the pass streams it in place of
-// grad_out, with input alone, as kRelu's does (and needs no mask).
+// grad_out, with input alone, as kRelu's does (and needs no mask). Eval (`coefficients`
+// null): grad_x = scale * g alone; fma(x, 0, 0) would turn an Inf in x into a NaN.
 template <typename T, int V, Epilogue E, Layout L>
 __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).blocks_per_sm)
     bn_act_backward_elementwise_kernel(BackwardArgs<T> a, Shape shape, const float* __restrict__ coefficients) {
@@ -970,14 +971,17 @@ __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).block
   prefetch_backward_step<kLoads, T, V, U>(a, walk);  // before the per-channel loads
   const int64_t C = shape.channels;
   LaneAffine<V> main, down;
-  float k0[V], k1[V], k0_d[V] = {}, k1_d[V] = {};
+  const bool training = coefficients != nullptr;
+  float k0[V] = {}, k1[V] = {}, k0_d[V] = {}, k1_d[V] = {};
   main.load(a.main, walk);
-  load_lanes(coefficients, walk, k0);
-  load_lanes(coefficients + C, walk, k1);
-  if constexpr (E == Epilogue::kDualAddRelu) {
-    down.load(a.down, walk);
-    load_lanes(coefficients + 2 * C, walk, k0_d);
-    load_lanes(coefficients + 3 * C, walk, k1_d);
+  if constexpr (E == Epilogue::kDualAddRelu) down.load(a.down, walk);
+  if (training) {
+    load_lanes(coefficients, walk, k0);
+    load_lanes(coefficients + C, walk, k1);
+    if constexpr (E == Epilogue::kDualAddRelu) {
+      load_lanes(coefficients + 2 * C, walk, k0_d);
+      load_lanes(coefficients + 3 * C, walk, k1_d);
+    }
   }
 
   while (walk.valid()) {
@@ -995,9 +999,10 @@ __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).block
         } else {
           g = in.template masked<E>(u, i, main, down);
         }
-        grad_x[i] = __fmaf_rn(g, main.scale[i], __fmaf_rn(in.x[u][i], k1[i], k0[i]));
+        grad_x[i] = training ? __fmaf_rn(g, main.scale[i], __fmaf_rn(in.x[u][i], k1[i], k0[i])) : __fmul_rn(g, main.scale[i]);
         if constexpr (E == Epilogue::kDualAddRelu) {
-          grad_x_d[i] = __fmaf_rn(g, down.scale[i], __fmaf_rn(in.o[u][i], k1_d[i], k0_d[i]));
+          grad_x_d[i] = training ? __fmaf_rn(g, down.scale[i], __fmaf_rn(in.o[u][i], k1_d[i], k0_d[i]))
+                                 : __fmul_rn(g, down.scale[i]);
         }
       }
       store<T, V>(a.grad_input + in.offset[u], grad_x);
@@ -1372,7 +1377,8 @@ cudaError_t launch_bn_act_backward(const BnActBackwardParams& p, cudaStream_t st
 
         const Launch elementwise = make_launch(g, V, wave_grid_y(device, g, V, backward_elementwise_config(E)));
         return launch_kernel<bn_act_backward_elementwise_kernel<T, V, E, L>>(
-            device, elementwise.grid, elementwise.block, stream, a, elementwise.shape, coefficients);
+            device, elementwise.grid, elementwise.block, stream, a, elementwise.shape,
+            p.training ? coefficients : nullptr);
       });
     });
   });

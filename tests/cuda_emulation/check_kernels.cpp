@@ -481,6 +481,91 @@ struct Shape {
   bool float32_only = false;
 };
 
+// Eval backward of inputs holding an Inf or a NaN (input and, for the dual op, input_d):
+// grad_x = scale * g alone, as eager's, where adding (x - mean) * 0 would give a NaN. -Inf
+// masks its element (gradient 0), +Inf and NaN pass scale * g exactly, and no gradient
+// anywhere is a NaN (every other value is finite).
+void check_eval_backward_of_non_finite_inputs(Layout layout, Epilogue e) {
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "float32 %s %s eval backward of -Inf, +Inf and NaN inputs", name(layout), name(e));
+  if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
+  current_case = buf;
+  const int before = failures;
+  const Case k{2, 16, 3, 4, layout, e, false, true, true, false, 2};
+  const bool dual = e == Epilogue::kDualAddRelu, add = e == Epilogue::kAddRelu;
+  const int64_t N = k.n, C = k.c, S = k.h * k.w;
+  emulation::multiprocessors = k.multiprocessors;
+  ActivationGeometry g;
+  g.batch = N;
+  g.channels = C;
+  g.spatial = S;
+  g.layout = layout;
+  g.dtype = DType::kFloat32;
+  Rng rng(11);
+  Activation<float> x(N, C, S, layout, 0), other(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
+  fill(x, rng, 0.3, 1.2);
+  fill(other, rng, -0.2, 0.9);
+  fill(grad_out, rng, 2.0, 0.5);
+  struct Poisoned { int64_t n, c, s; float value; Activation<float>* where; };
+  const Poisoned poisoned[] = {{0, 1, 3, -INFINITY, &x}, {1, 4, 0, INFINITY, &x}, {1, 2, 7, NAN, &x},
+                               {0, 5, 5, -INFINITY, &other}, {1, 7, 2, NAN, &other}};
+  for (const Poisoned& v : poisoned) v.where->at(v.n, v.c, v.s) = v.value;
+  BranchData main, down;
+  for (BranchData* b : {&main, &down}) {
+    for (int64_t c = 0; c < C; ++c) {
+      b->weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+      b->bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
+      b->running_mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
+      b->running_var.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+    }
+  }
+  statistics(k, g, x, main, 0.1, 1e-5, "main");
+  statistics(k, g, other, down, 0.1, 1e-5, "downsample");
+
+  Activation<float> gx(N, C, S, layout, 0), go(N, C, S, layout, 0);
+  gx.poison();
+  go.poison();
+  std::vector<float> gw(C), gb(C), gwd(C), gbd(C);
+  BnActBackwardParams p;
+  p.geometry = g;
+  p.epilogue = e;
+  p.training = false;
+  p.grad_out = grad_out.data;
+  p.main = main.view(x.data);
+  if (dual) p.downsample = down.view(other.data);
+  if (add) p.residual = other.data;
+  p.grad_input = gx.data;
+  p.grad_weight = gw.data();
+  p.grad_bias = gb.data();
+  if (add) p.grad_residual = go.data;
+  if (dual) {
+    p.grad_input_d = go.data;
+    p.grad_weight_d = gwd.data();
+    p.grad_bias_d = gbd.data();
+  }
+  Workspace ws(cuda::bn_act_backward_workspace_bytes(g, e));
+  p.workspace = ws.get();
+  if (cuda::launch_bn_act_backward(p, nullptr) != cudaSuccess) fail("backward launch error");
+
+  for (int64_t i = 0; i < gx.numel(); ++i) {
+    if (std::isnan(gx.data[i])) fail("a NaN in grad_input at flat index " + std::to_string(i));
+    if ((add || dual) && std::isnan(go.data[i])) fail("a NaN in grad_other at flat index " + std::to_string(i));
+  }
+  for (const Poisoned& v : poisoned) {
+    const int64_t n = v.n, c = v.c, s = v.s;
+    double pre = normalized(main, c, x.get(n, c, s));
+    if (add) pre += other.get(n, c, s);
+    if (dual) pre += normalized(down, c, other.get(n, c, s));
+    const float masked = pre <= 0 ? 0.f : grad_out.data[grad_out.index(n, c, s)];  // NaN passes
+    const std::string at = " at (" + std::to_string(n) + ", " + std::to_string(c) + ", " + std::to_string(s) + ")";
+    const float want = masked * (main.weight[c] * main.invstd[c]);
+    if (gx.data[gx.index(n, c, s)] != want) fail("grad_input" + at);
+    const float want_other = dual ? masked * (down.weight[c] * down.invstd[c]) : masked;
+    if ((add || dual) && go.data[go.index(n, c, s)] != want_other) fail("grad_other" + at);
+  }
+  std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
+}
+
 int main(int argc, char** argv) {
   if (argc > 1) filter = argv[1];
   const Shape shapes[] = {
@@ -524,6 +609,11 @@ int main(int argc, char** argv) {
       run<__nv_bfloat16>({3, 16, 4, 4, layout, e, true, false, false, false, 2}, "bfloat16", seed++);
       run<__half>({4, 24, 4, 6, layout, e, true, true, true, true, 1}, "float16", seed++);
       run<float>({4, 24, 4, 6, layout, e, false, true, true, true, 2}, "float32", seed++);
+    }
+  }
+  for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
+    for (Epilogue e : {Epilogue::kRelu, Epilogue::kAddRelu, Epilogue::kDualAddRelu}) {
+      check_eval_backward_of_non_finite_inputs(layout, e);
     }
   }
   for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
