@@ -205,6 +205,29 @@ def _batch_norm_arguments_pass(input, weight, bias, running_mean, running_var, t
     return True
 
 
+def check_saved_for_backward(op: str, names: tuple[str, ...], *tensors: Optional[Tensor]) -> None:
+    """Autograd's rule for what a recorded call saves, checked before anything runs: with
+    grad mode on and an argument that requires grad, the op saves its tensor arguments
+    (``names``) for its backward, and an inference tensor cannot be saved. Eager raises
+    before its BatchNorm moves the running statistics; the save itself would raise only
+    after the statistics pass has moved them. (Not while torch.compile traces: Dynamo
+    cannot ask a tensor whether it is an inference tensor.)"""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and t.is_inference():
+            break
+    else:
+        return
+    if any(t is not None and t.requires_grad for t in tensors):
+        name = next(n for n, t in zip(names, tensors) if t is not None and t.is_inference())
+        raise RuntimeError(
+            f"{op}(): `{name}` is an inference tensor, which autograd cannot save for this call's "
+            f"backward (grad mode is on and an argument requires grad); clone it outside "
+            f"torch.inference_mode(), or call under torch.no_grad()"
+        )
+
+
 def check_training(op: str, training: object) -> None:
     """``training`` is a bool, as in eager's schema: a truthy tensor or string would pick a
     mode silently, and a running-statistics update could precede the error."""

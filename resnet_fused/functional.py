@@ -88,6 +88,7 @@ def bn_relu(
     it into the BatchNorm reduction: two reads of ``input`` and the gradient, one write.
     """
     momentum, eps = _checked_scalars("bn_relu", input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _checks.check_saved_for_backward("bn_relu", ("input", "weight", "bias"), input, weight, bias)
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     return ops.bn_relu(input, weight, bias, mean, invstd, training)
@@ -114,6 +115,7 @@ def bn_add_relu(
     op = "bn_add_relu"
     momentum, eps = _checked_scalars(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
     _checks.check_like(op, "residual", residual, "input", input)
+    _checks.check_saved_for_backward(op, ("input", "residual", "weight", "bias"), input, residual, weight, bias)
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     return ops.bn_add_relu(input, residual, weight, bias, mean, invstd, training)
@@ -150,6 +152,8 @@ def dual_bn_add_relu(
         op, input_d, running_mean_d, running_var_d, weight_d, bias_d, training, momentum_d, eps_d, "_d"
     )
     _checks.check_like(op, "input_d", input_d, "input", input)
+    _checks.check_saved_for_backward(op, ("input", "weight", "bias", "input_d", "weight_d", "bias_d"),
+                                     input, weight, bias, input_d, weight_d, bias_d)
     ops = backends.resolve(input.device, input.dtype, backend).callable_ops()
     mean, invstd = _statistics(ops, input, running_mean, running_var, training, momentum, eps)
     mean_d, invstd_d = _statistics(ops, input_d, running_mean_d, running_var_d, training, momentum_d, eps_d)

@@ -784,6 +784,44 @@ def test_refused_calls_leave_the_running_statistics_alone(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inference_tensors_autograd_would_save_are_refused_before_any_update(backend):
+    """With grad mode on and an argument that requires grad, a call records its backward,
+    which saves the activations and parameters, and an inference tensor cannot be saved.
+    Eager raises before its BatchNorm moves the running statistics; so does every fused op
+    now, naming the argument (the save itself raised after the statistics pass). Eager
+    saves no residual, so it takes an inference one: the fused ops are stricter there. Under
+    no_grad each call runs and updates the statistics, as eager's does."""
+    def inference(t):
+        with torch.inference_mode():
+            return t.clone()
+
+    x = activation((2, 6, 3, 3)).requires_grad_()
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    running_mean, running_var = torch.randn(6), torch.rand(6) + 0.5
+    before = running_mean.clone(), running_var.clone()
+    calls = {
+        "input": lambda: RF.bn_relu(inference(x), running_mean, running_var, w.requires_grad_(), b, True,
+                                    backend=backend),
+        "weight": lambda: RF.bn_relu(x, running_mean, running_var, inference(w), b, True, backend=backend),
+        "residual": lambda: RF.bn_add_relu(x, inference(x), running_mean, running_var, w, b, True, backend=backend),
+        "bias_d": lambda: RF.dual_bn_add_relu(x, x, running_mean, running_var, torch.zeros(6), torch.ones(6),
+                                              w, b, w, inference(b), True, backend=backend),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"\(\): `{name}` is an inference tensor, which autograd cannot save"):
+            call()
+        assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1]), name
+        with torch.no_grad():
+            call()
+        assert not torch.equal(running_mean, before[0]), f"{name}: not updated under no_grad"
+        running_mean.copy_(before[0]), running_var.copy_(before[1])
+    w.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):  # eager's rule
+        F.batch_norm(x, running_mean, running_var, inference(w), b, True)
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_eps_follows_eager_in_eval(backend):
     """Eval only adds eps to the running variance: 0 is allowed (as in eager), a negative one refused."""
     x = activation((2, 6, 3, 3))
