@@ -198,6 +198,8 @@ def _batch_norm_arguments_pass(input, weight, bias, running_mean, running_var, t
     if shape[0] * shape[2] * shape[3] == 1:
         return False
     if running_mean is not None:
+        if running_mean is running_var:
+            return False
         grad_mode = torch.is_grad_enabled()
         for t in (running_mean, running_var):
             if (shape[1] > 1 and t.stride(0) == 0) or (grad_mode and t.requires_grad):
@@ -242,7 +244,12 @@ def check_running_stats_writable(
 ) -> None:
     """Running statistics a training op updates in place need a memory location per
     channel: an expanded tensor (stride 0) has one for all (eager writes every channel's
-    value there, the last one wins; the kernels would fail after writing the other)."""
+    value there, the last one wins; the kernels would fail after writing the other). Nor
+    may the two be one tensor: eager's CPU kernel updates the variance from the mean it has
+    just written, the reference both from the old values."""
+    if running_mean is not None and running_mean is running_var:
+        raise ValueError(f"{op}(): expected `running_mean{suffix}` and `running_var{suffix}` to be two tensors "
+                         f"(each is updated in place), got one tensor for both")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.shape[0] > 1 and t.stride(0) == 0:
             raise ValueError(

@@ -669,6 +669,8 @@ BAD_INPUTS = [
     ("sparse param", lambda x, c: (x, {**c, "weight": torch.ones(6).to_sparse()}), TypeError,
      r"`weight` to be a strided \(dense\) tensor, got layout torch.sparse_coo"),
     ("eps zero", lambda x, c: (x, {**c, "eps": 0.0}), ValueError, r"`eps` to be positive in training, got 0.0"),
+    ("one tensor for both stats", lambda x, c: (x, {**c, "running_var": c["running_mean"]}), ValueError,
+     r"`running_mean` and `running_var` to be two tensors \(each is updated in place\)"),
 ]
 
 
@@ -699,6 +701,7 @@ def _batch_norm_argument_variants():
         dict(ok, running_mean=None, running_var=None), one_channel, dict(one_channel, training=False),
         dict(ok, running_mean=torch.zeros(12)[::2]), dict(ok, weight=torch.nn.Parameter(torch.ones(6))),
         dict(ok, training=False, running_mean=torch.zeros(6, requires_grad=True)),
+        dict(ok, training=False, running_var=ok["running_mean"]),  # only read in eval
         # refused
         dict(ok, input=x[0]), dict(ok, input=x.unsqueeze(-1)), dict(ok, input=x.int()), dict(ok, input=x.to_sparse()), dict(ok, input=x.tolist()),
         dict(ok, weight=torch.ones(5)), dict(ok, weight=torch.ones(1, 6)), dict(ok, weight=torch.ones(6).to_sparse()),
@@ -707,7 +710,7 @@ def _batch_norm_argument_variants():
         dict(ok, training=1), dict(ok, training="False"), dict(ok, input=x[:1, :, :1, :1]),
         dict(ok, running_var=torch.ones(1).expand(6)), dict(ok, running_mean=torch.zeros(6, requires_grad=True)),
         dict(ok, input=torch.randn(2, 6, 3, 3, device="meta")),
-        dict(ok, input=nested), dict(ok, input=nested, training=False),
+        dict(ok, input=nested), dict(ok, input=nested, training=False), dict(ok, running_var=ok["running_mean"]),
     ]
     return [dict(v) for v in variants]
 
@@ -730,7 +733,7 @@ def test_batch_norm_checks_fast_path_passes_only_what_the_checks_pass():
                     checks_pass = False
                 assert fast == checks_pass, (grad_mode, {k: getattr(v, "shape", v) for k, v in args.items()})
                 passed, refused = passed + checks_pass, refused + (not checks_pass)
-    assert (passed, refused) == (27, 41)  # every variant ran both ways (no_grad passes one more)
+    assert (passed, refused) == (29, 43)  # every variant ran both ways (no_grad passes one more)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
