@@ -279,8 +279,13 @@ def test_cuda_graph_of_whole_training_steps(backend, no_tf32, monkeypatch):
     """A fused model's whole training step (forward, backward, SGD) captured in one CUDA graph,
     torch.cuda.graph's recipe for a host-bound loop (docs/modules.md): each replay trains as
     the same step run eagerly does, outputs, parameters, momenta, running statistics and
-    num_batches_tracked. Deterministic float32 convolutions, so the two runs compute alike:
-    1e-6 is float32 rounding; a replay that missed an update or read stale memory is off by O(1)."""
+    num_batches_tracked. A replay runs the eager step's own kernels (deterministic cuDNN
+    algorithms, the autotuner's cached choices), so the two should agree to the bit; 1e-6
+    allows float32 rounding, and a replay that missed an update or read stale memory is off
+    by O(1). (Any rounding difference grows over the steps where a ReLU mask flips: on the
+    CPU, two thread counts give outputs 2e-6 apart after one step and momenta 10% apart
+    after two, so a small error in step0.output with larger ones later means another
+    algorithm ran, not a broken replay.)"""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     model, _ = resnet_fused.fuse(torchvision_model("resnet18", torch.float32).cuda())
     model = model.to(memory_format=torch.channels_last)
