@@ -18,7 +18,8 @@ torch.profiler and prints, per step:
 
 The profiler adds about a microsecond per op, so host times here run a few percent high.
 ``--graph`` (CUDA) also times the step captured whole in one CUDA graph and replayed
-(docs/modules.md, "CUDA graphs"): the wall time with the host out of the loop.
+(docs/modules.md, "CUDA graphs"): the wall time with the host out of the loop. A capture
+that fails is reported, the other providers still run, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         common.quiet_cpu_profiler()
     print(f"{args.workload} {case.shape}, training step, {precision.name}, {args.layout}, N={case.batch}, "
           f"{common.environment(device)['card'] if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
+    capture_failed = False
     for name in args.providers.split(","):
         reason = providers.unavailable(name, device, precision.activation_dtype)
         if reason:
@@ -173,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 with prepared.context():
                     graphed = _graph_wall_ms(step, device, max(args.steps, 5))
                 print(f"  in one CUDA graph: wall {graphed:.2f} ms per step")
-            except RuntimeError as error:  # the other providers still run
+            except RuntimeError as error:  # the other providers still run; the exit status tells
                 print(f"  in one CUDA graph: capture failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-    return 0
+                capture_failed = True
+    return 1 if capture_failed else 0
 
 
 if __name__ == "__main__":

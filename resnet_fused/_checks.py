@@ -246,7 +246,8 @@ def check_running_stats_writable(
     channel: an expanded tensor (stride 0) has one for all (eager writes every channel's
     value there, the last one wins; the kernels would fail after writing the other). Nor
     may the two be one tensor: eager's CPU kernel updates the variance from the mean it has
-    just written, the reference both from the old values."""
+    just written, the reference both from the old values. (Two views of one memory are not
+    detected: their storage would cost every call a lookup.)"""
     if running_mean is not None and running_mean is running_var:
         raise ValueError(f"{op}(): expected `running_mean{suffix}` and `running_var{suffix}` to be two tensors "
                          f"(each is updated in place), got one tensor for both")

@@ -521,9 +521,10 @@ def test_step_profile_times_the_step_in_one_cuda_graph(capsys):
     times its replays (the GPU check's profile phase runs it with fused-triton too)."""
     from benchmarks import step_profile
 
-    step_profile.main(["--device", "cuda", "--size", "tiny", "--workload", "resnet50",
-                       "--providers", "eager,fused-cuda", "--steps", "1", "--top", "1", "--graph"])
+    status = step_profile.main(["--device", "cuda", "--size", "tiny", "--workload", "resnet50",
+                                "--providers", "eager,fused-cuda", "--steps", "1", "--top", "1", "--graph"])
     out = capsys.readouterr().out
+    assert status == 0, out
     assert out.count("in one CUDA graph: wall ") == 2 and "capture failed" not in out, out
 
 

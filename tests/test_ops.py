@@ -792,8 +792,9 @@ def test_inference_tensors_autograd_would_save_are_refused_before_any_update(bac
     which saves the activations and parameters, and an inference tensor cannot be saved.
     Eager raises before its BatchNorm moves the running statistics; so does every fused op
     now, naming the argument (the save itself raised after the statistics pass). Eager
-    saves no residual, so it takes an inference one: the fused ops are stricter there. Under
-    no_grad each call runs and updates the statistics, as eager's does."""
+    saves no bias or residual, so it takes inference ones: the fused ops, which save both
+    to recompute the ReLU mask, are stricter there. Under no_grad each call runs and
+    updates the statistics, as eager's does."""
     def inference(t):
         with torch.inference_mode():
             return t.clone()
@@ -822,6 +823,8 @@ def test_inference_tensors_autograd_would_save_are_refused_before_any_update(bac
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):  # eager's rule
         F.batch_norm(x, running_mean, running_var, inference(w), b, True)
     assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+    F.batch_norm(x, running_mean, running_var, w, inference(b), True)  # eager saves no bias
+    assert not torch.equal(running_mean, before[0])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -887,7 +887,7 @@ struct BackwardFinalize {
 // the elementwise pass, grad_x = fma(g, scale, fma(x, k1, k0)):
 //   training: k1 = -scale * invstd^2 * sum(g * (x - mean)) / M,
 //             k0 = -scale * sum(g) / M - mean * k1
-//   eval:     k0 = k1 = 0
+//   eval:     k0 = k1 = 0, which the elementwise pass does not read (grad_x = g * scale)
 // Folding the mean into k0 (in double) keeps a register per lane free; its rounding is
 // the one the forward's shift = bias - mean * scale already has.
 // One channel of a branch as the finalize needs it, loaded before the partials are
