@@ -326,12 +326,14 @@ def check_non_finite_inputs_in_eval(backend, layout, device="cpu"):
     at all three. Every op, both inputs of the dual one; upstream gradient without zeros."""
     shape = (2, 6, 3, 5)
 
-    def poisoned():
+    def poisoned(at):  # -Inf, +Inf and NaN at the three indices `at`
         t = activation(shape, layout=layout, device=device)
-        t[0, 1, 2, 3], t[1, 4, 0, 0], t[1, 2, 1, 1] = float("-inf"), float("inf"), float("nan")
+        for index, value in zip(at, (float("-inf"), float("inf"), float("nan"))):
+            t[index] = value
         return t.requires_grad_()
 
-    x, other = poisoned(), poisoned()
+    # Elsewhere in `other` than in `x`: where one is not finite, the other is.
+    x, other = poisoned([(0, 1, 2, 3), (1, 4, 0, 0), (1, 2, 1, 1)]), poisoned([(1, 0, 2, 4), (0, 3, 1, 0), (0, 5, 0, 2)])
     w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
     rm, rv = torch.randn(6, device=device), torch.rand(6, device=device) + 0.5
     upstream = activation(shape, layout=layout, device=device, offset=2.0)
