@@ -14,23 +14,28 @@ On CUDA those run as cuDNN's fused kernels (``torch.cudnn_convolution_relu`` /
 Folded weights are cached per block (:class:`FoldCache`) and rebuilt whenever a source
 tensor may have changed. For each of conv.weight, conv.bias, bn.weight, bn.bias,
 bn.running_mean, bn.running_var and bn.num_batches_tracked the cache records the tensor
-object itself (by weak reference), its version counter (``_version``: bumped by every
-in-place write through autograd-visible tensors: foreach optimizer steps,
-``load_state_dict``'s ``copy_``, in-place ops under ``no_grad``; eager BatchNorm bumps
-``num_batches_tracked``'s, not its running statistics'), ``data_ptr()``, dtype, device,
-shape and strides (``.to()``, ``param.data = ...``, ``load_state_dict(assign=True)``,
-new Parameters; the entry holds each source's storage, so that its address cannot be
-reused meanwhile), plus ``bn.eps``, the compute dtype (autocast on or off) and the count
-of fused optimizers' steps (which bump no version). One kind of write is invisible to
-all of these: an in-place write through ``param.data`` (``p.data.mul_(2)``), whose tensor
-has a version counter of its own; a block drops its cache on every ``train()`` /
-``eval()`` call, so calling ``model.eval()`` after such an edit refreshes it.
+object's ``id``, its version counter (``_version``: bumped by every in-place write through
+autograd-visible tensors: foreach optimizer steps, ``load_state_dict``'s ``copy_``,
+in-place ops under ``no_grad``; eager BatchNorm bumps ``num_batches_tracked``'s, not its
+running statistics'), ``data_ptr()``, dtype, device, shape and strides (``.to()``,
+``param.data = ...``, ``load_state_dict(assign=True)``, new Parameters), plus ``bn.eps``,
+the compute dtype (autocast on or off) and the count of fused optimizers' steps (which
+bump no version). The entry holds each source's storage, so that its address cannot be
+reused meanwhile: a tensor that matches an entry views the very memory it was folded
+from. It holds no reference to the tensors themselves, not even a weak one, which would
+keep ``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()`` under
+``torch.__future__.set_swap_module_params_on_conversion(True)``) from swapping them.
+A BatchNorm with running statistics but no ``num_batches_tracked`` is folded afresh on
+every call: nothing would show that an eager training forward updated its statistics.
+One kind of write is invisible to all of these: an in-place write through ``param.data``
+(``p.data.mul_(2)``), whose tensor has a version counter of its own; a block drops its
+cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()`` after such an
+edit refreshes it.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -127,7 +132,7 @@ def _watch_optimizer_steps() -> None:
 
 
 class _Entry(NamedTuple):
-    refs: tuple  # weakref.ref per source tensor, None for an absent one
+    ids: tuple  # id() per source tensor, None for an absent one
     states: tuple  # _state per source tensor, None for an absent one
     # Each source's storage, held so that its address cannot be reused by a tensor that
     # replaces it (`param.data = ...` twice) while the entry compares data_ptr().
@@ -137,11 +142,11 @@ class _Entry(NamedTuple):
     folded: FoldedConv
 
     def matches(self, sources: tuple[Optional[Tensor], ...], eps: float) -> bool:
-        for ref, state, t in zip(self.refs, self.states, sources):
+        for ident, state, t in zip(self.ids, self.states, sources):
             if t is None:
-                if ref is not None:
+                if ident is not None:
                     return False
-            elif ref is None or ref() is not t or state != _state(t):
+            elif ident != id(t) or state != _state(t):
                 return False
         return eps == self.eps and self.optimizer_steps == _optimizer_steps
 
@@ -156,8 +161,10 @@ class FoldCache:
     def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
         """The folded ``conv``/``bn`` pair ``name`` in ``dtype``, from the cache when valid."""
         sources = _sources(conv, bn)
-        if any(t is not None and t.is_inference() for t in sources):
-            return fold(conv, bn, dtype)  # inference tensors have no version counter
+        if sources[-1] is None or any(t is not None and t.is_inference() for t in sources):
+            # Inference tensors have no version counter; without num_batches_tracked an
+            # eager BatchNorm's training forward updates the statistics unseen.
+            return fold(conv, bn, dtype)
         key = (name, dtype)
         eps = _checks.as_float("batch_norm", "eps", bn.eps)  # a float: a tensor eps could change in place
         entry = self._entries.get(key)
@@ -168,7 +175,7 @@ class FoldCache:
             with torch.inference_mode(False):
                 folded = fold(conv, bn, dtype)
             entry = _Entry(
-                tuple(None if t is None else weakref.ref(t) for t in sources),
+                tuple(None if t is None else id(t) for t in sources),
                 tuple(None if t is None else _state(t) for t in sources),
                 tuple(t.untyped_storage() for t in sources if t is not None),
                 eps,

@@ -462,6 +462,42 @@ class TestFoldCache:
             model.downsample[1].eval()
         self.check()
 
+    def test_running_statistics_without_num_batches_tracked(self):
+        """Without num_batches_tracked (a buffer set to None) nothing shows that an eager
+        training forward updated a BatchNorm's statistics: such a pair is folded afresh on
+        every call (it was served stale, 3% off)."""
+        self.check()
+        for model in (self.plain, self.fused):
+            model.downsample[1].num_batches_tracked = None
+        self.check()
+        for model in (self.plain, self.fused):
+            model.downsample[1].train()
+            with torch.no_grad():
+                model(self.x * 3 + 1)
+            model.downsample[1].eval()
+        self.check()
+
+    def test_tensors_swapped_on_conversion(self):
+        """Under torch.__future__.set_swap_module_params_on_conversion(True), load_state_dict
+        and .to() swap the parameters' contents (torch.utils.swap_tensors), which refuses a
+        tensor with a weak reference: the cache holds none (it did), and the swapped-in
+        values take effect. A submodule converted alone too (the block's _apply does not
+        run then)."""
+        self.check()
+        other = randomize_batch_norms(make_block(self.config)).state_dict()
+        previous = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            self.both(lambda m: m.load_state_dict(other))
+            self.check()
+            self.both(lambda m: m.bn2.double().float())
+            self.check()
+            self.both(lambda m: m.double())
+            self.x = self.x.double()
+            self.check(1e-12)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(previous)
+
     def test_replaced_storage_is_held_until_refolded(self):
         """After `param.data = new`, the old storage must not be freed while an entry
         compares data_ptr() against its address: a second `param.data = ...` could land
