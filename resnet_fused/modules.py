@@ -241,7 +241,8 @@ def _records_autograd(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
 def _fold_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[torch.dtype]:
     """The dtype to run ``bn(conv(x))`` folded in; None when it must run unfolded.
 
-    Folding needs running statistics and pays off only through the cache, which holds
+    Folding needs both running statistics (eval with one of them None runs unfolded, where
+    the fused op refuses the pair by name) and pays off only through the cache, which holds
     non-differentiable tensors and relies on eager tensor versions: so no autograd graph,
     and no tracing (torch.compile, torch.jit.trace), which sees conv + fused op instead: a
     trace would otherwise keep the cached folded weights as constants, blind to weights
@@ -249,7 +250,9 @@ def _fold_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[torc
     fake weights, keyed by real parameters, for the next real call) or on the meta device.
     """
     if (
-        uses_batch_statistics(bn)
+        bn.training
+        or bn.running_mean is None  # batch statistics, or half a pair: the ops name what is wrong
+        or bn.running_var is None
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or _records_autograd(x, conv, bn)

@@ -239,6 +239,23 @@ def test_bad_eps_of_the_last_batch_norm_raises_before_the_downsample_runs(config
     assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-10)  # bn1's (and bn2's) moved
 
 
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_half_a_running_statistics_pair_in_eval_is_refused_by_name(missing):
+    """Eval with one running statistic set to None: eager raises a RuntimeError ("must be
+    defined in evaluation mode"); the fused block runs such a pair unfolded, where the op
+    names the pair (the fold raised an AttributeError on None)."""
+    plain, fused = pair("bottleneck_stride2_downsample")
+    x = inputs_for("bottleneck_stride2_downsample", 1)[0]
+    for block in (plain, fused):
+        block.eval()
+        setattr(block.bn2, missing, None)
+    with pytest.raises(RuntimeError, match="must be defined in evaluation mode"), torch.no_grad():
+        plain(x)
+    with pytest.raises(ValueError, match=r"bn_relu\(\): expected `running_mean` and `running_var` to be given together"), \
+            torch.no_grad():
+        fused(x)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_empty_batch(training):
     plain, fused = pair("bottleneck_stride2_downsample", torch.float64)
