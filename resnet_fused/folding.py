@@ -27,10 +27,11 @@ keep ``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()`` under
 ``torch.__future__.set_swap_module_params_on_conversion(True)``) from swapping them.
 A BatchNorm with running statistics but no ``num_batches_tracked`` is folded afresh on
 every call: nothing would show that an eager training forward updated its statistics.
-One kind of write is invisible to all of these: an in-place write through ``param.data``
-(``p.data.mul_(2)``), whose tensor has a version counter of its own; a block drops its
-cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()`` after such an
-edit refreshes it.
+One kind of write is invisible to all of these: an in-place write that bypasses the
+Parameter's version counter (through ``param.data``, ``p.data.mul_(2)``, whose tensor has a
+version counter of its own; a NumPy view; a ``vector_to_parameters`` alias); a block drops
+its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()`` after such
+an edit refreshes it.
 """
 
 from __future__ import annotations
