@@ -57,6 +57,22 @@ def measure(fn: Callable[[], object], device: torch.device, *, budget_ms: float 
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
+def cuda_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph after two warm-up calls, all on one side stream (the
+    stream an eager backward's forward graph is built on, which autograd runs it on)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    side.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device copy bandwidth (bytes read + written per second, GB/s) on a buffer far larger than L2."""
     if device.type == "cpu":

@@ -514,28 +514,12 @@ def relative_error(op: str, actual, expected) -> float:
 # ---------------------------------------------------------------- timing
 
 
-def _graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """fn captured in a CUDA graph after two warm-up calls, all on one side stream (the
-    stream an eager backward's forward graph is built on, which autograd runs it on)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    side.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    return graph
-
-
 def timed(fn: Callable[[], object], device: torch.device, budget_ms: float) -> tuple[dict, str]:
     """Median time of fn; on CUDA of its CUDA-graph replays (plain launches if capture fails)."""
     if device.type != "cuda":
         return common.measure(fn, device, budget_ms=budget_ms), "wall clock"
     try:
-        graph = _graph(fn)
+        graph = common.cuda_graph(fn)
     except RuntimeError as error:
         torch.cuda.synchronize(device)
         print(f"  (CUDA graph capture failed, timing plain launches: {str(error).splitlines()[0]})")

@@ -52,17 +52,9 @@ def _wall_ms(step, device: torch.device, steps: int) -> float:
 
 
 def _graph_wall_ms(step, device: torch.device, steps: int) -> float:
-    """Wall time per replay of ``step`` captured in one CUDA graph, torch's recipe: warmed
-    up on a side stream, captured once (``step`` reads only its static inputs)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    """Wall time per replay of ``step`` captured in one CUDA graph (``step`` reads only its
+    static inputs)."""
+    graph = common.cuda_graph(step)
     graph.replay()  # the first replay uploads the graph
     return _wall_ms(graph.replay, device, steps)
 
