@@ -8,9 +8,11 @@ LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
 def activation(shape, dtype=torch.float32, layout="nhwc", device="cpu", *, scale=1.0, offset=0.0):
-    """A fresh random (N, C, H, W) activation in the given layout, never all zeros."""
+    """A fresh random (N, C, H, W) activation in the given layout, never all zeros, strided
+    as a convolution's output in that layout is (``torch.empty(..., memory_format=)``: for a
+    size-1 dimension too, which ``contiguous(memory_format=)`` would leave as it was)."""
     x = torch.randn(shape, device=device, dtype=torch.float32) * scale + offset
-    return x.to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    return torch.empty(shape, device=device, dtype=dtype, memory_format=LAYOUTS[layout]).copy_(x)
 
 
 def non_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
 import test_ops
-from test_ops import (OUTLIER_SHAPES_ON_GPU, ROUNDING, BatchNormState, assert_close, check_nan_residual_gradients,
+from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, BatchNormState, assert_close, check_empty_input,
+                      check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
 
@@ -122,15 +123,13 @@ def test_misaligned_inputs(op, layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-def test_empty_batch(layout):
-    bn = BatchNormState(5, device=DEVICE)
-    x = activation((0, 5, 4, 4), torch.float32, layout, DEVICE).requires_grad_()
-    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
-    out = RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, backend=BACKEND)
-    assert out.shape == x.shape
-    gx, gw, gb = torch.autograd.grad(out.sum(), [x, bn.weight, bn.bias])
-    assert gx.shape == x.shape and not gw.any() and not gb.any()
-    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)  # as eager leaves them
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=shape_id)
+def test_empty_input(shape, layout):
+    check_empty_input(BACKEND, shape, layout, DEVICE)
+
+
+def test_results_strided_in_the_op_layout():
+    check_results_strided_in_the_op_layout(BACKEND, DEVICE)
 
 
 # ---------------------------------------------------------------- the raw ops

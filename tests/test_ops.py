@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused
-from resnet_fused import backends, functional as RF
+from resnet_fused import _checks, backends, functional as RF
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
 
 CPU_BACKENDS = [b for b in ("cpu", "reference") if b in resnet_fused.available_backends("cpu")]
@@ -149,6 +149,16 @@ def assert_close(actual, expected, tol, what, atol=None):
                                msg=lambda m: f"{what}: {m}")
 
 
+def assert_same_layout(actual, expected, what):
+    """The same strides; where a dimension has size 1 or 0 its stride is arbitrary (eager's
+    own forward and backward pick different ones), so there the same dense layouts."""
+    if min(expected.shape, default=2) > 1:
+        assert actual.stride() == expected.stride(), f"{what}: strides {actual.stride()}, expected {expected.stride()}"
+    else:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert actual.is_contiguous(memory_format=layout) == expected.is_contiguous(memory_format=layout), what
+
+
 def input_gradient_atol(expected, atol, training, against_float64):
     """atol of an input gradient: ``atol``, and in training against float64 at least the
     float32 error of its per-channel sums (``GRADIENT_SUM_ERROR`` of its largest element)."""
@@ -195,7 +205,8 @@ def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=
 
     out, g, state, state_d = runs["fused"]
     assert out.dtype == dtype and out.shape == x.shape
-    assert out.stride() == runs[same_dtype_oracle][0].stride(), f"memory format differs from {same_dtype_oracle}'s"
+    for i, (a, e) in enumerate(zip((out, *g), (runs[same_dtype_oracle][0], *runs[same_dtype_oracle][1]))):
+        assert_same_layout(a, e, f"{'output' if i == 0 else f'gradient {i - 1}'} vs {same_dtype_oracle}")
     for oracle in ("eager64", same_dtype_oracle):
         ref_out, ref_g, ref_state, ref_state_d = runs[oracle]
         if oracle == "eager64":
@@ -267,17 +278,55 @@ def test_cumulative_moving_average_matches_momentum_none(backend):
     torch.testing.assert_close(running_var, bn.running_var, rtol=1e-6, atol=1e-6)
 
 
+EMPTY_SHAPES = [(0, 5, 4, 4), (2, 5, 0, 3)]  # no batch; a batch of empty planes
+
+
+def check_empty_input(backend, shape, layout, device="cpu"):
+    """An input with no values: every op returns empty results, parameter gradients of 0,
+    and leaves the running statistics untouched, as eager does."""
+    x, other = (activation(shape, layout=layout, device=device).requires_grad_() for _ in range(2))
+    state, state_d = BatchNormState(5, device=device), BatchNormState(5, device=device)
+    initial = state.clone()
+    for op in OPS:
+        out = fused(op, x, other, state, state_d, True, backend=backend)
+        assert out.shape == x.shape, op
+        for g in torch.autograd.grad(out.sum(), leaves(x, other, state, state_d, op)):
+            assert g.shape == x.shape if g.dim() == 4 else torch.equal(g, torch.zeros_like(g)), op
+    assert torch.equal(state.running_mean, initial.running_mean) and torch.equal(state.running_var, initial.running_var)
+
+
+def check_results_strided_in_the_op_layout(backend, device="cpu"):
+    """Every activation an op returns (output, input gradients) is dense in the layout the
+    op runs in, with that layout's own strides (``torch.empty(..., memory_format=)``, as the
+    C++ host layer allocates), also where a dimension of size 1 or 0 leaves the input's
+    strides arbitrary: they are not copied from the input. (The reference backend returns
+    what eager's ops return, whose strides there vary between forward and backward.)"""
+    for shape in [(3, 8, 1, 1), (4, 1, 4, 4), (1, 6, 3, 3), *EMPTY_SHAPES]:
+        for fmt in (torch.channels_last, torch.contiguous_format):
+            fresh = torch.randn(shape, device=device)
+            # each layout's canonical strides, and NCHW strides that also count as channels_last
+            for x in (torch.empty_like(fresh, memory_format=fmt).copy_(fresh), fresh.contiguous(memory_format=fmt)):
+                x = x.requires_grad_()
+                other = x.detach().flip(0).contiguous(memory_format=fmt).requires_grad_()
+                want = torch.empty(shape, memory_format=_checks.activation_memory_format(x)).stride()
+                state, state_d = BatchNormState(shape[1], device=device), BatchNormState(shape[1], device=device)
+                for op in OPS:
+                    out = fused(op, x, other, state, state_d, True, backend=backend)
+                    results = [out, *torch.autograd.grad(out.sum(), [x] + ([other] if op != "bn_relu" else []))]
+                    for i, t in enumerate(results):
+                        assert t.stride() == want, f"{op} {shape} from strides {x.stride()}: result {i} {t.stride()}, expected {want}"
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+def test_results_strided_in_the_op_layout(backend):
+    check_results_strided_in_the_op_layout(backend)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-def test_empty_batch_matches_eager(backend, layout):
-    bn = BatchNormState(5)
-    x = activation((0, 5, 4, 4), layout=layout).requires_grad_()
-    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
-    out = RF.bn_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, backend=backend)
-    assert out.shape == x.shape
-    gx, gw, gb = torch.autograd.grad(out.sum(), [x, bn.weight, bn.bias])
-    assert gx.shape == x.shape and torch.equal(gw, torch.zeros(5)) and torch.equal(gb, torch.zeros(5))
-    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)  # eager leaves them too
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_empty_input(backend, shape, layout):
+    check_empty_input(backend, shape, layout)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -721,8 +770,6 @@ def test_batch_norm_checks_fast_path_passes_only_what_the_checks_pass():
     """check_batch_norm returns early where one combined test passes; that test must
     never pass an argument the separate checks refuse (nor may it refuse what they
     pass: that is only slower, but would leave the fast path untested)."""
-    from resnet_fused import _checks
-
     passed = refused = 0
     for grad_mode in (True, False):
         with torch.set_grad_enabled(grad_mode):

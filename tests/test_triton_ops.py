@@ -25,7 +25,8 @@ import torch
 import resnet_fused
 from resnet_fused import _extension, functional as RF, ops
 from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck
-from test_ops import (OUTLIER_SHAPES_ON_GPU, check_mask_of_the_rounded_output, check_nan_residual_gradients,
+from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, check_empty_input, check_mask_of_the_rounded_output,
+                      check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
 
@@ -526,6 +527,18 @@ def test_non_finite_inputs_in_eval_keep_to_their_element_on_cuda(layout):
 @cuda
 def test_mask_of_the_rounded_output_on_cuda():
     check_mask_of_the_rounded_output("triton", "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_empty_input_on_cuda(shape, layout):
+    check_empty_input("triton", shape, layout, "cuda")
+
+
+@cuda
+def test_results_strided_in_the_op_layout_on_cuda():
+    check_results_strided_in_the_op_layout("triton", "cuda")
 
 
 @cuda

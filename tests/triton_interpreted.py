@@ -26,7 +26,8 @@ import resnet_fused
 from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
-from test_ops import (OPS, OUTLIER_CASES, check_mask_of_the_rounded_output, check_nan_residual_gradients,
+from test_ops import (EMPTY_SHAPES, OPS, OUTLIER_CASES, check_empty_input, check_results_strided_in_the_op_layout,
+                      check_mask_of_the_rounded_output, check_nan_residual_gradients,
                       check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first, run_case)
 from test_triton_ops import check_functional_training, check_ops_against_reference
@@ -82,15 +83,13 @@ def test_non_contiguous_inputs(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_empty_batch(layout):
-    x = activation((0, 5, 2, 2), layout=layout).requires_grad_()
-    w, b = torch.ones(5, requires_grad=True), torch.zeros(5, requires_grad=True)
-    rm, rv = torch.zeros(5), torch.ones(5)
-    out = RF.bn_relu(x, rm, rv, w, b, True, backend="triton")
-    gx, gw, gb = torch.autograd.grad(out.sum(), [x, w, b])
-    assert out.shape == gx.shape == x.shape
-    assert torch.equal(gw, torch.zeros(5)) and torch.equal(gb, torch.zeros(5))
-    assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5))
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_empty_input(shape, layout):
+    check_empty_input("triton", shape, layout)
+
+
+def test_results_strided_in_the_op_layout():
+    check_results_strided_in_the_op_layout("triton")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
