@@ -806,6 +806,16 @@ def test_expanded_running_statistics_are_refused_before_any_update(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_tensor_as_both_running_statistics_is_refused_by_the_registered_op(backend):
+    """As by the functional API (BAD_INPUTS): each statistic is updated in place."""
+    x, running = activation((2, 6, 3, 3)), torch.rand(6) + 0.5
+    before = running.clone()
+    with pytest.raises(ValueError, match=r"batch_stats\(\): expected `running_mean` and `running_var` to be two tensors"):
+        resnet_fused.backends.get(backend).ops.batch_stats(x, running, running, 0.1, 1e-5)
+    assert torch.equal(running, before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_refused_calls_leave_the_running_statistics_alone(backend):
     """Arguments eager refuses are refused before the statistics are taken, so no running
     statistic moves: a non-bool `training` (a truthy string or tensor would pick a mode),
