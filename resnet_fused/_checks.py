@@ -30,7 +30,8 @@ def activation_memory_format(t: Tensor) -> torch.memory_format:
         return torch.contiguous_format
     if t.dim() != 4:
         return suggest_memory_format(t)
-    if min(t.shape) > 1:
+    n, c, h, w = t.shape
+    if n > 1 and c > 1 and h > 1 and w > 1:  # not min(), whose symbolic form guards the sizes' order
         nchw, nhwc = t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
         if nchw != nhwc:
             return torch.contiguous_format if nchw else torch.channels_last

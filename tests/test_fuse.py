@@ -229,6 +229,28 @@ def test_compile_fullgraph_resnet18(training):
     assert_close_scaled(_uncompiled_names(train(compiled, [x], grad)), train(reference, [x], grad).tensors(), 1e-6)
 
 
+def test_compile_dynamic_batch_sizes_take_one_graph_as_torchvision():
+    """Under dynamic shapes the fused block recompiles no more than torchvision's: the
+    layout check guards each size against 1, not the sizes' order (a batch size passing the
+    spatial size recompiled the block; in a whole model, every stage)."""
+    from torch._dynamo.utils import counters
+
+    plain = BasicBlock(4, 4)
+    fused = resnet_fused.fuse(copy.deepcopy(plain))[0]
+    graphs = {}
+    for name, block in (("torchvision", plain), ("fused", fused)):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(block, backend="aot_eager", dynamic=True, fullgraph=True)
+        graphs[name] = []
+        for n in (2, 3, 4, 5, 6):  # H = W = 4: the batch passes the spatial size
+            before = counters["stats"]["unique_graphs"]
+            compiled(torch.randn(n, 4, 4, 4))
+            graphs[name].append(counters["stats"]["unique_graphs"] - before)
+    torch._dynamo.reset()
+    assert graphs["fused"] == graphs["torchvision"] == [1, 0, 0, 0, 0], graphs
+
+
 def _uncompiled_names(run):
     return {name.replace("_orig_mod.", ""): t for name, t in run.tensors().items()}
 
