@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Optional
@@ -33,6 +34,20 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32 = previous
+
+
+@contextlib.contextmanager
+def running_on(backend: str):
+    """``use_backend(backend)``, with Triton's first configuration pinned: autotuning every
+    new shape of a whole block or model would take minutes."""
+    with resnet_fused.use_backend(backend):
+        if backend != "triton":
+            yield
+            return
+        from resnet_fused.triton import _runtime
+
+        with _runtime.pinned_config(0):
+            yield
 
 
 def make_block(config: str, cls: Optional[type] = None, norm_layer=None) -> nn.Module:

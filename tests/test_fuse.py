@@ -23,6 +23,7 @@ from block_helpers import (
     no_tf32,  # noqa: F401  (fixture)
     random_like_outputs,
     randomize_batch_norms,
+    running_on,
     sgd,
     train,
 )
@@ -296,6 +297,7 @@ def test_cuda_compile_inductor_resnet18(training, no_tf32):
 
 
 @pytest.mark.cuda
+@pytest.mark.timeout(300)  # two whole-model warm-up steps, deterministic cuDNN algorithms chosen afresh
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_graph_of_whole_training_steps(backend, no_tf32, monkeypatch):
     """A fused model's whole training step (forward, backward, SGD) captured in one CUDA graph,
@@ -324,7 +326,7 @@ def test_cuda_graph_of_whole_training_steps(backend, no_tf32, monkeypatch):
         optimizer.step()
         return out
 
-    with resnet_fused.use_backend(backend):
+    with running_on(backend):
         side = torch.cuda.Stream()  # warm-up (autotuners, momentum buffers) off the capture stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -15,7 +15,6 @@ Precision policy:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import gc
@@ -37,6 +36,7 @@ from block_helpers import (
     no_tf32,  # noqa: F401  (fixture)
     random_like_outputs,
     randomize_batch_norms,
+    running_on,
     train,
 )
 from torch import nn
@@ -873,18 +873,6 @@ def test_a_cudnn_refusal_is_remembered_only_once_the_fallback_ran(monkeypatch):
 BACKEND_CASES = [("cuda", config) for config in CONFIGS] + [
     ("triton", config) for config in ("basic_stride2_downsample", "bottleneck", "bottleneck_stride2_downsample")
 ]
-
-
-@contextlib.contextmanager
-def running_on(backend):
-    with use_backend(backend):
-        if backend != "triton":
-            yield
-            return
-        from resnet_fused.triton import _runtime
-
-        with _runtime.pinned_config(0):  # autotuning each new shape would take minutes
-            yield
 
 
 @pytest.mark.cuda
