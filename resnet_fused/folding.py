@@ -240,7 +240,7 @@ def _cudnn_fused_or(fallback: Callable[[], Tensor], x: Tensor, conv: nn.Conv2d, 
     name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
     config = (
         name, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
-        tuple(folded.weight.shape[1:]), conv.stride, conv.dilation, conv.groups,
+        tuple(folded.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups,
     )  # fmt: skip
     if config in _CUDNN_FUSED_REFUSED:
         return fallback()

@@ -864,6 +864,13 @@ def test_a_cudnn_refusal_is_remembered_only_once_the_fallback_ran(monkeypatch):
             out = folding.conv_bias_add_relu(x, conv, folded, x)
         assert len(folding._CUDNN_FUSED_REFUSED) == 1
         torch.testing.assert_close(out, torch.relu(folding.conv_bias(x, conv, folded) + x))
+        # another output width or padding is another configuration, asked of cuDNN afresh
+        for other in (nn.Conv2d(5, 7, 1).eval(), nn.Conv2d(5, 5, 1, padding=1).eval()):
+            folded_other = folding.fold(other, nn.BatchNorm2d(other.out_channels).eval(), torch.float32)
+            residual = torch.randn(folding.conv_bias(x, other, folded_other).shape)
+            with pytest.warns(RuntimeWarning, match="does not run"):
+                folding.conv_bias_add_relu(x, other, folded_other, residual)
+        assert len(folding._CUDNN_FUSED_REFUSED) == 3
 
 
 # ------------------------------------------------------------------ CUDA
