@@ -209,8 +209,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
-    """Names of the backends built and registered for ``device``'s type here (whether a GPU
-    is present is not checked)."""
+    """Names of the backends built and registered for ``device``'s type that can run here:
+    the C++ backends when compiled in (whether a GPU is present is not checked), ``triton``
+    only with a CUDA device (or for ``cpu`` under ``TRITON_INTERPRET=1``)."""
     device = torch.device(device)
     return [b.name for b in _REGISTRY.values() if b.unavailable is None and (not b.device_types or device.type in b.device_types)]
 

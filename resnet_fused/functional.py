@@ -109,8 +109,9 @@ def bn_add_relu(
 ) -> Tensor:
     r"""``relu(batch_norm(input, ...) + residual)`` in one pass: a block's identity tail.
 
-    ``residual`` must have the shape, dtype and device of ``input``. The backward writes
-    the gradients of ``input`` and ``residual`` in the same pass.
+    ``residual`` must have the shape, dtype and device of ``input``. The backward's
+    reduction pass writes the gradient of ``residual`` (the masked ``grad_out``) as it
+    reads ``grad_out``; its elementwise pass writes the gradient of ``input``.
     """
     op = "bn_add_relu"
     momentum, eps = _checked_scalars(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
