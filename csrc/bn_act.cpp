@@ -249,12 +249,12 @@ std::tuple<Tensor, Tensor> batch_stats(const BnActKernels& kernels, const Tensor
   check_per_channel(op, "running_var", running_var, "input", input);
   TORCH_CHECK_VALUE(defined(running_mean) == defined(running_var), op,
                     "(): expected `running_mean` and `running_var` to be given together or both be None");
-  check_running_stat_writable(op, "running_mean", running_mean);
-  check_running_stat_writable(op, "running_var", running_var);
-  // Each is updated in place (_checks.check_running_stats_writable).
+  // Each is updated in place; in _checks.check_running_stats_writable's order.
   TORCH_CHECK_VALUE(!defined(running_mean) || !running_mean->is_same(*running_var), op,
                     "(): expected `running_mean` and `running_var` to be two tensors (each is updated in "
                     "place), got one tensor for both");
+  check_running_stat_writable(op, "running_mean", running_mean);
+  check_running_stat_writable(op, "running_var", running_var);
   check_batch_size(input);
   check_training_eps(op, eps);
   c10::DeviceGuard guard(input.device());

@@ -46,7 +46,7 @@ def running_on(backend: str):
             return
         from resnet_fused.triton import _runtime
 
-        with _runtime.pinned_config(0):
+        with _runtime.pinned_config(_runtime.pinned_index() or 0):  # RESNET_FUSED_TRITON_CONFIG, or the first
             yield
 
 

@@ -34,8 +34,8 @@ import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
 import test_ops
-from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, BatchNormState, assert_close, check_empty_input,
-                      check_nan_residual_gradients, check_results_strided_in_the_op_layout,
+from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, STRIDE_SHAPES, BatchNormState, assert_close,
+                      check_empty_input, check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
 
@@ -128,8 +128,9 @@ def test_empty_input(shape, layout):
     check_empty_input(BACKEND, shape, layout, DEVICE)
 
 
-def test_results_strided_in_the_op_layout():
-    check_results_strided_in_the_op_layout(BACKEND, DEVICE)
+@pytest.mark.parametrize("shape", STRIDE_SHAPES, ids=shape_id)
+def test_results_strided_in_the_op_layout(shape):
+    check_results_strided_in_the_op_layout(BACKEND, shape, DEVICE)
 
 
 # ---------------------------------------------------------------- the raw ops

@@ -286,40 +286,44 @@ def check_empty_input(backend, shape, layout, device="cpu"):
     and leaves the running statistics untouched, as eager does."""
     x, other = (activation(shape, layout=layout, device=device).requires_grad_() for _ in range(2))
     state, state_d = BatchNormState(5, device=device), BatchNormState(5, device=device)
-    initial = state.clone()
+    initial = state.clone(), state_d.clone()
     for op in OPS:
         out = fused(op, x, other, state, state_d, True, backend=backend)
         assert out.shape == x.shape, op
         for g in torch.autograd.grad(out.sum(), leaves(x, other, state, state_d, op)):
             assert g.shape == x.shape if g.dim() == 4 else torch.equal(g, torch.zeros_like(g)), op
-    assert torch.equal(state.running_mean, initial.running_mean) and torch.equal(state.running_var, initial.running_var)
+    for s, s0 in zip((state, state_d), initial):
+        assert torch.equal(s.running_mean, s0.running_mean) and torch.equal(s.running_var, s0.running_var)
 
 
-def check_results_strided_in_the_op_layout(backend, device="cpu"):
+STRIDE_SHAPES = [(3, 8, 1, 1), (4, 1, 4, 4), (1, 6, 3, 3), *EMPTY_SHAPES]  # a size-1 or empty dimension
+
+
+def check_results_strided_in_the_op_layout(backend, shape, device="cpu"):
     """Every activation an op returns (output, input gradients) is dense in the layout the
     op runs in, with that layout's own strides (``torch.empty(..., memory_format=)``, as the
     C++ host layer allocates), also where a dimension of size 1 or 0 leaves the input's
     strides arbitrary: they are not copied from the input. (The reference backend returns
     what eager's ops return, whose strides there vary between forward and backward.)"""
-    for shape in [(3, 8, 1, 1), (4, 1, 4, 4), (1, 6, 3, 3), *EMPTY_SHAPES]:
-        for fmt in (torch.channels_last, torch.contiguous_format):
-            fresh = torch.randn(shape, device=device)
-            # each layout's canonical strides, and NCHW strides that also count as channels_last
-            for x in (torch.empty_like(fresh, memory_format=fmt).copy_(fresh), fresh.contiguous(memory_format=fmt)):
-                x = x.requires_grad_()
-                other = x.detach().flip(0).contiguous(memory_format=fmt).requires_grad_()
-                want = torch.empty(shape, memory_format=_checks.activation_memory_format(x)).stride()
-                state, state_d = BatchNormState(shape[1], device=device), BatchNormState(shape[1], device=device)
-                for op in OPS:
-                    out = fused(op, x, other, state, state_d, True, backend=backend)
-                    results = [out, *torch.autograd.grad(out.sum(), [x] + ([other] if op != "bn_relu" else []))]
-                    for i, t in enumerate(results):
-                        assert t.stride() == want, f"{op} {shape} from strides {x.stride()}: result {i} {t.stride()}, expected {want}"
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        fresh = torch.randn(shape, device=device)
+        # each layout's canonical strides, and NCHW strides that also count as channels_last
+        for x in (torch.empty_like(fresh, memory_format=fmt).copy_(fresh), fresh.contiguous(memory_format=fmt)):
+            x = x.requires_grad_()
+            other = x.detach().flip(0).contiguous(memory_format=fmt).requires_grad_()
+            want = torch.empty(shape, memory_format=_checks.activation_memory_format(x)).stride()
+            state, state_d = BatchNormState(shape[1], device=device), BatchNormState(shape[1], device=device)
+            for op in OPS:
+                out = fused(op, x, other, state, state_d, True, backend=backend)
+                results = [out, *torch.autograd.grad(out.sum(), [x] + ([other] if op != "bn_relu" else []))]
+                for i, t in enumerate(results):
+                    assert t.stride() == want, f"{op} from strides {x.stride()}: result {i} {t.stride()}, not {want}"
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
-def test_results_strided_in_the_op_layout(backend):
-    check_results_strided_in_the_op_layout(backend)
+@pytest.mark.parametrize("shape", STRIDE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_results_strided_in_the_op_layout(backend, shape):
+    check_results_strided_in_the_op_layout(backend, shape)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -807,12 +811,14 @@ def test_expanded_running_statistics_are_refused_before_any_update(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_one_tensor_as_both_running_statistics_is_refused_by_the_registered_op(backend):
-    """As by the functional API (BAD_INPUTS): each statistic is updated in place."""
-    x, running = activation((2, 6, 3, 3)), torch.rand(6) + 0.5
-    before = running.clone()
-    with pytest.raises(ValueError, match=r"batch_stats\(\): expected `running_mean` and `running_var` to be two tensors"):
-        resnet_fused.backends.get(backend).ops.batch_stats(x, running, running, 0.1, 1e-5)
-    assert torch.equal(running, before)
+    """As by the functional API (BAD_INPUTS), with its message also for an expanded tensor:
+    each statistic is updated in place."""
+    x = activation((2, 6, 3, 3))
+    for running in (torch.rand(6) + 0.5, torch.ones(1).expand(6)):
+        before = running.clone()
+        with pytest.raises(ValueError, match=r"batch_stats\(\): expected `running_mean` and `running_var` to be two tensors"):
+            resnet_fused.backends.get(backend).ops.batch_stats(x, running, running, 0.1, 1e-5)
+        assert torch.equal(running, before)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

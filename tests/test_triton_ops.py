@@ -25,10 +25,11 @@ import torch
 import resnet_fused
 from resnet_fused import _extension, functional as RF, ops
 from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck
-from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, check_empty_input, check_mask_of_the_rounded_output,
-                      check_nan_residual_gradients, check_results_strided_in_the_op_layout,
-                      check_non_finite_inputs_in_eval, check_non_finite_statistics,
-                      check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
+from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, STRIDE_SHAPES, check_empty_input,
+                      check_mask_of_the_rounded_output, check_nan_residual_gradients,
+                      check_results_strided_in_the_op_layout, check_non_finite_inputs_in_eval,
+                      check_non_finite_statistics, check_running_statistics_of_any_kind,
+                      check_statistics_with_an_outlier_first)
 
 pytest.importorskip("triton")
 from resnet_fused.triton import _runtime, compile_report  # noqa: E402
@@ -537,8 +538,9 @@ def test_empty_input_on_cuda(shape, layout):
 
 
 @cuda
-def test_results_strided_in_the_op_layout_on_cuda():
-    check_results_strided_in_the_op_layout("triton", "cuda")
+@pytest.mark.parametrize("shape", STRIDE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_results_strided_in_the_op_layout_on_cuda(shape):
+    check_results_strided_in_the_op_layout("triton", shape, "cuda")
 
 
 @cuda

@@ -26,9 +26,9 @@ import resnet_fused
 from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
-from test_ops import (EMPTY_SHAPES, OPS, OUTLIER_CASES, check_empty_input, check_results_strided_in_the_op_layout,
-                      check_mask_of_the_rounded_output, check_nan_residual_gradients,
-                      check_non_finite_inputs_in_eval, check_non_finite_statistics,
+from test_ops import (EMPTY_SHAPES, OPS, OUTLIER_CASES, STRIDE_SHAPES, check_empty_input,
+                      check_results_strided_in_the_op_layout, check_mask_of_the_rounded_output,
+                      check_nan_residual_gradients, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first, run_case)
 from test_triton_ops import check_functional_training, check_ops_against_reference
 
@@ -88,8 +88,9 @@ def test_empty_input(shape, layout):
     check_empty_input("triton", shape, layout)
 
 
-def test_results_strided_in_the_op_layout():
-    check_results_strided_in_the_op_layout("triton")
+@pytest.mark.parametrize("shape", STRIDE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_results_strided_in_the_op_layout(shape):
+    check_results_strided_in_the_op_layout("triton", shape)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

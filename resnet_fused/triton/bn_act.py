@@ -493,13 +493,6 @@ def _dense(input: Tensor, params: tuple, y: Optional[Tensor], params_d: Optional
     return memory_format, main, None if y is None else y.contiguous(memory_format=memory_format), None
 
 
-def _empty_activation(like: Tensor, memory_format: torch.memory_format) -> Tensor:
-    """An output activation shaped like ``like``, strided as eager's in ``memory_format``:
-    ``empty_like`` would copy ``like``'s strides, which for a size-1 or empty dimension may
-    be any (a conv output of shape (N, C, 1, 1) in channels_last: (C, 1, C, C))."""
-    return torch.empty(like.shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
-
-
 def _input_operands(main: Branch, y: Optional[Tensor], downsample: Optional[Branch]) -> tuple:
     """The op's inputs as the builders take them (``_input_args``' parameters): an absent
     downsample branch's per-channel arrays as None."""
@@ -510,7 +503,8 @@ def _forward(op: str, epilogue: int, input: Tensor, params: tuple, y: Optional[T
              params_d: Optional[tuple] = None) -> Tensor:
     _runtime.check_runnable(op, input)
     memory_format, main, y, downsample = _dense(input, params, y, params_d)
-    out = _empty_activation(main.input, memory_format)
+    # In the op's layout, not with the input's strides (any, on a size-1 or empty dimension).
+    out = torch.empty_like(main.input, memory_format=memory_format)
     if out.numel() > 0:
         view = _Elementwise.of(out, memory_format == torch.channels_last)
         operands = (*_input_operands(main, y, downsample), out)
@@ -526,8 +520,8 @@ def _backward(op: str, epilogue: int, training: bool, grad_out: Tensor, input: T
     _runtime.check_runnable(op, input)
     memory_format, main, y, downsample = _dense(input, params, y, params_d)
     grad = grad_out.contiguous(memory_format=memory_format)
-    grad_input = _empty_activation(main.input, memory_format)
-    grad_y = None if y is None else _empty_activation(main.input, memory_format)
+    grad_input = torch.empty_like(main.input, memory_format=memory_format)
+    grad_y = None if y is None else torch.empty_like(main.input, memory_format=memory_format)
     per_channel = [torch.empty_like(main.mean) for _ in range(4 if downsample else 2)]
     grad_weight, grad_bias, grad_weight_d, grad_bias_d = per_channel + [None] * (4 - len(per_channel))
     if grad_input.numel() == 0:
