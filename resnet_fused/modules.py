@@ -22,7 +22,8 @@ Forward, per BatchNorm, in the mode eager's BatchNorm would run:
 
 A block whose configuration the fused path does not cover (another norm layer or
 activation, extra submodules, a downsample other than conv + BatchNorm, hooks on a
-submodule) runs torchvision's forward unchanged and warns once (:func:`unsupported_reason`).
+submodule) runs torchvision's forward unchanged and warns once (:func:`unsupported_reason`),
+as it does under forward-mode AD, ``torch.func`` transforms and ``torch.fx.symbolic_trace``.
 """
 
 from __future__ import annotations
@@ -209,6 +210,16 @@ def _transform_reason() -> Optional[str]:
     return None
 
 
+def _symbolic_trace_reason(x) -> Optional[str]:
+    """Why the fused forward cannot run on ``x``, or None: ``torch.fx.symbolic_trace`` (FX
+    graph-mode quantization, torchvision's ``create_feature_extractor``) passes a Proxy,
+    which the fused forward's Python decisions cannot branch on; torchvision's forward
+    traces to the conv / BatchNorm / ReLU graph those tools expect."""
+    if isinstance(x, torch.fx.Proxy):
+        return "torch.fx symbolic tracing (the traced graph is torchvision's forward, unfused)"
+    return None
+
+
 _warned: set[tuple[str, str]] = set()
 
 
@@ -273,7 +284,7 @@ class _FusedBlock:
     _last_stage: tuple[str, str]  # the pair ending in BN + residual add + ReLU
 
     def forward(self, x: Tensor) -> Tensor:
-        reason = unsupported_reason(self) or _transform_reason()
+        reason = unsupported_reason(self) or _transform_reason() or _symbolic_trace_reason(x)
         if reason is not None or x.dim() != 4:  # other ranks: eager raises its own error
             if reason is not None:
                 _warn_reference_path(self, reason)

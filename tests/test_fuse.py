@@ -252,6 +252,28 @@ def test_compile_dynamic_batch_sizes_take_one_graph_as_torchvision():
     assert graphs["fused"] == graphs["torchvision"] == [1, 0, 0, 0, 0], graphs
 
 
+def test_fx_symbolic_trace_traces_torchvision_forward(monkeypatch):
+    """torch.fx.symbolic_trace (FX graph-mode quantization, create_feature_extractor) passes
+    Proxies the fused forward cannot branch on: the blocks trace torchvision's forward,
+    the conv / BatchNorm / ReLU graph those tools expect, and say so once."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = resnet_fused.fuse(torchvision_model("resnet18", torch.float64))[0].eval()
+    monkeypatch.setattr(resnet_fused.modules, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="torch.fx symbolic tracing") as caught:
+        traced = torch.fx.symbolic_trace(model)
+    assert len([w for w in caught if "symbolic tracing" in str(w.message)]) == 1  # once per block class
+    assert not any("resnet_fused" in str(n.target) for n in traced.graph.nodes)
+    assert sum(n.op == "call_module" and isinstance(traced.get_submodule(n.target), nn.BatchNorm2d)
+               for n in traced.graph.nodes) == 20  # 2 per block and 4 downsample, as torchvision's
+    x = images(1, torch.float64)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-12, atol=1e-12)
+        features = create_feature_extractor(model, {"layer2": "c3"})(x)["c3"]
+        torch.testing.assert_close(features, model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(
+            model.conv1(x)))))), rtol=1e-12, atol=1e-12)
+
+
 def _uncompiled_names(run):
     return {name.replace("_orig_mod.", ""): t for name, t in run.tensors().items()}
 
