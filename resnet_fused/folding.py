@@ -238,13 +238,10 @@ def _cudnn_fused_or(fallback: Callable[[], Tensor], x: Tensor, conv: nn.Conv2d, 
     if not _cudnn_fused_applies(x, conv):
         return fallback()
     name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
-    config = (
-        name, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
-        tuple(folded.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups,
-    )  # fmt: skip
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    config = (name, x.dtype, x.is_contiguous(memory_format=torch.channels_last), tuple(folded.weight.shape), *geometry)
     if config in _CUDNN_FUSED_REFUSED:
         return fallback()
-    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
     try:
         if residual is None:
             return torch.cudnn_convolution_relu(x, folded.weight, folded.bias, *geometry)

@@ -194,12 +194,15 @@ def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
     return None
 
 
-def _transform_reason() -> Optional[str]:
-    """Why the fused forward cannot run under the active autograd transforms, or None.
+def _transform_reason(x) -> Optional[str]:
+    """Why the fused forward cannot run under the active transforms, or None.
 
     The fused ops have no forward-mode derivative (jvp) and no batching rule (vmap), and
-    the folded eval path writes through ``out=``, which vmap refuses; torchvision's
-    forward runs under both. (Under torch.compile, Dynamo traces the fused ops.)
+    the folded eval path writes through ``out=``, which vmap refuses; ``torch.fx``'s
+    symbolic tracing (FX graph-mode quantization, torchvision's ``create_feature_extractor``)
+    passes ``x`` as a Proxy, which the fused forward's Python decisions cannot branch on.
+    torchvision's forward runs under all three (and traces to the conv / BatchNorm / ReLU
+    graph those tools expect). (Under torch.compile, Dynamo traces the fused ops.)
     """
     if torch.compiler.is_compiling():
         return None
@@ -207,14 +210,6 @@ def _transform_reason() -> Optional[str]:
         return "forward-mode AD (a dual level) is active"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "a torch.func transform (vmap, grad, jvp, ...) is active"
-    return None
-
-
-def _symbolic_trace_reason(x) -> Optional[str]:
-    """Why the fused forward cannot run on ``x``, or None: ``torch.fx.symbolic_trace`` (FX
-    graph-mode quantization, torchvision's ``create_feature_extractor``) passes a Proxy,
-    which the fused forward's Python decisions cannot branch on; torchvision's forward
-    traces to the conv / BatchNorm / ReLU graph those tools expect."""
     if isinstance(x, torch.fx.Proxy):
         return "torch.fx symbolic tracing (the traced graph is torchvision's forward, unfused)"
     return None
@@ -284,7 +279,7 @@ class _FusedBlock:
     _last_stage: tuple[str, str]  # the pair ending in BN + residual add + ReLU
 
     def forward(self, x: Tensor) -> Tensor:
-        reason = unsupported_reason(self) or _transform_reason() or _symbolic_trace_reason(x)
+        reason = unsupported_reason(self) or _transform_reason(x)
         if reason is not None or x.dim() != 4:  # other ranks: eager raises its own error
             if reason is not None:
                 _warn_reference_path(self, reason)
