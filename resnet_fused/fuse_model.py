@@ -64,18 +64,24 @@ class FuseReport:
         summary = f"resnet_fused.fuse: {len(self.fused)} of {len(self.blocks)} residual blocks fused"
         lines = [summary + (f" ({counts})" if counts else "")]
         if self.already_fused:
-            lines.append(f"  {len(self.already_fused)} already fused")
-        for b in self.already_fused:
-            if b.reason:
-                lines.append(f"  {_label(b)}: runs torchvision's forward: {b.reason}")
+            unfused_forward = [b for b in self.already_fused if b.reason]
+            lines.append(f"  {len(self.already_fused)} already fused" + (
+                f"; {len(unfused_forward)} of them {'runs' if len(unfused_forward) == 1 else 'run'} torchvision's forward:"
+                if unfused_forward else ""))
+            lines.extend(_grouped_by_reason(unfused_forward))
         if self.not_fused:
             lines.append(f"  {len(self.not_fused)} left as they were (torchvision's forward):")
-            lines.extend(f"    {_label(b)}: {b.reason}" for b in self.not_fused)
+            lines.extend(_grouped_by_reason(self.not_fused))
         return "\n".join(lines)
 
 
-def _label(b: BlockReport) -> str:
-    return f"{b.name or '<model>'} ({b.block_class})"
+def _grouped_by_reason(blocks: list[BlockReport]) -> list[str]:
+    """One line per block class and reason, naming its blocks: a model whose blocks all share
+    a reason (a quantizable ResNet's subclassed blocks) gets one line, not one per block."""
+    names: dict[tuple[str, str], list[str]] = {}
+    for b in blocks:
+        names.setdefault((b.block_class, b.reason), []).append(b.name or "<model>")
+    return [f"    {', '.join(group)} ({block_class}): {reason}" for (block_class, reason), group in names.items()]
 
 
 def fuse(model: nn.Module) -> tuple[nn.Module, FuseReport]:

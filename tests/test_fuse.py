@@ -211,6 +211,28 @@ def test_report_text():
     assert str(report) == "resnet_fused.fuse: no torchvision BasicBlock or Bottleneck found"
 
 
+def test_report_text_groups_blocks_that_share_a_reason():
+    model = nn.Sequential(SubclassedBlock(8, 8), BasicBlock(8, 8), SubclassedBlock(8, 8), BasicBlock(8, 8))
+    model[3].bn1 = nn.Identity()
+    with pytest.warns(RuntimeWarning):
+        _, report = resnet_fused.fuse(model)
+    subclass = "a subclass of torchvision's BasicBlock; only the exact class is fused (its forward may differ)"
+    assert str(report).splitlines() == [
+        "resnet_fused.fuse: 1 of 4 residual blocks fused (FusedBasicBlock x1)",
+        "  3 left as they were (torchvision's forward):",
+        f"    0, 2 (SubclassedBlock): {subclass}",
+        "    3 (BasicBlock): bn1 is Identity, not nn.BatchNorm2d",
+    ]
+    model[1].bn2 = nn.Identity()  # a fused block that became unsupported
+    with pytest.warns(RuntimeWarning):
+        _, report = resnet_fused.fuse(model)
+    assert str(report).splitlines()[:3] == [
+        "resnet_fused.fuse: 0 of 4 residual blocks fused",
+        "  1 already fused; 1 of them runs torchvision's forward:",
+        "    1 (FusedBasicBlock): bn2 is Identity, not nn.BatchNorm2d",
+    ]
+
+
 def test_fusing_a_supported_model_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
