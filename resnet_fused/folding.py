@@ -29,7 +29,8 @@ A BatchNorm with running statistics but no ``num_batches_tracked`` is folded afr
 every call: nothing would show that an eager training forward updated its statistics.
 One kind of write is invisible to all of these: an in-place write that bypasses the
 Parameter's version counter (through ``param.data``, ``p.data.mul_(2)``, whose tensor has a
-version counter of its own; a NumPy view; a ``vector_to_parameters`` alias); a block drops
+version counter of its own; a NumPy view; a ``vector_to_parameters`` alias; another
+process writing a model in shared memory); a block drops
 its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()`` after such
 an edit refreshes it.
 """

@@ -21,8 +21,8 @@ Forward, per BatchNorm, in the mode eager's BatchNorm would run:
   ``torch.compile``: ``F.conv2d`` then the same fused ops in eval mode.
 
 A block whose configuration the fused path does not cover (another norm layer or
-activation, extra submodules, a downsample other than conv + BatchNorm, hooks on a
-submodule) runs torchvision's forward unchanged and warns once (:func:`unsupported_reason`),
+activation, extra submodules, a downsample other than conv + BatchNorm, none where the
+block changes its input's shape, hooks on a submodule) runs torchvision's forward unchanged and warns once (:func:`unsupported_reason`),
 as it does under forward-mode AD, ``torch.func`` transforms and ``torch.fx.symbolic_trace``.
 """
 
@@ -129,6 +129,33 @@ def _norm_reason(name: str, norm: nn.Module) -> Optional[str]:
     return None
 
 
+def _keeps_size(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` gives every input an output of its own height and width (False
+    where an attribute set after construction is not the pair ``nn.Conv2d`` makes of it)."""
+    padding, dilation, kernel = conv.padding, conv.dilation, conv.kernel_size
+    if conv.stride != (1, 1):
+        return False
+    if padding == "same":
+        return True
+    try:  # each side pads what the dilated kernel takes away
+        return 2 * padding[0] == dilation[0] * (kernel[0] - 1) and 2 * padding[1] == dilation[1] * (kernel[1] - 1)
+    except TypeError:  # an int, or "valid"
+        return False
+
+
+def _identity_reason(modules: dict, pairs: tuple[tuple[str, str], ...]) -> Optional[str]:
+    """Why a block without a downsample cannot add its input to its output in a fused op,
+    which needs both of one shape; torchvision's ``out += identity`` broadcasts a
+    one-channel input (a grayscale stem) or raises."""
+    first, last = modules[pairs[0][0]], modules[pairs[-1][0]]
+    if first.in_channels != last.out_channels:
+        return f"no downsample, and the block maps {first.in_channels} channels to {last.out_channels}"
+    for conv_name, _ in pairs:
+        if not _keeps_size(modules[conv_name]):
+            return f"no downsample, and {conv_name} changes the height or width"
+    return None
+
+
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
@@ -154,8 +181,8 @@ def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
 
     The fused forward replaces the calls to the block's submodules, so it requires
     exactly the modules torchvision's forward calls (nn.Conv2d with zero padding,
-    nn.BatchNorm2d, nn.ReLU, a downsample of nn.Conv2d + nn.BatchNorm2d or none) and no
-    hooks that those calls would run. Runs on every forward: it reads the submodule
+    nn.BatchNorm2d, nn.ReLU, a downsample of nn.Conv2d + nn.BatchNorm2d, or none where the
+    block keeps its input's shape) and no hooks that those calls would run. Runs on every forward: it reads the submodule
     dictionaries directly (``Module.__getattr__`` costs a microsecond a call).
     """
     if "forward" in block.__dict__:
@@ -166,7 +193,8 @@ def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
     extra = [name for name in modules if name not in allowed]
     if extra:
         return f"extra submodules {', '.join(sorted(extra))}"
-    for conv_name, bn_name in _BOTTLENECK_PAIRS if bottleneck else _BASIC_PAIRS:
+    pairs = _BOTTLENECK_PAIRS if bottleneck else _BASIC_PAIRS
+    for conv_name, bn_name in pairs:
         reason = _conv_reason(conv_name, modules.get(conv_name)) or _norm_reason(bn_name, modules.get(bn_name))
         if reason:
             return reason
@@ -175,7 +203,11 @@ def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
         return f"relu is {type(relu).__name__}, not nn.ReLU"
     submodules = list(modules.values())
     downsample = modules.get("downsample")
-    if downsample is not None:
+    if downsample is None:
+        reason = _identity_reason(modules, pairs)
+        if reason:
+            return reason
+    else:
         if type(downsample) is not nn.Sequential or len(downsample._modules) != 2:
             return "downsample is not nn.Sequential(nn.Conv2d, nn.BatchNorm2d)"
         conv_d, bn_d = downsample._modules.values()

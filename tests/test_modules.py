@@ -710,6 +710,32 @@ def test_hook_on_a_submodule_runs_torchvision_forward():
     assert torch.equal(y, plain(x))
 
 
+@pytest.mark.parametrize("cls", [BasicBlock, Bottleneck])
+def test_a_block_without_downsample_that_reshapes_its_input_runs_torchvision_forward(cls):
+    """Without a downsample torchvision adds the block's input to its output as it is:
+    `out += identity` broadcasts a one-channel input (a grayscale stem feeding a block)
+    and raises for any other shape; the fused ops need one shape."""
+    torch.manual_seed(0)
+    plain = randomize_batch_norms(cls(1, 16 // cls.expansion))  # 1 -> 16 channels
+    reason = "no downsample, and the block maps 1 channels to 16"
+    with pytest.warns(RuntimeWarning, match=reason):  # fuse leaves it as it is
+        assert resnet_fused.fuse(copy.deepcopy(plain))[1].not_fused[0].reason == reason
+    fused = FUSED[cls](1, 16 // cls.expansion)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 6, 6)
+    grads = random_like_outputs(plain, [x])
+    with pytest.warns(RuntimeWarning, match=reason):
+        got = train(fused, [x], grads)
+    assert_close_scaled(got.tensors(), train(plain, [x], grads).tensors(), 0)  # the same forward: the same bits
+
+    strided = FUSED[cls](16, 16 // cls.expansion, stride=2)  # no downsample: eager's shapes do not add
+    resized = "conv1" if cls is BasicBlock else "conv2"
+    with pytest.warns(RuntimeWarning, match=f"no downsample, and {resized} changes the height or width"):
+        with pytest.raises(RuntimeError, match="must match the size"):  # torchvision's own error
+            strided(torch.randn(2, 16, 6, 6))
+    assert strided(torch.randn(2, 16, 1, 1)).shape == (2, 16, 1, 1)  # a 1x1 input keeps its size: eager adds it
+
+
 def test_forward_replaced_on_a_submodule_runs_torchvision_forward():
     """accelerate's hooks (cpu_offload, device maps) wrap a submodule's forward on the
     instance: the fused forward, which calls no submodule forward, would skip them."""
