@@ -345,6 +345,25 @@ def test_statistics_are_stable_far_from_zero(backend, layout, dtype):
     torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(8, 4, 56, 56), (2, 3, 100, 100)], ids=lambda s: "x".join(map(str, s)))
+def test_statistics_of_constant_channels_and_channels_far_from_zero(backend, layout, dtype, shape):
+    """Constant channels (1.7, 1e4) and std 1 about 1e4, over several blocks of a kernel's
+    reduction: a block's mean is rounded to float32, and deviations summed about it must
+    not count that rounding as variance (it was all of a constant channel's: invstd 4%
+    low at 1e4; 2e-4 at std 1 about 1e4). Within the test above's 1e-5 of float64."""
+    x = activation(shape, dtype, layout, offset=1e4)
+    with torch.no_grad():
+        x[:, 0::3] = 1.7
+        x[:, 1::3] = 1e4
+    mean, invstd = RF.batch_stats(x, backend=backend)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+
+
 def check_nan_residual_gradients(backend, layout, device="cpu"):
     """A NaN in the residual: the output is NaN there, and torch.relu's backward passes the
     gradient there (it zeroes only where the output is <= 0), so every gradient is eager's."""

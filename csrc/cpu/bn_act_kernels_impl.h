@@ -109,15 +109,29 @@ struct Lanes {
   }
 };
 
+// The mean and M2 (sum of squared deviations from the mean) of some values.
+struct MeanM2 {
+  double mean, m2;
+};
+
+// A block of n values is reduced about a shift, its mean as rounded in the accumulation
+// type: sum_d = sum(x - shift) and sum_d2 = sum((x - shift)^2). Its mean is then
+// shift + sum_d / n and its M2 sum_d2 - sum_d^2 / n, in double: the shift's rounding
+// (2^-24 of the mean in float32) does not add n * (mean - shift)^2 to M2, which would be
+// the whole variance of a constant channel and bias channels far from zero.
+inline MeanM2 about_shift(double n, double shift, double sum_d, double sum_d2) {
+  return {shift + sum_d / n, std::max(0.0, sum_d2 - sum_d * (sum_d / n))};
+}
+
 // (count, mean, M2) of one channel, merged pairwise in double.
 struct Moments {
   double count = 0, mean = 0, m2 = 0;
-  void merge(double n, double other_mean, double other_m2) {
+  void merge(double n, const MeanM2& other) {
     if (n == 0) return;
     const double total = count + n;
-    const double delta = other_mean - mean;
+    const double delta = other.mean - mean;
     mean += delta * (n / total);
-    m2 += other_m2 + delta * delta * (count * n / total);
+    m2 += other.m2 + delta * delta * (count * n / total);
     count = total;
   }
 };
@@ -130,20 +144,31 @@ struct ChannelMoments {
   std::vector<double> mean, m2;
   explicit ChannelMoments(int64_t channels) : mean(channels, 0.0), m2(channels, 0.0) {}
 
+  void merge(const ChannelMoments& o) {
+    merge_each(o.count, [&](int64_t c) { return MeanM2{o.mean[c], o.m2[c]}; });
+  }
+  // Blocks of n values per channel, reduced about shifts (about_shift).
   template <typename A>
-  void merge(double n, const A* other_mean, const A* other_m2) {
+  void merge_about_shifts(double n, const A* shift, const A* sum_d, const A* sum_d2) {
+    merge_each(n, [&](int64_t c) { return about_shift(n, shift[c], sum_d[c], sum_d2[c]); });
+  }
+
+ private:
+  // other(c): the MeanM2 of channel c's n other values.
+  template <typename Other>
+  void merge_each(double n, Other&& other) {
     if (n == 0) return;
     const double total = count + n;
     const double mean_weight = n / total, m2_weight = count * n / total;
     const int64_t channels = static_cast<int64_t>(mean.size());
     for (int64_t c = 0; c < channels; ++c) {
-      const double delta = static_cast<double>(other_mean[c]) - mean[c];
+      const MeanM2 o = other(c);
+      const double delta = o.mean - mean[c];
       mean[c] += delta * mean_weight;
-      m2[c] += static_cast<double>(other_m2[c]) + delta * delta * m2_weight;
+      m2[c] += o.m2 + delta * delta * m2_weight;
     }
     count = total;
   }
-  void merge(const ChannelMoments& o) { merge(o.count, o.mean.data(), o.m2.data()); }
 };
 
 template <typename T>
@@ -203,7 +228,7 @@ void batch_stats_nhwc(const BatchStatsParams& p) {
   at::parallel_for(0, tiling.chunks, 1, [&, input = x](int64_t chunk_begin, int64_t chunk_end) {
     const T* const x = input;  // a local: see Operands
     std::vector<A> sums(padded(C, L::kSize)), m2s(padded(C, L::kSize)), block_means(padded(C, L::kSize));
-    A *sum = sums.data(), *m2 = m2s.data(), *block_mean = block_means.data();
+    A *sum = sums.data(), *m2 = m2s.data(), *block_mean = block_means.data();  // sum: of x, then of x - block_mean
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const int64_t chunk_rows_end = std::min(tiling.rows, (chunk + 1) * tiling.rows_per_chunk);
       for (int64_t r0 = chunk * tiling.rows_per_chunk; r0 < chunk_rows_end; r0 += tiling.rows_per_block) {
@@ -216,14 +241,18 @@ void batch_stats_nhwc(const BatchStatsParams& p) {
           }
         }
         const A inv_rows = A(1) / static_cast<A>(r1 - r0);
-        for (int64_t j = 0; j < C; j += L::kSize) (Vec::loadu(sum + j) * Vec(inv_rows)).store(block_mean + j);
+        for (int64_t j = 0; j < C; j += L::kSize) {
+          (Vec::loadu(sum + j) * Vec(inv_rows)).store(block_mean + j);
+          Vec(0).store(sum + j);
+        }
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t j = 0; j < C; j += L::kSize) {
             const Vec d = L::load(x + r * C + j, std::min(L::kSize, C - j)) - Vec::loadu(block_mean + j);
+            (Vec::loadu(sum + j) + d).store(sum + j);
             at::vec::fmadd(d, d, Vec::loadu(m2 + j)).store(m2 + j);
           }
         }
-        partials[chunk].merge(static_cast<double>(r1 - r0), block_mean, m2);
+        partials[chunk].merge_about_shifts(static_cast<double>(r1 - r0), block_mean, sum, m2);
       }
     }
   });
@@ -279,13 +308,15 @@ void batch_stats_nchw(const BatchStatsParams& p) {
       for_each_plane_block(g, [&](const PlaneBlock& block) {
         Vec sum(0);
         for_each_vector<L::kSize>(g, c, block, [&](int64_t i, int64_t lanes) { sum = sum + L::load(x + i, lanes); });
+        const double n = static_cast<double>(block.count());
         const A block_mean = L::sum(sum) / static_cast<A>(block.count());
-        Vec m2(0);
+        Vec sum_d(0), m2(0);
         for_each_vector<L::kSize>(g, c, block, [&](int64_t i, int64_t lanes) {
           const Vec d = L::valid(L::load(x + i, lanes) - Vec(block_mean), lanes);
+          sum_d = sum_d + d;
           m2 = at::vec::fmadd(d, d, m2);
         });
-        moments.merge(static_cast<double>(block.count()), block_mean, L::sum(m2));
+        moments.merge(n, about_shift(n, block_mean, L::sum(sum_d), L::sum(m2)));
       });
       finalize_channel(p, c, moments);
     }
