@@ -37,7 +37,8 @@ import test_ops
 from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, STRIDE_SHAPES, BatchNormState, assert_close,
                       check_empty_input, check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
-                      check_running_statistics_of_any_kind, check_statistics_with_an_outlier_first)
+                      check_running_statistics_of_any_kind, check_statistics_far_from_zero,
+                      check_statistics_with_an_outlier_first)
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
 if _ON not in ("", "cpu"):  # a typo would otherwise skip everything, green
@@ -208,12 +209,7 @@ def test_batch_stats_and_running_statistics(layout, dtype):
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_statistics_are_stable_far_from_zero(layout, dtype):
-    """Mean 1000, std 3: a naive float32 sum of squares loses the variance entirely."""
-    x = activation((64, 32, 24, 24), dtype, layout, DEVICE, scale=3.0, offset=1000.0)
-    mean, invstd = RF.batch_stats(x, backend=BACKEND)
-    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+    check_statistics_far_from_zero(BACKEND, (64, 32, 24, 24), layout, dtype, DEVICE)
 
 
 @GPU_ONLY

@@ -333,35 +333,36 @@ def test_empty_input(backend, shape, layout):
     check_empty_input(backend, shape, layout)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_statistics_are_stable_far_from_zero(backend, layout, dtype):
-    """Mean 1000, std 3: a naive float32 sum of squares loses the variance entirely."""
-    x = activation((32, 9, 24, 24), dtype, layout, scale=3.0, offset=1000.0)
-    mean, invstd = RF.batch_stats(x, backend=backend)
-    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(8, 4, 56, 56), (2, 3, 100, 100)], ids=lambda s: "x".join(map(str, s)))
-def test_statistics_of_constant_channels_and_channels_far_from_zero(backend, layout, dtype, shape):
-    """Constant channels (1.7, 1e4) and std 1 about 1e4, over several blocks of a kernel's
-    reduction: a block's mean is rounded to float32, and deviations summed about it must
-    not count that rounding as variance (it was all of a constant channel's: invstd 4%
-    low at 1e4; 2e-4 at std 1 about 1e4). Within the test above's 1e-5 of float64."""
-    x = activation(shape, dtype, layout, offset=1e4)
+def check_statistics_far_from_zero(backend, shape, layout, dtype=torch.float32, device="cpu", *, offset=1000.0,
+                                   scale=3.0):
+    """Channels of std ``scale`` about ``offset`` (a naive float32 sum of squares loses the
+    variance entirely), but for every third one, a constant 1.7, and the one after it, a
+    constant ``offset + 0.1``: a kernel rounds the means of blocks, lanes or chunks to float32, and squared
+    deviations summed about a rounded mean must not count its rounding as variance (all of
+    a constant channel's: the CPU kernels' invstd was 4% low at a constant 1e4, Triton's
+    2e-4 at 1000.1). Within 1e-5 of float64."""
+    x = activation(shape, dtype, layout, device, scale=scale, offset=offset)
     with torch.no_grad():
-        x[:, 0::3] = 1.7
-        x[:, 1::3] = 1e4
+        x[:, 1::3] = 1.7
+        x[:, 2::3] = offset + 0.1
     mean, invstd = RF.batch_stats(x, backend=backend)
     var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=0)
     torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape, offset, scale",
+    [((32, 9, 24, 24), 1000.0, 3.0),
+     # several blocks of the CPU kernels' reductions; std 1 about 1e4 (was 2e-4 off in channels_last)
+     ((8, 4, 56, 56), 1e4, 1.0), ((2, 3, 100, 100), 1e4, 1.0)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None,
+)
+def test_statistics_are_stable_far_from_zero(backend, layout, dtype, shape, offset, scale):
+    check_statistics_far_from_zero(backend, shape, layout, dtype, offset=offset, scale=scale)
 
 
 def check_nan_residual_gradients(backend, layout, device="cpu"):

@@ -120,7 +120,7 @@ struct MeanM2 {
 // (2^-24 of the mean in float32) does not add n * (mean - shift)^2 to M2, which would be
 // the whole variance of a constant channel and bias channels far from zero.
 inline MeanM2 about_shift(double n, double shift, double sum_d, double sum_d2) {
-  return {shift + sum_d / n, std::max(0.0, sum_d2 - sum_d * (sum_d / n))};
+  return {shift + sum_d / n, std::max(sum_d2 - sum_d * (sum_d / n), 0.0)};  // rounding below 0; NaN kept
 }
 
 // (count, mean, M2) of one channel, merged pairwise in double.

@@ -51,6 +51,18 @@ def _welford_update(mean, m2, x, mask, weight):
     return tl.where(mask, updated, mean), tl.where(mask, updated_m2, m2)
 
 
+@triton.jit
+def _about_rounded_mean(rounded_mean, total, sum_spread, sum_m2):
+    """(mean, M2) of ``total`` values from their moments about ``rounded_mean``, the
+    count-weighted mean of their parts' means as float32 rounds it: ``sum_spread`` and
+    ``sum_m2`` sum count * (part mean - rounded_mean) and part M2 + count * (part mean -
+    rounded_mean)^2. The rounding's own n * (mean - rounded_mean)^2 leaves M2 (it was the
+    whole M2 of a constant channel of 1000.1: invstd 2e-4 off at eps 1e-5, 10% at 1e-12)."""
+    correction = tl.math.div_rn(sum_spread, tl.maximum(total, 1.0))
+    m2 = sum_m2 - sum_spread * correction
+    return rounded_mean + correction, tl.where(m2 < 0.0, 0.0, m2)  # rounding below 0; NaN kept
+
+
 @_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L"])
 @triton.jit
 def _batch_stats_partials_kernel(
@@ -118,12 +130,15 @@ def _batch_stats_partials_kernel(
     count = (_reduce.visits(row_end - row_begin, r, BLOCK_R)[:, None] * lane_visits[None, :]).to(tl.float32)
     total = _reduce.sum_per_channel(count, CHANNELS_LAST)
     # Lanes past the last channel have a count of 0 (and are not stored).
-    chunk_mean = tl.math.div_rn(_reduce.sum_per_channel(count * mean, CHANNELS_LAST), tl.maximum(total, 1.0))
+    rounded_mean = tl.math.div_rn(_reduce.sum_per_channel(count * mean, CHANNELS_LAST), tl.maximum(total, 1.0))
     if CHANNELS_LAST:
-        spread = mean - chunk_mean[None, :]
+        spread = mean - rounded_mean[None, :]
     else:
-        spread = mean - chunk_mean
-    chunk_m2 = _reduce.sum_per_channel(m2 + count * spread * spread, CHANNELS_LAST)
+        spread = mean - rounded_mean
+    chunk_mean, chunk_m2 = _about_rounded_mean(
+        rounded_mean, total, _reduce.sum_per_channel(count * spread, CHANNELS_LAST),
+        _reduce.sum_per_channel(m2 + count * spread * spread, CHANNELS_LAST),
+    )
     _reduce.store_partial(part_ptr, 0, total, C, chunks, chunk, covered, group, lane_begin, lane_end, CHANNELS_LAST,
                           BLOCK_L, CHUNKS_PER_PROGRAM)
     _reduce.store_partial(part_ptr, 1, chunk_mean, C, chunks, chunk, covered, group, lane_begin, lane_end,
@@ -148,9 +163,11 @@ def _batch_stats_finalize_kernel(
     chunk_mean = tl.load(part_ptr + plane + offsets, mask=mask, other=0.0)
     chunk_m2 = tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0)
     total = tl.maximum(tl.sum(count, 1), 1.0)  # 0 only for channels past the last
-    mean = tl.math.div_rn(tl.sum(count * chunk_mean, 1), total)
-    spread = chunk_mean - mean[:, None]
-    var = tl.math.div_rn(tl.sum(chunk_m2 + count * spread * spread, 1), total)
+    rounded_mean = tl.math.div_rn(tl.sum(count * chunk_mean, 1), total)
+    spread = chunk_mean - rounded_mean[:, None]
+    mean, m2 = _about_rounded_mean(rounded_mean, total, tl.sum(count * spread, 1),
+                                   tl.sum(chunk_m2 + count * spread * spread, 1))
+    var = tl.math.div_rn(m2, total)
     valid = channel < C
     tl.store(mean_ptr + channel, mean, mask=valid)
     tl.store(invstd_ptr + channel, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=valid)
