@@ -628,6 +628,9 @@ int main(int argc, char** argv) {
     check_statistics<__nv_bfloat16>(layout, "bfloat16");
     // Values whose square overflows float: a thread's first step must not square them.
     check_statistics<float>(layout, "float32", {.center = 2e19, .spread = 6e16});
+    // Constant channels: variance 0 whatever float32 makes of a mean of 1000.1.
+    check_statistics<float>(layout, "float32", {.center = 1000.1, .spread = 0.0});
+    check_statistics<__nv_bfloat16>(layout, "bfloat16", {.center = 1000.1, .spread = 0.0});
   }
   // NCHW, 20 channels on 12 block slots: 3 splits per channel (20 blocks would run 1.67
   // waves of work in 2, 60 run it in 5 waves of a third).
