@@ -65,9 +65,11 @@ class FuseReport:
         lines = [summary + (f" ({counts})" if counts else "")]
         if self.already_fused:
             unfused_forward = [b for b in self.already_fused if b.reason]
-            lines.append(f"  {len(self.already_fused)} already fused" + (
-                f"; {len(unfused_forward)} of them {'runs' if len(unfused_forward) == 1 else 'run'} torchvision's forward:"
-                if unfused_forward else ""))
+            line = f"  {len(self.already_fused)} already fused"
+            if unfused_forward:
+                verb = "runs" if len(unfused_forward) == 1 else "run"
+                line += f"; {len(unfused_forward)} of them {verb} torchvision's forward:"
+            lines.append(line)
             lines.extend(_grouped_by_reason(unfused_forward))
         if self.not_fused:
             lines.append(f"  {len(self.not_fused)} left as they were (torchvision's forward):")

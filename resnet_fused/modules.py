@@ -22,8 +22,9 @@ Forward, per BatchNorm, in the mode eager's BatchNorm would run:
 
 A block whose configuration the fused path does not cover (another norm layer or
 activation, extra submodules, a downsample other than conv + BatchNorm, none where the
-block changes its input's shape, hooks on a submodule) runs torchvision's forward unchanged and warns once (:func:`unsupported_reason`),
-as it does under forward-mode AD, ``torch.func`` transforms and ``torch.fx.symbolic_trace``.
+block changes its input's shape, hooks on a submodule) runs torchvision's forward
+unchanged and warns once (:func:`unsupported_reason`), as it does under forward-mode AD,
+``torch.func`` transforms and ``torch.fx.symbolic_trace``.
 """
 
 from __future__ import annotations
@@ -182,8 +183,9 @@ def unsupported_reason(block: BasicBlock | Bottleneck) -> Optional[str]:
     The fused forward replaces the calls to the block's submodules, so it requires
     exactly the modules torchvision's forward calls (nn.Conv2d with zero padding,
     nn.BatchNorm2d, nn.ReLU, a downsample of nn.Conv2d + nn.BatchNorm2d, or none where the
-    block keeps its input's shape) and no hooks that those calls would run. Runs on every forward: it reads the submodule
-    dictionaries directly (``Module.__getattr__`` costs a microsecond a call).
+    block keeps its input's shape) and no hooks that those calls would run. Runs on every
+    forward: it reads the submodule dictionaries directly (``Module.__getattr__`` costs a
+    microsecond a call).
     """
     if "forward" in block.__dict__:
         return "its forward is replaced on the instance"
