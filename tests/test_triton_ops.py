@@ -274,9 +274,10 @@ def test_pinning_selects_one_configuration_and_names_a_bad_index():
             with _runtime.pinned_config(-1):
                 pass
     code = "import resnet_fused.triton._runtime"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=_child_env(RESNET_FUSED_TRITON_CONFIG="first"))
-    assert result.returncode != 0 and "RESNET_FUSED_TRITON_CONFIG='first': expected the index" in result.stderr
+    for bad in ("first", "\u00b2"):  # a word; a superscript 2, which str.isdigit accepts and int() does not
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=_child_env(RESNET_FUSED_TRITON_CONFIG=bad))
+        assert result.returncode != 0 and f"RESNET_FUSED_TRITON_CONFIG={bad!r}: expected the index" in result.stderr
     result = subprocess.run([sys.executable, "-c", code + "; print(resnet_fused.triton._runtime.pinned_index())"],
                             capture_output=True, text=True, check=True, env=_child_env(RESNET_FUSED_TRITON_CONFIG="3"))
     assert result.stdout.strip() == "3"

@@ -371,7 +371,7 @@ def _pin_from_env() -> Optional[int]:
     value = os.environ.get(PIN_ENV, "").strip()
     if not value:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # str.isdigit alone takes "²", which int() refuses
         raise ValueError(f"{PIN_ENV}={value!r}: expected the index of an autotune configuration (0, 1, ...)")
     return int(value)
 
