@@ -130,24 +130,41 @@ def _norm_reason(name: str, norm: nn.Module) -> Optional[str]:
     return None
 
 
+def _pair_of(size) -> tuple:
+    """An nn.Conv2d size as F.conv2d reads it: a pair, one value for both sides, or an int
+    (as a user may set it after construction)."""
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(size)
+    return size * 2 if len(size) == 1 else size
+
+
 def _keeps_size(conv: nn.Conv2d) -> bool:
     """Whether ``conv`` gives every input an output of its own height and width (False
-    where an attribute set after construction is not the pair ``nn.Conv2d`` makes of it)."""
-    padding, dilation, kernel = conv.padding, conv.dilation, conv.kernel_size
-    if conv.stride != (1, 1):
-        return False
-    if padding == "same":
-        return True
-    try:  # each side pads what the dilated kernel takes away
-        return 2 * padding[0] == dilation[0] * (kernel[0] - 1) and 2 * padding[1] == dilation[1] * (kernel[1] - 1)
-    except TypeError:  # an int, or "valid"
+    for an attribute F.conv2d would refuse too: torchvision's forward then raises eager's
+    error). Each side must pad what the dilated kernel takes away."""
+    try:
+        if conv.stride == (1, 1):  # the pairs nn.Conv2d makes: no conversions (runs every forward)
+            (ph, pw), (dh, dw), (kh, kw) = conv.padding, conv.dilation, conv.kernel_size
+            return 2 * ph == dh * (kh - 1) and 2 * pw == dw * (kw - 1)
+    except (TypeError, ValueError):  # a padding string, an int, one value for both sides
+        pass
+    try:
+        if _pair_of(conv.stride) != (1, 1):
+            return False
+        if conv.padding == "same":
+            return True
+        (ph, pw) = (0, 0) if conv.padding == "valid" else _pair_of(conv.padding)
+        (dh, dw), (kh, kw) = _pair_of(conv.dilation), _pair_of(conv.kernel_size)
+        return 2 * ph == dh * (kh - 1) and 2 * pw == dw * (kw - 1)
+    except (TypeError, ValueError):
         return False
 
 
 def _identity_reason(modules: dict, pairs: tuple[tuple[str, str], ...]) -> Optional[str]:
     """Why a block without a downsample cannot add its input to its output in a fused op,
     which needs both of one shape; torchvision's ``out += identity`` broadcasts a
-    one-channel input (a grayscale stem) or raises."""
+    one-channel input (a grayscale stem) or a 1x1 one, and raises for other shapes."""
     first, last = modules[pairs[0][0]], modules[pairs[-1][0]]
     if first.in_channels != last.out_channels:
         return f"no downsample, and the block maps {first.in_channels} channels to {last.out_channels}"

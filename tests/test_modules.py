@@ -736,6 +736,25 @@ def test_a_block_without_downsample_that_reshapes_its_input_runs_torchvision_for
     assert strided(torch.randn(2, 16, 1, 1)).shape == (2, 16, 1, 1)  # a 1x1 input keeps its size: eager adds it
 
 
+@pytest.mark.parametrize("attribute, value", [("padding", 1), ("padding", (1,)), ("stride", [1, 1]), ("stride", 1),
+                                              ("kernel_size", 3)])
+def test_conv_sizes_set_after_construction_as_f_conv2d_takes_them_keep_a_block_fused(attribute, value):
+    """F.conv2d takes a size as a pair, one value or an int: a block without a downsample
+    whose conv keeps the size in any such spelling still runs fused (and trains as
+    torchvision's), and is not reported as changing the size."""
+    plain = randomize_batch_norms(BasicBlock(16, 16))
+    setattr(plain.conv1, attribute, value)
+    assert resnet_fused.modules.unsupported_reason(plain) is None
+    fused = fused_copy(plain)
+    assert type(fused) is FusedBasicBlock
+    x = torch.randn(2, 16, 6, 6)
+    grads = random_like_outputs(plain, [x])
+    assert_close_scaled(train(fused, [x], grads).tensors(), train(plain, [x], grads).tensors(), 2e-5)  # as test_train_float32
+    bottleneck = Bottleneck(64, 16)
+    bottleneck.conv1.padding = "valid"  # a 1x1 conv: no padding keeps the size
+    assert resnet_fused.modules.unsupported_reason(bottleneck) is None
+
+
 def test_forward_replaced_on_a_submodule_runs_torchvision_forward():
     """accelerate's hooks (cpu_offload, device maps) wrap a submodule's forward on the
     instance: the fused forward, which calls no submodule forward, would skip them."""
