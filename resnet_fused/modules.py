@@ -332,7 +332,7 @@ class _FusedBlock:
     def forward(self, x: Tensor) -> Tensor:
         reason = unsupported_reason(self) or _transform_reason(x)
         if reason is not None or x.dim() != 4:  # other ranks: eager raises its own error
-            if reason is not None:
+            if reason is not None and not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
                 _warn_reference_path(self, reason)
             return super().forward(x)
         out = x

@@ -755,6 +755,19 @@ def test_conv_sizes_set_after_construction_as_f_conv2d_takes_them_keep_a_block_f
     assert resnet_fused.modules.unsupported_reason(bottleneck) is None
 
 
+def test_compiled_block_with_a_hook_runs_torchvision_forward_in_one_graph():
+    """torch.compile(fullgraph=True) traces torchvision's forward of a block with a hook, as
+    it does torchvision's own block: the once-per-reason warning, which Dynamo cannot
+    trace, is left to eager calls."""
+    plain, fused = pair("basic")
+    for block in (plain, fused):
+        block.bn1.register_forward_hook(lambda m, i, o: o * 0.5)
+    x = inputs_for("basic", 1)[0]
+    torch._dynamo.reset()
+    got = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(got, plain(x))
+
+
 def test_forward_replaced_on_a_submodule_runs_torchvision_forward():
     """accelerate's hooks (cpu_offload, device maps) wrap a submodule's forward on the
     instance: the fused forward, which calls no submodule forward, would skip them."""
