@@ -144,18 +144,15 @@ def _keeps_size(conv: nn.Conv2d) -> bool:
     for an attribute F.conv2d would refuse too: torchvision's forward then raises eager's
     error). Each side must pad what the dilated kernel takes away."""
     try:
-        if conv.stride == (1, 1):  # the pairs nn.Conv2d makes: no conversions (runs every forward)
-            (ph, pw), (dh, dw), (kh, kw) = conv.padding, conv.dilation, conv.kernel_size
-            return 2 * ph == dh * (kh - 1) and 2 * pw == dw * (kw - 1)
-    except (TypeError, ValueError):  # a padding string, an int, one value for both sides
-        pass
-    try:
-        if _pair_of(conv.stride) != (1, 1):
+        if conv.stride != (1, 1) and _pair_of(conv.stride) != (1, 1):
             return False
         if conv.padding == "same":
             return True
-        (ph, pw) = (0, 0) if conv.padding == "valid" else _pair_of(conv.padding)
-        (dh, dw), (kh, kw) = _pair_of(conv.dilation), _pair_of(conv.kernel_size)
+        try:  # the pairs nn.Conv2d makes, as they are: no conversions (runs every forward)
+            (ph, pw), (dh, dw), (kh, kw) = conv.padding, conv.dilation, conv.kernel_size
+        except (TypeError, ValueError):  # "valid", an int, one value for both sides
+            (ph, pw) = (0, 0) if conv.padding == "valid" else _pair_of(conv.padding)
+            (dh, dw), (kh, kw) = _pair_of(conv.dilation), _pair_of(conv.kernel_size)
         return 2 * ph == dh * (kh - 1) and 2 * pw == dw * (kw - 1)
     except (TypeError, ValueError):
         return False

@@ -713,8 +713,8 @@ def test_hook_on_a_submodule_runs_torchvision_forward():
 @pytest.mark.parametrize("cls", [BasicBlock, Bottleneck])
 def test_a_block_without_downsample_that_reshapes_its_input_runs_torchvision_forward(cls):
     """Without a downsample torchvision adds the block's input to its output as it is:
-    `out += identity` broadcasts a one-channel input (a grayscale stem feeding a block)
-    and raises for any other shape; the fused ops need one shape."""
+    `out += identity` broadcasts a one-channel input (a grayscale stem feeding a block) or
+    a 1x1 one and raises for other shapes; the fused ops need one shape."""
     torch.manual_seed(0)
     plain = randomize_batch_norms(cls(1, 16 // cls.expansion))  # 1 -> 16 channels
     reason = "no downsample, and the block maps 1 channels to 16"

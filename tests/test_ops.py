@@ -337,10 +337,10 @@ def check_statistics_far_from_zero(backend, shape, layout, dtype=torch.float32, 
                                    scale=3.0):
     """Channels of std ``scale`` about ``offset`` (a naive float32 sum of squares loses the
     variance entirely), but for every third one, a constant 1.7, and the one after it, a
-    constant ``offset + 0.1``: a kernel rounds the means of blocks, lanes or chunks to float32, and squared
-    deviations summed about a rounded mean must not count its rounding as variance (all of
-    a constant channel's: the CPU kernels' invstd was 4% low at a constant 1e4, Triton's
-    2e-4 at 1000.1). Within 1e-5 of float64."""
+    constant ``offset + 0.1``: a kernel rounds the means of blocks, lanes or chunks to
+    float32, and squared deviations summed about a rounded mean must not count its rounding
+    as variance (all of a constant channel's: the CPU kernels' invstd was 4% low at a
+    constant 1e4, Triton's 2e-4 at 1000.1). Within 1e-5 of float64."""
     x = activation(shape, dtype, layout, device, scale=scale, offset=offset)
     with torch.no_grad():
         x[:, 1::3] = 1.7
