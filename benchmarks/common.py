@@ -151,14 +151,27 @@ def environment(device: torch.device) -> dict:
             arch=f"sm_{props.major}{props.minor}",
             sms=props.multi_processor_count,
             l2_mib=props.L2_cache_size / 2**20,
+            memory_gib=props.total_memory / 2**30,
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
             driver=_nvidia_driver(),
+            early_launch=_early_launch(),
         )
     else:  # the same fields on every device, so rows of CPU and GPU runs line up
         env.update(card=f"CPU: {env['cpu']} ({env['cpu_threads']} threads)", arch=None, sms=None, l2_mib=None,
                    cuda=None, cudnn=None, driver=None)
     return env
+
+
+def _early_launch() -> Optional[bool]:
+    """Whether the GPU backends launch their kernels as programmatic dependents here (one rule
+    for both: sm_90 or later, a CUDA 12.3+ driver, RESNET_FUSED_PDL not 0); None without Triton,
+    which asks it."""
+    try:
+        from resnet_fused.triton import _runtime
+    except ImportError:
+        return None
+    return _runtime.early_launch()
 
 
 def _nvidia_driver() -> Optional[str]:

@@ -66,20 +66,25 @@ def device_events(prof) -> list[DeviceEvent]:
             for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
 
 
-def own_device_us(events: Iterable[DeviceEvent], role_of: Callable[[str], Optional[str]]) -> dict[str, float]:
-    """Device time (µs) of ``events``, summed by ``role_of(name)`` (None: not counted), each
-    from the end of the one before it on its stream where it started earlier: a programmatic
-    dependent launch (sm_90) is resident before its predecessor ends and waits for it, and
-    that wait is the predecessor's time, not its own."""
-    total_us: dict[str, float] = {}
+def own_device_times(events: Iterable[DeviceEvent],
+                     role_of: Callable[[str], Optional[str]]) -> dict[str, list[float]]:
+    """Device time (µs) of each of ``events`` by ``role_of(name)`` (None: not counted), in
+    the order they started, each from the end of the one before it on its stream where it
+    started earlier: a programmatic dependent launch (sm_90) is resident before its
+    predecessor ends and waits for it, and that wait is the predecessor's time, not its own."""
+    times: dict[str, list[float]] = {}
     previous_end: dict[object, float] = {}
     for stream, name, start, end in sorted(events, key=lambda event: event[2]):
         role = role_of(name)
         if role:
-            own = end - max(start, previous_end.get(stream, start))
-            total_us[role] = total_us.get(role, 0.0) + max(0.0, own)
+            times.setdefault(role, []).append(max(0.0, end - max(start, previous_end.get(stream, start))))
         previous_end[stream] = max(previous_end.get(stream, end), end)
-    return total_us
+    return times
+
+
+def own_device_us(events: Iterable[DeviceEvent], role_of: Callable[[str], Optional[str]]) -> dict[str, float]:
+    """Device time (µs) of ``events``, summed by ``role_of(name)`` (:func:`own_device_times`)."""
+    return {role: sum(times) for role, times in own_device_times(events, role_of).items()}
 
 
 def breakdown(step: Callable[[], object], device: torch.device, iters: int) -> dict:

@@ -40,7 +40,8 @@
 #
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own, e.g. 9.0 on an H100), TOTAL_BUDGET (s,
-# default 420), TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 60),
+# default 420), TESTS_BUDGET (s, default 150), KERNELS_BUDGET (s, default 100: the third
+# run measured 67 cases in 50 s and left layer2.128 fp32 out; the target stages have 80),
 # KERNELS_SHAPES (the main kernel run's shapes, default layer1,layer2: the target stages;
 # "all" for every stage), SUITE_BUDGET (s, default 90), PROFILE_CAP (s, default 60).
 set -uo pipefail
@@ -67,7 +68,7 @@ want() { [[ ",$only," == *",$1,"* ]]; }
 PYTHON="${PYTHON:-python3}"
 TOTAL_BUDGET="${TOTAL_BUDGET:-420}"
 TESTS_BUDGET="${TESTS_BUDGET:-150}"
-KERNELS_BUDGET="${KERNELS_BUDGET:-60}"
+KERNELS_BUDGET="${KERNELS_BUDGET:-100}"
 SUITE_BUDGET="${SUITE_BUDGET:-90}"
 PROFILE_CAP="${PROFILE_CAP:-60}"
 KERNELS_SHAPES="${KERNELS_SHAPES:-layer1,layer2}"

@@ -289,7 +289,7 @@ def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tm
     assert "summary (" in capsys.readouterr().out
     # The table's summary keeps its legend, and says how many target shapes it covers (1 of 4).
     text = (out / "kernels_cpu_nhwc.txt").read_text()
-    assert "summary (" in text and "'target': every streaming kernel" in text
+    assert "summary (" in text and "'kernel target': every streaming kernel" in text
     summary = text[text.index("summary ("):].splitlines()
     (summary_row,) = [line for line in summary if line.startswith("bn_add_relu ") and " cpu " in line]
     assert " 1/4 " in summary_row, summary_row
@@ -302,6 +302,73 @@ def test_the_target_verdict_needs_every_kernel_at_every_target_shape():
     assert kernels.target_verdict([92.0, 85.0], 4) == "met"
     assert kernels.target_verdict([92.0, 85.0], 3) == "incomplete"
     assert kernels.target_verdict([84.0], 3) == "MISS"
+
+
+def _backward_rows(reduce_pct=90.0, elementwise=None, **case):
+    """bn_relu_backward rows at the four target shapes, each kernel at 90% of copy unless told."""
+    rows = []
+    for shape in kernels.TARGET_SHAPES:
+        streaming = {"backward reduce": {"us": 50.0, "pct_copy": reduce_pct},
+                     "backward finalize": {"us": 3.0},
+                     "backward elementwise": dict(elementwise or {"us": 60.0, "pct_copy": 90.0})}
+        rows.append({"op": "bn_relu_backward", "shape": shape, "n": 128, "layout": "channels_last",
+                     "backend": "cuda", "pct_copy": 88.0, "kernels": streaming, **case})
+    return rows
+
+
+def test_the_verdicts_judge_the_op_by_its_bytes_and_each_kernel_cold():
+    """'op target': the op's median by DESIGN.md's bytes; 'kernel target': each streaming
+    kernel by its own traffic, a kernel warm in L2 (re-reading its predecessor's input at an
+    activation L2 holds) or missing from the profile leaving its shape unjudged; both only at
+    N=128 in channels_last."""
+    rows = _backward_rows()
+    assert kernels.op_target(rows) == kernels.kernel_target(rows) == "met"
+    rows[3]["pct_copy"] = 60.0
+    assert kernels.op_target(rows) == "MISS" and kernels.kernel_target(rows) == "met"
+
+    warm = _backward_rows(elementwise={"us": 40.0, "pct_copy": 99.0, "warm": True})
+    assert kernels.kernel_target(warm) == "incomplete"
+    warm[0]["kernels"]["backward elementwise"].pop("warm")
+    warm[0]["kernels"]["backward elementwise"]["pct_copy"] = 80.0
+    assert kernels.kernel_target(warm) == "MISS"  # a cold kernel below the target is a miss
+
+    partial = _backward_rows()
+    del partial[2]["kernels"]["backward elementwise"]  # absent from the profile
+    assert kernels.kernel_target(partial) == "incomplete"
+    partial[2]["kernels"] = {"error": "RuntimeError: the profiler failed"}
+    assert kernels.kernel_target(partial) == "incomplete"
+    assert kernels.kernel_target([dict(r, kernels={"error": "x"}) for r in partial]) == "incomplete"
+
+    for other in ({"n": 8}, {"layout": "nchw"}):
+        assert kernels.op_target(_backward_rows(**other)) == kernels.kernel_target(_backward_rows(**other)) == "-"
+    eager = [dict(r, backend="eager", kernels=None) for r in _backward_rows()]
+    assert kernels.kernel_target(eager) == "-"
+
+
+def test_a_dependent_kernel_is_warm_in_l2_at_activations_l2_holds(monkeypatch):
+    """The op's first streaming kernel runs after the flush; the next re-reads its input,
+    from L2 where the activation fits in it."""
+    assert not kernels.warm_in_l2("bn_relu_backward", "backward reduce", 26 << 20, 60 << 20)
+    assert kernels.warm_in_l2("bn_relu_backward", "backward elementwise", 26 << 20, 60 << 20)
+    assert not kernels.warm_in_l2("bn_relu_backward", "backward elementwise", 200 << 20, 60 << 20)
+    assert kernels.warm_in_l2("train_bn_relu", "forward", 26 << 20, 60 << 20)
+    assert not kernels.warm_in_l2("bn_relu", "forward", 26 << 20, 60 << 20)
+    assert not kernels.warm_in_l2("train_bn_relu", "forward", 26 << 20, None)  # the CPU: no L2 known
+
+    monkeypatch.setattr(kernels, "_profiled_us", lambda backend, fn, flush, iterations: {
+        "backward reduce": 50.0, "backward finalize": 3.0, "backward elementwise": 40.0})
+    k = kernels.kernel_breakdown("bn_relu_backward", "cuda", lambda: None, 26 << 20, 4000.0, l2_bytes=60 << 20)
+    assert "warm" not in k["backward reduce"] and k["backward elementwise"]["warm"] is True
+    assert kernels._kernel_text(k["backward elementwise"]).endswith(", warm in L2")
+
+
+def test_a_role_is_timed_by_its_median_call():
+    """Each call's kernels of a role summed, then the median over the calls; a slow first
+    call does not move it."""
+    assert kernels.per_call_median([100.0, 10.0, 11.0, 12.0], 4) == 11.5
+    assert kernels.per_call_median([50.0, 50.0, 5.0, 5.0, 6.0, 6.0], 3) == 12.0  # two kernels a call
+    assert kernels.per_call_median([3.0, 4.0, 5.0], 2) == 6.0  # not whole calls: the mean per call
+    assert kernels.per_call_median([], 5) == 0.0
 
 
 def test_kernel_benchmark_fails_a_wrong_result(tmp_path, monkeypatch, capsys):
