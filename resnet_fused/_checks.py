@@ -60,19 +60,19 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
-def _check_strided(op: str, name: str, t: Tensor) -> None:
-    """Kernels read dense memory. (The C++ ops need no such check: the dispatcher has no
-    sparse or mkldnn kernel of theirs to call.)"""
+def _check_dense(op: str, name: str, t: Tensor) -> None:
+    """Kernels read dense memory of one shape. (The C++ ops need no layout check: the
+    dispatcher has no sparse or mkldnn kernel of theirs to call.)"""
     if t.layout != torch.strided:
         raise TypeError(f"{op}(): expected `{name}` to be a strided (dense) tensor, got layout {t.layout}")
+    if t.is_nested:  # a strided nested tensor: no single shape
+        raise TypeError(f"{op}(): expected `{name}` to be a dense tensor, got a nested tensor")
 
 
 def check_activation(op: str, name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}(): expected `{name}` to be a Tensor, got {type(t).__name__}")
-    _check_strided(op, name, t)
-    if t.is_nested:  # a strided nested tensor: no single shape
-        raise TypeError(f"{op}(): expected `{name}` to be a dense tensor, got a nested tensor")
+    _check_dense(op, name, t)
     if t.dim() != 4:
         raise ValueError(
             f"{op}(): expected `{name}` to be a 4-D (N, C, H, W) tensor, "
@@ -89,7 +89,7 @@ def check_like(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> Non
     """``t`` must match ``ref`` in shape, dtype and device (a residual, a gradient)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}(): expected `{name}` to be a Tensor, got {type(t).__name__}")
-    _check_strided(op, name, t)
+    _check_dense(op, name, t)
     if t.shape != ref.shape:
         raise ValueError(
             f"{op}(): expected `{name}` to have the shape of `{ref_name}` {_shape(ref)}, "
@@ -113,7 +113,7 @@ def check_per_channel(op: str, name: str, t: Optional[Tensor], ref_name: str, re
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}(): expected `{name}` to be a Tensor or None, got {type(t).__name__}")
-    _check_strided(op, name, t)
+    _check_dense(op, name, t)
     channels = ref.shape[1]
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(
@@ -302,13 +302,29 @@ def as_float(op: str, name: str, value: object) -> float:
     raise TypeError(f"{op}(): expected `{name}` to be a float, got {type(value).__name__}")
 
 
+def _eager_allows_zero_eps_in_eval() -> bool:
+    """Whether this torch's ``F.batch_norm`` takes eps = 0 in eval (2.12 on; before, it
+    refuses every eps <= 0)."""
+    try:
+        torch.nn.functional.batch_norm(torch.ones(1, 1), torch.zeros(1), torch.ones(1), eps=0.0)
+    except ValueError:
+        return False
+    return True
+
+
+EAGER_ALLOWS_ZERO_EPS_IN_EVAL = _eager_allows_zero_eps_in_eval()
+
+
 def check_eps(op: str, name: str, eps: float, training: bool) -> None:
     """Eager's rule (``torch.nn.functional.batch_norm``): ``eps`` > 0 in training, where a
-    constant channel has variance 0, and >= 0 in eval. (NaN passes, as there.)"""
+    constant channel has variance 0, and in eval >= 0 (> 0 before torch 2.12: asked of the
+    torch installed, ``EAGER_ALLOWS_ZERO_EPS_IN_EVAL``). (NaN passes, as there.)"""
     if training and eps <= 0.0:
         raise ValueError(f"{op}(): expected `{name}` to be positive in training, got {eps}")
     if eps < 0.0:
         raise ValueError(f"{op}(): expected `{name}` to be non-negative, got {eps}")
+    if eps == 0.0 and not EAGER_ALLOWS_ZERO_EPS_IN_EVAL:
+        raise ValueError(f"{op}(): expected `{name}` to be positive (this torch's batch_norm), got {eps}")
 
 
 def check_batch_stats(

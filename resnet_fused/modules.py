@@ -39,7 +39,7 @@ from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from . import folding, functional
+from . import backends, folding, functional
 
 __all__ = [
     "FusedBasicBlock",
@@ -332,6 +332,8 @@ class _FusedBlock:
             if reason is not None and not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
                 _warn_reference_path(self, reason)
             return super().forward(x)
+        if self.training:  # a backend that cannot run here raises before a BatchNorm counts the batch
+            backends.resolve(x.device, x.dtype)
         out = x
         for conv_name, bn_name in self._inner_stages:
             out = self._conv_bn_relu(conv_name, bn_name, out)

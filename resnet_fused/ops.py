@@ -283,6 +283,8 @@ def _backward_op(namespace: str, name: str) -> Callable:
     def backward_op(*args):
         if torch.compiler.is_compiling():  # compiled autograd traces the backward
             return registered(*args)
+        if torch._C._are_functorch_transforms_active():  # jacrev: a vmap of the backward
+            _refuse_nested_transforms()
         return guarded.apply(*args) if torch.is_grad_enabled() else direct(*args)
 
     return backward_op
@@ -292,8 +294,12 @@ def _batch_stats(namespace: str) -> Callable:
     direct = _direct(namespace, "batch_stats")
     if namespace not in _IMPLEMENTATIONS:
         return direct  # the C++ op bumps the running statistics' versions itself (csrc/ops.cpp)
+    registered = _registered(namespace, "batch_stats")
 
     def batch_stats(input, running_mean, running_var, momentum, eps):
+        if torch._C._are_functorch_transforms_active():  # the dispatcher unwraps torch.func's tensors
+            _refuse_nested_transforms()
+            return registered(input, running_mean, running_var, momentum, eps)
         result = direct(input, running_mean, running_var, momentum, eps)
         # As the registered op does for a mutated argument: a kernel that writes through a
         # raw pointer (Triton) bumps no version counter.
@@ -325,6 +331,18 @@ def python_eager_autograd(namespace: str) -> Iterator[None]:
 
 
 _DIFFERENTIATING_TRANSFORMS = ("Grad", "Jvp")
+
+
+def _refuse_nested_transforms() -> None:
+    """One torch.func transform at a time: under two, the backward ops would be
+    differentiated or batched, which none supports (and a Python implementation would be
+    handed tensors it cannot read)."""
+    if torch._C._functorch.get_dynamic_layer_stack_depth() > 1:
+        raise NotImplementedError(
+            "resnet_fused: nested torch.func transforms are not supported (grad of grad is a double backward, "
+            "vmap of grad batches the backward ops: neither has a rule); use the reference composites of "
+            "torch.nn.functional instead"
+        )
 
 # The C++ backends' fused forwards with the same formulas in a C++ autograd.Function
 # (csrc/autograd.cpp): a plain eager call and its backward never enter Python.
@@ -364,6 +382,7 @@ def _function(namespace: str, name: str, setup_context: Callable, backward: Call
     def apply(*inputs):
         if not torch._C._are_functorch_transforms_active():
             return plain(*inputs)
+        _refuse_nested_transforms()
         if torch._C._functorch.peek_interpreter_stack().key().name in _DIFFERENTIATING_TRANSFORMS:
             return transformable.apply(*inputs)
         return registered(*inputs)

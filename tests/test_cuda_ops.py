@@ -38,7 +38,8 @@ from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, STRIDE_SHAP
                       check_empty_input, check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_far_from_zero,
-                      check_statistics_with_an_outlier_first)
+                      check_statistics_with_an_outlier_first, check_torch_func_grad_matches_autograd,
+                      check_variance_past_float32_range)
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
 if _ON not in ("", "cpu"):  # a typo would otherwise skip everything, green
@@ -210,6 +211,15 @@ def test_batch_stats_and_running_statistics(layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_statistics_are_stable_far_from_zero(layout, dtype):
     check_statistics_far_from_zero(BACKEND, (64, 32, 24, 24), layout, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_variance_past_float32_range(layout):
+    check_variance_past_float32_range(BACKEND, layout, DEVICE)
+
+
+def test_torch_func_grad_matches_autograd():
+    check_torch_func_grad_matches_autograd(BACKEND, DEVICE)
 
 
 @GPU_ONLY

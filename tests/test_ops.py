@@ -365,6 +365,31 @@ def test_statistics_are_stable_far_from_zero(backend, layout, dtype, shape, offs
     check_statistics_far_from_zero(backend, shape, layout, dtype, offset=offset, scale=scale)
 
 
+def check_variance_past_float32_range(backend, layout, device="cpu"):
+    """Float32 channels of std 1e30, whose variance float32 cannot hold, beside ordinary
+    ones: as eager on the CPU, invstd 0 there (the output is relu(bias)) and running_var
+    inf, never NaN (Triton's merges once took inf - inf)."""
+    x = activation((3, 4, 5, 7), torch.float32, layout, device)
+    with torch.no_grad():
+        x[:, 1::2] *= 1e30
+    w, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    fused_stats = [torch.zeros(4, device=device), torch.ones(4, device=device)]
+    eager_stats = [torch.zeros(4), torch.ones(4)]
+    y = RF.bn_relu(x, *fused_stats, w, b, training=True, backend=backend).cpu()
+    expected = F.relu(F.batch_norm(x.cpu(), *eager_stats, w.cpu(), b.cpu(), training=True))
+    assert torch.equal(y[:, 1::2], expected[:, 1::2]) and not expected.isnan().any()
+    torch.testing.assert_close(y, expected, rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
+    assert torch.equal(fused_stats[1][1::2].cpu(), torch.full((2,), float("inf")))
+    for fused, eager in zip(fused_stats, eager_stats):
+        torch.testing.assert_close(fused.cpu(), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_variance_past_float32_range(backend, layout):
+    check_variance_past_float32_range(backend, layout)
+
+
 def check_nan_residual_gradients(backend, layout, device="cpu"):
     """A NaN in the residual: the output is NaN there, and torch.relu's backward passes the
     gradient there (it zeroes only where the output is <= 0), so every gradient is eager's."""
@@ -760,6 +785,14 @@ def test_bad_input_names_the_argument(backend, case):
         RF.bn_relu(x, training=True, backend=backend, **kwargs)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_nested_residual_is_refused_by_name(backend):
+    """A nested tensor where the op expects one like ``input`` (its shape cannot be asked)."""
+    x = activation((2, 6, 3, 3))
+    with pytest.raises(TypeError, match=r"bn_add_relu\(\): expected `residual` to be a dense tensor, got a nested"):
+        RF.bn_add_relu(x, torch.nested.nested_tensor(list(x)), None, None, training=True, backend=backend)
+
+
 def _batch_norm_argument_variants():
     """check_batch_norm's arguments, each variant changing one of a valid call's: valid
     ones (layouts, dtypes, absent tensors, eval, no_grad, one channel) and refused ones."""
@@ -914,13 +947,20 @@ def test_inference_tensors_autograd_would_save_are_refused_before_any_update(bac
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_eps_follows_eager_in_eval(backend):
-    """Eval only adds eps to the running variance: 0 is allowed (as in eager), a negative one refused."""
+    """Eval only adds eps to the running variance: 0 is allowed where this torch's eager
+    allows it (2.12 on) and refused where it refuses it; a negative one refused."""
     x = activation((2, 6, 3, 3))
     running_mean, running_var = torch.randn(6), torch.rand(6) + 0.5
-    torch.testing.assert_close(
-        RF.bn_relu(x, running_mean, running_var, training=False, eps=0.0, backend=backend),
-        F.relu(F.batch_norm(x, running_mean, running_var, training=False, eps=0.0)),
-        rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
+    try:
+        expected = F.relu(F.batch_norm(x, running_mean, running_var, training=False, eps=0.0))
+    except ValueError as error:  # torch 2.11 and older
+        assert "eps must be positive" in str(error)
+        with pytest.raises(ValueError, match=r"bn_relu\(\): expected `eps` to be positive \(this torch's"):
+            RF.bn_relu(x, running_mean, running_var, training=False, eps=0.0, backend=backend)
+    else:
+        torch.testing.assert_close(
+            RF.bn_relu(x, running_mean, running_var, training=False, eps=0.0, backend=backend), expected,
+            rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
     with pytest.raises(ValueError, match=r"bn_relu\(\): expected `eps` to be non-negative, got -1e-05"):
         RF.bn_relu(x, running_mean, running_var, training=False, eps=-1e-5, backend=backend)
 
@@ -1162,11 +1202,12 @@ def test_graph_tracing_sees_the_registered_ops(backend):
     assert {f"{namespace}.batch_stats.default", f"{namespace}.bn_relu.default"} <= targets
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_torch_func_grad_matches_autograd(backend):
-    """torch.func.grad differentiates the fused ops as autograd does; a second order fails loudly."""
-    x, residual = activation((2, 4, 3, 3)), activation((2, 4, 3, 3))
-    w = torch.rand(4) + 0.5
+def check_torch_func_grad_matches_autograd(backend, device="cpu"):
+    """torch.func.grad differentiates the fused ops as autograd does (the Triton kernels,
+    which cannot read torch.func's wrapped tensors, once failed); nested transforms (a
+    second order, a vmap of the gradient) fail loudly."""
+    x, residual = activation((2, 4, 3, 3), device=device), activation((2, 4, 3, 3), device=device)
+    w = torch.rand(4, device=device) + 0.5
 
     def loss(w):
         return RF.bn_add_relu(x, residual, None, None, w, None, True, backend=backend).square().sum()
@@ -1174,8 +1215,15 @@ def test_torch_func_grad_matches_autograd(backend):
     w_autograd = w.clone().requires_grad_()
     loss(w_autograd).backward()
     assert torch.equal(torch.func.grad(loss)(w), w_autograd.grad)  # the same kernels and formulas
-    with pytest.raises(NotImplementedError, match="double backward"):
+    with pytest.raises(NotImplementedError, match="nested torch.func transforms .*double backward"):
         torch.func.grad(lambda w: torch.func.grad(loss)(w).square().sum())(w)
+    with pytest.raises(NotImplementedError, match="nested torch.func transforms"):
+        torch.func.vmap(torch.func.grad(loss))(torch.stack([w, w + 1]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_func_grad_matches_autograd(backend):
+    check_torch_func_grad_matches_autograd(backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -29,7 +29,8 @@ from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, STRIDE_SHAPES, check_
                       check_mask_of_the_rounded_output, check_nan_residual_gradients,
                       check_results_strided_in_the_op_layout, check_non_finite_inputs_in_eval,
                       check_non_finite_statistics, check_running_statistics_of_any_kind,
-                      check_statistics_far_from_zero, check_statistics_with_an_outlier_first)
+                      check_statistics_far_from_zero, check_statistics_with_an_outlier_first,
+                      check_torch_func_grad_matches_autograd, check_variance_past_float32_range)
 
 pytest.importorskip("triton")
 from resnet_fused.triton import _runtime, compile_report  # noqa: E402
@@ -562,3 +563,14 @@ def test_statistics_with_an_outlier_first_on_cuda(shape, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_statistics_are_stable_far_from_zero_on_cuda(layout, dtype):
     check_statistics_far_from_zero("triton", (64, 32, 24, 24), layout, dtype, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_variance_past_float32_range_on_cuda(layout):
+    check_variance_past_float32_range("triton", layout, "cuda")
+
+
+@cuda
+def test_torch_func_grad_matches_autograd_on_cuda():
+    check_torch_func_grad_matches_autograd("triton", "cuda")

@@ -30,7 +30,8 @@ from test_ops import (EMPTY_SHAPES, OPS, OUTLIER_CASES, STRIDE_SHAPES, check_emp
                       check_results_strided_in_the_op_layout, check_mask_of_the_rounded_output,
                       check_nan_residual_gradients, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_far_from_zero,
-                      check_statistics_with_an_outlier_first, run_case)
+                      check_statistics_with_an_outlier_first, check_torch_func_grad_matches_autograd,
+                      check_variance_past_float32_range, run_case)
 from test_triton_ops import check_functional_training, check_ops_against_reference
 
 if not _runtime.INTERPRET:
@@ -210,6 +211,11 @@ def test_statistics_are_stable_far_from_zero(shape, layout):
     check_statistics_far_from_zero("triton", shape, layout)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_variance_past_float32_range(layout):
+    check_variance_past_float32_range("triton", layout)
+
+
 @pytest.mark.parametrize("shape, layout", OUTLIER_CASES)
 def test_statistics_with_an_outlier_first(shape, layout):
     check_statistics_with_an_outlier_first("triton", shape, layout)
@@ -247,6 +253,10 @@ def test_forward_recomputes_the_mask_of_the_backward():
 
 
 # ---------------------------------------------------------------- registration
+
+
+def test_torch_func_grad_matches_autograd():
+    check_torch_func_grad_matches_autograd("triton")
 
 
 def test_opcheck():

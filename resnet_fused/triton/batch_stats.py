@@ -59,8 +59,10 @@ def _about_rounded_mean(rounded_mean, total, sum_spread, sum_m2):
     rounded_mean)^2. The rounding's own n * (mean - rounded_mean)^2 leaves M2 (it was the
     whole M2 of a constant channel of 1000.1: invstd 2e-4 off at eps 1e-5, 10% at 1e-12)."""
     correction = tl.math.div_rn(sum_spread, tl.maximum(total, 1.0))
-    m2 = sum_m2 - sum_spread * correction
-    return rounded_mean + correction, tl.where(m2 < 0.0, 0.0, m2)  # rounding below 0; NaN kept
+    # An M2 past float32's range stays inf (the correction is at most M2, so it overflows
+    # only with it: inf - inf would be NaN); below 0 only by rounding; NaN kept.
+    m2 = tl.where(sum_m2 == float("inf"), sum_m2, sum_m2 - sum_spread * correction)
+    return rounded_mean + correction, tl.where(m2 < 0.0, 0.0, m2)
 
 
 @_runtime.autotune(_runtime.TUNING.reduce, ["lanes", "CHANNELS_LAST", "BLOCK_L"])
