@@ -54,7 +54,6 @@ try:
 except ImportError:
     sys.exit(_NO_TORCH_MESSAGE)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 
 

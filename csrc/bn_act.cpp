@@ -263,8 +263,9 @@ std::tuple<Tensor, Tensor> batch_stats(const BnActKernels& kernels, const Tensor
   const auto acc = accumulation_type(input);
   Tensor mean = at::empty({x.geometry.channels}, input.options().dtype(acc));
   Tensor invstd = at::empty({x.geometry.channels}, input.options().dtype(acc));
-  if (x.geometry.reduce_size() == 0) {
+  if (x.geometry.numel() == 0) {
     // An empty batch: mean 0, variance 0; eager leaves the running statistics untouched.
+    // (No channels: nothing to write; the kernels are called only for values.)
     mean.zero_();
     invstd.fill_(1.0 / std::sqrt(eps));
     return {mean, invstd};

@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import _extension
+from ._checks import ACTIVATION_DTYPES
 from . import ops as _op_set
 
 NAMES = ("auto", "cuda", "triton", "cpu", "reference")
@@ -116,7 +117,7 @@ class Backend:
             )
         if dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
-            hint = "; the reference backend runs it" if dtype in _ALL_DTYPES and self.name != "reference" else ""
+            hint = "; the reference backend runs it" if dtype in ACTIVATION_DTYPES and self.name != "reference" else ""
             raise TypeError(f"resnet_fused backend {self.name!r} supports dtypes {names}, got {dtype}{hint}")
 
     def callable_ops(self) -> object:
@@ -136,8 +137,7 @@ class Backend:
         )
 
 
-_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the GPU kernels' (no float64)
 
 
 def _compiled(dispatch_key: str) -> Optional[str]:
@@ -149,9 +149,9 @@ def _compiled(dispatch_key: str) -> Optional[str]:
 
 
 _REGISTRY: dict[str, Backend] = {
-    "cuda": Backend("cuda", torch.ops.resnet_fused, ("cuda",), _GPU_DTYPES, _compiled("CUDA")),
-    "cpu": Backend("cpu", torch.ops.resnet_fused, ("cpu",), _ALL_DTYPES, _compiled("CPU")),
-    "reference": Backend("reference", torch.ops.resnet_fused_reference, (), _ALL_DTYPES),
+    "cuda": Backend("cuda", torch.ops.resnet_fused, ("cuda",), GPU_DTYPES, _compiled("CUDA")),
+    "cpu": Backend("cpu", torch.ops.resnet_fused, ("cpu",), ACTIVATION_DTYPES, _compiled("CPU")),
+    "reference": Backend("reference", torch.ops.resnet_fused_reference, (), ACTIVATION_DTYPES),
 }
 
 

@@ -57,7 +57,7 @@ class FoldedConv(NamedTuple):
     bias: Tensor  # [out_channels], compute dtype
 
 
-def _fold_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+def _fold_accumulation_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """Folding arithmetic: float64 if any source is float64, float32 otherwise."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -70,7 +70,7 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
     """
     eps = _checks.as_float("batch_norm", "eps", bn.eps)
     _checks.check_eps("batch_norm", "eps", eps, training=False)  # F.batch_norm's rule in eval
-    acc = _fold_dtype(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    acc = _fold_accumulation_dtype(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var.to(acc) + eps)
         if bn.weight is not None:
@@ -228,10 +228,10 @@ def _cudnn_fused_or(fallback: Callable[[], Tensor], x: Tensor, conv: nn.Conv2d, 
                     residual: Optional[Tensor]) -> Tensor:
     """cuDNN's fused conv + bias [+ residual] + ReLU where it applies, else ``fallback()``.
 
-    The H200 anchors (../shared/anchors/h200-cudnn-fused-conv.json, beside this
-    repository) measure both fused ops at the plain convolution's time on ResNet-50 shapes
-    (bf16, channels_last), so no convolution followed by a separate epilogue pass can beat
-    them; they are used wherever they run.
+    On an H200 both fused ops cost about the plain convolution's time on ResNet-50 shapes
+    (bf16, channels_last; the table in docs/modules.md, "Kernels after folding"), so no
+    convolution followed by a separate epilogue pass can beat them; they are used wherever
+    they run.
     cuDNN finds no fused engine for some configurations and raises: such a configuration
     is remembered and runs ``fallback`` from then on, once ``fallback`` has run it (bad
     input raises there too, and is no reason to give up on cuDNN for later calls).

@@ -56,7 +56,7 @@ def _scalars(op: str, momentum, eps, training: bool, suffix: str = "") -> tuple[
 def _checked_scalars(op: str, input: Tensor, running_mean, running_var, weight, bias, training, momentum, eps,
                      suffix: str = "") -> tuple[float, float]:
     """Checks one BatchNorm's arguments (``F.batch_norm``'s order); returns momentum and eps as floats."""
-    _checks.check_batch_norm(op, input, weight, bias, running_mean, running_var, training, suffix)
+    _checks.check_batch_norm(op, input, running_mean, running_var, weight, bias, training, suffix)
     return _scalars(op, momentum, eps, training, suffix)
 
 

@@ -292,7 +292,7 @@ def _records_autograd(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     )
 
 
-def _fold_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[torch.dtype]:
+def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[torch.dtype]:
     """The dtype to run ``bn(conv(x))`` folded in; None when it must run unfolded.
 
     Folding needs both running statistics (eval with one of them None runs unfolded, where
@@ -358,7 +358,7 @@ class _FusedBlock:
 
     def _conv_bn_relu(self, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
         conv, bn = getattr(self, conv_name), getattr(self, bn_name)
-        dtype = _fold_dtype(x, conv, bn)
+        dtype = _folded_compute_dtype(x, conv, bn)
         if dtype is not None:
             return folding.conv_bias_relu(x.to(dtype), conv, self._folded(conv_name, conv, bn, dtype))
         return functional.bn_relu(_conv(conv, x), *batch_norm_call(bn))
@@ -368,14 +368,14 @@ class _FusedBlock:
         if self.downsample is None:
             return x
         conv, bn = self.downsample
-        dtype = _fold_dtype(x, conv, bn)
+        dtype = _folded_compute_dtype(x, conv, bn)
         if dtype is not None:
             return folding.conv_bias(x.to(dtype), conv, self._folded("downsample", conv, bn, dtype))
         return self.downsample(x)
 
     def _conv_bn_add_relu(self, conv_name: str, bn_name: str, out: Tensor, x: Tensor) -> Tensor:
         conv, bn = getattr(self, conv_name), getattr(self, bn_name)
-        dtype = _fold_dtype(out, conv, bn)
+        dtype = _folded_compute_dtype(out, conv, bn)
         if dtype is not None and self.downsample is not None and _records_autograd(x, *self.downsample):
             dtype = None  # a trainable shortcut: the folded add (cuDNN's) has no derivative
         if dtype is not None:
@@ -427,8 +427,7 @@ class _FusedBlock:
 class FusedBasicBlock(_FusedBlock, BasicBlock):
     """torchvision's ``BasicBlock`` with a fused forward; same constructor, submodules and state_dict."""
 
-    _inner_stages = (("conv1", "bn1"),)
-    _last_stage = ("conv2", "bn2")
+    _inner_stages, _last_stage = _BASIC_PAIRS[:-1], _BASIC_PAIRS[-1]
 
 
 class FusedBottleneck(_FusedBlock, Bottleneck):
@@ -437,8 +436,7 @@ class FusedBottleneck(_FusedBlock, Bottleneck):
     The stride sits on the 3x3 ``conv2``, as in torchvision (ResNet v1.5).
     """
 
-    _inner_stages = (("conv1", "bn1"), ("conv2", "bn2"))
-    _last_stage = ("conv3", "bn3")
+    _inner_stages, _last_stage = _BOTTLENECK_PAIRS[:-1], _BOTTLENECK_PAIRS[-1]
 
 
 FUSED_CLASS: dict[type, type] = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}

@@ -50,8 +50,8 @@ MUTATED_ARGS = {"batch_stats": ("running_mean", "running_var")}
 # registered ops validate their arguments first (`_validated`); the eager calls do not again,
 # because their callers have (`functional` checks every argument before the first op runs,
 # `folding` those of its add + ReLU; a backward op gets what its validated forward saved and autograd's
-# gradient of that forward's output, of the output's shape, dtype and device). About 5 us an
-# op on a 2-core Xeon.
+# gradient of that forward's output, of the output's shape, dtype and device): a second
+# validation would cost about 5 us an op on a 2-core Xeon.
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
 
 
@@ -127,7 +127,7 @@ def _param_grad(grad: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
     return None if param is None else grad.to(param.dtype)
 
 
-def _statistics_grads(ctx, first: int, training: bool, weight, mean, invstd, grad_weight, grad_bias):
+def _statistics_grads(ctx, first: int, weight, mean, invstd, grad_weight, grad_bias):
     """Gradients for ``mean`` and ``invstd`` (op arguments ``first``, ``first + 1``).
 
     Training: they are the input's batch statistics, already accounted for in
@@ -135,7 +135,7 @@ def _statistics_grads(ctx, first: int, training: bool, weight, mean, invstd, gra
     d/d mean = -w * invstd * sum(g) and d/d invstd = w * sum(g * (x - mean)), where
     grad_bias = sum(g) and grad_weight = invstd * sum(g * (x - mean)).
     """
-    if training or not (ctx.needs_input_grad[first] or ctx.needs_input_grad[first + 1]):
+    if ctx.training or not (ctx.needs_input_grad[first] or ctx.needs_input_grad[first + 1]):
         return None, None
     w = 1.0 if weight is None else weight.to(grad_weight.dtype)
     grad_mean = -w * invstd.to(grad_weight.dtype) * grad_bias
@@ -169,7 +169,7 @@ def _backward_formulas(ops):
         grad_input, grad_weight, grad_bias = ops.bn_relu_backward(
             grad_out, input, weight, bias, mean, invstd, ctx.training
         )
-        stats = _statistics_grads(ctx, 3, ctx.training, weight, mean, invstd, grad_weight, grad_bias)
+        stats = _statistics_grads(ctx, 3, weight, mean, invstd, grad_weight, grad_bias)
         return grad_input, _param_grad(grad_weight, weight), _param_grad(grad_bias, bias), *stats, None
 
     def bn_add_relu(ctx, grad_out):
@@ -177,7 +177,7 @@ def _backward_formulas(ops):
         grad_input, grad_residual, grad_weight, grad_bias = ops.bn_add_relu_backward(
             grad_out, input, residual, weight, bias, mean, invstd, ctx.training
         )
-        stats = _statistics_grads(ctx, 4, ctx.training, weight, mean, invstd, grad_weight, grad_bias)
+        stats = _statistics_grads(ctx, 4, weight, mean, invstd, grad_weight, grad_bias)
         return (
             grad_input, grad_residual, _param_grad(grad_weight, weight), _param_grad(grad_bias, bias), *stats, None,
         )
@@ -188,8 +188,8 @@ def _backward_formulas(ops):
             grad_out, input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d, invstd_d, ctx.training
         )
         grad_input, grad_weight, grad_bias, grad_input_d, grad_weight_d, grad_bias_d = grads
-        stats = _statistics_grads(ctx, 3, ctx.training, weight, mean, invstd, grad_weight, grad_bias)
-        stats_d = _statistics_grads(ctx, 8, ctx.training, weight_d, mean_d, invstd_d, grad_weight_d, grad_bias_d)
+        stats = _statistics_grads(ctx, 3, weight, mean, invstd, grad_weight, grad_bias)
+        stats_d = _statistics_grads(ctx, 8, weight_d, mean_d, invstd_d, grad_weight_d, grad_bias_d)
         return (
             grad_input, _param_grad(grad_weight, weight), _param_grad(grad_bias, bias), *stats,
             grad_input_d, _param_grad(grad_weight_d, weight_d), _param_grad(grad_bias_d, bias_d), *stats_d,

@@ -226,7 +226,7 @@ def test_kernels_launch_early_on_sm90_unless_told_not_to(stand_in, monkeypatch, 
     driver older than CUDA 12.3 (whose graph capture has no programmatic edges), none is,
     and the kernels are compiled without the wait."""
     pdl = batch_stats._batch_stats_finalize_kernel.arg_names.index("PDL")
-    monkeypatch.setattr(_runtime, "_EARLY_LAUNCH_ALLOWED", allowed)
+    monkeypatch.setattr(_runtime, "_EARLY_LAUNCH_ENABLED_BY_ENV", allowed)
     # undone before the stand-in (set up first) puts back the real one
     monkeypatch.setattr(_runtime, "_cuda_driver_version", lambda: driver)
     _runtime.forget_plans()

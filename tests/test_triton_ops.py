@@ -243,7 +243,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(dtype, capsys):
     }
     assert all(r.local_bytes == 0 for r in rows), [r for r in rows if r.local_bytes]
     # Launched early on sm_90 (unless RESNET_FUSED_PDL=0): each waits for the kernel before it first.
-    waits = True if _runtime.early_launch_allowed() else None
+    waits = True if _runtime.early_launch_enabled_by_env() else None
     assert all(r.waits_first is waits for r in rows), [r for r in rows if r.waits_first is not waits]
     elementwise = [r for r in rows if r.kernel in compile_report.ELEMENTWISE_KERNELS]
     assert elementwise and all(r.narrow_stores == 0 for r in elementwise), [r for r in elementwise if r.narrow_stores]

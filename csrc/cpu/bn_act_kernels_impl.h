@@ -9,14 +9,16 @@
 //   channels_last (kNHWC): one run per (n, h, w) row, C values, one channel per lane;
 //   NCHW (kNCHW):          one run per (n, c) plane, H*W values, all of channel c.
 // Inner loops are at::vec vectors of the accumulation type over a run; a run's tail goes
-// through the same vector code on a zero-filled buffer, so every element of the forward
-// and the backward passes sees identical arithmetic (the backward recomputes the ReLU
-// mask instead of saving it).
+// through the same vector code with the lanes past it zeroed (masked loads in the AVX2 and
+// AVX-512 builds, a zero-filled buffer in the baseline one), so every element of the
+// forward and the backward passes sees identical arithmetic (the backward recomputes the
+// ReLU mask instead of saving it).
 //
 // Reductions are deterministic and independent of the thread count: rows (or planes) are
 // cut into fixed chunks, each reduced in blocks that fit in cache — a block's mean first,
-// then its squared deviations from that mean, in the accumulation type — and blocks and
-// chunks are merged in a fixed order in double (Chan et al.'s pairwise update).
+// then its deviations from that mean and their squares, in the accumulation type
+// (about_shift) — and blocks and chunks are merged in a fixed order in double (Chan et
+// al.'s pairwise update).
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY before including bn_act_kernels_impl.h"

@@ -10,8 +10,11 @@
 //   NCHW           block (1, 256) per (channel, split of the channel's N*H*W values):
 //                  threads stride over the split's vectors, plane by plane; the channel
 //                  and its coefficients are uniform per block.
-// Grids are one wave of the blocks each kernel keeps resident (its __launch_bounds__),
-// and every thread issues U independent loads per input before it uses the first.
+// Grids are at most one wave of the blocks each kernel keeps resident (its
+// __launch_bounds__) where the shape allows (wave_grid_y: channels_last, and NCHW
+// elementwise passes with C at most the resident blocks); NCHW reductions take the splits
+// that fill their last wave (nchw_reduction_splits), over several waves. Every thread
+// issues U independent loads per input before it uses the first.
 //
 // Reductions are two-level and deterministic: each block reduces its values in a fixed
 // order (per-thread moments or plain float sums, then a shared-memory tree over the
@@ -71,10 +74,10 @@ template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 
 // How a streaming kernel keeps HBM busy: the blocks it keeps resident per SM (the
-// register cap of its __launch_bounds__; its grid is one wave of them) and the vectors a
-// thread loads before it uses the first: 64 bytes in flight per thread at 3 or 4 resident
-// blocks of 256 threads, 96 at 2, so 48-64 KB per SM (scalar accesses need more loads for
-// the same bytes). A kernel that only reads needs twice that (read_only): by Little's law
+// register cap of its __launch_bounds__; its grid is at most one wave of them where the
+// shape allows, wave_grid_y) and the vectors a thread loads before it uses the first:
+// 64 bytes in flight per thread at 3 or 4 resident blocks of 256 threads, 96 at 2, so
+// 48-64 KB per SM (scalar accesses need more loads for the same bytes). A kernel that only reads needs twice that (read_only): by Little's law
 // the bytes in flight are the read bandwidth times the latency, and where a kernel that
 // writes as much as it reads gets half its traffic from fire-and-forget stores, every
 // byte of a reduction is a load (batch_stats read at 73% of copy bandwidth with 64).
@@ -112,7 +115,7 @@ constexpr StreamConfig backward_elementwise_config(Epilogue e) {
 // Per-channel sums of the backward reduction: sum(g), sum(g * (x - mean)) and, for the
 // downsample branch, sum(g * (x_d - mean_d)).
 constexpr int num_sums(Epilogue e) { return e == Epilogue::kDualAddRelu ? 3 : 2; }
-// Per-channel coefficients of the backward's elementwise pass: k0, k1 per branch.
+// Per-channel coefficients of the backward's elementwise pass: intercept, slope per branch.
 constexpr int num_coefficients(Epilogue e) { return e == Epilogue::kDualAddRelu ? 4 : 2; }
 
 // ---------------------------------------------------------------- element access
@@ -880,16 +883,9 @@ struct BackwardFinalize {
   float* grad_bias;
   float* grad_weight_d;
   float* grad_bias_d;
-  float* coefficients;  // [num_coefficients][C]: k0, k1 [, k0_d, k1_d]
+  float* coefficients;  // [num_coefficients][C]: intercept, slope [, intercept_d, slope_d]
 };
 
-// grad_bias = sum(g), grad_weight = invstd * sum(g * (x - mean)), and the coefficients of
-// the elementwise pass, grad_x = fma(g, scale, fma(x, k1, k0)):
-//   training: k1 = -scale * invstd^2 * sum(g * (x - mean)) / M,
-//             k0 = -scale * sum(g) / M - mean * k1
-//   eval:     k0 = k1 = 0, which the elementwise pass does not read (grad_x = g * scale)
-// Folding the mean into k0 (in double) keeps a register per lane free; its rounding is
-// the one the forward's shift = bias - mean * scale already has.
 // One channel of a branch as the finalize needs it, loaded before the partials are
 // reduced: the round trip of these loads overlaps theirs.
 struct BranchChannel {
@@ -904,8 +900,17 @@ struct BranchChannel {
   }
 };
 
+// grad_bias = sum(g), grad_weight = invstd * sum(g * (x - mean)), and the coefficients of
+// the elementwise pass, grad_x = fma(g, scale, fma(x, slope, intercept)):
+//   training: slope = -scale * invstd^2 * sum(g * (x - mean)) / M,
+//             intercept = -scale * sum(g) / M - mean * slope
+//   eval:     both 0, which the elementwise pass does not read (grad_x = g * scale)
+// Folding the mean into the intercept (in double) keeps a register per lane free; its
+// rounding is the one the forward's shift = bias - mean * scale already has. (The CPU and
+// Triton kernels keep the mean apart: fma(x - mean, k2, k1).)
 __device__ void finalize_branch(const BackwardFinalize& f, const BranchChannel& b, int64_t c, double sum_g,
-                                double sum_g_centered, float* grad_weight, float* grad_bias, float* k0, float* k1) {
+                                double sum_g_centered, float* grad_weight, float* grad_bias, float* intercepts,
+                                float* slopes) {
   const double invstd = b.invstd;
   grad_bias[c] = static_cast<float>(sum_g);
   grad_weight[c] = static_cast<float>(sum_g_centered * invstd);
@@ -914,8 +919,8 @@ __device__ void finalize_branch(const BackwardFinalize& f, const BranchChannel& 
     slope = -double(b.scale) * invstd * invstd * sum_g_centered / f.reduce_size;
     intercept = -double(b.scale) * sum_g / f.reduce_size - double(b.mean) * slope;
   }
-  k0[c] = static_cast<float>(intercept);
-  k1[c] = static_cast<float>(slope);
+  intercepts[c] = static_cast<float>(intercept);
+  slopes[c] = static_cast<float>(slope);
 }
 
 template <Epilogue E>
@@ -972,15 +977,15 @@ __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).block
   const int64_t C = shape.channels;
   LaneAffine<V> main, down;
   const bool training = coefficients != nullptr;
-  float k0[V] = {}, k1[V] = {}, k0_d[V] = {}, k1_d[V] = {};
+  float intercept[V] = {}, slope[V] = {}, intercept_d[V] = {}, slope_d[V] = {};
   main.load(a.main, walk);
   if constexpr (E == Epilogue::kDualAddRelu) down.load(a.down, walk);
   if (training) {
-    load_lanes(coefficients, walk, k0);
-    load_lanes(coefficients + C, walk, k1);
+    load_lanes(coefficients, walk, intercept);
+    load_lanes(coefficients + C, walk, slope);
     if constexpr (E == Epilogue::kDualAddRelu) {
-      load_lanes(coefficients + 2 * C, walk, k0_d);
-      load_lanes(coefficients + 3 * C, walk, k1_d);
+      load_lanes(coefficients + 2 * C, walk, intercept_d);
+      load_lanes(coefficients + 3 * C, walk, slope_d);
     }
   }
 
@@ -999,9 +1004,9 @@ __global__ void __launch_bounds__(kThreads, backward_elementwise_config(E).block
         } else {
           g = in.template masked<E>(u, i, main, down);
         }
-        grad_x[i] = training ? __fmaf_rn(g, main.scale[i], __fmaf_rn(in.x[u][i], k1[i], k0[i])) : __fmul_rn(g, main.scale[i]);
+        grad_x[i] = training ? __fmaf_rn(g, main.scale[i], __fmaf_rn(in.x[u][i], slope[i], intercept[i])) : __fmul_rn(g, main.scale[i]);
         if constexpr (E == Epilogue::kDualAddRelu) {
-          grad_x_d[i] = training ? __fmaf_rn(g, down.scale[i], __fmaf_rn(in.o[u][i], k1_d[i], k0_d[i]))
+          grad_x_d[i] = training ? __fmaf_rn(g, down.scale[i], __fmaf_rn(in.o[u][i], slope_d[i], intercept_d[i]))
                                  : __fmul_rn(g, down.scale[i]);
         }
       }
@@ -1220,7 +1225,7 @@ cudaError_t with_dtype(DType dtype, Fn&& fn) {
     case DType::kFloat32: return fn(Type<float>{});
     case DType::kFloat16: return fn(Type<__half>{});
     case DType::kBFloat16: return fn(Type<__nv_bfloat16>{});
-    case DType::kFloat64: break;  // not a CUDA-backend dtype: the host routes it elsewhere
+    case DType::kFloat64: break;  // not a CUDA-backend dtype: the host refuses it (check_backend_dtype)
   }
   return cudaErrorInvalidValue;
 }

@@ -31,7 +31,7 @@ try:
 except ImportError as error:
     backends.register(
         backends.Backend(
-            "triton", getattr(torch.ops, NAMESPACE), ("cuda",), (torch.float16, torch.bfloat16, torch.float32),
+            "triton", getattr(torch.ops, NAMESPACE), ("cuda",), backends.GPU_DTYPES,
             f"Triton cannot be imported ({error})",
         )
     )

@@ -31,7 +31,7 @@ configurations hold ptxas to 128 registers a thread (``_runtime.TUNING``). NCHW 
 each channel into a multiple of the most chunks a program takes, so its
 C x chunks / CHUNKS_PER_PROGRAM programs fill whole waves
 where C is a power of two (C = 512 on 132 SMs: 4 chunks per channel, 2 waves of 4 or of
-2 programs per SM, where 3 chunks of one program each made 1.7 to 5.8 waves).
+2 programs per SM).
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def _partition(shape: tuple[int, int, int, int], channels_last: bool, sms: int) 
         wanted = min(_runtime.cdiv(target, groups), MAX_CHUNKS, _runtime.cdiv(rows, tuning.min_rows_per_chunk))
         rows_per_chunk = _runtime.cdiv(rows, max(wanted, 1))
         return Partition(
-            True, c, rows, c, c, block, groups, rows_per_chunk, _runtime.cdiv(rows, rows_per_chunk), block, 1
+            channels_last=True, channels=c, rows=rows, row_stride=c, lanes=c, lane_block=block, groups=groups,
+            rows_per_chunk=rows_per_chunk, row_chunks=_runtime.cdiv(rows, rows_per_chunk), lanes_per_chunk=block,
+            lane_chunks=1,
         )
     wanted = max(1, min(_runtime.cdiv(target, c), MAX_CHUNKS))
     step = tuning.most_chunks_per_program  # row chunks in multiples of it: module docstring
@@ -137,8 +139,9 @@ def _partition(shape: tuple[int, int, int, int], channels_last: bool, sms: int) 
     lanes_per_chunk = _runtime.cdiv(_runtime.cdiv(hw, lane_chunks), granule) * granule
     block = _runtime.lane_block(min(hw, lanes_per_chunk), tuning.reduce_lane_block, channels_last=False)
     return Partition(
-        False, c, n, c * hw, hw, block, c, rows_per_chunk, row_chunks, lanes_per_chunk,
-        _runtime.cdiv(hw, lanes_per_chunk),
+        channels_last=False, channels=c, rows=n, row_stride=c * hw, lanes=hw, lane_block=block, groups=c,
+        rows_per_chunk=rows_per_chunk, row_chunks=row_chunks, lanes_per_chunk=lanes_per_chunk,
+        lane_chunks=_runtime.cdiv(hw, lanes_per_chunk),
     )
 
 

@@ -23,11 +23,13 @@ import triton.language as tl
 import triton.testing
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .. import backends
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 PIN_ENV = "RESNET_FUSED_TRITON_CONFIG"
 
 DEVICE_TYPES = ("cpu",) if INTERPRET else ("cuda",)
-DTYPES = (torch.float16, torch.float32) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (torch.float16, torch.float32) if INTERPRET else backends.GPU_DTYPES  # the interpreter: no bfloat16
 
 
 def unavailable_reason() -> Optional[str]:
@@ -99,7 +101,7 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 # (docs/cuda_kernels.md, "Launches": the CUDA backend does the same).
 
 PDL_ENV = "RESNET_FUSED_PDL"  # 0: every kernel launched in order (both GPU backends)
-_EARLY_LAUNCH_ALLOWED = os.environ.get(PDL_ENV, "").strip() != "0"
+_EARLY_LAUNCH_ENABLED_BY_ENV = os.environ.get(PDL_ENV, "").strip() != "0"
 
 
 @triton.jit
@@ -112,9 +114,9 @@ def await_stream_predecessor(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-def early_launch_allowed() -> bool:
+def early_launch_enabled_by_env() -> bool:
     """False where ``RESNET_FUSED_PDL=0`` (read at import)."""
-    return _EARLY_LAUNCH_ALLOWED
+    return _EARLY_LAUNCH_ENABLED_BY_ENV
 
 
 # A driver records early launches in stream capture as programmatic graph edges from CUDA
@@ -137,7 +139,7 @@ def early_launch() -> bool:
     """Whether kernels launched now, on the current device, are programmatic dependents:
     a CUDA device of sm_90 or later (its code has griddepcontrol) and a CUDA 12.3+ driver,
     not the interpreter."""
-    if INTERPRET or not early_launch_allowed():
+    if INTERPRET or not early_launch_enabled_by_env():
         return False
     target = triton.runtime.driver.active.get_current_target()
     return (
@@ -299,7 +301,8 @@ def _capture_failure_explained():
 
 def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> None:
     """Runs the launches ``build(*static, *operands)`` makes, on the current device and
-    stream: through Triton the first time for the key (module comment), replayed after."""
+    stream: through Triton the first time for the key ("launching" comment above), replayed
+    after."""
     if INTERPRET or not _replaying:  # the interpreter has no compiled kernel to replay
         run(build(*static, *operands))
         return
@@ -483,11 +486,9 @@ else:
     # in flight too, into shared memory, at the price of shared-memory loads and two
     # barriers per step. The autotuner weighs the two. A program of W warps takes W / 2
     # chunks (where they span whole rows of lanes), so every configuration runs 16 warps
-    # per SM, where 8 programs per SM ran in two to four waves: one wave, as 16 warps of
-    # 128 registers fill an SM's 64K, so ptxas is held to 128 (sm_90, Triton 3.6.0,
-    # uncapped: the statistics 42-98, the relu and add backward reductions 38-124, the
-    # dual one up to 154; capped, all within 128 and no spills at the compile report's
-    # shapes). (A 4K tile on 4 warps takes up to 234 registers in the dual backward: left out.)
+    # per SM in one wave: 16 warps of 128 registers fill an SM's 64K, so ptxas is held to
+    # 128 (docs/performance.md, "Triton reductions held to 128 registers"; the compile
+    # report shows no spill). No 4K tile on 4 warps: the dual backward needs up to 234.
     TUNING = Tuning(
         elementwise=_configs((2048, 4), (4096, 4), (4096, 8), (8192, 8)),
         reduce=_reduce_configs([(1024, 4, 2), (2048, 4, 2), (2048, 8, 4), (4096, 8, 4)], stages=(1, 3),

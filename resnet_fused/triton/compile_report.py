@@ -241,7 +241,7 @@ def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResource
     rows, seen = [], set()
     for dtype in dtypes:
         for variant, launch in representative_launches(dtype):
-            for fn, args, options in _configs(launch, _runtime.early_launch_allowed()):  # TARGET: sm_90
+            for fn, args, options in _configs(launch, _runtime.early_launch_enabled_by_env()):  # TARGET: sm_90
                 source = _source(fn, args)
                 key = _kernel_key(source, options)
                 if key in seen:
@@ -287,7 +287,7 @@ Spec = tuple[str, tuple[int, int, int, int], str]  # dtype name, shape, layout
 def _compilations(spec: Spec) -> list[tuple[triton.JITFunction, dict, dict]]:
     dtype, shape, layout = spec
     # The current GPU's; without one (planning in a test), TARGET's.
-    early = _runtime.early_launch() if torch.cuda.is_available() else _runtime.early_launch_allowed()
+    early = _runtime.early_launch() if torch.cuda.is_available() else _runtime.early_launch_enabled_by_env()
     return [c for _, launch in representative_launches(getattr(torch, dtype), shape, (layout,))
             for c in _configs(launch, early)]
 
