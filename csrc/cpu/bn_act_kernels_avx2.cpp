@@ -5,20 +5,7 @@
 // GCC 12 flags the intentionally undefined registers of its own intrinsics headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// #pragma GCC target enables the instructions but not their feature macros, which
-// sleef.h (pulled in by at::vec) keys its vector declarations on.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx2_feature_macros.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 // No pop_options: templates are instantiated at the end of the translation unit and
