@@ -562,6 +562,65 @@ def default_backends(device: torch.device) -> list[str]:
     return [name for name in resnet_fused.available_backends(device) if name != "reference"]
 
 
+def _copy_row(t: Tensors, case: dict, dev: torch.device, budget_ms: float,
+              copy_gbs: float) -> tuple[dict, Optional[float]]:
+    """The row of a copy of ``t``'s activation, and the bandwidth it reached (None where it
+    failed): what a plain copy reaches at that size (the fused rows' ``pct_size_copy``)."""
+    copy_bytes = 2 * t.numel * t.x.element_size()
+    row = dict(op="copy", **case, bytes=copy_bytes, kernel_bytes=copy_bytes, copy_gbs=copy_gbs, backend="torch")
+    try:
+        times, timing = timed(_copy_callable(t.x), dev, budget_ms)
+    except Exception as error:
+        row["error"] = _error_text(error)
+        return row, None
+    row.update(times, timing=timing)
+    size_copy_gbs = copy_bytes / times["median_ms"] / 1e6
+    _add_bandwidths(row, copy_gbs, size_copy_gbs)
+    return row, size_copy_gbs
+
+
+def _op_rows(op_name: str, t: Tensors, t32: Tensors, case: dict, names: list[str], dev: torch.device,
+             budget_ms: float, copy_gbs: float, size_copy_gbs: Optional[float],
+             kernels_of: Callable[[str, str, Callable[[], object]], Optional[dict]]) -> list[dict]:
+    """The rows of one op at one (shape, dtype): eager's, then each backend's that runs the
+    dtype there. A fused row further than ACCURACY_BOUND from eager (on float32 copies of
+    the inputs) fails, untimed; ``kernels_of`` gives a fused row's kernel breakdown."""
+    op, dtype, element = OPS[op_name], t.x.dtype, t.x.element_size()
+    base = dict(op=op_name, **case, bytes=op.passes * t.numel * element,
+                kernel_bytes=op.kernel_passes * t.numel * element, copy_gbs=copy_gbs)
+    expected = eager_callable(op_name, t32)()
+    variants = [("eager", eager_callable(op_name, t))]
+    variants += [(name, fused_callable(op_name, backends.get(name).ops, t))
+                 for name in names if backends.get(name).supports(dev, dtype)]
+    rows, eager_ms = [], None
+    for name, fn in variants:
+        row = dict(base, backend=name)
+        if name == "eager":
+            row["kernel_bytes"] = None  # kernel_bytes is the fused kernels' traffic
+        try:
+            if name != "eager":
+                row["rel_err"] = relative_error(op_name, fn(), expected)
+                if not row["rel_err"] <= ACCURACY_BOUND[dtype]:
+                    raise ArithmeticError(f"relative error {row['rel_err']:.1e} against eager, above "
+                                          f"{ACCURACY_BOUND[dtype]:.0e} for {row['dtype']}")
+            times, timing = timed(fn, dev, budget_ms)
+        except Exception as error:  # one failing op must not stop the others
+            row["error"] = _error_text(error)
+            rows.append(row)
+            print(f"  {op_name} {row['shape']} {row['dtype']} {name}: FAILED {row['error']}")
+            continue
+        ms = times["median_ms"]
+        eager_ms = ms if name == "eager" else eager_ms
+        row.update(times, timing=timing)
+        _add_bandwidths(row, copy_gbs, size_copy_gbs)
+        row["speedup_vs_eager"] = None if name == "eager" or eager_ms is None else eager_ms / ms
+        kernels = kernels_of(op_name, name, fn)
+        if kernels is not None:
+            row["kernels"] = kernels
+        rows.append(row)
+    return rows
+
+
 def run(
     device: str = "cuda",
     dtypes: Iterable[str] = ("bf16", "fp32"),
@@ -630,71 +689,30 @@ def run(
             element = t.x.element_size()
             case = dict(shape=shape.name, n=batch, c=shape.channels, h=shape.size, w=shape.size,
                         dtype=str(dtype).removeprefix("torch."), layout=layout)
-            copy_bytes = 2 * t.numel * element
-            copy_row = dict(op="copy", **case, bytes=copy_bytes, kernel_bytes=copy_bytes, copy_gbs=copy_gbs,
-                            backend="torch")
-            size_copy_gbs = None
-            try:
-                times, timing = timed(_copy_callable(t.x), dev, budget_ms)
-            except Exception as error:
-                copy_row["error"] = _error_text(error)
-            else:
-                copy_row.update(times, timing=timing)
-                size_copy_gbs = copy_bytes / times["median_ms"] / 1e6
-                _add_bandwidths(copy_row, copy_gbs, size_copy_gbs)
+            copy_row, size_copy_gbs = _copy_row(t, case, dev, budget_ms, copy_gbs)
             rows.append(copy_row)
             yardstick = Yardsticks(t.x)
+
+            def kernels_of(op_name: str, backend: str, fn: Callable[[], object]) -> Optional[dict]:
+                """A fused row's kernel breakdown: at the target stages, what the target is
+                judged on, always (with the yardsticks, a few profiled calls each); elsewhere
+                only while the run is on schedule."""
+                target_stage = shape.name.split(".")[0] in TARGET_STAGES
+                if backend not in KERNEL_ROLES or dev.type != "cuda" or not (target_stage or not behind_schedule()):
+                    return None
+                try:
+                    return kernel_breakdown(op_name, backend, fn, t.numel * element, copy_gbs, l2_flush=l2_flush,
+                                            yardstick=yardstick if target_stage else None, l2_bytes=l2_bytes)
+                except Exception as error:  # the profiler is a diagnostic: never fail the row
+                    return {"error": f"{type(error).__name__}: {error}"}
+
             for op_name in op_names:
                 if out_of_time():
                     skipped += 1
                     continue
-                op = OPS[op_name]
-                base = dict(op=op_name, **case, bytes=op.passes * t.numel * element,
-                            kernel_bytes=op.kernel_passes * t.numel * element, copy_gbs=copy_gbs)
-                eager_fn = eager_callable(op_name, t)
-                expected = eager_callable(op_name, t32)()
-                variants = [("eager", eager_fn)]
-                for name in names:
-                    if backends.get(name).supports(dev, dtype):
-                        variants.append((name, fused_callable(op_name, backends.get(name).ops, t)))
-                eager_ms = None
-                for name, fn in variants:
-                    row = dict(base, backend=name)
-                    if name == "eager":
-                        row["kernel_bytes"] = None  # kernel_bytes is the fused kernels' traffic
-                    try:
-                        if name != "eager":
-                            row["rel_err"] = relative_error(op_name, fn(), expected)
-                            if not row["rel_err"] <= ACCURACY_BOUND[dtype]:
-                                raise ArithmeticError(f"relative error {row['rel_err']:.1e} against eager, above "
-                                                      f"{ACCURACY_BOUND[dtype]:.0e} for {row['dtype']}")
-                        times, timing = timed(fn, dev, budget_ms)
-                    except Exception as error:  # one failing op must not stop the others
-                        row["error"] = _error_text(error)
-                        rows.append(row)
-                        print(f"  {op_name} {shape.name} {row['dtype']} {name}: FAILED {row['error']}")
-                        continue
-                    ms = times["median_ms"]
-                    eager_ms = ms if name == "eager" else eager_ms
-                    row.update(times, timing=timing)
-                    _add_bandwidths(row, copy_gbs, size_copy_gbs)
-                    row["speedup_vs_eager"] = None if name == "eager" or eager_ms is None else eager_ms / ms
-                    # The breakdown of the target stages is what the bandwidth target is
-                    # judged on: always taken there; elsewhere only while on schedule.
-                    # The yardsticks (a few profiled calls each) only there.
-                    target_stage = shape.name.split(".")[0] in TARGET_STAGES
-                    if name in KERNEL_ROLES and dev.type == "cuda" and (target_stage or not behind_schedule()):
-                        try:
-                            row["kernels"] = kernel_breakdown(op_name, name, fn, t.numel * element, copy_gbs,
-                                                              l2_flush=l2_flush,
-                                                              yardstick=yardstick if target_stage else None,
-                                                              l2_bytes=l2_bytes)
-                        except Exception as error:  # the profiler is a diagnostic: never fail the row
-                            row["kernels"] = {"error": f"{type(error).__name__}: {error}"}
-                    rows.append(row)
-                del expected, eager_fn, variants
+                rows += _op_rows(op_name, t, t32, case, names, dev, budget_ms, copy_gbs, size_copy_gbs, kernels_of)
                 done += 1
-            del t, t32
+            del t, t32, yardstick  # before empty_cache: the yardsticks hold the activation too
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             if on_progress is not None:
