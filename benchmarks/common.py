@@ -155,7 +155,7 @@ def environment(device: torch.device) -> dict:
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
             driver=_nvidia_driver(),
-            early_launch=_early_launch(),
+            early_launch=_early_launch(device),
         )
     else:  # the same fields on every device, so rows of CPU and GPU runs line up
         env.update(card=f"CPU: {env['cpu']} ({env['cpu_threads']} threads)", arch=None, sms=None, l2_mib=None,
@@ -163,15 +163,16 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _early_launch() -> Optional[bool]:
-    """Whether the GPU backends launch their kernels as programmatic dependents here (one rule
-    for both: sm_90 or later, a CUDA 12.3+ driver, RESNET_FUSED_PDL not 0); None without Triton,
-    which asks it."""
+def _early_launch(device: torch.device) -> Optional[bool]:
+    """Whether the GPU backends launch their kernels on ``device`` as programmatic dependents
+    (one rule for both: sm_90 or later, a CUDA 12.3+ driver, RESNET_FUSED_PDL not 0); None
+    without Triton, which asks it."""
     try:
         from resnet_fused.triton import _runtime
     except ImportError:
         return None
-    return _runtime.early_launch()
+    with torch.cuda.device(device):
+        return _runtime.early_launch()
 
 
 def _nvidia_driver() -> Optional[str]:

@@ -678,6 +678,20 @@ def run(
     def behind_schedule() -> bool:
         return budget_s is not None and (time.perf_counter() - started) / budget_s > done / cases
 
+    def kernels_of(op_name: str, backend: str, fn: Callable[[], object], *, shape: Shape, activation_bytes: int,
+                   yardstick: Yardsticks) -> Optional[dict]:
+        """A fused row's kernel breakdown: at the target stages, what the target is judged
+        on, always (with the yardsticks, a few profiled calls each); elsewhere only while the
+        run is on schedule."""
+        target_stage = shape.name.split(".")[0] in TARGET_STAGES
+        if backend not in KERNEL_ROLES or dev.type != "cuda" or not (target_stage or not behind_schedule()):
+            return None
+        try:
+            return kernel_breakdown(op_name, backend, fn, activation_bytes, copy_gbs, l2_flush=l2_flush,
+                                    yardstick=yardstick if target_stage else None, l2_bytes=l2_bytes)
+        except Exception as error:  # the profiler is a diagnostic: never fail the row
+            return {"error": f"{type(error).__name__}: {error}"}
+
     for shape in shape_list:
         for dtype_name in dtypes:
             if out_of_time():
@@ -691,28 +705,15 @@ def run(
                         dtype=str(dtype).removeprefix("torch."), layout=layout)
             copy_row, size_copy_gbs = _copy_row(t, case, dev, budget_ms, copy_gbs)
             rows.append(copy_row)
-            yardstick = Yardsticks(t.x)
-
-            def kernels_of(op_name: str, backend: str, fn: Callable[[], object]) -> Optional[dict]:
-                """A fused row's kernel breakdown: at the target stages, what the target is
-                judged on, always (with the yardsticks, a few profiled calls each); elsewhere
-                only while the run is on schedule."""
-                target_stage = shape.name.split(".")[0] in TARGET_STAGES
-                if backend not in KERNEL_ROLES or dev.type != "cuda" or not (target_stage or not behind_schedule()):
-                    return None
-                try:
-                    return kernel_breakdown(op_name, backend, fn, t.numel * element, copy_gbs, l2_flush=l2_flush,
-                                            yardstick=yardstick if target_stage else None, l2_bytes=l2_bytes)
-                except Exception as error:  # the profiler is a diagnostic: never fail the row
-                    return {"error": f"{type(error).__name__}: {error}"}
-
+            breakdown = functools.partial(kernels_of, shape=shape, activation_bytes=t.numel * element,
+                                          yardstick=Yardsticks(t.x))
             for op_name in op_names:
                 if out_of_time():
                     skipped += 1
                     continue
-                rows += _op_rows(op_name, t, t32, case, names, dev, budget_ms, copy_gbs, size_copy_gbs, kernels_of)
+                rows += _op_rows(op_name, t, t32, case, names, dev, budget_ms, copy_gbs, size_copy_gbs, breakdown)
                 done += 1
-            del t, t32, yardstick  # before empty_cache: the yardsticks hold the activation too
+            del t, t32, breakdown  # before empty_cache: the yardsticks hold the activation too
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             if on_progress is not None:
@@ -768,7 +769,7 @@ def judged_rows(rows: list[dict]) -> list[dict]:
     """The rows a target verdict is judged on: measured, at a target shape, at N =
     TARGET_BATCH in TARGET_LAYOUT."""
     return [r for r in rows if "error" not in r and r["shape"] in TARGET_SHAPES
-            and r["n"] == TARGET_BATCH and r["layout"] == TARGET_LAYOUT]
+            and r["n"] == TARGET_BATCH and LAYOUTS.get(r["layout"]) == LAYOUTS[TARGET_LAYOUT]]
 
 
 def target_verdict(pcts: list[float], covered: int) -> str:

@@ -72,7 +72,7 @@ def _summary(prof, steps: int, top: int) -> str:
              + ", ".join(f"{k.removeprefix('step: ')} {v:.2f} ms" for k, v in sorted(phases.items()))]
     nodes = sorted((e for e in events if e.key.startswith("autograd::engine::evaluate_function: ")),
                    key=lambda e: e.cpu_time_total, reverse=True)
-    lines.append(f"  backward nodes by host time (ms per step, calls per step):")
+    lines.append("  backward nodes by host time (ms per step, calls per step):")
     for e in nodes[:top]:
         name = e.key.removeprefix("autograd::engine::evaluate_function: ")
         lines.append(f"    {per_step(e.cpu_time_total):8.3f}  {e.count // steps:4d}  {name}")
@@ -81,7 +81,7 @@ def _summary(prof, steps: int, top: int) -> str:
         if not e.key.startswith(("step: ", "ProfilerStep")):
             own[e.key][0] += e.self_cpu_time_total
             own[e.key][1] += e.count
-    lines.append(f"  ops by own host time (ms per step, calls per step):")
+    lines.append("  ops by own host time (ms per step, calls per step):")
     lines += _own_time_rows(own, steps, top)
     # The forward runs on the calling thread, inside its range (the backward's nodes run on
     # the autograd engine's threads, listed above).

@@ -332,8 +332,6 @@ class _FusedBlock:
             if reason is not None and not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
                 _warn_reference_path(self, reason)
             return super().forward(x)
-        if self.training:  # a backend that cannot run here raises before a BatchNorm counts the batch
-            backends.resolve(x.device, x.dtype)
         out = x
         for conv_name, bn_name in self._inner_stages:
             out = self._conv_bn_relu(conv_name, bn_name, out)
@@ -361,7 +359,9 @@ class _FusedBlock:
         dtype = _folded_compute_dtype(x, conv, bn)
         if dtype is not None:
             return folding.conv_bias_relu(x.to(dtype), conv, self._folded(conv_name, conv, bn, dtype))
-        return functional.bn_relu(_conv(conv, x), *batch_norm_call(bn))
+        t = _conv(conv, x)
+        backends.resolve(t.device, t.dtype)  # a backend that cannot run t raises before the batch is counted
+        return functional.bn_relu(t, *batch_norm_call(bn))
 
     def _shortcut(self, x: Tensor) -> Tensor:
         """The identity branch as eager computes it, folded where it can be."""

@@ -283,8 +283,6 @@ def _backward_op(namespace: str, name: str) -> Callable:
     def backward_op(*args):
         if torch.compiler.is_compiling():  # compiled autograd traces the backward
             return registered(*args)
-        if torch._C._are_functorch_transforms_active():  # jacrev: a vmap of the backward
-            _refuse_nested_transforms()
         return guarded.apply(*args) if torch.is_grad_enabled() else direct(*args)
 
     return backward_op
@@ -297,8 +295,7 @@ def _batch_stats(namespace: str) -> Callable:
     registered = _registered(namespace, "batch_stats")
 
     def batch_stats(input, running_mean, running_var, momentum, eps):
-        if torch._C._are_functorch_transforms_active():  # the dispatcher unwraps torch.func's tensors
-            _refuse_nested_transforms()
+        if _differentiating_transform():  # the dispatcher unwraps torch.func.grad's tensors
             return registered(input, running_mean, running_var, momentum, eps)
         result = direct(input, running_mean, running_var, momentum, eps)
         # As the registered op does for a mutated argument: a kernel that writes through a
@@ -333,16 +330,21 @@ def python_eager_autograd(namespace: str) -> Iterator[None]:
 _DIFFERENTIATING_TRANSFORMS = ("Grad", "Jvp")
 
 
-def _refuse_nested_transforms() -> None:
-    """One torch.func transform at a time: under two, the backward ops would be
-    differentiated or batched, which none supports (and a Python implementation would be
-    handed tensors it cannot read)."""
+def _differentiating_transform() -> bool:
+    """Whether the innermost torch.func transform is a grad or jvp; raises where another
+    transform encloses it: the backward ops would then be differentiated or batched, which
+    none supports (and a Python implementation would be handed tensors it cannot read)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._functorch.peek_interpreter_stack().key().name not in _DIFFERENTIATING_TRANSFORMS:
+        return False
     if torch._C._functorch.get_dynamic_layer_stack_depth() > 1:
         raise NotImplementedError(
             "resnet_fused: nested torch.func transforms are not supported (grad of grad is a double backward, "
             "vmap of grad batches the backward ops: neither has a rule); use the reference composites of "
             "torch.nn.functional instead"
         )
+    return True
 
 # The C++ backends' fused forwards with the same formulas in a C++ autograd.Function
 # (csrc/autograd.cpp): a plain eager call and its backward never enter Python.
@@ -382,8 +384,7 @@ def _function(namespace: str, name: str, setup_context: Callable, backward: Call
     def apply(*inputs):
         if not torch._C._are_functorch_transforms_active():
             return plain(*inputs)
-        _refuse_nested_transforms()
-        if torch._C._functorch.peek_interpreter_stack().key().name in _DIFFERENTIATING_TRANSFORMS:
+        if _differentiating_transform():
             return transformable.apply(*inputs)
         return registered(*inputs)
 

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
+import resnet_fused
+
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def child_env(*paths: str, **variables: str) -> dict:
+    """The environment of a child Python that imports this very resnet_fused (and modules
+    on ``paths``) whatever the child's working directory: a relative PYTHONPATH would not."""
+    package_root = str(Path(resnet_fused.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (package_root, *paths, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **variables}
 
 
 def activation(shape, dtype=torch.float32, layout="nhwc", device="cpu", *, scale=1.0, offset=0.0):

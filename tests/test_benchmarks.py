@@ -341,6 +341,7 @@ def test_the_verdicts_judge_the_op_by_its_bytes_and_each_kernel_cold():
 
     for other in ({"n": 8}, {"layout": "nchw"}):
         assert kernels.op_target(_backward_rows(**other)) == kernels.kernel_target(_backward_rows(**other)) == "-"
+    assert kernels.kernel_target(_backward_rows(layout="nhwc")) == "met"  # --layout's alias
     eager = [dict(r, backend="eager", kernels=None) for r in _backward_rows()]
     assert kernels.kernel_target(eager) == "-"
 

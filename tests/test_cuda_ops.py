@@ -32,9 +32,9 @@ import torch
 
 import resnet_fused
 from resnet_fused import functional as RF
-from helpers import LAYOUTS, activation, assert_opcheck, non_contiguous
+from helpers import LAYOUTS, activation, assert_opcheck, child_env, non_contiguous
 import test_ops
-from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, STRIDE_SHAPES, BatchNormState, assert_close,
+from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, STRIDE_SHAPES, assert_close,
                       check_empty_input, check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_far_from_zero,
@@ -358,10 +358,6 @@ def test_early_launches_change_no_bit(namespace, tmp_path):
             cases.append([x, r, g, torch.rand(shape[1], device=DEVICE) + 0.5, torch.randn(shape[1], device=DEVICE)])
     inputs, results = tmp_path / "inputs.pt", tmp_path / "results.pt"
     torch.save([[t.cpu() for t in case] for case in cases], inputs)
-    # The child imports this very resnet_fused (installed or in the tree) and these tests.
-    package_root = str(Path(resnet_fused.__file__).resolve().parent.parent)
-    tests = str(Path(__file__).resolve().parent)
-    path = os.pathsep.join(p for p in (package_root, tests, os.environ.get("PYTHONPATH", "")) if p)
     pinned = {}
     with contextlib.ExitStack() as stack:
         if namespace == TRITON_NAMESPACE:
@@ -372,7 +368,8 @@ def test_early_launches_change_no_bit(namespace, tmp_path):
         child = subprocess.run(
             [sys.executable, "-c",
              f"import test_cuda_ops as t; t._chained_results_to({namespace!r}, {str(inputs)!r}, {str(results)!r})"],
-            env={**os.environ, EARLY_LAUNCH_ENV: "0", "PYTHONPATH": path, **pinned}, capture_output=True, text=True,
+            env=child_env(str(Path(__file__).resolve().parent), **{EARLY_LAUNCH_ENV: "0", **pinned}),
+            capture_output=True, text=True,
             timeout=300,
         )
         assert child.returncode == 0, child.stderr[-3000:]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused import _checks, backends, functional as RF
-from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
+from helpers import activation, assert_compiles_like_eager, assert_opcheck, child_env, non_contiguous
 
 CPU_BACKENDS = [b for b in ("cpu", "reference") if b in resnet_fused.available_backends("cpu")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -721,7 +721,7 @@ def test_cpu_kernels_of_every_instruction_set(capability):
     cpu backend's tests of this file under a narrower one, in a process of its own."""
     if capability == "AVX2" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("this CPU has no AVX2")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
+    env = child_env(ATEN_CPU_CAPABILITY=capability.lower())
     picked = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                             env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert picked == capability
@@ -963,6 +963,15 @@ def test_eps_follows_eager_in_eval(backend):
             rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
     with pytest.raises(ValueError, match=r"bn_relu\(\): expected `eps` to be non-negative, got -1e-05"):
         RF.bn_relu(x, running_mean, running_var, training=False, eps=-1e-5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eps_zero_in_eval_is_refused_where_eager_refuses_it(backend, monkeypatch):
+    """Under a torch whose eager refuses eps = 0 in eval (2.11 and older), so do the ops."""
+    monkeypatch.setattr(resnet_fused._checks, "EAGER_ALLOWS_ZERO_EPS_IN_EVAL", False)
+    x = activation((2, 6, 3, 3))
+    with pytest.raises(ValueError, match=r"bn_relu\(\): expected `eps` to be positive \(this torch's"):
+        RF.bn_relu(x, torch.randn(6), torch.rand(6) + 0.5, training=False, eps=0.0, backend=backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -1208,22 +1217,41 @@ def check_torch_func_grad_matches_autograd(backend, device="cpu"):
     second order, a vmap of the gradient) fail loudly."""
     x, residual = activation((2, 4, 3, 3), device=device), activation((2, 4, 3, 3), device=device)
     w = torch.rand(4, device=device) + 0.5
+    stats = {name: (torch.zeros(4, device=device), torch.ones(4, device=device)) for name in ("func", "autograd")}
 
-    def loss(w):
-        return RF.bn_add_relu(x, residual, None, None, w, None, True, backend=backend).square().sum()
+    def loss(x, w, stats=stats["func"]):
+        return RF.bn_add_relu(x, residual, *stats, w, None, True, backend=backend).square().sum()
 
-    w_autograd = w.clone().requires_grad_()
-    loss(w_autograd).backward()
-    assert torch.equal(torch.func.grad(loss)(w), w_autograd.grad)  # the same kernels and formulas
+    x_autograd, w_autograd = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss(x_autograd, w_autograd, stats["autograd"]).backward()
+    version = stats["func"][1]._version
+    grads = torch.func.grad(loss, argnums=(0, 1))(x, w)
+    assert torch.equal(grads[0], x_autograd.grad) and torch.equal(grads[1], w_autograd.grad)  # the same kernels
+    assert stats["func"][1]._version > version  # the running statistics' update is seen
+    for func, eager in zip(stats["func"], stats["autograd"]):
+        assert torch.equal(func, eager)
     with pytest.raises(NotImplementedError, match="nested torch.func transforms .*double backward"):
-        torch.func.grad(lambda w: torch.func.grad(loss)(w).square().sum())(w)
+        torch.func.grad(lambda w: torch.func.grad(loss, argnums=1)(x, w).square().sum())(w)
     with pytest.raises(NotImplementedError, match="nested torch.func transforms"):
-        torch.func.vmap(torch.func.grad(loss))(torch.stack([w, w + 1]))
+        torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(None, 0))(x, torch.stack([w, w + 1]))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_func_grad_matches_autograd(backend):
     check_torch_func_grad_matches_autograd(backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_of_vmap_of_an_eval_op_runs(backend):
+    """Transforms that differentiate nothing compose (vmap of vmap, of functionalize): only
+    a grad or jvp inside another transform is refused."""
+    _, _, (x, _, w, b, mean, var) = _fused_call("bn_relu", backend, training=False)
+    x, w, b, mean, var = (t.detach() for t in (x, w, b, mean, var))
+    f = lambda x: RF.bn_relu(x, mean, var, w, b, False, backend=backend)  # noqa: E731
+    xs = torch.stack([torch.stack([x, x + 1]), torch.stack([x - 1, 2 * x])])
+    expected = torch.stack([torch.stack([f(v) for v in row]) for row in xs])
+    torch.testing.assert_close(torch.func.vmap(torch.func.vmap(f))(xs), expected)
+    torch.testing.assert_close(torch.func.vmap(torch.func.functionalize(f))(xs[0]), expected[0])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -14,7 +14,6 @@ launch path, CUDA graph capture and replay, opcheck.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 import resnet_fused
 from resnet_fused import _extension, functional as RF, ops
-from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck
+from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck, child_env
 from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, STRIDE_SHAPES, check_empty_input,
                       check_mask_of_the_rounded_output, check_nan_residual_gradients,
                       check_results_strided_in_the_op_layout, check_non_finite_inputs_in_eval,
@@ -201,15 +200,8 @@ def test_import_without_triton():
         "from resnet_fused import backends\n"
         "print('triton' in resnet_fused.available_backends('cuda'), backends.get('triton').unavailable)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_child_env())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env())
     assert out.stdout.strip() == "False Triton cannot be imported (blocked for the test)", out.stdout + out.stderr
-
-
-def _child_env(**extra):
-    """The environment of a child Python that imports this very resnet_fused."""
-    package_root = str(Path(resnet_fused.__file__).resolve().parent.parent)
-    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 # ---------------------------------------------------------------- CI without a GPU
@@ -221,7 +213,7 @@ def test_kernels_under_the_interpreter(capsys):
     module = Path(__file__).with_name("triton_interpreted.py")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)],
-        cwd=module.parent.parent, env=_child_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900,
+        cwd=module.parent.parent, env=child_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900,
     )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     with capsys.disabled():
@@ -277,10 +269,10 @@ def test_pinning_selects_one_configuration_and_names_a_bad_index():
     code = "import resnet_fused.triton._runtime"
     for bad in ("first", "\u00b2"):  # a word; a superscript 2, which str.isdigit accepts and int() does not
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                env=_child_env(RESNET_FUSED_TRITON_CONFIG=bad))
+                                env=child_env(RESNET_FUSED_TRITON_CONFIG=bad))
         assert result.returncode != 0 and f"RESNET_FUSED_TRITON_CONFIG={bad!r}: expected the index" in result.stderr
     result = subprocess.run([sys.executable, "-c", code + "; print(resnet_fused.triton._runtime.pinned_index())"],
-                            capture_output=True, text=True, check=True, env=_child_env(RESNET_FUSED_TRITON_CONFIG="3"))
+                            capture_output=True, text=True, check=True, env=child_env(RESNET_FUSED_TRITON_CONFIG="3"))
     assert result.stdout.strip() == "3"
 
 

@@ -25,6 +25,7 @@ import triton
 import resnet_fused
 from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
+from block_helpers import block_input_shape, fused_copy, make_block
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
 from test_ops import (EMPTY_SHAPES, OPS, OUTLIER_CASES, STRIDE_SHAPES, check_empty_input,
                       check_results_strided_in_the_op_layout, check_mask_of_the_rounded_output,
@@ -253,6 +254,19 @@ def test_forward_recomputes_the_mask_of_the_backward():
 
 
 # ---------------------------------------------------------------- registration
+
+
+def test_a_dtype_the_backend_cannot_run_raises_before_a_batch_norm_counts_the_batch():
+    """Under CPU autocast a block's convolutions give bfloat16, which the interpreter cannot
+    run: the fused forward raises before bn1 counts the batch or moves its statistics."""
+    block = fused_copy(make_block("basic_stride2_downsample")).train()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    x = torch.randn(block_input_shape("basic_stride2_downsample"))
+    with resnet_fused.use_backend("triton"), torch.autocast("cpu", torch.bfloat16):
+        with pytest.raises(TypeError, match="backend 'triton' supports dtypes float16, float32, got torch.bfloat16"):
+            block(x)
+    for name, value in block.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_torch_func_grad_matches_autograd():
