@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 import warnings
 from typing import Iterator, Optional, Union
 
@@ -192,6 +193,13 @@ def set_backend(name: str) -> None:
     _selected = _validate_name(name)
 
 
+# The use_backend blocks open in any thread, oldest first, as (token, name); the selection
+# from before the first of them opened.
+_open_blocks: list[tuple[object, str]] = []
+_outside_blocks = _selected
+_blocks_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager selecting ``name`` for the ops called inside it.
@@ -199,13 +207,22 @@ def use_backend(name: str) -> Iterator[None]:
     The selection is process-wide, as :func:`set_backend`'s (and
     ``torch.backends.cudnn.flags``'): threads share it, so that the worker threads of
     ``nn.DataParallel`` run what their caller selected. Threads that need different
-    backends at once pass ``backend=`` per call instead."""
-    previous = get_backend()
-    set_backend(name)
+    backends at once pass ``backend=`` per call instead. On exit the selection is the
+    newest block's still open, in any thread, or once none is, what it was before them
+    (blocks of several threads may exit in any order)."""
+    global _outside_blocks
+    token = object()
+    with _blocks_lock:
+        if not _open_blocks:
+            _outside_blocks = _selected
+        set_backend(name)
+        _open_blocks.append((token, _selected))
     try:
         yield
     finally:
-        set_backend(previous)
+        with _blocks_lock:
+            _open_blocks[:] = [block for block in _open_blocks if block[0] is not token]
+            set_backend(_open_blocks[-1][1] if _open_blocks else _outside_blocks)
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:

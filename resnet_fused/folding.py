@@ -171,20 +171,22 @@ class FoldCache:
         eps = _checks.as_float("batch_norm", "eps", bn.eps)  # a float: a tensor eps could change in place
         entry = self._entries.get(key)
         if entry is None or not entry.matches(sources, eps):
-            # Drop this pair's stale entries in other dtypes too, not to keep them alive.
-            self._entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, eps)}
+            # The sources' versions are read before the fold reads their values: a write
+            # meanwhile (another thread) leaves an entry that no longer matches, never new
+            # versions beside values folded from the old ones.
+            ids = tuple(None if t is None else id(t) for t in sources)
+            states = tuple(None if t is None else _state(t) for t in sources)
+            optimizer_steps = _optimizer_steps
             # Built outside inference mode so the entry is usable in any later mode.
             with torch.inference_mode(False):
                 folded = fold(conv, bn, dtype)
-            entry = _Entry(
-                tuple(None if t is None else id(t) for t in sources),
-                tuple(None if t is None else _state(t) for t in sources),
-                tuple(t.untyped_storage() for t in sources if t is not None),
-                eps,
-                _optimizer_steps,
-                folded,
-            )
-            self._entries[key] = entry
+            entry = _Entry(ids, states, tuple(t.untyped_storage() for t in sources if t is not None), eps,
+                           optimizer_steps, folded)
+            # A new dictionary, published by one store: another thread may be iterating the
+            # old one. This pair's stale entries in other dtypes are dropped, not kept alive.
+            entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, eps)}
+            entries[key] = entry
+            self._entries = entries
         return entry.folded
 
 

@@ -465,6 +465,41 @@ class TestFoldCache:
         self.check()
         assert len(calls) == 8
 
+    def test_a_write_during_the_fold_leaves_no_stale_entry(self, monkeypatch):
+        """Another thread writing a weight while the fold reads it (simulated inside the
+        fold): the entry keeps the versions from before the fold, so the next forward folds
+        again and matches eager."""
+        fold = folding.fold
+
+        def fold_then_write(conv, bn, dtype):
+            folded = fold(conv, bn, dtype)
+            if conv is self.fused.conv2:
+                with torch.no_grad():
+                    for block in (self.plain, self.fused):
+                        block.conv2.weight.mul_(1.5)
+            return folded
+
+        monkeypatch.setattr(folding, "fold", fold_then_write)
+        eval_output(self.fused, self.x)
+        monkeypatch.setattr(folding, "fold", fold)
+        self.check()
+
+    def test_a_refold_publishes_a_new_dictionary(self, monkeypatch):
+        """Threads may read a block's cache while another refolds: the dictionary they see
+        (the one published while the fold runs) is never changed afterwards; a refold
+        publishes a new one."""
+        self.check()
+        cache = self.fused.__dict__[resnet_fused.modules._CACHE_ATTRIBUTE]
+        seen = []
+        fold = folding.fold
+        monkeypatch.setattr(folding, "fold", lambda *a: seen.append((cache._entries, dict(cache._entries))) or fold(*a))
+        with torch.no_grad():
+            self.both(lambda m: m.conv2.weight.mul_(0.5))
+        self.check()
+        assert len(seen) == 1
+        (published, contents), = seen
+        assert published == contents and cache._entries is not published
+
     def test_optimizer_step(self):
         self.check()
         for model in (self.plain, self.fused):  # an eval-mode step: no train()/eval() refresh

@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -1290,6 +1291,34 @@ def test_eager_calls_skip_torch_library_python_layers(backend, monkeypatch):
 
 
 # ---------------------------------------------------------------- backend selection
+
+
+def test_use_backend_blocks_of_threads_may_exit_in_any_order():
+    """A enters use_backend("cpu"), B enters use_backend("reference"), A exits, B exits: the
+    selection is then B's while B's block is open and, after both, what it was before."""
+    before = resnet_fused.get_backend()
+    a_entered, b_entered, a_exited = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with resnet_fused.use_backend("cpu"):
+            a_entered.set()
+            b_entered.wait(5)
+        a_exited.set()
+
+    def b():
+        a_entered.wait(5)
+        with resnet_fused.use_backend("reference"):
+            b_entered.set()
+            a_exited.wait(5)
+            seen["inside b"] = resnet_fused.get_backend()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"inside b": "reference"} and resnet_fused.get_backend() == before
 
 
 def test_backend_selection_api():

@@ -373,3 +373,28 @@ def test_a_first_call_failing_in_graph_capture_says_to_warm_up(stand_in, monkeyp
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
         with pytest.raises(RuntimeError, match=r"^CUDA error: operation not permitted when stream is capturing$"):
             _runtime.launch(*call)
+
+
+def test_launches_through_triton_go_one_thread_at_a_time():
+    """Triton's autotuner keeps a call's arguments on the shared kernel object, and its
+    interpreter the grid position in one global builder: two threads' launches through
+    Triton never overlap (replays take no lock)."""
+    import threading
+    import time
+
+    inside, overlaps = [], []
+
+    class Slow:  # a launch whose trip through Triton takes a while
+        def through_triton(self):
+            inside.append(threading.get_ident())
+            if len(inside) > 1:
+                overlaps.append(tuple(inside))
+            time.sleep(0.01)
+            inside.remove(threading.get_ident())
+
+    threads = [threading.Thread(target=_runtime.run, args=([Slow(), Slow()],)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not overlaps and not inside

@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import functools
 import os
+import threading
 import warnings
 from typing import Any, Callable, Optional
 
@@ -276,27 +277,35 @@ Call = tuple[Callable[..., list[Launch]], tuple, tuple]  # what `launch` takes: 
 
 def run(launches: list[Launch]) -> None:
     """Every launch through Triton, in order."""
-    with _capture_failure_explained():
+    with _through_triton():
         for one in launches:
             one.through_triton()
 
 
+# Triton's autotuner keeps a call's arguments on the kernel object every thread shares
+# (triton-lang/triton#11494), and its interpreter the grid position in one global builder:
+# launches through Triton go one thread at a time. Replays (plain calls) take no lock.
+_TRITON_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
-def _capture_failure_explained():
-    """Launches through Triton: a failure while the stream is being captured into a CUDA
-    graph says what most likely caused it. A new key's autotuning times its candidates and
-    synchronizes, which capture forbids (torch.cuda.graph's warm-up avoids it)."""
-    try:
-        yield
-    except Exception as error:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "resnet_fused (triton backend): a launch through Triton failed inside CUDA graph capture, most "
-                "likely an op's first call at this shape, dtype and layout (autotuning synchronizes, which capture "
-                f"forbids); call each op once before capture, as torch.cuda.graph's warm-up does "
-                f"({type(error).__name__}: {error})"
-            ) from error
-        raise
+def _through_triton():
+    """Launches through Triton: one thread at a time, and a failure while the stream is
+    being captured into a CUDA graph says what most likely caused it. A new key's
+    autotuning times its candidates and synchronizes, which capture forbids
+    (torch.cuda.graph's warm-up avoids it)."""
+    with _TRITON_LOCK:
+        try:
+            yield
+        except Exception as error:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "resnet_fused (triton backend): a launch through Triton failed inside CUDA graph capture, most "
+                    "likely an op's first call at this shape, dtype and layout (autotuning synchronizes, which "
+                    "capture forbids); call each op once before capture, as torch.cuda.graph's warm-up does "
+                    f"({type(error).__name__}: {error})"
+                ) from error
+            raise
 
 
 def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> None:
@@ -327,7 +336,7 @@ def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) 
     """Launches ``build``'s launches through Triton; returns them as a plan, or None where
     Triton returned no compiled kernel for one of them."""
     launches = build(*static, *operands)
-    with _capture_failure_explained():
+    with _through_triton():
         compiled = [one.through_triton() for one in launches]
     if any(c is None for c in compiled):
         return None
