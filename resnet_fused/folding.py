@@ -37,6 +37,7 @@ an edit refreshes it.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -117,20 +118,24 @@ def _state(t: Tensor) -> tuple:
 # torch.optim's fused optimizers (fused=True) write the parameters without bumping their
 # versions: every step of one moves this count, and an entry built before it is stale.
 # Counted from the first FoldCache on (_watch_optimizer_steps).
+# Under a lock: two threads' optimizers may step at once, and neither count may be lost.
 _optimizer_steps = 0
 _step_hook = None
+_steps_lock = threading.Lock()
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
     global _optimizer_steps
     if any(group.get("fused") for group in optimizer.param_groups):
-        _optimizer_steps += 1
+        with _steps_lock:
+            _optimizer_steps += 1
 
 
 def _watch_optimizer_steps() -> None:
     global _step_hook
-    if _step_hook is None:
-        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    with _steps_lock:
+        if _step_hook is None:
+            _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class _Entry(NamedTuple):
