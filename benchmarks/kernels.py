@@ -815,10 +815,10 @@ def summary_legend(card: str, copy_gbs: float) -> str:
             f"kernel alone (profiler); 'size copy': by own traffic against a copy of the same activation "
             f"(op copy: what a copy reaches at that size); 'vs size': the slowest streaming kernel against "
             f"a PyTorch read or copy of its own traffic's size; minima over the {stages} shapes measured, "
-            f"'{TARGET_COLUMN}': how many of their {len(TARGET_SHAPES)}; at every {stages} shape at "
-            f"N={TARGET_BATCH}, {TARGET_LAYOUT} (met, MISS, or incomplete), 'op target': '%copy' >= "
-            f"{TARGET_PCT_COPY:.0f}, 'kernel target': every streaming kernel ('per kernel') >= "
-            f"{TARGET_PCT_COPY:.0f}% of copy, one warm in L2 (re-reading what the kernel before it read) "
+            f"'{TARGET_COLUMN}': how many of their {len(TARGET_SHAPES)}; the targets, judged at every {stages} "
+            f"shape at N={TARGET_BATCH} in {TARGET_LAYOUT} (met, MISS or incomplete): 'op target': '%copy' >= "
+            f"{TARGET_PCT_COPY:.0f}; 'kernel target': every streaming kernel ('per kernel') >= "
+            f"{TARGET_PCT_COPY:.0f}% of copy, a kernel warm in L2 (re-reading what the kernel before it read) "
             f"not judged):")
 
 
