@@ -19,9 +19,9 @@ autograd-visible tensors: foreach optimizer steps, ``load_state_dict``'s ``copy_
 in-place ops under ``no_grad``; eager BatchNorm bumps ``num_batches_tracked``'s, not its
 running statistics'), ``data_ptr()``, dtype, device, shape and strides (``.to()``,
 ``param.data = ...``, ``load_state_dict(assign=True)``, new Parameters), plus ``bn.eps``,
-the compute dtype (autocast on or off) and the count of fused optimizers' steps (which
-bump no version). The entry holds each source's storage, so that its address cannot be
-reused meanwhile: a tensor that matches an entry views the very memory it was folded
+the compute dtype (autocast on or off) and the count of the steps of optimizers that
+bump no version (fused ones; ZeroRedundancyOptimizer, whose shards arrive by broadcast).
+The entry holds each source's storage, so that its address cannot be reused meanwhile: a tensor that matches an entry views the very memory it was folded
 from. It holds no reference to the tensors themselves, not even a weak one, which would
 keep ``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()`` under
 ``torch.__future__.set_swap_module_params_on_conversion(True)``) from swapping them.
@@ -29,14 +29,15 @@ A BatchNorm with running statistics but no ``num_batches_tracked`` is folded afr
 every call: nothing would show that an eager training forward updated its statistics.
 One kind of write is invisible to all of these: an in-place write that bypasses the
 Parameter's version counter (through ``param.data``, ``p.data.mul_(2)``, whose tensor has a
-version counter of its own; a NumPy view; a ``vector_to_parameters`` alias; another
-process writing a model in shared memory); a block drops
-its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()`` after such
+version counter of its own; a NumPy view; a ``vector_to_parameters`` alias; a
+``torch.distributed`` collective; another process writing a model in shared memory); a
+block drops its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()`` after such
 an edit refreshes it.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from typing import Callable, NamedTuple, Optional
@@ -115,18 +116,29 @@ def _state(t: Tensor) -> tuple:
     return (t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
 
 
-# torch.optim's fused optimizers (fused=True) write the parameters without bumping their
-# versions: every step of one moves this count, and an entry built before it is stale.
-# Counted from the first FoldCache on (_watch_optimizer_steps).
+# Some optimizers write the parameters without bumping their versions: every step of one
+# moves this count, and an entry built before it is stale. Counted from the first
+# FoldCache on (_watch_optimizer_steps).
 # Under a lock: two threads' optimizers may step at once, and neither count may be lost.
 _optimizer_steps = 0
 _step_hook = None
 _steps_lock = threading.Lock()
 
 
+def _writes_unversioned(optimizer) -> bool:
+    """Whether an optimizer's step writes parameters without bumping their versions:
+    torch.optim's fused implementations (``fused=True``), and ZeroRedundancyOptimizer,
+    which broadcasts each rank's updated shard into the other ranks' parameters (a
+    collective writes in place, unversioned)."""
+    if any(group.get("fused") for group in optimizer.param_groups):
+        return True
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")  # no instance unless imported
+    return zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer)
+
+
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
     global _optimizer_steps
-    if any(group.get("fused") for group in optimizer.param_groups):
+    if _writes_unversioned(optimizer):
         with _steps_lock:
             _optimizer_steps += 1
 
