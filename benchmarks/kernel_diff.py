@@ -8,7 +8,7 @@ shape, dtype, layout, backend), prints the op's median time in each and their ra
 each kernel of the row's breakdown (``kernels``: device time per call, profiler) the same
 way; last, per (op, kernel, dtype, backend), the geometric mean of the ratios over the
 shapes. A ratio below 1 means the second run was faster. The header says how the two runs
-differ: card, commit, L2 flush, the ``RESNET_FUSED_*`` variables set, and the configurations
+differ: card, commit, L2 flush, early launches, the ``RESNET_FUSED_*`` variables set, and the configurations
 Triton's autotuner chose differently for a key both runs tuned. Rows one run failed
 or skipped (no time) are listed, not compared.
 """
@@ -25,8 +25,8 @@ from typing import Optional
 
 _ROW_KEY = ("op", "shape", "dtype", "layout", "backend")
 # What the header compares: the run's conditions that can move a time.
-_CONDITIONS = ("card", "driver", "torch", "triton", "git_commit", "source_sha1", "l2_flush", "copy_gbs",
-               "resnet_fused_env")
+_CONDITIONS = ("card", "driver", "torch", "triton", "git_commit", "source_sha1", "l2_flush", "early_launch",
+               "copy_gbs", "resnet_fused_env")
 
 
 def load(path: Path) -> tuple[dict, dict[tuple, dict]]:
@@ -39,6 +39,11 @@ def load(path: Path) -> tuple[dict, dict[tuple, dict]]:
 def _timed(row: dict) -> Optional[float]:
     ms = row.get("median_ms")
     return ms if isinstance(ms, (int, float)) and ms > 0 else None
+
+
+def _breakdown(row: dict) -> dict[str, dict]:
+    """A row's kernels by role; none where its profile failed (``{"error": ...}``)."""
+    return {role: k for role, k in (row.get("kernels") or {}).items() if isinstance(k, dict)}
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -66,7 +71,7 @@ def compare(before: dict[tuple, dict], after: dict[tuple, dict], ops=None, backe
         a_us, b_us = _timed(a) * 1e3, _timed(b) * 1e3
         lines.append((key, "op", a_us, b_us, _ratio(a_us, b_us)))
         ratios[(op, "op", dtype, backend)].append(b_us / a_us)
-        a_kernels, b_kernels = a.get("kernels") or {}, b.get("kernels") or {}
+        a_kernels, b_kernels = _breakdown(a), _breakdown(b)
         for kernel in a_kernels:
             if kernel not in b_kernels:
                 continue

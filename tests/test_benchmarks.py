@@ -696,20 +696,22 @@ def test_kernel_diff_compares_rows_and_kernels_of_two_runs(tmp_path, capsys):
                     median_ms=ms, kernels={k: {"us": v} for k, v in kernel_us.items()} or None)
 
     before = [row("cuda", "layer1.256", 0.111, forward=107.0), row("cuda", "layer2.512", 0.060, forward=56.0),
-              row("eager", "layer1.256", 0.256), row("cuda", "layer1.64", None)]
+              row("eager", "layer1.256", 0.256), row("cuda", "layer1.64", None),
+              dict(row("cuda", "layer2.128", 0.020), kernels={"error": "RuntimeError: profiler"})]
     after = [row("cuda", "layer1.256", 0.102, forward=98.0), row("cuda", "layer2.512", 0.0564, forward=52.5),
-             row("eager", "layer1.256", 0.256), row("cuda", "layer1.64", 0.030, forward=28.0)]
+             row("eager", "layer1.256", 0.256), row("cuda", "layer1.64", 0.030, forward=28.0),
+             dict(row("cuda", "layer2.128", 0.019), kernels={"error": "RuntimeError: profiler"})]
     env = dict(card="NVIDIA H200", torch="2.11", triton="3.6", git_commit="abc", resnet_fused_env={})
     paths = []
     def tuned(tile_for_256):  # what kernels.py records: the autotuner's choice per kernel and key
         entry = {"key_args": ["lanes"], "key": [256, "torch.bfloat16"], "config": {"TILE": tile_for_256}}
         return {"_bn_act_forward_kernel": [entry, dict(entry, key=[64, "torch.bfloat16"], config={"TILE": 8192})]}
 
-    for name, rows, extra, configs in (("a", before, {}, tuned(2048)),
-                                       ("b", after, {"RESNET_FUSED_BACKEND": "cuda"}, tuned(4096))):
+    for name, rows, extra, configs, early in (("a", before, {}, tuned(2048), False),
+                                              ("b", after, {"RESNET_FUSED_BACKEND": "cuda"}, tuned(4096), True)):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"environment": dict(env, resnet_fused_env=extra, triton_configs=configs),
-                                    "rows": rows}))
+        path.write_text(json.dumps({"environment": dict(env, resnet_fused_env=extra, triton_configs=configs,
+                                                        early_launch=early), "rows": rows}))
         paths.append(path)
 
     lines, means, unmatched = kernel_diff.compare(kernel_diff.load(paths[0])[1], kernel_diff.load(paths[1])[1])
@@ -719,10 +721,13 @@ def test_kernel_diff_compares_rows_and_kernels_of_two_runs(tmp_path, capsys):
     forward = next(m for m in means if m[0] == ("bn_relu", "forward", "bfloat16", "cuda"))
     assert forward[1] == pytest.approx(((98.0 / 107.0) * (52.5 / 56.0)) ** 0.5) and forward[2] == 2
     assert [(key[1], side) for key, side in unmatched] == [("layer1.64", "before")]
+    # A failed profile: the op compared, no kernel.
+    assert [kernel for key, kernel, *_ in lines if key[1] == "layer2.128"] == ["op"]
 
     assert kernel_diff.main([str(paths[0]), str(paths[1]), "--backends", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "RESNET_FUSED_BACKEND" in out and "eager" not in out.split("geometric mean")[0]
+    assert "  early_launch: False -> True" in out
     changed = [line for line in out.splitlines() if line.startswith("  triton config")]
     assert changed == ["  triton config _bn_act_forward_kernel [256, \"torch.bfloat16\"]: "
                        "{'TILE': 2048} -> {'TILE': 4096}"]

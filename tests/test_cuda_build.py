@@ -182,6 +182,22 @@ def test_gpu_check_script_keeps_to_its_total_budget(tmp_path):
 
 
 @NEEDS_TIMEOUT
+def test_gpu_check_script_gives_the_main_kernel_run_its_budget_first(tmp_path):
+    """Where TOTAL_BUDGET leaves room for the main kernel run's budget and a little more,
+    the main run keeps its budget and the brief NCHW and in-order runs after it take what
+    is left (a reserve of 120 s for them once cut the main run to its minimum here)."""
+    env = _stand_in_gpu_machine(tmp_path)
+    env.update(TOTAL_BUDGET="110", KERNELS_BUDGET="40", STUB_TEST_S="0")
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
+                          "--only", "tests,kernels"], env=env, capture_output=True, text=True, timeout=120)
+    runs = [line for line in (tmp_path / "stub" / "calls.log").read_text().splitlines()
+            if line.startswith("benchmarks/kernels.py")]
+    budgets = [int(line.split("--budget-s ")[1].split()[0]) for line in runs]
+    assert budgets == [40, 30, 20], f"{runs}\n{run.stdout}"
+    assert "--layout nchw" in runs[1] and "--out" in runs[2] and "in-order" in runs[2], runs
+
+
+@NEEDS_TIMEOUT
 def test_gpu_check_script_stops_its_phase_on_a_term(tmp_path):
     """An outer `timeout` (or Ctrl-C) signals the script's whole process group; the phase it
     runs, in timeout's own group, must stop too, not write on while the caller archives the
