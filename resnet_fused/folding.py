@@ -17,13 +17,15 @@ bn.running_mean, bn.running_var and bn.num_batches_tracked the cache records the
 object's ``id``, its version counter (``_version``: bumped by every in-place write through
 autograd-visible tensors: foreach optimizer steps, ``load_state_dict``'s ``copy_``,
 in-place ops under ``no_grad``; eager BatchNorm bumps ``num_batches_tracked``'s, not its
-running statistics'), ``data_ptr()``, dtype, device, shape and strides (``.to()``,
-``param.data = ...``, ``load_state_dict(assign=True)``, new Parameters), plus ``bn.eps``,
-the compute dtype (autocast on or off) and the count of the steps of optimizers that
-bump no version (fused ones; ZeroRedundancyOptimizer, whose shards arrive by broadcast).
-The entry holds each source's storage, so that its address cannot be reused meanwhile: a tensor that matches an entry views the very memory it was folded
-from. It holds no reference to the tensors themselves, not even a weak one, which would
-keep ``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()`` under
+running statistics'), its storage, ``data_ptr()``, dtype, device, shape and strides
+(``.to()``, ``param.data = ...``, ``load_state_dict(assign=True)``, new Parameters), plus
+``bn.eps``, the compute dtype (autocast on or off) and the count of the steps of
+optimizers that bump no version (fused ones; ZeroRedundancyOptimizer, whose shards
+arrive by broadcast). The entry holds a weak reference to each source's storage, which
+keeps no memory alive but keeps the storage's address from being reused meanwhile: a
+tensor that matches an entry views the very memory it was folded from. It holds no
+reference to the tensors themselves, not even a weak one, which would keep
+``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()`` under
 ``torch.__future__.set_swap_module_params_on_conversion(True)``) from swapping them.
 A BatchNorm with running statistics but no ``num_batches_tracked`` is folded afresh on
 every call: nothing would show that an eager training forward updated its statistics.
@@ -31,8 +33,9 @@ One kind of write is invisible to all of these: an in-place write that bypasses 
 Parameter's version counter (through ``param.data``, ``p.data.mul_(2)``, whose tensor has a
 version counter of its own; a NumPy view; a ``vector_to_parameters`` alias; a
 ``torch.distributed`` collective; another process writing a model in shared memory); a
-block drops its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()`` after such
-an edit refreshes it.
+block drops its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()``
+after such an edit refreshes it. It drops it on ``load_state_dict`` too, and on ``.to()``
+and the like: the folded weights of replaced sources are not kept until the next call.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _checks, backends
@@ -113,7 +117,9 @@ def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], ...
 
 
 def _state(t: Tensor) -> tuple:
-    return (t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
+    # The storage by the address of its StorageImpl (held by an entry's weak reference,
+    # so not reused meanwhile), and the data's address within it.
+    return (t._version, t.untyped_storage()._cdata, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
 
 
 # Some optimizers write the parameters without bumping their versions: every step of one
@@ -153,8 +159,10 @@ def _watch_optimizer_steps() -> None:
 class _Entry(NamedTuple):
     ids: tuple  # id() per source tensor, None for an absent one
     states: tuple  # _state per source tensor, None for an absent one
-    # Each source's storage, held so that its address cannot be reused by a tensor that
-    # replaces it (`param.data = ...` twice) while the entry compares data_ptr().
+    # A weak reference to each source's storage: it keeps the storage's StorageImpl, not
+    # its memory, so no other storage takes that address (compared by _state) while the
+    # entry lives, and a replaced weight (`param.data = ...`, load_state_dict(assign=True))
+    # is freed at once.
     storages: tuple
     eps: float
     optimizer_steps: int
@@ -197,8 +205,8 @@ class FoldCache:
             # Built outside inference mode so the entry is usable in any later mode.
             with torch.inference_mode(False):
                 folded = fold(conv, bn, dtype)
-            entry = _Entry(ids, states, tuple(t.untyped_storage() for t in sources if t is not None), eps,
-                           optimizer_steps, folded)
+            storages = tuple(StorageWeakRef(t.untyped_storage()) for t in sources if t is not None)
+            entry = _Entry(ids, states, storages, eps, optimizer_steps, folded)
             # A new dictionary, published by one store: another thread may be iterating the
             # old one. This pair's stale entries in other dtypes are dropped, not kept alive.
             entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, eps)}

@@ -405,6 +405,12 @@ class _FusedBlock:
         self.__dict__.pop(_CACHE_ATTRIBUTE, None)
         return super().train(mode)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # Loaded weights replace the sources (assign=True) or overwrite them: the folded
+        # copies of the old ones are not kept until this block runs again.
+        self.__dict__.pop(_CACHE_ATTRIBUTE, None)
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half(), ...: the cache would keep the old tensors (its sources'
         # storages and the folded weights) alive until this block runs again.

@@ -581,23 +581,50 @@ class TestFoldCache:
         finally:
             torch.__future__.set_swap_module_params_on_conversion(previous)
 
-    def test_replaced_storage_is_held_until_refolded(self):
-        """After `param.data = new`, the old storage must not be freed while an entry
-        compares data_ptr() against its address: a second `param.data = ...` could land
-        there (seen: a 147 KB weight back at its address within 1-161 rounds), with the
-        Parameter and its version unchanged, and the entry would match stale weights.
-        Storages keep their Python object, so a weak reference says when one is freed."""
+    def test_replaced_storage_is_freed(self):
+        """After `param.data = new` the old storage is freed at once: an entry keeps a weak
+        reference to it, not its memory (it kept the storage until the block refolded)."""
         self.check()
         weight = self.fused.conv2.weight
         old = weakref.ref(weight.untyped_storage())
         weight.data = torch.randn_like(weight)
         gc.collect()
-        assert old() is not None
+        assert old() is None
         with torch.no_grad():
             self.plain.conv2.weight.copy_(weight)
         self.check()
+
+    def test_another_storage_at_the_same_address_is_told_apart(self):
+        """A storage freed by `param.data = ...` may see its address handed to the next
+        one (seen: a 147 KB weight back at its address within 1-161 rounds): the Parameter,
+        its version and data_ptr() unchanged, new values. The entry tells the storages
+        apart (their StorageImpl, which its weak reference keeps from being reused). Made
+        deterministic here by a second storage over the same memory, a NumPy array's."""
+        self.check()
+        weight = self.fused.conv2.weight
+        memory = weight.detach().numpy()
+        other_storage = torch.from_numpy(memory)
+        memory *= 2  # through NumPy: no version counter sees it
+        version, address = weight._version, weight.data_ptr()
+        weight.data = other_storage
+        assert (weight._version, weight.data_ptr()) == (version, address)
+        with torch.no_grad():
+            self.plain.conv2.weight.copy_(weight)
+        self.check()
+
+    def test_load_state_dict_assign_frees_the_old_weights(self):
+        """load_state_dict(assign=True) replaces every source: neither they nor their
+        folded copies are kept (both were, until the block ran again)."""
+        self.check()
+        entries = self.fused.__dict__["_fold_cache"]._entries.values()
+        old = [weakref.ref(t.untyped_storage()) for t in self.fused.state_dict().values()]
+        old += [weakref.ref(entry.folded.weight.untyped_storage()) for entry in entries]
+        del entries
+        other = randomize_batch_norms(make_block(self.config)).state_dict()
+        self.both(lambda m: m.load_state_dict({k: v.clone() for k, v in other.items()}, assign=True))
         gc.collect()
-        assert old() is None  # refolded: released
+        assert all(ref() is None for ref in old)
+        self.check()
 
     def test_load_state_dict(self):
         self.check()
