@@ -264,23 +264,30 @@ def test_results_are_bitwise_reproducible(layout):
 def _chained_results(cases, namespace, repeats=3):
     """Each case (x, r, g, w, b) through every op of ``namespace``, each op's input the
     output of the one before where it can be: statistics -> forward -> backward, so every
-    kernel reads what its stream predecessor just wrote. ``repeats`` rounds, each on new
-    input values (x shifted), so a kernel that read a reused buffer too early would find
-    another round's values there, not equal ones."""
+    kernel reads what its stream predecessor just wrote; cuDNN convolutions among them, as
+    in a block (a library's kernel after one launched early, and one before it).
+    ``repeats`` rounds, each on new input values (x shifted), so a kernel that read a
+    reused buffer too early would find another round's values there, not equal ones."""
     ops = getattr(torch.ops, namespace)
     results = []
-    for round in range(repeats):
-        for x, r, g, w, b in cases:
-            x = x + round
-            mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
-            y = ops.bn_relu(x, w, b, mean, invstd, True)
-            mean_y, invstd_y = ops.batch_stats(y, None, None, 0.1, 1e-5)
-            z = ops.bn_add_relu(y, r, w, b, mean_y, invstd_y, True)
-            d = ops.dual_bn_add_relu(z, w, b, mean, invstd, r, w, b, mean_y, invstd_y, True)
-            dual = ops.dual_bn_add_relu_backward(d, z, w, b, mean, invstd, r, w, b, mean_y, invstd_y, True)
-            add = ops.bn_add_relu_backward(dual[0], y, r, w, b, mean_y, invstd_y, True)
-            relu = ops.bn_relu_backward(add[0] + g, x, w, b, mean, invstd, True)
-            results += [mean, invstd, y, mean_y, invstd_y, z, d, *dual, *add, *relu]
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        for round in range(repeats):
+            for x, r, g, w, b in cases:
+                x = x + round
+                channels = x.shape[1]
+                kernel = torch.randn(channels, channels, 3, 3, device=x.device,
+                                     generator=torch.Generator(x.device).manual_seed(round)).to(x.dtype) / channels
+                mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
+                y = ops.bn_relu(x, w, b, mean, invstd, True)
+                c = torch.nn.functional.conv2d(y, kernel, padding=1)
+                mean_c, invstd_c = ops.batch_stats(c, None, None, 0.1, 1e-5)
+                z = ops.bn_add_relu(c, r, w, b, mean_c, invstd_c, True)
+                d = ops.dual_bn_add_relu(z, w, b, mean, invstd, r, w, b, mean_c, invstd_c, True)
+                dual = ops.dual_bn_add_relu_backward(d, z, w, b, mean, invstd, r, w, b, mean_c, invstd_c, True)
+                add = ops.bn_add_relu_backward(dual[0], c, r, w, b, mean_c, invstd_c, True)
+                grad_y = torch.nn.functional.conv_transpose2d(add[0], kernel, padding=1)  # conv2d's input gradient
+                relu = ops.bn_relu_backward(grad_y + g, x, w, b, mean, invstd, True)
+                results += [mean, invstd, y, c, mean_c, invstd_c, z, d, *dual, *add, grad_y, *relu]
     return [t.cpu() for t in results]
 
 
@@ -343,8 +350,8 @@ def test_early_launches_change_no_bit(namespace, tmp_path):
     launch (it may start before the kernel before it ends, and waits for it first);
     RESNET_FUSED_PDL=0 (read once per process, so in a subprocess) launches in order. Same
     results, bit for bit, with every kernel reading what the one before it wrote (a kernel
-    that read too early would differ), at shapes from one block per reduction to one wave
-    of many. This process launched early and the child did not (_launches_early). Triton's
+    that read too early would differ), cuDNN's convolutions among them (cuDNN may launch
+    its own kernels early), at shapes from one block per reduction to one wave of many. This process launched early and the child did not (_launches_early). Triton's
     configurations are pinned in both: two autotuned processes may choose differently, and
     differ in the last bits for that reason alone."""
     if torch.cuda.get_device_capability()[0] < 9:
