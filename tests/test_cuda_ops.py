@@ -350,8 +350,8 @@ def test_early_launches_change_no_bit(namespace, tmp_path):
     launch (it may start before the kernel before it ends, and waits for it first);
     RESNET_FUSED_PDL=0 (read once per process, so in a subprocess) launches in order. Same
     results, bit for bit, with every kernel reading what the one before it wrote (a kernel
-    that read too early would differ), cuDNN's convolutions among them (cuDNN may launch
-    its own kernels early), at shapes from one block per reduction to one wave of many. This process launched early and the child did not (_launches_early). Triton's
+    that read too early would differ), cuDNN's convolutions among them (one that launched
+    its kernels early would start as ours trigger), at shapes from one block per reduction to one wave of many. This process launched early and the child did not (_launches_early). Triton's
     configurations are pinned in both: two autotuned processes may choose differently, and
     differ in the last bits for that reason alone."""
     if torch.cuda.get_device_capability()[0] < 9:
