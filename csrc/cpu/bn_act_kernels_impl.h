@@ -189,15 +189,6 @@ struct RowTiling {
     rows_per_chunk = ceil_div(blocks, std::min(blocks, kMaxChunks)) * rows_per_block;
     chunks = ceil_div(rows, rows_per_chunk);
   }
-
-  // Calls fn(r0, r1) for the row ranges of `chunk`'s blocks, in order.
-  template <typename Fn>
-  void for_each_block(int64_t chunk, Fn&& fn) const {
-    const int64_t chunk_end = std::min(rows, (chunk + 1) * rows_per_chunk);
-    for (int64_t r0 = chunk * rows_per_chunk; r0 < chunk_end; r0 += rows_per_block) {
-      fn(r0, std::min(chunk_end, r0 + rows_per_block));
-    }
-  }
 };
 
 int64_t padded(int64_t channels, int64_t lanes) { return ceil_div(channels, lanes) * lanes + lanes; }
@@ -241,7 +232,9 @@ void batch_stats_nhwc(const BatchStatsParams& p) {
     std::vector<A> sums(padded(C, L::kSize)), m2s(padded(C, L::kSize)), block_means(padded(C, L::kSize));
     A *sum = sums.data(), *m2 = m2s.data(), *block_mean = block_means.data();  // sum: of x, then of x - block_mean
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      tiling.for_each_block(chunk, [&](int64_t r0, int64_t r1) {
+      const int64_t chunk_rows_end = std::min(tiling.rows, (chunk + 1) * tiling.rows_per_chunk);
+      for (int64_t r0 = chunk * tiling.rows_per_chunk; r0 < chunk_rows_end; r0 += tiling.rows_per_block) {
+        const int64_t r1 = std::min(chunk_rows_end, r0 + tiling.rows_per_block);
         std::fill(sums.begin(), sums.end(), A(0));
         std::fill(m2s.begin(), m2s.end(), A(0));
         for (int64_t r = r0; r < r1; ++r) {
@@ -262,7 +255,7 @@ void batch_stats_nhwc(const BatchStatsParams& p) {
           }
         }
         partials[chunk].merge_about_shifts(static_cast<double>(r1 - r0), block_mean, sum, m2);
-      });
+      }
     }
   });
 
@@ -532,7 +525,9 @@ void reduce_gradients_nhwc(const BnActBackwardParams& p, const Operands<T>& oper
     A *sum_g = sg.data(), *sum_gc = sgc.data(), *sum_gcd = sgcd.data();
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       GradSums& out = partials[chunk];
-      tiling.for_each_block(chunk, [&](int64_t r0, int64_t r1) {
+      const int64_t chunk_rows_end = std::min(tiling.rows, (chunk + 1) * tiling.rows_per_chunk);
+      for (int64_t r0 = chunk * tiling.rows_per_chunk; r0 < chunk_rows_end; r0 += tiling.rows_per_block) {
+        const int64_t r1 = std::min(chunk_rows_end, r0 + tiling.rows_per_block);
         std::fill(sg.begin(), sg.end(), A(0));
         std::fill(sgc.begin(), sgc.end(), A(0));
         std::fill(sgcd.begin(), sgcd.end(), A(0));
@@ -549,7 +544,7 @@ void reduce_gradients_nhwc(const BnActBackwardParams& p, const Operands<T>& oper
         accumulate(out.g.data(), sum_g, C);
         accumulate(out.g_centered.data(), sum_gc, C);
         if constexpr (E == Epilogue::kDualAddRelu) accumulate(out.g_centered_d.data(), sum_gcd, C);
-      });
+      }
     }
   });
   for (const GradSums& part : partials) {
