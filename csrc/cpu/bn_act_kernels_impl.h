@@ -180,6 +180,10 @@ T* typed(void* p) { return static_cast<T*>(p); }
 
 // How a reduction over a channels_last activation is cut: rows into blocks (reduced in
 // the accumulation type while in cache) and blocks into chunks (one parallel task each).
+// The two reductions walk a chunk's blocks in loops of their own, not through a helper
+// taking a lambda: the block's body would then read its pointers through the lambda's
+// captures, reloaded at every vector store (tried: channels_last bf16 backward ~25% slower,
+// docs/performance.md).
 struct RowTiling {
   int64_t rows, rows_per_block, rows_per_chunk, chunks;
   explicit RowTiling(const ActivationGeometry& g) {
@@ -620,35 +624,47 @@ void backward(const BnActBackwardParams& p) {
   }
 
   // Eval: grad_x = scale * g alone. The batch terms are zero there, but (x - mean) * 0
-  // would turn an Inf in x into a NaN gradient, where eager passes scale * g.
-  const bool training = p.training;
-  parallel_for_runs(g, [&](auto per_lane, int64_t offset, int64_t len, int64_t channel) {
-    constexpr bool kPerLane = decltype(per_lane)::value;
-    const Operands<T> s = operands;
-    const Coefficients<A> cm = main.at(channel), cd = downsample.at(channel);
-    auto coeff = [](const A* a, int64_t j) { return L::template coeff<kPerLane>(a, j); };
-    auto grad_x = [&](const Vec& grad, const Vec& x, const Coefficients<A>& c, int64_t j) {
-      if (!training) return grad * coeff(c.scale, j);
-      return at::vec::fmadd(grad, coeff(c.scale, j), at::vec::fmadd(x - coeff(c.mean, j), coeff(c.k2, j), coeff(c.k1, j)));
-    };
-    for (int64_t j = 0; j < len; j += L::kSize) {
-      const int64_t n = std::min(L::kSize, len - j);
-      const int64_t i = offset + j;
-      Vec grad(0), x(0), x_d(0);
-      if constexpr (E == Epilogue::kAddRelu) {
-        grad = L::load(s.grad_residual + i, n);  // the masked gradient the reduction wrote
-        x = L::load(s.x + i, n);
-      } else {
-        const auto v = load_sources<T, E>(s, i, n);
-        const Vec pre = preactivation<T, E, kPerLane>(v, cm, cd, j);
-        grad = masked_gradient<T>(pre, L::load(s.grad_out + i, n));
-        x = v.x;
-        x_d = v.x_d;
+  // would turn an Inf in x into a NaN gradient, where eager passes scale * g. The mode is
+  // a compile-time constant of the loop: a branch on it per vector step cost bf16
+  // channels_last bn_relu_backward ~8% (docs/performance.md).
+  auto elementwise = [&](auto training) {
+    parallel_for_runs(g, [&](auto per_lane, int64_t offset, int64_t len, int64_t channel) {
+      constexpr bool kPerLane = decltype(per_lane)::value;
+      const Operands<T> s = operands;
+      const Coefficients<A> cm = main.at(channel), cd = downsample.at(channel);
+      auto coeff = [](const A* a, int64_t j) { return L::template coeff<kPerLane>(a, j); };
+      auto grad_x = [coeff](const Vec& grad, const Vec& x, const Coefficients<A>& c, int64_t j) {
+        if constexpr (decltype(training)::value) {
+          return at::vec::fmadd(grad, coeff(c.scale, j),
+                                at::vec::fmadd(x - coeff(c.mean, j), coeff(c.k2, j), coeff(c.k1, j)));
+        } else {
+          return grad * coeff(c.scale, j);
+        }
+      };
+      for (int64_t j = 0; j < len; j += L::kSize) {
+        const int64_t n = std::min(L::kSize, len - j);
+        const int64_t i = offset + j;
+        Vec grad(0), x(0), x_d(0);
+        if constexpr (E == Epilogue::kAddRelu) {
+          grad = L::load(s.grad_residual + i, n);  // the masked gradient the reduction wrote
+          x = L::load(s.x + i, n);
+        } else {
+          const auto v = load_sources<T, E>(s, i, n);
+          const Vec pre = preactivation<T, E, kPerLane>(v, cm, cd, j);
+          grad = masked_gradient<T>(pre, L::load(s.grad_out + i, n));
+          x = v.x;
+          x_d = v.x_d;
+        }
+        L::store(s.grad_input + i, grad_x(grad, x, cm, j), n);
+        if constexpr (E == Epilogue::kDualAddRelu) L::store(s.grad_input_d + i, grad_x(grad, x_d, cd, j), n);
       }
-      L::store(s.grad_input + i, grad_x(grad, x, cm, j), n);
-      if constexpr (E == Epilogue::kDualAddRelu) L::store(s.grad_input_d + i, grad_x(grad, x_d, cd, j), n);
-    }
-  });
+    });
+  };
+  if (p.training) {
+    elementwise(std::true_type{});
+  } else {
+    elementwise(std::false_type{});
+  }
 }
 
 // ---------------------------------------------------------------- dispatch
