@@ -21,12 +21,13 @@ running statistics'), its storage, ``data_ptr()``, dtype, device, shape and stri
 (``.to()``, ``param.data = ...``, ``load_state_dict(assign=True)``, new Parameters), plus
 ``bn.eps``, the compute dtype (autocast on or off) and the count of the steps of
 optimizers that bump no version (fused ones; ZeroRedundancyOptimizer, whose shards
-arrive by broadcast). The entry holds a weak reference to each source's storage, which
-keeps no memory alive but keeps the storage's address from being reused meanwhile: a
-tensor that matches an entry views the very memory it was folded from. It holds no
-reference to the tensors themselves, not even a weak one, which would keep
-``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()`` under
-``torch.__future__.set_swap_module_params_on_conversion(True)``) from swapping them.
+arrive by broadcast; ones over FSDP2's DTensor shards, gathered into parameters whose
+versions FSDP2 preserves). The entry holds a weak reference to each source's storage,
+which keeps no memory alive but keeps the storage's StorageImpl, whose address it
+compares, from being reused meanwhile: a tensor that matches an entry views the very
+memory it was folded from. It holds no reference to the tensors themselves, not even a
+weak one, which would keep ``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()``
+under ``torch.__future__.set_swap_module_params_on_conversion(True)``) from swapping them.
 A BatchNorm with running statistics but no ``num_batches_tracked`` is folded afresh on
 every call: nothing would show that an eager training forward updated its statistics.
 One kind of write is invisible to all of these: an in-place write that bypasses the
@@ -132,14 +133,22 @@ _steps_lock = threading.Lock()
 
 
 def _writes_unversioned(optimizer) -> bool:
-    """Whether an optimizer's step writes parameters without bumping their versions:
-    torch.optim's fused implementations (``fused=True``), and ZeroRedundancyOptimizer,
-    which broadcasts each rank's updated shard into the other ranks' parameters (a
-    collective writes in place, unversioned)."""
+    """Whether an optimizer's step changes parameters without bumping their versions:
+    torch.optim's fused implementations (``fused=True``); ZeroRedundancyOptimizer, which
+    broadcasts each rank's updated shard into the other ranks' parameters (a collective
+    writes in place, unversioned); and one over DTensor parameters, FSDP2's shards, which
+    ``fully_shard`` gathers into the same unsharded parameters before each forward with
+    their version counters preserved."""
     if any(group.get("fused") for group in optimizer.param_groups):
         return True
-    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")  # no instance unless imported
-    return zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer)
+    # A module not imported has no instances: nothing is imported here.
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer):
+        return True
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(
+        group["params"] and isinstance(group["params"][0], dtensor.DTensor) for group in optimizer.param_groups
+    )
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
@@ -185,6 +194,11 @@ class FoldCache:
         self._entries: dict[tuple[str, torch.dtype], _Entry] = {}
         _watch_optimizer_steps()
 
+    def __reduce__(self):
+        # A copy (deepcopy, pickle) starts empty: a copied StorageWeakRef would release
+        # the same reference twice, and a pickled one is a pointer into another process.
+        return (FoldCache, ())
+
     def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
         """The folded ``conv``/``bn`` pair ``name`` in ``dtype``, from the cache when valid."""
         sources = _sources(conv, bn)
@@ -201,11 +215,11 @@ class FoldCache:
             # versions beside values folded from the old ones.
             ids = tuple(None if t is None else id(t) for t in sources)
             states = tuple(None if t is None else _state(t) for t in sources)
+            storages = tuple(StorageWeakRef(t.untyped_storage()) for t in sources if t is not None)
             optimizer_steps = _optimizer_steps
             # Built outside inference mode so the entry is usable in any later mode.
             with torch.inference_mode(False):
                 folded = fold(conv, bn, dtype)
-            storages = tuple(StorageWeakRef(t.untyped_storage()) for t in sources if t is not None)
             entry = _Entry(ids, states, storages, eps, optimizer_steps, folded)
             # A new dictionary, published by one store: another thread may be iterating the
             # old one. This pair's stale entries in other dtypes are dropped, not kept alive.
