@@ -25,7 +25,7 @@
 # measurement failed, 3 none failed but TOTAL_BUDGET cut something short (the last line
 # names what).
 #
-# Time: TOTAL_BUDGET (default 420 s) bounds the whole run, the build (about 50 s on 16
+# Time: TOTAL_BUDGET (default 420 s) counts from the start, the build (about 50 s on 16
 # cores) included. The phases run in order of importance (tests, kernels, suite, profile); each has
 # its own cap, and each cap, benchmark budget and the Triton precompile shrink to what
 # TOTAL_BUDGET leaves; a phase or run left under 15 s is skipped. A capped or skipped one
@@ -86,6 +86,7 @@ tee_pid=$!
 GRACE=30  # the benchmarks end near their budget by themselves; the cap is for a hang
 KILL_AFTER=10  # a capped command that ignores TERM gets KILL this much later
 MIN_RUN=15  # a phase or command TOTAL_BUDGET leaves less than this is skipped
+MIN_BRIEF=10  # a brief benchmark run's budget below this measures next to nothing: skipped
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1  # a capped phase's log keeps its last lines
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -134,6 +135,14 @@ capped() {
     [[ $limit == "its cap" ]] || cut+=("$(basename "$log" .log) (stopped)")
   fi
   return $rc
+}
+
+# brief_fits NAME BUDGET: a brief run's fitted BUDGET is worth running (else says it is skipped).
+brief_fits() {
+  (( $2 >= MIN_BRIEF )) && return 0
+  echo "gpu_check: SKIPPED $1, TOTAL_BUDGET=${TOTAL_BUDGET}s leaves it ${2}s"
+  cut+=("$1 (skipped)")
+  return 1
 }
 
 # phase_fits PHASE: PHASE is wanted, and TOTAL_BUDGET leaves time for it (else says it is skipped).
@@ -279,15 +288,21 @@ if phase_fits kernels; then
   fi
   # NCHW, the other layout, in brief: the statistics, the forward and its backward at the target
   # stages (kernels_cuda_nchw.*).
-  capped 50 "$out/bench_nchw.log" "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops batch_stats,bn_relu,bn_relu_backward \
-    --shapes layer1,layer2 --budget-s "$(fit_budget 30 $((GRACE - 10)))" --out "$out" \
-    || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
+  brief_budget=$(fit_budget 30 $((GRACE - 10)))
+  if brief_fits bench_nchw "$brief_budget"; then
+    capped 50 "$out/bench_nchw.log" "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --layout nchw --ops batch_stats,bn_relu,bn_relu_backward \
+      --shapes layer1,layer2 --budget-s "$brief_budget" --out "$out" \
+      || { echo "gpu_check: NCHW BENCHMARK FAILED ($out/bench_nchw.log)"; status=1; }
+  fi
   # The CUDA kernels launched in order, against the programmatic dependent launches of the
   # run above (docs/performance.md, "CUDA kernels launched as programmatic dependents").
-  capped 40 "$out/bench_in_order.log" env RESNET_FUSED_PDL=0 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --backends cuda \
-    --ops batch_stats,train_bn_relu,bn_relu_backward --shapes layer1,layer2 --budget-s "$(fit_budget 20 20)" \
-    --out "$out/in-order" \
-    || { echo "gpu_check: IN-ORDER BENCHMARK FAILED ($out/bench_in_order.log)"; status=1; }
+  brief_budget=$(fit_budget 20 20)
+  if brief_fits bench_in_order "$brief_budget"; then
+    capped 40 "$out/bench_in_order.log" env RESNET_FUSED_PDL=0 "$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --backends cuda \
+      --ops batch_stats,train_bn_relu,bn_relu_backward --shapes layer1,layer2 --budget-s "$brief_budget" \
+      --out "$out/in-order" \
+      || { echo "gpu_check: IN-ORDER BENCHMARK FAILED ($out/bench_in_order.log)"; status=1; }
+  fi
   if [[ -s "$out/in-order/kernels_cuda_nhwc.json" && -s "$out/kernels_cuda_nhwc.json" ]]; then
     "$PYTHON" benchmarks/kernel_diff.py "$out/in-order/kernels_cuda_nhwc.json" "$out/kernels_cuda_nhwc.json" \
       --backends cuda,eager --dtype bfloat16 >"$out/in_order_diff.txt" 2>&1 \

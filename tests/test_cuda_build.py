@@ -198,6 +198,21 @@ def test_gpu_check_script_gives_the_main_kernel_run_its_budget_first(tmp_path):
 
 
 @NEEDS_TIMEOUT
+def test_gpu_check_script_skips_a_brief_run_left_a_few_seconds(tmp_path):
+    """A brief run TOTAL_BUDGET leaves under 10 s is skipped and listed, not run with a
+    budget of a few seconds (whose JSON and diff would say next to nothing)."""
+    env = _stand_in_gpu_machine(tmp_path)
+    env.update(TOTAL_BUDGET="62", KERNELS_BUDGET="5", STUB_TEST_S="0", STUB_BENCH_S="10")
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
+                          "--only", "tests,kernels"], env=env, capture_output=True, text=True, timeout=120)
+    runs = [line for line in (tmp_path / "stub" / "calls.log").read_text().splitlines()
+            if line.startswith("benchmarks/kernels.py")]
+    assert len(runs) == 2 and "--layout nchw" in runs[1], f"{runs}\n{run.stdout}"
+    assert "gpu_check: SKIPPED bench_in_order" in run.stdout, run.stdout
+    assert run.returncode == 3 and "cut by TOTAL_BUDGET=62s: bench_in_order (skipped)" in run.stdout, run.stdout
+
+
+@NEEDS_TIMEOUT
 def test_gpu_check_script_stops_its_phase_on_a_term(tmp_path):
     """An outer `timeout` (or Ctrl-C) signals the script's whole process group; the phase it
     runs, in timeout's own group, must stop too, not write on while the caller archives the

@@ -342,7 +342,7 @@ TRITON_NAMESPACE = "resnet_fused_triton"
 
 
 @GPU_ONLY
-@pytest.mark.timeout(150)  # the child compiles every Triton kernel's in-order variant afresh
+@pytest.mark.timeout(120)  # the child compiles every Triton kernel's in-order variant afresh
 @pytest.mark.skipif(os.environ.get(EARLY_LAUNCH_ENV) == "0", reason=f"{EARLY_LAUNCH_ENV}=0: this process launches in order")
 @pytest.mark.parametrize("namespace", ["resnet_fused", TRITON_NAMESPACE], ids=["cuda", "triton"])
 def test_early_launches_change_no_bit(namespace, tmp_path):
@@ -377,7 +377,7 @@ def test_early_launches_change_no_bit(namespace, tmp_path):
              f"import test_cuda_ops as t; t._chained_results_to({namespace!r}, {str(inputs)!r}, {str(results)!r})"],
             env=child_env(str(Path(__file__).resolve().parent), **{EARLY_LAUNCH_ENV: "0", **pinned}),
             capture_output=True, text=True,
-            timeout=130,  # within the test's own timeout
+            timeout=100,  # within the test's own timeout
         )
         assert child.returncode == 0, child.stderr[-3000:]
         in_order = torch.load(results)

@@ -327,7 +327,7 @@ def test_cuda_torchvision_model_autocast(name, no_tf32):
 
 
 @pytest.mark.cuda
-@pytest.mark.timeout(150)  # a cold Inductor compile of a whole model beside other test processes (H200: 23 s)
+@pytest.mark.timeout(120)  # a cold Inductor compile of a whole model beside other test processes (H200: 23 s)
 @pytest.mark.parametrize("training", [True, False])
 def test_cuda_compile_inductor_resnet18(training, no_tf32):
     model, _ = resnet_fused.fuse(torchvision_model("resnet18", torch.float32).cuda())
@@ -341,7 +341,7 @@ def test_cuda_compile_inductor_resnet18(training, no_tf32):
 
 
 @pytest.mark.cuda
-@pytest.mark.timeout(150)  # two whole-model warm-up steps, deterministic cuDNN algorithms chosen afresh
+@pytest.mark.timeout(120)  # two whole-model warm-up steps, deterministic cuDNN algorithms chosen afresh
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_graph_of_whole_training_steps(backend, no_tf32, monkeypatch):
     """A fused model's whole training step (forward, backward, SGD) captured in one CUDA graph,
