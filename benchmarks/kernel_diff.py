@@ -8,9 +8,10 @@ shape, dtype, layout, backend), prints the op's median time in each and their ra
 each kernel of the row's breakdown (``kernels``: device time per call, profiler) the same
 way; last, per (op, kernel, dtype, backend), the geometric mean of the ratios over the
 shapes. A ratio below 1 means the second run was faster. The header says how the two runs
-differ: card, commit, L2 flush, early launches, the ``RESNET_FUSED_*`` variables set, and the configurations
-Triton's autotuner chose differently for a key both runs tuned. Rows one run failed
-or skipped (no time) are listed, not compared.
+differ: card, commit, L2 flush, early launches, the ``RESNET_FUSED_*`` variables set, and
+the configurations Triton's autotuner chose differently for a key both runs tuned. Rows
+one run failed or skipped (no time) are listed, not compared; a row whose profile failed
+is compared as a whole op.
 """
 
 from __future__ import annotations

@@ -26,9 +26,10 @@
 # names what).
 #
 # Time: TOTAL_BUDGET (default 420 s) counts from the start, the build (about 50 s on 16
-# cores) included. The phases run in order of importance (tests, kernels, suite, profile); each has
-# its own cap, and each cap, benchmark budget and the Triton precompile shrink to what
-# TOTAL_BUDGET leaves; a phase or run left under 15 s is skipped. A capped or skipped one
+# cores) included. The phases run in order of importance (tests, kernels, suite, profile);
+# each has its own cap, and each cap, benchmark budget and the Triton precompile shrink to
+# what TOTAL_BUDGET leaves (the main kernel run's before the brief NCHW and in-order ones);
+# a phase or run left under 15 s is skipped, a brief run left under 10 s too. A capped or skipped one
 # says so and keeps what it wrote. A TERM or INT to the script or its process group (an
 # outer `timeout`, Ctrl-C) stops the running phase too, which runs in a process group of
 # its own (timeout's), and leaves the log complete.
