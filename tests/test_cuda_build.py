@@ -181,17 +181,23 @@ def test_gpu_check_script_keeps_to_its_total_budget(tmp_path):
     assert (out / "gpu_check.log").read_text() == run.stdout + run.stderr
 
 
+def _kernel_benchmark_runs(tmp_path: Path, **variables: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """scripts/gpu_check.sh --only tests,kernels on the stand-in machine with ``variables``:
+    the finished run and the kernel benchmark's command lines, in order."""
+    env = _stand_in_gpu_machine(tmp_path)
+    env.update(variables)
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
+                          "--only", "tests,kernels"], env=env, capture_output=True, text=True, timeout=120)
+    calls = (tmp_path / "stub" / "calls.log").read_text().splitlines()
+    return run, [line for line in calls if line.startswith("benchmarks/kernels.py")]
+
+
 @NEEDS_TIMEOUT
 def test_gpu_check_script_gives_the_main_kernel_run_its_budget_first(tmp_path):
     """Where TOTAL_BUDGET leaves room for the main kernel run's budget and a little more,
     the main run keeps its budget and the brief NCHW and in-order runs after it take what
     is left (a reserve of 120 s for them once cut the main run to its minimum here)."""
-    env = _stand_in_gpu_machine(tmp_path)
-    env.update(TOTAL_BUDGET="110", KERNELS_BUDGET="40", STUB_TEST_S="0")
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
-                          "--only", "tests,kernels"], env=env, capture_output=True, text=True, timeout=120)
-    runs = [line for line in (tmp_path / "stub" / "calls.log").read_text().splitlines()
-            if line.startswith("benchmarks/kernels.py")]
+    run, runs = _kernel_benchmark_runs(tmp_path, TOTAL_BUDGET="110", KERNELS_BUDGET="40", STUB_TEST_S="0")
     budgets = [int(line.split("--budget-s ")[1].split()[0]) for line in runs]
     assert budgets == [40, 30, 20], f"{runs}\n{run.stdout}"
     assert "--layout nchw" in runs[1] and "--out" in runs[2] and "in-order" in runs[2], runs
@@ -201,12 +207,8 @@ def test_gpu_check_script_gives_the_main_kernel_run_its_budget_first(tmp_path):
 def test_gpu_check_script_skips_a_brief_run_left_a_few_seconds(tmp_path):
     """A brief run TOTAL_BUDGET leaves under 10 s is skipped and listed, not run with a
     budget of a few seconds (whose JSON and diff would say next to nothing)."""
-    env = _stand_in_gpu_machine(tmp_path)
-    env.update(TOTAL_BUDGET="62", KERNELS_BUDGET="5", STUB_TEST_S="0", STUB_BENCH_S="10")
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
-                          "--only", "tests,kernels"], env=env, capture_output=True, text=True, timeout=120)
-    runs = [line for line in (tmp_path / "stub" / "calls.log").read_text().splitlines()
-            if line.startswith("benchmarks/kernels.py")]
+    run, runs = _kernel_benchmark_runs(tmp_path, TOTAL_BUDGET="62", KERNELS_BUDGET="5", STUB_TEST_S="0",
+                                       STUB_BENCH_S="10")
     assert len(runs) == 2 and "--layout nchw" in runs[1], f"{runs}\n{run.stdout}"
     assert "gpu_check: SKIPPED bench_in_order" in run.stdout, run.stdout
     assert run.returncode == 3 and "cut by TOTAL_BUDGET=62s: bench_in_order (skipped)" in run.stdout, run.stdout
