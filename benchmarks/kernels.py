@@ -822,20 +822,27 @@ def summary_legend(card: str, copy_gbs: float) -> str:
             f"not judged):")
 
 
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 def summary_table(rows: list[dict]) -> str:
     """Per (op, dtype, backend): the largest shape's time and bandwidth, the lowest
     % of copy bandwidth over the target stages (and how many of their shapes were
     measured), the L1 target's verdicts, the geometric-mean speedup over eager. The
-    reference backend (the tests' oracle, not a contender) is left to the full table."""
+    reference backend (the tests' oracle, not a contender) is left to the full table.
+
+    Headers take two lines and columns their contents' width, so that the table (~70
+    rows) fits the short output tail a remote GPU run returns."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "error" not in r and r["backend"] != "reference":
             groups.setdefault((r["op"], r["dtype"], r["backend"]), []).append(r)
-    header = (f"{'op':<26} {'dtype':<9} {'backend':<9} {'largest':<12} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
-              f"{'min %copy ' + TARGET_COLUMN:>14} {TARGET_COLUMN:>4} {'op target':>10} {'kernel':>7} {'per kernel':>10} "
-              f"{'kernel target':>13} "
-              f"{'size copy':>9} {'vs size':>7} {'x eager geo':>11} {'max err':>8}")
-    lines = [header, "-" * len(header)]
+    # (header's first line, its second, alignment); the legend names each by both lines
+    columns = [("op", "", "<"), ("dtype", "", "<"), ("backend", "", "<"), ("largest", "", "<"), ("ms", "", ">"),
+               ("GB/s", "", ">"), ("%copy", "", ">"), ("min %copy", TARGET_COLUMN, ">"), (TARGET_COLUMN, "", ">"),
+               ("op", "target", ">"), ("kernel", "", ">"), ("per", "kernel", ">"), ("kernel", "target", ">"),
+               ("size", "copy", ">"), ("vs", "size", ">"), ("x eager", "geo", ">"), ("max", "err", ">")]
+    body = []
     for (op, dtype, backend), group in groups.items():
         largest = max(group, key=lambda r: r["bytes"])
         target = [r for r in group if r["shape"] in TARGET_SHAPES]
@@ -843,21 +850,28 @@ def summary_table(rows: list[dict]) -> str:
         target = target or group  # no target shape measured: minima over what was
         speedups = [r["speedup_vs_eager"] for r in group if r.get("speedup_vs_eager")]
         errors = [r["rel_err"] for r in group if r.get("rel_err") is not None]
-        per_kernel = streaming_kernel_pcts(target)
-        per_kernel_vs_size = streaming_kernel_pcts(target, "pct_yardstick")
         size_copy = [r["pct_size_copy"] for r in target if r.get("pct_size_copy") is not None]
         kernel_pct = [r["kernel_pct_copy"] for r in target if r.get("kernel_pct_copy") is not None]
-        lines.append(
-            f"{op:<26} {dtype:<9} {backend:<9} {largest['shape']:<12} {largest['median_ms']:>9.4f} "
-            f"{largest['gbs']:>7.0f} {largest['pct_copy']:>6.1f} {min(r['pct_copy'] for r in target):>14.1f} "
-            f"{f'{covered}/{len(TARGET_SHAPES)}':>4} {op_target(group) if op in OPS and backend != 'eager' else '-':>10} "
-            f"{_fmt(min(kernel_pct, default=None), '>7.1f'):>7} {_fmt(min(per_kernel, default=None), '>10.1f'):>10} "
-            f"{kernel_target(group):>13} "
-            f"{_fmt(min(size_copy, default=None), '>9.1f'):>9} "
-            f"{_fmt(min(per_kernel_vs_size, default=None), '>7.1f'):>7} "
-            f"{_fmt(math.exp(sum(map(math.log, speedups)) / len(speedups)) if speedups else None, '>11.2f'):>11} "
-            f"{_fmt(max(errors) if errors else None, '>8.1e'):>8}"
-        )
+        body.append([
+            op, _SHORT_DTYPES.get(dtype, dtype), backend, largest["shape"], f"{largest['median_ms']:.4f}",
+            f"{largest['gbs']:.0f}", f"{largest['pct_copy']:.1f}", f"{min(r['pct_copy'] for r in target):.1f}",
+            f"{covered}/{len(TARGET_SHAPES)}", op_target(group) if op in OPS and backend != "eager" else "-",
+            _fmt(min(kernel_pct, default=None), ".1f"), _fmt(min(streaming_kernel_pcts(target), default=None), ".1f"),
+            kernel_target(group), _fmt(min(size_copy, default=None), ".1f"),
+            _fmt(min(streaming_kernel_pcts(target, "pct_yardstick"), default=None), ".1f"),
+            _fmt(math.exp(sum(map(math.log, speedups)) / len(speedups)) if speedups else None, ".2f"),
+            _fmt(max(errors) if errors else None, ".1e"),
+        ])
+    widths = [max(len(top), len(bottom), *(len(cells[i]) for cells in body))
+              for i, (top, bottom, _) in enumerate(columns)]
+
+    def line(cells):
+        return " ".join(format(cell, f"{align}{width}")
+                        for cell, width, (_, _, align) in zip(cells, widths, columns)).rstrip()
+
+    lines = [line([top for top, _, _ in columns]), line([bottom for _, bottom, _ in columns]),
+             "-" * (sum(widths) + len(widths) - 1)]
+    lines += [line(cells) for cells in body]
     failed = sum("error" in r for r in rows)
     if failed:
         lines.append(f"{failed} measurements FAILED (see the rows above)")

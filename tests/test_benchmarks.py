@@ -295,6 +295,20 @@ def test_kernel_benchmark_writes_rows_without_the_reference_and_within_budget(tm
     assert " 1/4 " in summary_row, summary_row
 
 
+def test_the_summary_of_a_whole_gpu_run_fits_a_remote_runs_output_tail():
+    """gpu_check prints the kernel summary last for a remote GPU run, which returns only its
+    output's last 12,000 characters: the summary of run 3's 62 (op, dtype, backend) groups
+    (results/) with its legend stays under 11,000, leaving room for the lines around it."""
+    path = Path(__file__).parents[1] / "results/nvidia-h200-2026-11-27-run3/kernels/kernels_cuda_nhwc.json"
+    rows = json.loads(path.read_text())["rows"]
+    table = kernels.summary_table(rows)
+    assert len(table.splitlines()) == 3 + 62
+    assert len(kernels.summary_legend("NVIDIA H200", 4000)) + len(table) < 11_000
+    top, bottom, rule, first = table.splitlines()[:4]
+    assert len(rule) >= max(map(len, table.splitlines())), "the rule spans the widest row"
+    assert top.split()[:4] == ["op", "dtype", "backend", "largest"] and first.split()[:3] == ["copy", "bf16", "torch"]
+
+
 def test_the_target_verdict_needs_every_kernel_at_every_target_shape():
     assert kernels.TARGET_SHAPES == ("layer1.256", "layer1.64", "layer2.512", "layer2.128")
     assert kernels.target_verdict([], 4) == "-"  # no kernel breakdown (eager, the CPU)
