@@ -204,6 +204,17 @@ def test_unsupported_blocks_are_reported_and_keep_eager_results():
         assert_close_scaled({"eval": model(x)}, {"eval": eager(x)}, 1e-10)
 
 
+def test_a_class_named_like_the_expected_one_is_named_by_its_module():
+    """QAT's prepare swaps in torch.ao.nn.qat.Conv2d: the reason says which Conv2d it is."""
+    block = BasicBlock(8, 8)
+    block.conv1 = torch.ao.nn.qat.Conv2d(8, 8, 3, padding=1, bias=False,
+                                         qconfig=torch.ao.quantization.get_default_qat_qconfig())
+    with pytest.warns(RuntimeWarning, match="0 of 1 residual blocks fused"):
+        _, report = resnet_fused.fuse(nn.Sequential(block))
+    (reason,) = [b.reason for b in report.not_fused]
+    assert "conv1 is torch.ao.nn.qat.modules.conv.Conv2d, not nn.Conv2d" in reason, reason
+
+
 def test_report_text():
     _, report = resnet_fused.fuse(torchvision.models.resnet50(num_classes=10))
     assert str(report) == "resnet_fused.fuse: 16 of 16 residual blocks fused (FusedBottleneck x16)"
