@@ -34,7 +34,7 @@ import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, child_env, non_contiguous
 import test_ops
-from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, STRIDE_SHAPES, assert_close,
+from test_ops import (AFFINE_PAIRS, EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, affine_pair_id, ROUNDING, STRIDE_SHAPES, assert_close,
                       check_empty_input, check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_far_from_zero,
@@ -107,6 +107,14 @@ def test_eval_matches_eager(op, layout, dtype):
 @pytest.mark.parametrize("op", OPS)
 def test_without_affine_or_running_stats(op):
     run_case(op, (4, 11, 3, 5), torch.float32, "nhwc", training=True, affine=False, track=False)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine, affine_d", AFFINE_PAIRS, ids=map(affine_pair_id, AFFINE_PAIRS))
+def test_dual_branches_with_their_own_affine_parameters(layout, training, affine, affine_d):
+    """C = 32: 16-byte vectors in channels_last; H*W = 15: the NCHW scalar path."""
+    run_case("dual_bn_add_relu", (4, 32, 3, 5), torch.float32, layout, training, affine=affine, affine_d=affine_d)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -81,12 +81,15 @@ def requires_cpu_kernels():
 
 
 class BatchNormState:
-    """A BatchNorm's parameters and running statistics (float32, like nn.BatchNorm2d)."""
+    """A BatchNorm's parameters and running statistics (float32, like nn.BatchNorm2d).
+    ``affine``: both parameters or neither, or a pair (has weight, has bias), as the
+    functional ops take each on its own."""
 
     def __init__(self, channels, affine=True, track=True, device="cpu"):
         f32 = dict(device=device, dtype=torch.float32)
-        self.weight = (torch.rand(channels, **f32) + 0.5).requires_grad_() if affine else None
-        self.bias = torch.randn(channels, **f32).requires_grad_() if affine else None
+        has_weight, has_bias = affine if isinstance(affine, tuple) else (affine, affine)
+        self.weight = (torch.rand(channels, **f32) + 0.5).requires_grad_() if has_weight else None
+        self.bias = torch.randn(channels, **f32).requires_grad_() if has_bias else None
         self.running_mean = torch.randn(channels, **f32) * 0.1 if track else None
         self.running_var = torch.rand(channels, **f32) + 0.5 if track else None
 
@@ -168,12 +171,13 @@ def input_gradient_atol(expected, atol, training, against_float64):
     return max(atol, GRADIENT_SUM_ERROR * expected.abs().max().item())
 
 
-def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=True, make_input=None,
-             device="cpu", same_dtype_oracle="eager"):
+def run_case(op, backend, shape, dtype, layout, training, *, affine=True, affine_d=None, track=True,
+             make_input=None, device="cpu", same_dtype_oracle="eager"):
     """Runs `op` fused and its oracles on the same inputs; compares all: the output, every
     gradient, the running statistics. The oracles: eager in float64, and in the op's dtype
     either eager (its own doubly rounded result) or the reference backend (float32 math
-    rounded once, as the kernels; the GPU tests, tests/test_cuda_ops.py).
+    rounded once, as the kernels; the GPU tests, tests/test_cuda_ops.py). ``affine_d``: the
+    downsample BatchNorm's (BatchNormState), ``affine`` unless told.
 
     The upstream gradient is zeroed where the float64 pre-activation is within the eager
     tolerance of 0: there eager's doubly rounded sum may land on the other side of the ReLU
@@ -183,7 +187,8 @@ def run_case(op, backend, shape, dtype, layout, training, *, affine=True, track=
     C = shape[1]
     x = activation(shape, dtype, layout, device)
     other = activation(shape, dtype, layout, device) if op != "bn_relu" else None
-    bn, bn_d = BatchNormState(C, affine, track, device), BatchNormState(C, affine, track, device)
+    bn = BatchNormState(C, affine, track, device)
+    bn_d = BatchNormState(C, affine if affine_d is None else affine_d, track, device)
     upstream = activation(shape, dtype, layout, device)
     with torch.no_grad():
         pre64 = eager(op, x.double(), None if other is None else other.double(), bn.clone(torch.float64),
@@ -257,6 +262,26 @@ def test_eval_matches_eager(backend, op, layout, dtype):
 @pytest.mark.parametrize("op", OPS)
 def test_without_affine_or_running_stats(backend, op):
     run_case(op, backend, (4, 11, 3, 5), torch.float32, "nhwc", training=True, affine=False, track=False)
+
+
+# The dual op's branches take their optional parameters each on its own: one branch with
+# (weight, bias), the other with part of them (a kernel reading one branch's flags for both
+# would read a missing parameter's placeholder).
+PARTIAL_AFFINE = [(False, True), (True, False), (False, False)]  # (has weight, has bias)
+AFFINE_PAIRS = [((True, True), p) for p in PARTIAL_AFFINE] + [(p, (True, True)) for p in PARTIAL_AFFINE]
+
+
+def affine_pair_id(pair):
+    return "-".join("".join(name for name, has in zip("wb", p) if has) or "none" for p in pair)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine, affine_d", AFFINE_PAIRS, ids=map(affine_pair_id, AFFINE_PAIRS))
+def test_dual_branches_with_their_own_affine_parameters(backend, layout, training, affine, affine_d):
+    run_case("dual_bn_add_relu", backend, (2, 11, 3, 5), torch.float32, layout, training,
+             affine=affine, affine_d=affine_d)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

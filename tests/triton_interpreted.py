@@ -27,7 +27,7 @@ from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from block_helpers import block_input_shape, fused_copy, make_block
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
-from test_ops import (EMPTY_SHAPES, OPS, OUTLIER_CASES, STRIDE_SHAPES, check_empty_input,
+from test_ops import (AFFINE_PAIRS, EMPTY_SHAPES, OPS, OUTLIER_CASES, affine_pair_id, STRIDE_SHAPES, check_empty_input,
                       check_results_strided_in_the_op_layout, check_mask_of_the_rounded_output,
                       check_nan_residual_gradients, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_far_from_zero,
@@ -78,6 +78,14 @@ def test_eval_matches_eager(op, layout):
 @pytest.mark.parametrize("op", OPS)
 def test_without_affine_or_running_stats(op):
     run_case(op, "triton", (2, 5, 2, 3), torch.float32, "nhwc", training=True, affine=False, track=False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine, affine_d", AFFINE_PAIRS, ids=map(affine_pair_id, AFFINE_PAIRS))
+def test_dual_branches_with_their_own_affine_parameters(layout, training, affine, affine_d):
+    run_case("dual_bn_add_relu", "triton", (2, 5, 3, 3), torch.float32, layout, training,
+             affine=affine, affine_d=affine_d)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
