@@ -38,8 +38,8 @@ from test_ops import (AFFINE_PAIRS, EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, affine_
                       check_empty_input, check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_far_from_zero,
-                      check_statistics_with_an_outlier_first, check_torch_func_grad_matches_autograd,
-                      check_variance_past_float32_range)
+                      check_statistics_with_an_outlier_first, check_tensors_over_2_to_the_31_elements,
+                      check_torch_func_grad_matches_autograd, check_variance_past_float32_range)
 
 _ON = os.environ.get("RESNET_FUSED_GPU_TESTS_ON", "")
 if _ON not in ("", "cpu"):  # a typo would otherwise skip everything, green
@@ -475,53 +475,9 @@ def test_opcheck_on_cuda_tensors():
 @pytest.mark.xdist_group("over_2_31")
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_tensors_over_2_to_the_31_elements(layout, releases_gpu_memory):
-    """batch_stats, a fused forward and backward over 2^31 + 2^18 bfloat16 values: offsets
-    past 2^31 must be 64-bit. Reductions are checked against float64 sums over chunks, the
-    first and last samples elementwise. The backward's mask is taken from the kernel's own
-    forward (the same arithmetic); a float32 recomputation could flip a few of 2^31."""
+    """2^31 + 2^18 values in many small planes (the Triton test has a few large ones)."""
     C, H, W = 64, 64, 64
-    N = 2**31 // (C * H * W) + 1
-    numel, m = N * C * H * W, N * H * W
-    needed = 4 * 2 * numel + (3 << 30)  # x, out, grad_out, grad_input + chunked checks
-    free, _ = torch.cuda.mem_get_info()
-    if free < needed:
-        pytest.skip(f"needs {needed / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
-    x = torch.empty((N, C, H, W), device=DEVICE, dtype=torch.bfloat16, memory_format=LAYOUTS[layout]).normal_(0.5, 1)
-    w, b = torch.rand(C, device=DEVICE) + 0.5, torch.randn(C, device=DEVICE)
-    ops, ref = torch.ops.resnet_fused, torch.ops.resnet_fused_reference
-
-    def channel(t):
-        return t.view(1, -1, 1, 1)
-
-    def chunks(*tensors):
-        return zip(*(t.split(256) for t in tensors))
-
-    mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
-    mean64 = sum(xc.double().sum((0, 2, 3)) for (xc,) in chunks(x)) / m
-    var64 = sum(((xc.double() - channel(mean64)) ** 2).sum((0, 2, 3)) for (xc,) in chunks(x)) / m
-    assert_close(mean, mean64, PER_CHANNEL_TOL, "mean")
-    assert_close(invstd, (var64 + 1e-5).rsqrt(), PER_CHANNEL_TOL, "invstd")
-
-    out = ops.bn_relu(x, w, b, mean, invstd, True)
-    for part in (slice(0, 2), slice(N - 2, N)):
-        assert_close(out[part], ref.bn_relu(x[part], w, b, mean, invstd, True), ROUNDING[torch.bfloat16], "output")
-
-    g = torch.empty_like(x).normal_()
-    grad_x, grad_w, grad_b = ops.bn_relu_backward(g, x, w, b, mean, invstd, True)
-    sums = torch.zeros(4, C, device=DEVICE, dtype=torch.float64)  # sum(g), sum(g (x - mean)), and magnitudes
-    for xc, gc, oc in chunks(x, g, out):
-        masked = torch.where(oc > 0, gc.double(), 0.0)
-        centered = masked * (xc.double() - channel(mean.double()))
-        sums += torch.stack([masked.sum((0, 2, 3)), centered.sum((0, 2, 3)),
-                             masked.abs().sum((0, 2, 3)), centered.abs().sum((0, 2, 3))])
-    sum_g, sum_gc, mag_g, mag_gc = sums
-    assert ((grad_b - sum_g).abs() <= 1e-5 * mag_g + 1e-3).all(), "grad_bias"
-    assert ((grad_w - sum_gc * invstd).abs() <= 1e-5 * mag_gc * invstd + 1e-3).all(), "grad_weight"
-    scale = w * invstd
-    tail = slice(N - 2, N)
-    want = (torch.where(out[tail] > 0, g[tail].float(), 0.0) * channel(scale) - channel(scale * sum_g.float() / m)
-            - (x[tail].float() - channel(mean)) * channel(scale * invstd**2 * sum_gc.float() / m))
-    assert_close(grad_x[tail].float(), want, 4 * ROUNDING[torch.bfloat16], "grad_input of the last samples")
+    check_tensors_over_2_to_the_31_elements(BACKEND, (2**31 // (C * H * W) + 1, C, H, W), layout, DEVICE)
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])

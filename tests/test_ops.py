@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused import _checks, backends, functional as RF
-from helpers import activation, assert_compiles_like_eager, assert_opcheck, child_env, non_contiguous
+from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck, child_env, non_contiguous
 
 CPU_BACKENDS = [b for b in ("cpu", "reference") if b in resnet_fused.available_backends("cpu")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -309,10 +309,15 @@ EMPTY_SHAPES = [(0, 5, 4, 4), (2, 5, 0, 3)]  # no batch; a batch of empty planes
 
 def check_empty_input(backend, shape, layout, device="cpu"):
     """An input with no values: every op returns empty results, parameter gradients of 0,
-    and leaves the running statistics untouched, as eager does."""
+    and leaves the running statistics untouched, as eager does; batch_stats returns mean 0
+    and invstd 1 / sqrt(eps), as an empty reduction in the kernels (eps of its own, so a
+    default one shows; rtol: float32 rounding of that quotient, computed in float or double)."""
     x, other = (activation(shape, layout=layout, device=device).requires_grad_() for _ in range(2))
     state, state_d = BatchNormState(5, device=device), BatchNormState(5, device=device)
     initial = state.clone(), state_d.clone()
+    mean, invstd = RF.batch_stats(x, state.running_mean, state.running_var, 0.1, 1e-3, backend=backend)
+    assert torch.equal(mean, torch.zeros(5, device=device)), mean
+    torch.testing.assert_close(invstd, torch.full((5,), 1e-3 ** -0.5, device=device), rtol=1e-6, atol=0)
     for op in OPS:
         out = fused(op, x, other, state, state_d, True, backend=backend)
         assert out.shape == x.shape, op
@@ -560,6 +565,80 @@ def check_running_statistics_of_any_kind(backend, layout, device="cpu"):
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_running_statistics_of_any_kind(backend, layout):
     check_running_statistics_of_any_kind(backend, layout)
+
+
+def check_tensors_over_2_to_the_31_elements(backend, shape, layout, device="cpu"):
+    """batch_stats, bn_add_relu and its backward over bfloat16 tensors of ``shape`` (more
+    than 2^31 values on a GPU; the CPU runs the check's own logic at a small shape): offsets
+    past 2^31 must be 64-bit in every kernel. Per-channel results against float64 sums over
+    chunks of about 2^26 values (along H); elementwise ones at the first and the last two
+    rows of every plane (the last hold the values past 2^31 in either layout). The
+    backward's mask is the kernel's own output's (a float32 recomputation could flip a few
+    of 2^31 values); the residual's gradient is the masked upstream one exactly.
+    Tolerances: per-channel 1e-5 relative (float32 accumulation over 2^25-2^29 values per
+    channel, merged in order); elementwise one bfloat16 rounding, four for the input
+    gradient (its three terms rounded once each in float32, then to bfloat16)."""
+    N, C, H, W = shape
+    numel, m = N * C * H * W, N * H * W
+    if torch.device(device).type == "cuda":
+        needed = 6 * 2 * numel + (3 << 30)  # x, residual, output, upstream, two gradients; the chunked checks
+        free, _ = torch.cuda.mem_get_info()
+        if free < needed:
+            pytest.skip(f"needs {needed / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    ops, ref = resnet_fused.backends.get(backend).ops, torch.ops.resnet_fused_reference
+    bf16 = dict(device=device, dtype=torch.bfloat16, memory_format=LAYOUTS[layout])
+    x, y = torch.empty(shape, **bf16).normal_(0.5, 1), torch.empty(shape, **bf16).normal_()
+    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    rows = max(1, H * 2**26 // numel)
+    ends = [(slice(None), slice(None), part) for part in (slice(0, 2), slice(H - 2, H))]
+
+    def channel(t):
+        return t.view(1, -1, 1, 1)
+
+    def chunks(*tensors):
+        return zip(*(t.split(rows, dim=2) for t in tensors))
+
+    def dense(t):
+        return t.contiguous(memory_format=LAYOUTS[layout])
+
+    mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
+    mean64 = sum(xc.double().sum((0, 2, 3)) for (xc,) in chunks(x)) / m
+    var64 = sum(((xc.double() - channel(mean64)) ** 2).sum((0, 2, 3)) for (xc,) in chunks(x)) / m
+    assert_close(mean, mean64, 1e-5, "mean", atol=1e-6)
+    assert_close(invstd, (var64 + 1e-5).rsqrt(), 1e-5, "invstd", atol=0)
+    del mean64, var64
+
+    out = ops.bn_add_relu(x, y, w, b, mean, invstd, True)
+    for end in ends:
+        want = ref.bn_add_relu(dense(x[end]), dense(y[end]), w, b, mean, invstd, True)
+        assert_close(out[end], want, ROUNDING[torch.bfloat16], "output")
+
+    g = torch.empty_like(x).normal_()
+    grad_x, grad_y, grad_w, grad_b = ops.bn_add_relu_backward(g, x, y, w, b, mean, invstd, True)
+    sums = torch.zeros(4, C, device=device, dtype=torch.float64)  # sum(g), sum(g (x - mean)), and magnitudes
+    for xc, gc, oc in chunks(x, g, out):
+        masked = torch.where(oc > 0, gc.double(), 0.0)
+        centered = masked * (xc.double() - channel(mean.double()))
+        sums += torch.stack([masked.sum((0, 2, 3)), centered.sum((0, 2, 3)),
+                             masked.abs().sum((0, 2, 3)), centered.abs().sum((0, 2, 3))])
+    sum_g, sum_gc, mag_g, mag_gc = sums
+    assert ((grad_b - sum_g).abs() <= 1e-5 * mag_g + 1e-3).all(), "grad_bias"
+    assert ((grad_w - sum_gc * invstd).abs() <= 1e-5 * mag_gc * invstd + 1e-3).all(), "grad_weight"
+    scale = w * invstd
+    for end in ends:
+        masked = torch.where(out[end] > 0, g[end], 0.0)
+        assert torch.equal(grad_y[end], masked), "grad_residual"
+        want = (masked.float() * channel(scale) - channel(scale * sum_g.float() / m)
+                - (x[end].float() - channel(mean)) * channel(scale * invstd**2 * sum_gc.float() / m))
+        assert_close(grad_x[end].float(), want, 4 * ROUNDING[torch.bfloat16], "grad_input")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_the_64_bit_indexing_check_at_a_small_shape(backend, layout):
+    """The GPU tests' check past 2^31 values (test_cuda_ops.py, test_triton_ops.py) runs its
+    logic here: it passes on correct kernels."""
+    check_tensors_over_2_to_the_31_elements(backend, (3, 5, 6, 7), layout)
 
 
 def check_mask_of_the_rounded_output(backend, device="cpu", dtypes=(torch.float16, torch.bfloat16)):

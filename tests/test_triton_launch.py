@@ -353,6 +353,23 @@ def test_inputs_beyond_the_row_limit_run_the_reference(stand_in, monkeypatch):
     assert len(LAUNCHES) == 1
 
 
+@pytest.mark.parametrize("channels", [1, 3, 64, 2048, 300_000])
+def test_row_indices_at_the_row_limit_stay_below_2_31(channels):
+    """The margin under 2^31 that ``MAX_ROWS`` keeps: past the rows, a program forms row
+    indices up to two tiles of rows on (a tile of one lane per row is TILE rows), and a
+    reduction chunk range's unclamped end (``row_begin + covered * rows_per_chunk``, at most
+    ``row_chunks * rows_per_chunk``) up to fewer than MAX_CHUNKS on, in every configuration
+    and partition of an input at the limit."""
+    tuning = _runtime.TUNING
+    most_tile_rows = max(config.kwargs["TILE"] for config in tuning.elementwise + tuning.reduce)
+    assert _runtime.MAX_ROWS + 2 * most_tile_rows < 2**31
+    for channels_last, shape in ((True, (_runtime.MAX_ROWS, channels, 1, 1)),  # N*H*W rows
+                                 (False, (_runtime.MAX_ROWS // channels, channels, 1, 1))):  # N*C planes
+        for sms in (1, 132, 1000):
+            part = _reduce._partition(shape, channels_last, sms)
+            assert part.row_chunks * part.rows_per_chunk < part.rows + _reduce.MAX_CHUNKS < 2**31, (shape, sms)
+
+
 @pytest.mark.parametrize("replay", [True, False], ids=["recorded", "through_triton"])
 def test_a_first_call_failing_in_graph_capture_says_to_warm_up(stand_in, monkeypatch, replay):
     """A new key goes through Triton, whose autotuner synchronizes: inside CUDA graph capture

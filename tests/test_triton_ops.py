@@ -29,7 +29,8 @@ from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, STRIDE_SHAPES, check_
                       check_results_strided_in_the_op_layout, check_non_finite_inputs_in_eval,
                       check_non_finite_statistics, check_running_statistics_of_any_kind,
                       check_statistics_far_from_zero, check_statistics_with_an_outlier_first,
-                      check_torch_func_grad_matches_autograd, check_variance_past_float32_range)
+                      check_tensors_over_2_to_the_31_elements, check_torch_func_grad_matches_autograd,
+                      check_variance_past_float32_range)
 
 pytest.importorskip("triton")
 from resnet_fused.triton import _runtime, compile_report  # noqa: E402
@@ -375,21 +376,8 @@ def test_functional_training_matches_reference_on_cuda(op, layout, dtype):
 @pytest.mark.xdist_group("over_2_31")
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_more_than_2_31_elements(layout, releases_gpu_memory):
-    """int64 offsets: the last elements of a 2^31 + 2^16-element tensor are right."""
-    shape = (2, 4, 16384, 16385)
-    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
-        pytest.skip("needs 24 GiB of free GPU memory")
-    x = activation(shape, torch.bfloat16, layout, "cuda")
-    mean, invstd = T.batch_stats(x, None, None, 0.1, 1e-5)
-    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(mean, mean64.float(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(invstd, (var64 + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
-    del var64, mean64
-    w, b = torch.rand(4, device="cuda") + 0.5, torch.randn(4, device="cuda")
-    out = T.bn_relu(x, w, b, mean, invstd, True)
-    tail = (slice(None), slice(None), slice(-3, None), slice(None))  # past element 2^31 in both layouts
-    want = R.bn_relu(x[tail].contiguous(), w, b, mean, invstd, True)
-    torch.testing.assert_close(out[tail], want, rtol=2 * ROUNDING[torch.bfloat16], atol=0)
+    """2^31 + 2^17 values in eight planes of 2^28 (the CUDA test has many small ones)."""
+    check_tensors_over_2_to_the_31_elements("triton", (2, 4, 16384, 16385), layout, "cuda")
 
 
 @cuda
