@@ -307,6 +307,19 @@ def _downsample_bn_untracked(block):  # eval: bn3 folds, the downsample BN uses 
     block.downsample[1] = nn.BatchNorm2d(block.downsample[1].num_features, track_running_stats=False)
 
 
+def _convolutions_with_bias(block):
+    convs = [(block, name) for name in ("conv1", "conv2", "conv3") if hasattr(block, name)]
+    convs += [(block.downsample, "0")] if block.downsample is not None else []
+    for parent, name in convs:
+        conv = getattr(parent, name)
+        biased = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           conv.dilation, conv.groups, bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(conv.weight)
+            biased.bias.normal_()
+        setattr(parent, name, biased)
+
+
 VARIANTS = {
     "momentum_none": (None, _momentum_none),
     "no_running_stats": (functools.partial(nn.BatchNorm2d, track_running_stats=False), None),
@@ -340,8 +353,45 @@ def test_batch_norm_variants(variant, config):
     x = inputs_for(config, 1, torch.float64)[0]
     if adjust is not _bn3_train_in_eval:
         plain.eval(), fused.eval()
-    assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": eval_output(plain, x)}, 1e-10)
+    want = eval_output(plain, x)
+    assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": want}, 1e-10)
+    # With autograd the block runs its ops with the BatchNorms' eval arguments, not the fold.
+    upstream = torch.randn_like(want)
+    assert_close_scaled(eval_with_gradients(fused, x, upstream), eval_with_gradients(plain, x, upstream), 1e-10)
     assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-10)
+
+
+@pytest.mark.parametrize("config", ["basic_stride2_downsample", "bottleneck_stride2_downsample"])
+def test_convolutions_with_a_bias(config):
+    """nn.Conv2d(bias=True) (not torchvision's, still fused): eval folds each conv bias
+    through its BatchNorm's scale. In training a conv bias's gradient is 0 up to rounding
+    (its BatchNorm subtracts the batch mean), so there it is held to 0 and the rest compared."""
+    plain = make_block(config)
+    _convolutions_with_bias(plain)
+    plain = randomize_batch_norms(plain).double()
+    fused = fused_copy(plain)
+    inputs = inputs_for(config, 3, torch.float64)
+    grads = random_like_outputs(plain, inputs)
+    got, want = train(fused, inputs, grads).tensors(), train(plain, inputs, grads).tensors()
+    biases = {f"{name}.bias" for name, m in plain.named_modules() if isinstance(m, nn.Conv2d)}
+    for key in [k for k in want if ".grad." in k and k.split(".grad.")[1] in biases]:
+        torch.testing.assert_close(got.pop(key), torch.zeros_like(want.pop(key)), rtol=0, atol=1e-12)
+    assert_close_scaled(got, want, 1e-10)
+    x = inputs_for(config, 1, torch.float64)[0]
+    plain.eval(), fused.eval()
+    want = eval_output(plain, x)
+    assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": want}, 1e-10)
+    upstream = torch.randn_like(want)
+    assert_close_scaled(eval_with_gradients(fused, x, upstream), eval_with_gradients(plain, x, upstream), 1e-10)
+
+
+def eval_with_gradients(model, x, upstream):
+    """A forward with autograd and the gradients of the input and every parameter."""
+    x = x.clone().requires_grad_()
+    out = model(x)
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(out, [x, *params], upstream)
+    return {"output": out, "input gradient": grads[0], **{f"gradient of {n}": g for n, g in zip(names, grads[1:])}}
 
 
 def test_batch_norm_call_reads_parameters_a_wrapper_keeps_as_plain_attributes():
