@@ -8,8 +8,10 @@
   logs to its results directory, and a TERM stops the running phase's processes too.
 - The kernels' own source, compiled for the CPU against a CUDA stand-in
   (``tests/cuda_emulation``), computes every op correctly under AddressSanitizer and
-  UBSan: index math, tails, layouts, the misaligned-pointer fallback, the two-level
-  reductions and the workspace sizes; which launches are programmatic dependents (sm_90
+  UBSan: index math, tails, layouts, the misaligned-pointer fallback (every operand's
+  alignment, one misaligned at a time), the dual op's branches with parameters of their
+  own, the backward's ReLU mask as the forward's bit for bit, the two-level reductions
+  and the workspace sizes; which launches are programmatic dependents (sm_90
   devices running kernels compiled for sm_90) and that every thread of every kernel waits
   for the kernels before it before anything else. Timing, the memory model and the real
   compiler's code generation are left to the GPU tests (tests/test_cuda_ops.py).

@@ -121,12 +121,23 @@ struct Workspace {
 
 // ---------------------------------------------------------------- one case
 
+// Which of a branch's parameters exist: the ops take each one on its own.
+struct Affine {
+  bool weight = true, bias = true;
+  bool full() const { return weight && bias; }
+};
+
+// The activation buffers of a case, as bits: one may be misaligned alone.
+enum Operand : unsigned { kInput = 1, kOther = 2, kGradOut = 4, kOut = 8, kGradInput = 16, kGradOther = 32 };
+
 struct Case {
   int64_t n, c, h, w;
   Layout layout;
   Epilogue epilogue;
-  bool training, affine, running, misaligned;
+  bool training, affine, running, misaligned;  // misaligned: every buffer
   int multiprocessors;
+  Affine main_params{}, downsample_params{};  // with affine: which parameters each branch has
+  unsigned misaligned_alone = 0;              // Operand bits: buffers misaligned by themselves
 };
 
 struct BranchData {
@@ -207,7 +218,9 @@ void run_case(const Case& k, uint64_t seed) {
   const int64_t C = k.c, S = k.h * k.w, M = k.n * S;
   const bool dual = k.epilogue == Epilogue::kDualAddRelu, add = k.epilogue == Epilogue::kAddRelu;
   emulation::multiprocessors = k.multiprocessors;
-  const int shift = k.misaligned ? 1 : 0;
+  // A misaligned buffer starts one element past a 16-byte boundary: the kernels must take
+  // their scalar path if any operand is.
+  auto shift = [&](Operand o) { return k.misaligned || (k.misaligned_alone & o) ? 1 : 0; };
   ActivationGeometry g;
   g.batch = k.n;
   g.channels = C;
@@ -215,16 +228,15 @@ void run_case(const Case& k, uint64_t seed) {
   g.layout = k.layout;
   g.dtype = kDType<T>;
 
-  Activation<T> x(k.n, C, S, k.layout, shift), other(k.n, C, S, k.layout, shift), grad_out(k.n, C, S, k.layout, shift);
+  Activation<T> x(k.n, C, S, k.layout, shift(kInput)), other(k.n, C, S, k.layout, shift(kOther));
+  Activation<T> grad_out(k.n, C, S, k.layout, shift(kGradOut));
   fill(x, rng, 0.3, 1.2);
   fill(other, rng, -0.2, 0.9);
   BranchData main, down;
-  for (BranchData* b : {&main, &down}) {
+  for (const auto& [b, params] : {std::pair{&main, k.main_params}, std::pair{&down, k.downsample_params}}) {
     for (int64_t c = 0; c < C; ++c) {
-      if (k.affine) {
-        b->weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
-        b->bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
-      }
+      if (k.affine && params.weight) b->weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+      if (k.affine && params.bias) b->bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
       b->running_mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
       b->running_var.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
     }
@@ -242,7 +254,7 @@ void run_case(const Case& k, uint64_t seed) {
   };
 
   // ---- forward
-  Activation<T> out(k.n, C, S, k.layout, shift), out2(k.n, C, S, k.layout, shift);
+  Activation<T> out(k.n, C, S, k.layout, shift(kOut)), out2(k.n, C, S, k.layout, shift(kOut));
   for (Activation<T>* o : {&out, &out2}) {
     o->poison();
     BnActForwardParams p;
@@ -267,8 +279,8 @@ void run_case(const Case& k, uint64_t seed) {
     for (int64_t c = 0; c < C; ++c)
       for (int64_t s = 0; s < S; ++s)
         grad_out.at(n, c, s) = to_dtype<T>(std::fabs(pre(n, c, s)) < 1e-3 ? 0.0 : rng.normal());
-  Activation<T> gx(k.n, C, S, k.layout, shift), go(k.n, C, S, k.layout, shift);
-  Activation<T> gx2(k.n, C, S, k.layout, shift), go2(k.n, C, S, k.layout, shift);
+  Activation<T> gx(k.n, C, S, k.layout, shift(kGradInput)), go(k.n, C, S, k.layout, shift(kGradOther));
+  Activation<T> gx2(k.n, C, S, k.layout, shift(kGradInput)), go2(k.n, C, S, k.layout, shift(kGradOther));
   std::vector<float> gw(C), gb(C), gwd(C), gbd(C), gw2(C), gb2(C), gwd2(C), gbd2(C);
   for (int run = 0; run < 2; ++run) {
     Activation<T>& grad_x = run ? gx2 : gx;
@@ -459,13 +471,27 @@ const char* name(Epilogue e) {
   return e == Epilogue::kRelu ? "relu" : e == Epilogue::kAddRelu ? "add_relu" : "dual_add_relu";
 }
 
+std::string name(const Affine& a) { return a.weight ? (a.bias ? "wb" : "w") : (a.bias ? "b" : "none"); }
+
+std::string misaligned_names(unsigned operands) {
+  std::string names;
+  for (const auto& [bit, what] : {std::pair{kInput, "input"}, {kOther, "other"}, {kGradOut, "grad_out"}, {kOut, "out"},
+                                  {kGradInput, "grad_input"}, {kGradOther, "grad_other"}}) {
+    if (operands & bit) names += std::string(" misaligned-") + what;
+  }
+  return names;
+}
+
 template <typename T>
 void run(const Case& k, const char* dtype, uint64_t seed) {
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%s %s %s (%" PRId64 ", %" PRId64 ", %" PRId64 ", %" PRId64 ") %s%s%s%s sms=%d",
+  const std::string params = k.main_params.full() && k.downsample_params.full()
+                                 ? ""
+                                 : " params " + name(k.main_params) + "/" + name(k.downsample_params);
+  std::snprintf(buf, sizeof buf, "%s %s %s (%" PRId64 ", %" PRId64 ", %" PRId64 ", %" PRId64 ") %s%s%s%s%s%s sms=%d",
                 dtype, name(k.layout), name(k.epilogue), k.n, k.c, k.h, k.w, k.training ? "train" : "eval",
-                k.affine ? "" : " no-affine", k.running ? "" : " no-running", k.misaligned ? " misaligned" : "",
-                k.multiprocessors);
+                k.affine ? "" : " no-affine", params.c_str(), k.running ? "" : " no-running",
+                k.misaligned ? " misaligned" : "", misaligned_names(k.misaligned_alone).c_str(), k.multiprocessors);
   if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
   current_case = buf;
   const int before = failures;
@@ -568,6 +594,79 @@ void check_eval_backward_of_non_finite_inputs(Layout layout, Epilogue e) {
   std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
 }
 
+// The backward recomputes the forward's ReLU mask from the same inputs with the same
+// arithmetic, bit for bit. With residuals that cancel x * scale + shift to within float32
+// rounding and an upstream gradient everywhere, grad_residual must pass grad_out exactly
+// where the forward's output is positive: a multiply-add fused in one pass and not in the
+// other flips some of these signs.
+void check_backward_mask_is_the_forwards(Layout layout) {
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "float32 %s add_relu eval, residuals cancelling the pre-activation: the forward's mask",
+                name(layout));
+  if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
+  current_case = buf;
+  const int before = failures;
+  const int64_t N = 4, C = 16, S = 64;
+  emulation::multiprocessors = 3;
+  ActivationGeometry g;
+  g.batch = N;
+  g.channels = C;
+  g.spatial = S;
+  g.layout = layout;
+  g.dtype = DType::kFloat32;
+  Rng rng(13);
+  BranchData main;
+  for (int64_t c = 0; c < C; ++c) {
+    main.weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+    main.bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
+    main.mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
+    main.invstd.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+  }
+  Activation<float> x(N, C, S, layout, 0), residual(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
+  fill(x, rng, 0.3, 1.2);
+  fill(grad_out, rng, 0.0, 1.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s) residual.at(n, c, s) = static_cast<float>(-normalized(main, c, x.get(n, c, s)));
+
+  Activation<float> out(N, C, S, layout, 0), grad_x(N, C, S, layout, 0), grad_residual(N, C, S, layout, 0);
+  BnActForwardParams f;
+  f.geometry = g;
+  f.epilogue = Epilogue::kAddRelu;
+  f.main = main.view(x.data);
+  f.residual = residual.data;
+  f.out = out.data;
+  if (cuda::launch_bn_act_forward(f, nullptr) != cudaSuccess) fail("forward launch error");
+  std::vector<float> gw(C), gb(C);
+  BnActBackwardParams b;
+  b.geometry = g;
+  b.epilogue = Epilogue::kAddRelu;
+  b.training = false;
+  b.grad_out = grad_out.data;
+  b.main = main.view(x.data);
+  b.residual = residual.data;
+  b.grad_input = grad_x.data;
+  b.grad_weight = gw.data();
+  b.grad_bias = gb.data();
+  b.grad_residual = grad_residual.data;
+  Workspace ws(cuda::bn_act_backward_workspace_bytes(g, Epilogue::kAddRelu));
+  b.workspace = ws.get();
+  if (cuda::launch_bn_act_backward(b, nullptr) != cudaSuccess) fail("backward launch error");
+
+  int64_t positive = 0, mismatched = 0;
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    positive += out.data[i] > 0;
+    mismatched += grad_residual.data[i] != (out.data[i] > 0 ? grad_out.data[i] : 0.f);
+  }
+  if (mismatched) fail(std::to_string(mismatched) + " gradients masked unlike the forward's output");
+  // Positive and non-positive outputs, in numbers (about 1 in 5 positive, most others
+  // exactly 0): the pre-activations are rounding errors, as meant.
+  if (positive < out.numel() / 10 || positive > out.numel() * 9 / 10) {
+    fail(std::to_string(positive) + " of " + std::to_string(out.numel()) + " outputs positive: the residuals do not cancel");
+  }
+  std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
+}
+
 int main(int argc, char** argv) {
   if (argc > 1) filter = argv[1];
   const Shape shapes[] = {
@@ -613,10 +712,38 @@ int main(int argc, char** argv) {
       run<float>({4, 24, 4, 6, layout, e, false, true, true, true, 2}, "float32", seed++);
     }
   }
+  // The dual op's branches with parameters of their own: one lacks its weight, its bias or
+  // both while the other has them (a kernel reading one branch's flags for both would read
+  // a missing parameter, or skip a present one).
+  const Affine full{}, partial[] = {{false, true}, {true, false}, {false, false}};
+  for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
+    for (bool training : {true, false}) {
+      for (const Affine& p : partial) {
+        for (const auto& [main_params, downsample_params] : {std::pair{full, p}, std::pair{p, full}}) {
+          run<float>({2, 16, 4, 4, layout, Epilogue::kDualAddRelu, training, true, true, false, 5, main_params,
+                      downsample_params},
+                     "float32", seed++);
+        }
+      }
+    }
+  }
+  // One buffer misaligned alone, at shapes that take 16-byte vectors: every operand's
+  // alignment decides the path (a vector access to the misaligned one is what UBSan flags).
+  for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
+    for (Epilogue e : {Epilogue::kRelu, Epilogue::kAddRelu, Epilogue::kDualAddRelu}) {
+      for (Operand o : {kInput, kOther, kGradOut, kOut, kGradInput, kGradOther}) {
+        if (e == Epilogue::kRelu && (o == kOther || o == kGradOther)) continue;
+        const Case k{2, 16, 4, 4, layout, e, true, true, true, false, 5, {}, {}, o};
+        run<float>(k, "float32", seed++);
+        run<__half>(k, "float16", seed++);
+      }
+    }
+  }
   for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
     for (Epilogue e : {Epilogue::kRelu, Epilogue::kAddRelu, Epilogue::kDualAddRelu}) {
       check_eval_backward_of_non_finite_inputs(layout, e);
     }
+    check_backward_mask_is_the_forwards(layout);
   }
   for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
     check_statistics<float>(layout, "float32");
