@@ -667,6 +667,84 @@ void check_backward_mask_is_the_forwards(Layout layout) {
   std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
 }
 
+// The mask is where the output, as stored in T, is <= 0 (eager's relu backward): in eval
+// with x = 0, weight 1, mean 0, invstd 1 the pre-activation is the bias exactly. Half
+// of T's smallest subnormal (2^-25 in float16, 2^-134 in bfloat16) rounds to 0, a tie to
+// even, and is masked; the next float rounds up and passes; 1e-9 rounds to 0 in float16,
+// not in bfloat16; -1e-9 is masked. Every epilogue (the other input 0).
+template <typename T>
+void check_mask_of_the_rounded_output(Layout layout, Epilogue e, const char* dtype) {
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "%s %s %s eval: the mask of the output rounded to 0", dtype, name(layout), name(e));
+  if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
+  current_case = buf;
+  const int before = failures;
+  const bool dual = e == Epilogue::kDualAddRelu, add = e == Epilogue::kAddRelu;
+  const float tie = std::is_same_v<T, __half> ? std::ldexp(1.f, -25) : std::ldexp(1.f, -134);
+  const float biases[] = {tie, std::nextafter(tie, 1.f), 1e-9f, -1e-9f};
+  const bool passes[] = {false, true, std::is_same_v<T, __nv_bfloat16>, false};
+  const int64_t N = 2, C = 4, S = 3;
+  emulation::multiprocessors = 2;
+  ActivationGeometry g;
+  g.batch = N;
+  g.channels = C;
+  g.spatial = S;
+  g.layout = layout;
+  g.dtype = kDType<T>;
+  BranchData main, down;
+  for (int64_t c = 0; c < C; ++c) {
+    for (BranchData* b : {&main, &down}) {
+      b->weight.push_back(1.f);
+      b->bias.push_back(b == &main ? biases[c] : 0.f);
+      b->mean.push_back(0.f);
+      b->invstd.push_back(1.f);
+    }
+  }
+  Activation<T> x(N, C, S, layout, 0), other(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
+  Activation<T> out(N, C, S, layout, 0), grad_x(N, C, S, layout, 0), grad_other(N, C, S, layout, 0);
+  for (int64_t i = 0; i < x.numel(); ++i) x.data[i] = other.data[i] = to_dtype<T>(0.0), grad_out.data[i] = to_dtype<T>(1.0);
+  BnActForwardParams f;
+  f.geometry = g;
+  f.epilogue = e;
+  f.main = main.view(x.data);
+  if (dual) f.downsample = down.view(other.data);
+  if (add) f.residual = other.data;
+  f.out = out.data;
+  if (cuda::launch_bn_act_forward(f, nullptr) != cudaSuccess) fail("forward launch error");
+  std::vector<float> gw(C), gb(C), gwd(C), gbd(C);
+  BnActBackwardParams b;
+  b.geometry = g;
+  b.epilogue = e;
+  b.training = false;
+  b.grad_out = grad_out.data;
+  b.main = main.view(x.data);
+  if (dual) b.downsample = down.view(other.data);
+  if (add) b.residual = other.data;
+  b.grad_input = grad_x.data;
+  b.grad_weight = gw.data();
+  b.grad_bias = gb.data();
+  if (add) b.grad_residual = grad_other.data;
+  if (dual) {
+    b.grad_input_d = grad_other.data;
+    b.grad_weight_d = gwd.data();
+    b.grad_bias_d = gbd.data();
+  }
+  Workspace ws(cuda::bn_act_backward_workspace_bytes(g, e));
+  b.workspace = ws.get();
+  if (cuda::launch_bn_act_backward(b, nullptr) != cudaSuccess) fail("backward launch error");
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s) {
+        const std::string at = " at channel " + std::to_string(c) + " (bias " + std::to_string(biases[c]) + ")";
+        const double want = passes[c] ? 1.0 : 0.0;
+        if ((out.get(n, c, s) > 0) != passes[c]) fail("output" + at);
+        if (grad_x.get(n, c, s) != want) fail("grad_input" + at);
+        if ((add || dual) && grad_other.get(n, c, s) != want) fail("grad_other" + at);
+        if (gb[c] != (passes[c] ? N * S : 0)) fail("grad_bias" + at);
+      }
+  std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
+}
+
 int main(int argc, char** argv) {
   if (argc > 1) filter = argv[1];
   const Shape shapes[] = {
@@ -744,6 +822,10 @@ int main(int argc, char** argv) {
       check_eval_backward_of_non_finite_inputs(layout, e);
     }
     check_backward_mask_is_the_forwards(layout);
+    for (Epilogue e : {Epilogue::kRelu, Epilogue::kAddRelu, Epilogue::kDualAddRelu}) {
+      check_mask_of_the_rounded_output<__half>(layout, e, "float16");
+      check_mask_of_the_rounded_output<__nv_bfloat16>(layout, e, "bfloat16");
+    }
   }
   for (Layout layout : {Layout::kNHWC, Layout::kNCHW}) {
     check_statistics<float>(layout, "float32");
