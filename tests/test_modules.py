@@ -383,15 +383,25 @@ def test_convolutions_with_a_bias(config):
     assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": want}, 1e-10)
     upstream = torch.randn_like(want)
     assert_close_scaled(eval_with_gradients(fused, x, upstream), eval_with_gradients(plain, x, upstream), 1e-10)
+    # Only the conv biases train, the input without a gradient: autograd must still run
+    # unfolded, or their gradients would be lost.
+    for model in (fused, plain):
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in biases)
+    got, want = (eval_with_gradients(m, x, upstream, input_grad=False) for m in (fused, plain))
+    assert len(want) == 1 + len(biases)
+    assert_close_scaled(got, want, 1e-10)
 
 
-def eval_with_gradients(model, x, upstream):
-    """A forward with autograd and the gradients of the input and every parameter."""
-    x = x.clone().requires_grad_()
+def eval_with_gradients(model, x, upstream, input_grad=True):
+    """A forward with autograd and the gradients of every parameter that requires one (and
+    of the input, with ``input_grad``)."""
+    x = x.clone().requires_grad_(input_grad)
     out = model(x)
-    names, params = zip(*model.named_parameters())
-    grads = torch.autograd.grad(out, [x, *params], upstream)
-    return {"output": out, "input gradient": grads[0], **{f"gradient of {n}": g for n, g in zip(names, grads[1:])}}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = list(torch.autograd.grad(out, [x] * input_grad + [p for _, p in named], upstream))
+    result = {"output": out, **({"input gradient": grads.pop(0)} if input_grad else {})}
+    return result | {f"gradient of {n}": g for (n, _), g in zip(named, grads)}
 
 
 def test_batch_norm_call_reads_parameters_a_wrapper_keeps_as_plain_attributes():
@@ -925,15 +935,61 @@ def test_unsupported_norm_layer_runs_torchvision_forward():
     assert torch.equal(y, plain(x))
 
 
-def test_hook_on_a_submodule_runs_torchvision_forward():
+def _hook(kind, block, log):
+    if kind == "forward":
+        return block.bn1.register_forward_hook(lambda m, i, o: log.append(("bn1", o.shape)))
+    if kind == "full_backward_pre":
+        return block.conv2.register_full_backward_pre_hook(lambda m, g: log.append(("conv2", g[0].shape)))
+    return torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: log.append((type(m).__name__.removeprefix("Fused"), o.shape)))
+
+
+@pytest.mark.parametrize("kind, reason", [("forward", "hooks on BatchNorm2d"), ("full_backward_pre", "hooks on Conv2d"),
+                                          ("global_forward", "global module hooks are registered")])
+def test_hooks_fusing_would_skip_run_torchvision_forward(kind, reason):
+    """A hook on a submodule, forward or backward, or a global one: the block runs
+    torchvision's forward (which calls them), says why, and gives its results bit for bit."""
     plain, fused = pair("basic")
-    seen = []
-    fused.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     x = inputs_for("basic", 1)[0]
-    with pytest.warns(RuntimeWarning, match="hooks on BatchNorm2d"):
-        y = fused(x)
-    assert seen == [torch.Size([2, 16, 6, 6])]
-    assert torch.equal(y, plain(x))
+    runs = {}
+    for name, block in (("plain", plain), ("fused", fused)):
+        log = []
+        handle = _hook(kind, block, log)
+        try:
+            xi = x.clone().requires_grad_()
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                out = block(xi)
+            out.backward(torch.ones_like(out))
+        finally:
+            handle.remove()
+        runs[name] = out, xi.grad, log, [str(w.message) for w in warned]
+    (out, grad, log, warned), (want_out, want_grad, want_log, _) = runs["fused"], runs["plain"]
+    assert want_log and log == want_log
+    assert torch.equal(out, want_out) and torch.equal(grad, want_grad)
+    assert any(reason in message for message in warned), warned
+
+
+def test_a_conv_padding_mode_other_than_zeros_runs_torchvision_forward():
+    """Only zero padding is what the fused forward's F.conv2d does: a conv padding by
+    reflection (set after construction) keeps the block on torchvision's forward."""
+    plain = randomize_batch_norms(BasicBlock(16, 16))
+    plain.conv1.padding_mode = "reflect"
+    fused = FusedBasicBlock(16, 16)
+    fused.load_state_dict(plain.state_dict())
+    fused.conv1.padding_mode = "reflect"
+    assert resnet_fused.modules.unsupported_reason(fused) == "conv1 pads with padding_mode='reflect'"
+    x = torch.randn(2, 16, 6, 6)
+    grads = random_like_outputs(plain, [x])
+    with pytest.warns(RuntimeWarning, match="padding_mode='reflect'"):
+        got = train(fused, [x], grads)
+    assert_close_scaled(got.tensors(), train(plain, [x], grads).tensors(), 0)  # the same forward: the same bits
+
+
+def test_a_forward_replaced_on_the_block_itself_is_left_alone():
+    block = BasicBlock(16, 16)
+    block.forward = functools.partial(BasicBlock.forward, block)
+    assert resnet_fused.modules.unsupported_reason(block) == "its forward is replaced on the instance"
 
 
 @pytest.mark.parametrize("cls", [BasicBlock, Bottleneck])
