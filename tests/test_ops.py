@@ -785,6 +785,34 @@ def test_gradcheck_float64(layout, training):
 
 @requires_cpu_kernels()
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_each_statistic_alone_gets_its_gradient_in_eval(layout):
+    """Eval: a mean or an invstd that alone requires a gradient gets it, in either branch of
+    the dual op. Training: none (the batch statistics' own gradients are in grad_input)."""
+    shape = (3, 5, 4, 3)
+    x, x_d = (activation(shape, torch.float64, layout) for _ in range(2))
+    w, b = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    main = [torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5]  # mean, invstd
+    down = [torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5]
+    ops = torch.ops.resnet_fused
+
+    def with_leaf(stats, k, leaf):
+        return [leaf if i == k else t for i, t in enumerate(stats)]
+
+    for k in range(2):
+        leaf = main[k].clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: ops.bn_relu(x, w, b, *with_leaf(main, k, t), False), (leaf,))
+        assert torch.autograd.gradcheck(lambda t: ops.bn_add_relu(x, x_d, w, b, *with_leaf(main, k, t), False), (leaf,))
+        leaf = down[k].clone().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda t: ops.dual_bn_add_relu(x, w, b, *main, x_d, w.flip(0), None, *with_leaf(down, k, t), False), (leaf,)
+        )
+    mean, x_leaf = main[0].clone().requires_grad_(), x.clone().requires_grad_()
+    ops.bn_relu(x_leaf, w, b, mean, main[1], True).sum().backward()
+    assert mean.grad is None and x_leaf.grad is not None
+
+
+@requires_cpu_kernels()
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("training", [True, False])
 def test_backward_ops_match_reference_formulas(layout, dtype, training):
@@ -861,6 +889,7 @@ BAD_INPUTS = [
     ("rank", lambda x, c: (x[0], c), ValueError, "`input` to be a 4-D"),
     ("dtype", lambda x, c: (x.to(torch.int32), c), TypeError, "`input` to have dtype"),
     ("channels", lambda x, c: (x, {**c, "weight": torch.ones(5)}), ValueError, "`weight` to be a 1-D tensor of 6"),
+    ("param 2-D", lambda x, c: (x, {**c, "weight": torch.ones(6, 1)}), ValueError, "`weight` to be a 1-D tensor of 6"),
     ("device", lambda x, c: (x, {**c, "bias": torch.zeros(6, device="meta")}), ValueError, "`bias` on the device"),
     ("param dtype", lambda x, c: (x, {**c, "weight": torch.ones(6, dtype=torch.int64)}), TypeError, "`weight` to be a floating"),
     ("stats pair", lambda x, c: (x, {**c, "running_var": None}), ValueError, "`running_mean` and `running_var`"),
@@ -1002,6 +1031,10 @@ def test_refused_calls_leave_the_running_statistics_alone(backend):
                                      training=True, eps_d=-1.0, backend=backend)),
         (ValueError, r"batch_stats\(\): expected `eps` to be positive in training, got 0.0",
          lambda: RF.batch_stats(x, running_mean, running_var, eps=0.0, backend=backend)),
+        (ValueError, r"batch_stats\(\): expected `running_var` to be a 1-D tensor of 6",
+         lambda: RF.batch_stats(x, running_mean, torch.ones(5), backend=backend)),
+        (ValueError, r"batch_stats\(\): expected `running_mean` not to require grad",
+         lambda: RF.batch_stats(x, torch.zeros(6, requires_grad=True), running_var, backend=backend)),
     ]
     for error, message, call in calls:
         with pytest.raises(error, match=message):
@@ -1047,6 +1080,13 @@ def test_inference_tensors_autograd_would_save_are_refused_before_any_update(bac
         F.batch_norm(x, running_mean, running_var, inference(w), b, True)
     assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
     F.batch_norm(x, running_mean, running_var, w, inference(b), True)  # eager saves no bias
+    assert not torch.equal(running_mean, before[0])
+    # With grad mode on but nothing requiring grad, nothing is recorded: an inference input
+    # runs and updates the statistics, as eager's does.
+    running_mean.copy_(before[0])
+    want = F.relu(F.batch_norm(inference(x), running_mean.clone(), running_var.clone(), w, b, True))
+    got = RF.bn_relu(inference(x), running_mean, running_var, w, b, True, backend=backend)
+    torch.testing.assert_close(got, want)
     assert not torch.equal(running_mean, before[0])
 
 
@@ -1133,6 +1173,16 @@ def test_raw_ops_validate(namespace):
                              None, torch.zeros(6), torch.ones(6), True)
     with pytest.raises(ValueError, match="`residual` to have the shape of `input`"):
         ops.bn_add_relu(x, x[:, :, :1], None, None, torch.zeros(6), torch.ones(6), True)
+    with pytest.raises(ValueError, match="`residual` on the device of `input`"):
+        ops.bn_add_relu(x, x.to("meta"), None, None, torch.zeros(6), torch.ones(6), True)
+    with pytest.raises(ValueError, match="`input_d` to have the shape of `input`"):
+        ops.dual_bn_add_relu(x, None, None, torch.zeros(6), torch.ones(6), x[:, :, :1], None, None, torch.zeros(6),
+                             torch.ones(6), True)
+    with pytest.raises(ValueError, match=r"bn_relu_backward\(\): expected `grad_out` to have the shape"):
+        ops.bn_relu_backward(x[:1], x, None, None, torch.zeros(6), torch.ones(6), True)
+    with pytest.raises(ValueError, match=r"dual_bn_add_relu_backward\(\): expected `grad_out` to have the shape"):
+        ops.dual_bn_add_relu_backward(x[:1], x, None, None, torch.zeros(6), torch.ones(6), x, None, None,
+                                      torch.zeros(6), torch.ones(6), True)
     with pytest.raises(ValueError, match=r"batch_stats\(\): expected `eps` to be positive in training, got -1"):
         ops.batch_stats(x, None, None, 0.1, -1.0)
 
