@@ -56,8 +56,10 @@ def opcheck_cases(ns, device="cpu", reduced_dtypes=(torch.float16, torch.bfloat1
         (ns.dual_bn_add_relu.default, (x, w, b, m, i, r, None, b, m, i, True)),
         (ns.dual_bn_add_relu_backward.default, (r, x, w, b, m, i, r, w, None, m, i, True)),
     ]
-    for dtype in reduced_dtypes:
+    for dtype in reduced_dtypes:  # statistics and parameter gradients stay float32 (the fake kernels say so too)
         cases.append((ns.bn_add_relu.default, (x.to(dtype), r.to(dtype), w, b, m, i, True)))
+        cases.append((ns.batch_stats.default, (x.to(dtype), rm.clone(), rv.clone(), 0.1, 1e-5)))
+        cases.append((ns.bn_relu_backward.default, (r.to(dtype), x.to(dtype), w, b, m, i, True)))
     return cases
 
 
