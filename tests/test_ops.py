@@ -1680,3 +1680,22 @@ def test_registering_a_backend_renews_what_resolve_answers(monkeypatch):
     backends.register(dataclasses.replace(backends.get("reference"), dtypes=(torch.float64,)))
     with pytest.raises(TypeError, match="supports dtypes float64, got torch.float32"):
         backends.resolve(cpu, torch.float32, "reference")
+
+
+def test_auto_passes_over_a_backend_that_cannot_run_the_dtype_or_is_unavailable(monkeypatch):
+    """auto takes the first backend of the order that supports the device, the dtype and is
+    available (float64 on a GPU must not go to the CUDA kernels); a backend asked for by
+    name that is unavailable says why."""
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_resolved", {})
+    cpu = torch.device("cpu")
+    reference = backends.get("reference")
+    backends.register(dataclasses.replace(reference, name="float32_only", dtypes=(torch.float32,)))
+    backends.register(dataclasses.replace(reference, name="broken", unavailable="it is broken"))
+    monkeypatch.setattr(backends, "NAMES", (*backends.NAMES, "float32_only", "broken"))
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("broken", "float32_only", "reference"))
+    monkeypatch.setattr(backends, "MEASURED_ORDER", {})
+    assert backends.resolve(cpu, torch.float32, "auto").name == "float32_only"
+    assert backends.resolve(cpu, torch.float64, "auto") is reference
+    with pytest.raises(RuntimeError, match="backend 'broken' is not available: it is broken"):
+        backends.resolve(cpu, torch.float32, "broken")
