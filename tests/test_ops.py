@@ -1699,3 +1699,11 @@ def test_auto_passes_over_a_backend_that_cannot_run_the_dtype_or_is_unavailable(
     assert backends.resolve(cpu, torch.float64, "auto") is reference
     with pytest.raises(RuntimeError, match="backend 'broken' is not available: it is broken"):
         backends.resolve(cpu, torch.float32, "broken")
+
+
+def test_auto_order_needs_more_than_the_margin():
+    """Exactly the margin faster is not "faster by more than the margin"."""
+    order = _auto_order_script().order
+    assert order([{"cuda": 1.0, "triton": 0.98}], 0.02) == ["cuda", "triton"]
+    assert order([{"cuda": 1.0, "triton": 0.979}], 0.02) == ["triton", "cuda"]
+    assert order([{"cuda": 1.0, "triton": 0.9}, {"cuda": 1.0, "triton": 0.99}], 0.02) == ["cuda", "triton"]
