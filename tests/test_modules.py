@@ -946,9 +946,10 @@ def _hook(kind, block, log):
 
 @pytest.mark.parametrize("kind, reason", [("forward", "hooks on BatchNorm2d"), ("full_backward_pre", "hooks on Conv2d"),
                                           ("global_forward", "global module hooks are registered")])
-def test_hooks_fusing_would_skip_run_torchvision_forward(kind, reason):
+def test_hooks_fusing_would_skip_run_torchvision_forward(kind, reason, monkeypatch):
     """A hook on a submodule, forward or backward, or a global one: the block runs
     torchvision's forward (which calls them), says why, and gives its results bit for bit."""
+    monkeypatch.setattr(resnet_fused.modules, "_warned", set())  # warned once per process: here too
     plain, fused = pair("basic")
     x = inputs_for("basic", 1)[0]
     runs = {}
@@ -970,9 +971,10 @@ def test_hooks_fusing_would_skip_run_torchvision_forward(kind, reason):
     assert any(reason in message for message in warned), warned
 
 
-def test_a_conv_padding_mode_other_than_zeros_runs_torchvision_forward():
+def test_a_conv_padding_mode_other_than_zeros_runs_torchvision_forward(monkeypatch):
     """Only zero padding is what the fused forward's F.conv2d does: a conv padding by
     reflection (set after construction) keeps the block on torchvision's forward."""
+    monkeypatch.setattr(resnet_fused.modules, "_warned", set())
     plain = randomize_batch_norms(BasicBlock(16, 16))
     plain.conv1.padding_mode = "reflect"
     fused = FusedBasicBlock(16, 16)
