@@ -868,6 +868,22 @@ int main(int argc, char** argv) {
       ++failures;
     }
   }
+  // Past kMaxSplitValues (2^22) values per split a floor on the splits takes over, so a
+  // partial's count stays far below float's exact 2^24: C = 2048 with 5 * 2^22 + 1 values
+  // per channel takes 6 splits (the waves alone would take 2).
+  {
+    ActivationGeometry g;
+    g.batch = 1;
+    g.channels = 2048;
+    g.spatial = 5 * (int64_t{1} << 22) + 1;
+    g.layout = Layout::kNCHW;
+    g.dtype = DType::kBFloat16;
+    const size_t bytes = cuda::batch_stats_workspace_bytes(g), want = sizeof(float) * 6 * (2 * 2048 + 1);
+    if (bytes != want) {
+      std::printf("FAIL NCHW statistics splits past 2^22 values each: %zu workspace bytes, expected %zu\n", bytes, want);
+      ++failures;
+    }
+  }
   // Over 512 partials per channel (1040 * 1024 rows of one vector, 180 SMs): a finalize
   // lane loads its partials in two rounds.
   check_statistics<float>(Layout::kNHWC, "float32",
