@@ -121,6 +121,16 @@ struct Workspace {
 
 // ---------------------------------------------------------------- one case
 
+ActivationGeometry geometry(int64_t n, int64_t c, int64_t s, Layout layout, DType dtype) {
+  ActivationGeometry g;
+  g.batch = n;
+  g.channels = c;
+  g.spatial = s;
+  g.layout = layout;
+  g.dtype = dtype;
+  return g;
+}
+
 // Which of a branch's parameters exist: the ops take each one on its own.
 struct Affine {
   bool weight = true, bias = true;
@@ -212,6 +222,55 @@ double normalized(const BranchData& b, int64_t c, double x) {
   return (x - b.mean[c]) * scale_of(b, c) + (b.bias.empty() ? 0.0 : b.bias[c]);
 }
 
+// The per-channel gradients a backward writes, of the main branch and of the downsample one.
+struct ParamGrads {
+  std::vector<float> weight, bias, weight_d, bias_d;
+  explicit ParamGrads(int64_t C) : weight(C), bias(C), weight_d(C), bias_d(C) {}
+  bool operator==(const ParamGrads&) const = default;
+};
+
+// One forward launch of epilogue e; `other` is the residual (add) or the downsample input (dual).
+template <typename T>
+void launch_forward(const ActivationGeometry& g, Epilogue e, const BranchData& main, const Activation<T>& x,
+                    const BranchData& down, const Activation<T>& other, Activation<T>& out) {
+  BnActForwardParams p;
+  p.geometry = g;
+  p.epilogue = e;
+  p.main = main.view(x.data);
+  if (e == Epilogue::kDualAddRelu) p.downsample = down.view(other.data);
+  if (e == Epilogue::kAddRelu) p.residual = other.data;
+  p.out = out.data;
+  if (cuda::launch_bn_act_forward(p, nullptr) != cudaSuccess) fail("forward launch error");
+}
+
+// One backward launch; `grad_other` is grad_residual (add) or grad_input_d (dual).
+template <typename T>
+void launch_backward(const ActivationGeometry& g, Epilogue e, bool training, const Activation<T>& grad_out,
+                     const BranchData& main, const Activation<T>& x, const BranchData& down,
+                     const Activation<T>& other, Activation<T>& grad_x, Activation<T>& grad_other, ParamGrads& grads) {
+  const bool dual = e == Epilogue::kDualAddRelu, add = e == Epilogue::kAddRelu;
+  BnActBackwardParams p;
+  p.geometry = g;
+  p.epilogue = e;
+  p.training = training;
+  p.grad_out = grad_out.data;
+  p.main = main.view(x.data);
+  if (dual) p.downsample = down.view(other.data);
+  if (add) p.residual = other.data;
+  p.grad_input = grad_x.data;
+  p.grad_weight = grads.weight.data();
+  p.grad_bias = grads.bias.data();
+  if (add) p.grad_residual = grad_other.data;
+  if (dual) {
+    p.grad_input_d = grad_other.data;
+    p.grad_weight_d = grads.weight_d.data();
+    p.grad_bias_d = grads.bias_d.data();
+  }
+  Workspace ws(cuda::bn_act_backward_workspace_bytes(g, e));
+  p.workspace = ws.get();
+  if (cuda::launch_bn_act_backward(p, nullptr) != cudaSuccess) fail("backward launch error");
+}
+
 template <typename T>
 void run_case(const Case& k, uint64_t seed) {
   Rng rng(seed);
@@ -221,12 +280,7 @@ void run_case(const Case& k, uint64_t seed) {
   // A misaligned buffer starts one element past a 16-byte boundary: the kernels must take
   // their scalar path if any operand is.
   auto shift = [&](Operand o) { return k.misaligned || (k.misaligned_alone & o) ? 1 : 0; };
-  ActivationGeometry g;
-  g.batch = k.n;
-  g.channels = C;
-  g.spatial = S;
-  g.layout = k.layout;
-  g.dtype = kDType<T>;
+  const ActivationGeometry g = geometry(k.n, C, S, k.layout, kDType<T>);
 
   Activation<T> x(k.n, C, S, k.layout, shift(kInput)), other(k.n, C, S, k.layout, shift(kOther));
   Activation<T> grad_out(k.n, C, S, k.layout, shift(kGradOut));
@@ -257,14 +311,7 @@ void run_case(const Case& k, uint64_t seed) {
   Activation<T> out(k.n, C, S, k.layout, shift(kOut)), out2(k.n, C, S, k.layout, shift(kOut));
   for (Activation<T>* o : {&out, &out2}) {
     o->poison();
-    BnActForwardParams p;
-    p.geometry = g;
-    p.epilogue = k.epilogue;
-    p.main = main.view(x.data);
-    if (dual) p.downsample = down.view(other.data);
-    if (add) p.residual = other.data;
-    p.out = o->data;
-    if (cuda::launch_bn_act_forward(p, nullptr) != cudaSuccess) fail("forward launch error");
+    launch_forward(g, k.epilogue, main, x, down, other, *o);
   }
   if (!out.bitwise_equal(out2)) fail("forward not deterministic");
   for (int64_t n = 0; n < k.n; ++n)
@@ -281,35 +328,15 @@ void run_case(const Case& k, uint64_t seed) {
         grad_out.at(n, c, s) = to_dtype<T>(std::fabs(pre(n, c, s)) < 1e-3 ? 0.0 : rng.normal());
   Activation<T> gx(k.n, C, S, k.layout, shift(kGradInput)), go(k.n, C, S, k.layout, shift(kGradOther));
   Activation<T> gx2(k.n, C, S, k.layout, shift(kGradInput)), go2(k.n, C, S, k.layout, shift(kGradOther));
-  std::vector<float> gw(C), gb(C), gwd(C), gbd(C), gw2(C), gb2(C), gwd2(C), gbd2(C);
+  ParamGrads grads(C), grads2(C);
   for (int run = 0; run < 2; ++run) {
     Activation<T>& grad_x = run ? gx2 : gx;
     Activation<T>& grad_other = run ? go2 : go;
     grad_x.poison();
     grad_other.poison();
-    BnActBackwardParams p;
-    p.geometry = g;
-    p.epilogue = k.epilogue;
-    p.training = k.training;
-    p.grad_out = grad_out.data;
-    p.main = main.view(x.data);
-    if (dual) p.downsample = down.view(other.data);
-    if (add) p.residual = other.data;
-    p.grad_input = grad_x.data;
-    p.grad_weight = (run ? gw2 : gw).data();
-    p.grad_bias = (run ? gb2 : gb).data();
-    if (add) p.grad_residual = grad_other.data;
-    if (dual) {
-      p.grad_input_d = grad_other.data;
-      p.grad_weight_d = (run ? gwd2 : gwd).data();
-      p.grad_bias_d = (run ? gbd2 : gbd).data();
-    }
-    Workspace ws(cuda::bn_act_backward_workspace_bytes(g, k.epilogue));
-    p.workspace = ws.get();
-    if (cuda::launch_bn_act_backward(p, nullptr) != cudaSuccess) fail("backward launch error");
+    launch_backward(g, k.epilogue, k.training, grad_out, main, x, down, other, grad_x, grad_other, run ? grads2 : grads);
   }
-  if (!gx.bitwise_equal(gx2) || gw != gw2 || gb != gb2 || (k.epilogue != Epilogue::kRelu && !go.bitwise_equal(go2)) ||
-      gwd != gwd2 || gbd != gbd2) {
+  if (!gx.bitwise_equal(gx2) || !(grads == grads2) || (k.epilogue != Epilogue::kRelu && !go.bitwise_equal(go2))) {
     fail("backward not deterministic");
   }
 
@@ -340,11 +367,11 @@ void run_case(const Case& k, uint64_t seed) {
   };
   for (int64_t c = 0; c < C; ++c) {
     const std::string ch = " channel " + std::to_string(c);
-    expect_sum("grad_bias" + ch, gb[c], sum_g[c], abs_g[c]);
-    expect_sum("grad_weight" + ch, gw[c], sum_gc[c] * main.invstd[c], abs_gc[c] * main.invstd[c]);
+    expect_sum("grad_bias" + ch, grads.bias[c], sum_g[c], abs_g[c]);
+    expect_sum("grad_weight" + ch, grads.weight[c], sum_gc[c] * main.invstd[c], abs_gc[c] * main.invstd[c]);
     if (dual) {
-      expect_sum("grad_bias_d" + ch, gbd[c], sum_g[c], abs_g[c]);
-      expect_sum("grad_weight_d" + ch, gwd[c], sum_gcd[c] * down.invstd[c], abs_gcd[c] * down.invstd[c]);
+      expect_sum("grad_bias_d" + ch, grads.bias_d[c], sum_g[c], abs_g[c]);
+      expect_sum("grad_weight_d" + ch, grads.weight_d[c], sum_gcd[c] * down.invstd[c], abs_gcd[c] * down.invstd[c]);
     }
   }
   auto grad_input = [&](const BranchData& b, double sg, double sgc, int64_t c, double gm, double xv) {
@@ -419,12 +446,7 @@ void check_statistics(Layout layout, const char* dtype, const StatisticsCase& k 
   Activation<T> x(N, C, S, layout, 0);
   fill(x, rng, k.center, k.spread);
   for (const Planted& v : k.planted) x.at(v.n, v.c, v.i) = to_dtype<T>(v.value);
-  ActivationGeometry g;
-  g.batch = N;
-  g.channels = C;
-  g.spatial = S;
-  g.layout = layout;
-  g.dtype = kDType<T>;
+  const ActivationGeometry g = geometry(N, C, S, layout, kDType<T>);
   std::vector<float> mean(C), invstd(C);
   const size_t workspace_bytes = cuda::batch_stats_workspace_bytes(g);  // partials: [splits][2C + 1] floats
   if (static_cast<int64_t>(workspace_bytes / sizeof(float) / (2 * C + 1)) < k.min_partials) fail("too few partials");
@@ -523,12 +545,7 @@ void check_eval_backward_of_non_finite_inputs(Layout layout, Epilogue e) {
   const bool dual = e == Epilogue::kDualAddRelu, add = e == Epilogue::kAddRelu;
   const int64_t N = k.n, C = k.c, S = k.h * k.w;
   emulation::multiprocessors = k.multiprocessors;
-  ActivationGeometry g;
-  g.batch = N;
-  g.channels = C;
-  g.spatial = S;
-  g.layout = layout;
-  g.dtype = DType::kFloat32;
+  const ActivationGeometry g = geometry(N, C, S, layout, DType::kFloat32);
   Rng rng(11);
   Activation<float> x(N, C, S, layout, 0), other(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
   fill(x, rng, 0.3, 1.2);
@@ -553,27 +570,8 @@ void check_eval_backward_of_non_finite_inputs(Layout layout, Epilogue e) {
   Activation<float> gx(N, C, S, layout, 0), go(N, C, S, layout, 0);
   gx.poison();
   go.poison();
-  std::vector<float> gw(C), gb(C), gwd(C), gbd(C);
-  BnActBackwardParams p;
-  p.geometry = g;
-  p.epilogue = e;
-  p.training = false;
-  p.grad_out = grad_out.data;
-  p.main = main.view(x.data);
-  if (dual) p.downsample = down.view(other.data);
-  if (add) p.residual = other.data;
-  p.grad_input = gx.data;
-  p.grad_weight = gw.data();
-  p.grad_bias = gb.data();
-  if (add) p.grad_residual = go.data;
-  if (dual) {
-    p.grad_input_d = go.data;
-    p.grad_weight_d = gwd.data();
-    p.grad_bias_d = gbd.data();
-  }
-  Workspace ws(cuda::bn_act_backward_workspace_bytes(g, e));
-  p.workspace = ws.get();
-  if (cuda::launch_bn_act_backward(p, nullptr) != cudaSuccess) fail("backward launch error");
+  ParamGrads grads(C);
+  launch_backward(g, e, false, grad_out, main, x, down, other, gx, go, grads);
 
   for (int64_t i = 0; i < gx.numel(); ++i) {
     if (std::isnan(gx.data[i])) fail("a NaN in grad_input at flat index " + std::to_string(i));
@@ -608,12 +606,7 @@ void check_backward_mask_is_the_forwards(Layout layout) {
   const int before = failures;
   const int64_t N = 4, C = 16, S = 64;
   emulation::multiprocessors = 3;
-  ActivationGeometry g;
-  g.batch = N;
-  g.channels = C;
-  g.spatial = S;
-  g.layout = layout;
-  g.dtype = DType::kFloat32;
+  const ActivationGeometry g = geometry(N, C, S, layout, DType::kFloat32);
   Rng rng(13);
   BranchData main;
   for (int64_t c = 0; c < C; ++c) {
@@ -630,28 +623,9 @@ void check_backward_mask_is_the_forwards(Layout layout) {
       for (int64_t s = 0; s < S; ++s) residual.at(n, c, s) = static_cast<float>(-normalized(main, c, x.get(n, c, s)));
 
   Activation<float> out(N, C, S, layout, 0), grad_x(N, C, S, layout, 0), grad_residual(N, C, S, layout, 0);
-  BnActForwardParams f;
-  f.geometry = g;
-  f.epilogue = Epilogue::kAddRelu;
-  f.main = main.view(x.data);
-  f.residual = residual.data;
-  f.out = out.data;
-  if (cuda::launch_bn_act_forward(f, nullptr) != cudaSuccess) fail("forward launch error");
-  std::vector<float> gw(C), gb(C);
-  BnActBackwardParams b;
-  b.geometry = g;
-  b.epilogue = Epilogue::kAddRelu;
-  b.training = false;
-  b.grad_out = grad_out.data;
-  b.main = main.view(x.data);
-  b.residual = residual.data;
-  b.grad_input = grad_x.data;
-  b.grad_weight = gw.data();
-  b.grad_bias = gb.data();
-  b.grad_residual = grad_residual.data;
-  Workspace ws(cuda::bn_act_backward_workspace_bytes(g, Epilogue::kAddRelu));
-  b.workspace = ws.get();
-  if (cuda::launch_bn_act_backward(b, nullptr) != cudaSuccess) fail("backward launch error");
+  ParamGrads grads(C);
+  launch_forward(g, Epilogue::kAddRelu, main, x, BranchData{}, residual, out);
+  launch_backward(g, Epilogue::kAddRelu, false, grad_out, main, x, BranchData{}, residual, grad_x, grad_residual, grads);
 
   int64_t positive = 0, mismatched = 0;
   for (int64_t i = 0; i < out.numel(); ++i) {
@@ -685,12 +659,7 @@ void check_mask_of_the_rounded_output(Layout layout, Epilogue e, const char* dty
   const bool passes[] = {false, true, std::is_same_v<T, __nv_bfloat16>, false};
   const int64_t N = 2, C = 4, S = 3;
   emulation::multiprocessors = 2;
-  ActivationGeometry g;
-  g.batch = N;
-  g.channels = C;
-  g.spatial = S;
-  g.layout = layout;
-  g.dtype = kDType<T>;
+  const ActivationGeometry g = geometry(N, C, S, layout, kDType<T>);
   BranchData main, down;
   for (int64_t c = 0; c < C; ++c) {
     for (BranchData* b : {&main, &down}) {
@@ -703,35 +672,9 @@ void check_mask_of_the_rounded_output(Layout layout, Epilogue e, const char* dty
   Activation<T> x(N, C, S, layout, 0), other(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
   Activation<T> out(N, C, S, layout, 0), grad_x(N, C, S, layout, 0), grad_other(N, C, S, layout, 0);
   for (int64_t i = 0; i < x.numel(); ++i) x.data[i] = other.data[i] = to_dtype<T>(0.0), grad_out.data[i] = to_dtype<T>(1.0);
-  BnActForwardParams f;
-  f.geometry = g;
-  f.epilogue = e;
-  f.main = main.view(x.data);
-  if (dual) f.downsample = down.view(other.data);
-  if (add) f.residual = other.data;
-  f.out = out.data;
-  if (cuda::launch_bn_act_forward(f, nullptr) != cudaSuccess) fail("forward launch error");
-  std::vector<float> gw(C), gb(C), gwd(C), gbd(C);
-  BnActBackwardParams b;
-  b.geometry = g;
-  b.epilogue = e;
-  b.training = false;
-  b.grad_out = grad_out.data;
-  b.main = main.view(x.data);
-  if (dual) b.downsample = down.view(other.data);
-  if (add) b.residual = other.data;
-  b.grad_input = grad_x.data;
-  b.grad_weight = gw.data();
-  b.grad_bias = gb.data();
-  if (add) b.grad_residual = grad_other.data;
-  if (dual) {
-    b.grad_input_d = grad_other.data;
-    b.grad_weight_d = gwd.data();
-    b.grad_bias_d = gbd.data();
-  }
-  Workspace ws(cuda::bn_act_backward_workspace_bytes(g, e));
-  b.workspace = ws.get();
-  if (cuda::launch_bn_act_backward(b, nullptr) != cudaSuccess) fail("backward launch error");
+  ParamGrads grads(C);
+  launch_forward(g, e, main, x, down, other, out);
+  launch_backward(g, e, false, grad_out, main, x, down, other, grad_x, grad_other, grads);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t s = 0; s < S; ++s) {
@@ -740,7 +683,7 @@ void check_mask_of_the_rounded_output(Layout layout, Epilogue e, const char* dty
         if ((out.get(n, c, s) > 0) != passes[c]) fail("output" + at);
         if (grad_x.get(n, c, s) != want) fail("grad_input" + at);
         if ((add || dual) && grad_other.get(n, c, s) != want) fail("grad_other" + at);
-        if (gb[c] != (passes[c] ? N * S : 0)) fail("grad_bias" + at);
+        if (grads.bias[c] != (passes[c] ? N * S : 0)) fail("grad_bias" + at);
       }
   std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
 }
@@ -855,12 +798,7 @@ int main(int argc, char** argv) {
   emulation::multiprocessors = 132;
   for (const auto& [C, S, splits] : {std::tuple<int64_t, int64_t, int64_t>{64, 56 * 56, 6}, {256, 56 * 56, 3},
                                      {128, 28 * 28, 3}, {512, 28 * 28, 3}, {1024, 14 * 14, 3}, {2048, 7 * 7, 2}}) {
-    ActivationGeometry g;
-    g.batch = 128;
-    g.channels = C;
-    g.spatial = S;
-    g.layout = Layout::kNCHW;
-    g.dtype = DType::kBFloat16;
+    const ActivationGeometry g = geometry(128, C, S, Layout::kNCHW, DType::kBFloat16);
     const size_t bytes = cuda::batch_stats_workspace_bytes(g);
     if (bytes != sizeof(float) * splits * (2 * C + 1)) {
       std::printf("FAIL NCHW statistics splits at C = %lld: %zu workspace bytes, expected %lld splits\n",
@@ -872,12 +810,7 @@ int main(int argc, char** argv) {
   // partial's count stays far below float's exact 2^24: C = 2048 with 5 * 2^22 + 1 values
   // per channel takes 6 splits (the waves alone would take 2).
   {
-    ActivationGeometry g;
-    g.batch = 1;
-    g.channels = 2048;
-    g.spatial = 5 * (int64_t{1} << 22) + 1;
-    g.layout = Layout::kNCHW;
-    g.dtype = DType::kBFloat16;
+    const ActivationGeometry g = geometry(1, 2048, 5 * (int64_t{1} << 22) + 1, Layout::kNCHW, DType::kBFloat16);
     const size_t bytes = cuda::batch_stats_workspace_bytes(g), want = sizeof(float) * 6 * (2 * 2048 + 1);
     if (bytes != want) {
       std::printf("FAIL NCHW statistics splits past 2^22 values each: %zu workspace bytes, expected %zu\n", bytes, want);
