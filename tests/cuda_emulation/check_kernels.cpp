@@ -593,50 +593,61 @@ void check_eval_backward_of_non_finite_inputs(Layout layout, Epilogue e) {
 }
 
 // The backward recomputes the forward's ReLU mask from the same inputs with the same
-// arithmetic, bit for bit. With residuals that cancel x * scale + shift to within float32
-// rounding and an upstream gradient everywhere, grad_residual must pass grad_out exactly
-// where the forward's output is positive: a multiply-add fused in one pass and not in the
-// other flips some of these signs.
-void check_backward_mask_is_the_forwards(Layout layout) {
+// arithmetic, bit for bit. With a second input that cancels x * scale + shift to within
+// float32 rounding (the residual, or the downsample branch's normalized value) and an
+// upstream gradient everywhere, the gradients must be masked exactly where the forward's
+// output is not positive: a multiply-add fused in one pass and not in the other flips some
+// of these signs. The evidence: grad_residual is the masked grad_out exactly; in eval,
+// grad_input (scale * masked grad_out) is 0 exactly where masked.
+void check_backward_mask_is_the_forwards(Layout layout, Epilogue e, bool training) {
   char buf[128];
-  std::snprintf(buf, sizeof buf, "float32 %s add_relu eval, residuals cancelling the pre-activation: the forward's mask",
-                name(layout));
+  std::snprintf(buf, sizeof buf, "float32 %s %s %s, a second input cancelling the pre-activation: the forward's mask",
+                name(layout), name(e), training ? "train" : "eval");
   if (filter != nullptr && std::strstr(buf, filter) == nullptr) return;
   current_case = buf;
   const int before = failures;
+  const bool dual = e == Epilogue::kDualAddRelu;
   const int64_t N = 4, C = 16, S = 64;
   emulation::multiprocessors = 3;
   const ActivationGeometry g = geometry(N, C, S, layout, DType::kFloat32);
   Rng rng(13);
-  BranchData main;
-  for (int64_t c = 0; c < C; ++c) {
-    main.weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
-    main.bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
-    main.mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
-    main.invstd.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+  BranchData main, down;
+  for (BranchData* b : {&main, &down}) {
+    for (int64_t c = 0; c < C; ++c) {
+      b->weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+      b->bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
+      b->mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
+      b->invstd.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+    }
   }
-  Activation<float> x(N, C, S, layout, 0), residual(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
+  Activation<float> x(N, C, S, layout, 0), other(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
   fill(x, rng, 0.3, 1.2);
   fill(grad_out, rng, 0.0, 1.0);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t s = 0; s < S; ++s) residual.at(n, c, s) = static_cast<float>(-normalized(main, c, x.get(n, c, s)));
+      for (int64_t s = 0; s < S; ++s) {
+        const double cancel = -normalized(main, c, x.get(n, c, s));  // what the second term must be
+        other.at(n, c, s) = static_cast<float>(
+            dual ? down.mean[c] + (cancel - down.bias[c]) / scale_of(down, c) : cancel);
+      }
 
-  Activation<float> out(N, C, S, layout, 0), grad_x(N, C, S, layout, 0), grad_residual(N, C, S, layout, 0);
+  Activation<float> out(N, C, S, layout, 0), grad_x(N, C, S, layout, 0), grad_other(N, C, S, layout, 0);
   ParamGrads grads(C);
-  launch_forward(g, Epilogue::kAddRelu, main, x, BranchData{}, residual, out);
-  launch_backward(g, Epilogue::kAddRelu, false, grad_out, main, x, BranchData{}, residual, grad_x, grad_residual, grads);
+  launch_forward(g, e, main, x, down, other, out);
+  launch_backward(g, e, training, grad_out, main, x, down, other, grad_x, grad_other, grads);
 
   int64_t positive = 0, mismatched = 0;
   for (int64_t i = 0; i < out.numel(); ++i) {
-    positive += out.data[i] > 0;
-    mismatched += grad_residual.data[i] != (out.data[i] > 0 ? grad_out.data[i] : 0.f);
+    const bool passes = out.data[i] > 0;
+    positive += passes;
+    if (!dual) mismatched += grad_other.data[i] != (passes ? grad_out.data[i] : 0.f);
+    if (!training) mismatched += (grad_x.data[i] != 0.f) != passes;
   }
   if (mismatched) fail(std::to_string(mismatched) + " gradients masked unlike the forward's output");
   // Positive and non-positive outputs, in numbers (about 1 in 5 positive, most others
   // exactly 0): the pre-activations are rounding errors, as meant.
   if (positive < out.numel() / 10 || positive > out.numel() * 9 / 10) {
-    fail(std::to_string(positive) + " of " + std::to_string(out.numel()) + " outputs positive: the residuals do not cancel");
+    fail(std::to_string(positive) + " of " + std::to_string(out.numel()) + " outputs positive: the inputs do not cancel");
   }
   std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
 }
@@ -671,19 +682,25 @@ void check_mask_of_the_rounded_output(Layout layout, Epilogue e, const char* dty
   }
   Activation<T> x(N, C, S, layout, 0), other(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
   Activation<T> out(N, C, S, layout, 0), grad_x(N, C, S, layout, 0), grad_other(N, C, S, layout, 0);
-  for (int64_t i = 0; i < x.numel(); ++i) x.data[i] = other.data[i] = to_dtype<T>(0.0), grad_out.data[i] = to_dtype<T>(1.0);
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    x.data[i] = other.data[i] = to_dtype<T>(0.0);
+    grad_out.data[i] = to_dtype<T>(1.0);
+  }
   ParamGrads grads(C);
   launch_forward(g, e, main, x, down, other, out);
   launch_backward(g, e, false, grad_out, main, x, down, other, grad_x, grad_other, grads);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t s = 0; s < S; ++s) {
-        const std::string at = " at channel " + std::to_string(c) + " (bias " + std::to_string(biases[c]) + ")";
+        char bias[32];
+        std::snprintf(bias, sizeof bias, "%a", biases[c]);  // 2^-25 and 2^-134 apart from 0
+        const std::string at = " at channel " + std::to_string(c) + " (bias " + bias + ")";
         const double want = passes[c] ? 1.0 : 0.0;
         if ((out.get(n, c, s) > 0) != passes[c]) fail("output" + at);
         if (grad_x.get(n, c, s) != want) fail("grad_input" + at);
         if ((add || dual) && grad_other.get(n, c, s) != want) fail("grad_other" + at);
         if (grads.bias[c] != (passes[c] ? N * S : 0)) fail("grad_bias" + at);
+        if (dual && grads.bias_d[c] != (passes[c] ? N * S : 0)) fail("grad_bias_d" + at);
       }
   std::printf("%s %s\n", failures == before ? "ok  " : "FAIL", buf);
 }
@@ -764,7 +781,9 @@ int main(int argc, char** argv) {
     for (Epilogue e : {Epilogue::kRelu, Epilogue::kAddRelu, Epilogue::kDualAddRelu}) {
       check_eval_backward_of_non_finite_inputs(layout, e);
     }
-    check_backward_mask_is_the_forwards(layout);
+    check_backward_mask_is_the_forwards(layout, Epilogue::kAddRelu, false);
+    check_backward_mask_is_the_forwards(layout, Epilogue::kAddRelu, true);
+    check_backward_mask_is_the_forwards(layout, Epilogue::kDualAddRelu, false);
     for (Epilogue e : {Epilogue::kRelu, Epilogue::kAddRelu, Epilogue::kDualAddRelu}) {
       check_mask_of_the_rounded_output<__half>(layout, e, "float16");
       check_mask_of_the_rounded_output<__nv_bfloat16>(layout, e, "bfloat16");
