@@ -116,7 +116,7 @@ def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
 # ------------------------------------------------------------------ what the fused path covers
 
 
-def _not_the_class(name: str, module: nn.Module, expected: type) -> str:
+def _class_reason(name: str, module: nn.Module, expected: type) -> str:
     """'conv1 is Identity, not nn.Conv2d'; a class of the same name (e.g. QAT's Conv2d)
     named by its module, so the reason does not read 'Conv2d, not nn.Conv2d'."""
     cls = type(module)
@@ -126,7 +126,7 @@ def _not_the_class(name: str, module: nn.Module, expected: type) -> str:
 
 def _conv_reason(name: str, conv: nn.Module) -> Optional[str]:
     if type(conv) is not nn.Conv2d:
-        return _not_the_class(name, conv, nn.Conv2d)
+        return _class_reason(name, conv, nn.Conv2d)
     if conv.padding_mode != "zeros":
         return f"{name} pads with padding_mode={conv.padding_mode!r}"
     return None
@@ -134,7 +134,7 @@ def _conv_reason(name: str, conv: nn.Module) -> Optional[str]:
 
 def _norm_reason(name: str, norm: nn.Module) -> Optional[str]:
     if type(norm) is not nn.BatchNorm2d:
-        return _not_the_class(name, norm, nn.BatchNorm2d)
+        return _class_reason(name, norm, nn.BatchNorm2d)
     return None
 
 

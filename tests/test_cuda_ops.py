@@ -34,8 +34,8 @@ import resnet_fused
 from resnet_fused import functional as RF
 from helpers import LAYOUTS, activation, assert_opcheck, child_env, non_contiguous
 import test_ops
-from test_ops import (AFFINE_PAIRS, EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, affine_pair_id, ROUNDING, STRIDE_SHAPES, assert_close,
-                      check_empty_input, check_nan_residual_gradients, check_results_strided_in_the_op_layout,
+from test_ops import (AFFINE_PAIRS, EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, ROUNDING, STRIDE_SHAPES, affine_pair_id,
+                      assert_close, check_empty_input, check_nan_residual_gradients, check_results_strided_in_the_op_layout,
                       check_mask_of_the_rounded_output, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_far_from_zero,
                       check_statistics_with_an_outlier_first, check_tensors_over_2_to_the_31_elements,

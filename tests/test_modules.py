@@ -55,6 +55,13 @@ CONFIGS = list(BLOCK_CONFIGS)
 FUSED = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_fallback_warnings(monkeypatch):
+    """A block warns once per (class, reason) in a process: each test starts with none
+    given, so a test expecting one does not depend on which tests ran before it."""
+    monkeypatch.setattr(resnet_fused.modules, "_warned", set())
+
+
 def pair(config, dtype=torch.float32, layout="nchw", device="cpu"):
     """(torchvision block, fused block) with identical random state."""
     plain = randomize_batch_norms(make_block(config)).to(device, dtype, memory_format=LAYOUTS[layout])
@@ -399,7 +406,8 @@ def eval_with_gradients(model, x, upstream, input_grad=True):
     x = x.clone().requires_grad_(input_grad)
     out = model(x)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    grads = list(torch.autograd.grad(out, [x] * input_grad + [p for _, p in named], upstream))
+    leaves = ([x] if input_grad else []) + [p for _, p in named]
+    grads = list(torch.autograd.grad(out, leaves, upstream))
     result = {"output": out, **({"input gradient": grads.pop(0)} if input_grad else {})}
     return result | {f"gradient of {n}": g for (n, _), g in zip(named, grads)}
 
@@ -935,7 +943,8 @@ def test_unsupported_norm_layer_runs_torchvision_forward():
     assert torch.equal(y, plain(x))
 
 
-def _hook(kind, block, log):
+def _register_logging_hook(kind, block, log):
+    """A hook of ``kind`` that appends what it sees to ``log``; returns its handle."""
     if kind == "forward":
         return block.bn1.register_forward_hook(lambda m, i, o: log.append(("bn1", o.shape)))
     if kind == "full_backward_pre":
@@ -946,16 +955,15 @@ def _hook(kind, block, log):
 
 @pytest.mark.parametrize("kind, reason", [("forward", "hooks on BatchNorm2d"), ("full_backward_pre", "hooks on Conv2d"),
                                           ("global_forward", "global module hooks are registered")])
-def test_hooks_fusing_would_skip_run_torchvision_forward(kind, reason, monkeypatch):
+def test_hooks_fusing_would_skip_run_torchvision_forward(kind, reason):
     """A hook on a submodule, forward or backward, or a global one: the block runs
     torchvision's forward (which calls them), says why, and gives its results bit for bit."""
-    monkeypatch.setattr(resnet_fused.modules, "_warned", set())  # warned once per process: here too
     plain, fused = pair("basic")
     x = inputs_for("basic", 1)[0]
     runs = {}
     for name, block in (("plain", plain), ("fused", fused)):
         log = []
-        handle = _hook(kind, block, log)
+        handle = _register_logging_hook(kind, block, log)
         try:
             xi = x.clone().requires_grad_()
             with warnings.catch_warnings(record=True) as warned:
@@ -971,10 +979,9 @@ def test_hooks_fusing_would_skip_run_torchvision_forward(kind, reason, monkeypat
     assert any(reason in message for message in warned), warned
 
 
-def test_a_conv_padding_mode_other_than_zeros_runs_torchvision_forward(monkeypatch):
+def test_a_conv_padding_mode_other_than_zeros_runs_torchvision_forward():
     """Only zero padding is what the fused forward's F.conv2d does: a conv padding by
     reflection (set after construction) keeps the block on torchvision's forward."""
-    monkeypatch.setattr(resnet_fused.modules, "_warned", set())
     plain = randomize_batch_norms(BasicBlock(16, 16))
     plain.conv1.padding_mode = "reflect"
     fused = FusedBasicBlock(16, 16)
@@ -1065,12 +1072,11 @@ def test_forward_replaced_on_a_submodule_runs_torchvision_forward():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_autograd_transforms_run_torchvision_forward(training, monkeypatch):
+def test_autograd_transforms_run_torchvision_forward(training):
     """The fused ops have no jvp and no vmap rule: under forward-mode AD and torch.func
     transforms a block runs torchvision's forward (and says so once), as eager would."""
     import torch.autograd.forward_ad as fwAD
 
-    monkeypatch.setattr(resnet_fused.modules, "_warned", set())
     plain, fused = pair("basic", torch.float64)
     plain.train(training), fused.train(training)
     x = inputs_for("basic", 1, torch.float64)[0]

@@ -567,14 +567,16 @@ def test_running_statistics_of_any_kind(backend, layout):
     check_running_statistics_of_any_kind(backend, layout)
 
 
-def check_tensors_over_2_to_the_31_elements(backend, shape, layout, device="cpu"):
+def check_tensors_over_2_to_the_31_elements(backend, shape, layout, device="cpu", chunk_values=2**26):
     """batch_stats, bn_add_relu and its backward over bfloat16 tensors of ``shape`` (more
     than 2^31 values on a GPU; the CPU runs the check's own logic at a small shape): offsets
     past 2^31 must be 64-bit in every kernel. Per-channel results against float64 sums over
-    chunks of about 2^26 values (along H); elementwise ones at the first and the last two
-    rows of every plane (the last hold the values past 2^31 in either layout). The
-    backward's mask is the kernel's own output's (a float32 recomputation could flip a few
-    of 2^31 values); the residual's gradient is the masked upstream one exactly.
+    chunks of whole rows along H, at most ``chunk_values`` values each; elementwise ones at
+    the first and the last two rows of every plane (the last hold the values past 2^31 in
+    either layout). The upstream gradient has mean 1, so the input gradient's per-channel
+    terms are of order 1 and a wrong one shows. The backward's mask is the kernel's own
+    output's (a float32 recomputation could flip a few of 2^31 values); the residual's
+    gradient is the masked upstream one exactly.
     Tolerances: per-channel 1e-5 relative (float32 accumulation over 2^25-2^29 values per
     channel, merged in order); elementwise one bfloat16 rounding, four for the input
     gradient (its three terms rounded once each in float32, then to bfloat16)."""
@@ -589,7 +591,7 @@ def check_tensors_over_2_to_the_31_elements(backend, shape, layout, device="cpu"
     bf16 = dict(device=device, dtype=torch.bfloat16, memory_format=LAYOUTS[layout])
     x, y = torch.empty(shape, **bf16).normal_(0.5, 1), torch.empty(shape, **bf16).normal_()
     w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
-    rows = max(1, H * 2**26 // numel)
+    rows = max(1, H * chunk_values // numel)
     ends = [(slice(None), slice(None), part) for part in (slice(0, 2), slice(H - 2, H))]
 
     def channel(t):
@@ -613,7 +615,7 @@ def check_tensors_over_2_to_the_31_elements(backend, shape, layout, device="cpu"
         want = ref.bn_add_relu(dense(x[end]), dense(y[end]), w, b, mean, invstd, True)
         assert_close(out[end], want, ROUNDING[torch.bfloat16], "output")
 
-    g = torch.empty_like(x).normal_()
+    g = torch.empty_like(x).normal_(1, 1)
     grad_x, grad_y, grad_w, grad_b = ops.bn_add_relu_backward(g, x, y, w, b, mean, invstd, True)
     sums = torch.zeros(4, C, device=device, dtype=torch.float64)  # sum(g), sum(g (x - mean)), and magnitudes
     for xc, gc, oc in chunks(x, g, out):
@@ -637,8 +639,8 @@ def check_tensors_over_2_to_the_31_elements(backend, shape, layout, device="cpu"
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_the_64_bit_indexing_check_at_a_small_shape(backend, layout):
     """The GPU tests' check past 2^31 values (test_cuda_ops.py, test_triton_ops.py) runs its
-    logic here: it passes on correct kernels."""
-    check_tensors_over_2_to_the_31_elements(backend, (3, 5, 6, 7), layout)
+    logic here, in chunks of 2, 2, 2 and 1 rows: it passes on correct kernels."""
+    check_tensors_over_2_to_the_31_elements(backend, (3, 5, 7, 6), layout, chunk_values=200)
 
 
 def check_mask_of_the_rounded_output(backend, device="cpu", dtypes=(torch.float16, torch.bfloat16)):
@@ -1083,11 +1085,13 @@ def test_inference_tensors_autograd_would_save_are_refused_before_any_update(bac
     assert not torch.equal(running_mean, before[0])
     # With grad mode on but nothing requiring grad, nothing is recorded: an inference input
     # runs and updates the statistics, as eager's does.
-    running_mean.copy_(before[0])
-    want = F.relu(F.batch_norm(inference(x), running_mean.clone(), running_var.clone(), w, b, True))
+    running_mean.copy_(before[0]), running_var.copy_(before[1])
+    want_mean, want_var = running_mean.clone(), running_var.clone()
+    want = F.relu(F.batch_norm(inference(x), want_mean, want_var, w, b, True))
     got = RF.bn_relu(inference(x), running_mean, running_var, w, b, True, backend=backend)
     torch.testing.assert_close(got, want)
-    assert not torch.equal(running_mean, before[0])
+    torch.testing.assert_close(running_mean, want_mean), torch.testing.assert_close(running_var, want_var)
+    assert not torch.equal(running_var, before[1])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -27,8 +27,8 @@ from resnet_fused import functional as RF
 from resnet_fused.triton import _reduce, _runtime, batch_stats, bn_act
 from block_helpers import block_input_shape, fused_copy, make_block
 from helpers import activation, assert_compiles_like_eager, assert_opcheck, non_contiguous
-from test_ops import (AFFINE_PAIRS, EMPTY_SHAPES, OPS, OUTLIER_CASES, affine_pair_id, STRIDE_SHAPES, check_empty_input,
-                      check_results_strided_in_the_op_layout, check_mask_of_the_rounded_output,
+from test_ops import (AFFINE_PAIRS, EMPTY_SHAPES, OPS, OUTLIER_CASES, STRIDE_SHAPES, affine_pair_id,
+                      check_empty_input, check_results_strided_in_the_op_layout, check_mask_of_the_rounded_output,
                       check_nan_residual_gradients, check_non_finite_inputs_in_eval, check_non_finite_statistics,
                       check_running_statistics_of_any_kind, check_statistics_far_from_zero,
                       check_statistics_with_an_outlier_first, check_torch_func_grad_matches_autograd,
