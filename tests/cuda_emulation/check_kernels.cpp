@@ -217,6 +217,20 @@ void statistics(const Case& k, const ActivationGeometry& g, const Activation<T>&
   b.invstd = invstd;
 }
 
+// Random parameters of a branch, drawn per channel in one order: its weight and bias (those
+// `params` has), then its running statistics, or with `given_statistics` the mean and
+// invstd the kernels take (for checks that launch without batch statistics).
+void randomize(BranchData& b, Rng& rng, int64_t C, Affine params, bool given_statistics) {
+  std::vector<float>& first = given_statistics ? b.mean : b.running_mean;
+  std::vector<float>& second = given_statistics ? b.invstd : b.running_var;
+  for (int64_t c = 0; c < C; ++c) {
+    if (params.weight) b.weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+    if (params.bias) b.bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
+    first.push_back(static_cast<float>(rng.normal(0, 0.3)));
+    second.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
+  }
+}
+
 double scale_of(const BranchData& b, int64_t c) { return (b.weight.empty() ? 1.0 : b.weight[c]) * b.invstd[c]; }
 double normalized(const BranchData& b, int64_t c, double x) {
   return (x - b.mean[c]) * scale_of(b, c) + (b.bias.empty() ? 0.0 : b.bias[c]);
@@ -287,14 +301,9 @@ void run_case(const Case& k, uint64_t seed) {
   fill(x, rng, 0.3, 1.2);
   fill(other, rng, -0.2, 0.9);
   BranchData main, down;
-  for (const auto& [b, params] : {std::pair{&main, k.main_params}, std::pair{&down, k.downsample_params}}) {
-    for (int64_t c = 0; c < C; ++c) {
-      if (k.affine && params.weight) b->weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
-      if (k.affine && params.bias) b->bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
-      b->running_mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
-      b->running_var.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
-    }
-  }
+  const Affine none{false, false};
+  randomize(main, rng, C, k.affine ? k.main_params : none, false);
+  randomize(down, rng, C, k.affine ? k.downsample_params : none, false);
   const double eps = 1e-5, eps_d = 1e-4;
   statistics(k, g, x, main, 0.1, eps, "main");
   if (dual) statistics(k, g, other, down, 0.2, eps_d, "downsample");
@@ -556,14 +565,8 @@ void check_eval_backward_of_non_finite_inputs(Layout layout, Epilogue e) {
                                {0, 5, 5, -INFINITY, &other}, {1, 7, 2, NAN, &other}};
   for (const Poisoned& v : poisoned) v.where->at(v.n, v.c, v.s) = v.value;
   BranchData main, down;
-  for (BranchData* b : {&main, &down}) {
-    for (int64_t c = 0; c < C; ++c) {
-      b->weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
-      b->bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
-      b->running_mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
-      b->running_var.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
-    }
-  }
+  randomize(main, rng, C, {}, false);
+  randomize(down, rng, C, {}, false);
   statistics(k, g, x, main, 0.1, 1e-5, "main");
   statistics(k, g, other, down, 0.1, 1e-5, "downsample");
 
@@ -612,14 +615,8 @@ void check_backward_mask_is_the_forwards(Layout layout, Epilogue e, bool trainin
   const ActivationGeometry g = geometry(N, C, S, layout, DType::kFloat32);
   Rng rng(13);
   BranchData main, down;
-  for (BranchData* b : {&main, &down}) {
-    for (int64_t c = 0; c < C; ++c) {
-      b->weight.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
-      b->bias.push_back(static_cast<float>(rng.normal(0, 0.5)));
-      b->mean.push_back(static_cast<float>(rng.normal(0, 0.3)));
-      b->invstd.push_back(static_cast<float>(rng.uniform(0.5, 1.5)));
-    }
-  }
+  randomize(main, rng, C, {}, true);
+  randomize(down, rng, C, {}, true);
   Activation<float> x(N, C, S, layout, 0), other(N, C, S, layout, 0), grad_out(N, C, S, layout, 0);
   fill(x, rng, 0.3, 1.2);
   fill(grad_out, rng, 0.0, 1.0);
