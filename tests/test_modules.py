@@ -360,11 +360,7 @@ def test_batch_norm_variants(variant, config):
     x = inputs_for(config, 1, torch.float64)[0]
     if adjust is not _bn3_train_in_eval:
         plain.eval(), fused.eval()
-    want = eval_output(plain, x)
-    assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": want}, 1e-10)
-    # With autograd the block runs its ops with the BatchNorms' eval arguments, not the fold.
-    upstream = torch.randn_like(want)
-    assert_close_scaled(eval_with_gradients(fused, x, upstream), eval_with_gradients(plain, x, upstream), 1e-10)
+    assert_eval_matches(fused, plain, x)
     assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-10)
 
 
@@ -386,10 +382,7 @@ def test_convolutions_with_a_bias(config):
     assert_close_scaled(got, want, 1e-10)
     x = inputs_for(config, 1, torch.float64)[0]
     plain.eval(), fused.eval()
-    want = eval_output(plain, x)
-    assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": want}, 1e-10)
-    upstream = torch.randn_like(want)
-    assert_close_scaled(eval_with_gradients(fused, x, upstream), eval_with_gradients(plain, x, upstream), 1e-10)
+    upstream = assert_eval_matches(fused, plain, x)
     # Only the conv biases train, the input without a gradient: autograd must still run
     # unfolded, or their gradients would be lost.
     for model in (fused, plain):
@@ -398,6 +391,16 @@ def test_convolutions_with_a_bias(config):
     got, want = (eval_with_gradients(m, x, upstream, input_grad=False) for m in (fused, plain))
     assert len(want) == 1 + len(biases)
     assert_close_scaled(got, want, 1e-10)
+
+
+def assert_eval_matches(fused, plain, x):
+    """Float64 outputs without autograd (the fold) and, with it, outputs and gradients (the
+    ops with the BatchNorms' eval arguments) as torchvision's; returns the upstream gradient."""
+    want = eval_output(plain, x)
+    assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": want}, 1e-10)
+    upstream = torch.randn_like(want)
+    assert_close_scaled(eval_with_gradients(fused, x, upstream), eval_with_gradients(plain, x, upstream), 1e-10)
+    return upstream
 
 
 def eval_with_gradients(model, x, upstream, input_grad=True):
