@@ -568,29 +568,31 @@ def test_running_statistics_of_any_kind(backend, layout):
 
 
 def check_tensors_over_2_to_the_31_elements(backend, shape, layout, device="cpu", chunk_values=2**26):
-    """batch_stats, bn_add_relu and its backward over bfloat16 tensors of ``shape`` (more
-    than 2^31 values on a GPU; the CPU runs the check's own logic at a small shape): offsets
-    past 2^31 must be 64-bit in every kernel. Per-channel results against float64 sums over
-    chunks of whole rows along H, at most ``chunk_values`` values each; elementwise ones at
-    the first and the last two rows of every plane (the last hold the values past 2^31 in
-    either layout). The upstream gradient has mean 1, so the input gradient's per-channel
-    terms are of order 1 and a wrong one shows. The backward's mask is the kernel's own
-    output's (a float32 recomputation could flip a few of 2^31 values); the residual's
-    gradient is the masked upstream one exactly.
+    """batch_stats, bn_add_relu, dual_bn_add_relu and their backward ops over bfloat16
+    tensors of ``shape`` (more than 2^31 values on a GPU; the CPU runs the check's own logic
+    at a small shape): offsets past 2^31 must be 64-bit in every kernel. Per-channel results
+    against float64 sums over chunks of whole rows along H, at most ``chunk_values`` values
+    each; elementwise ones at the first and the last two rows of every plane (the last hold
+    the values past 2^31 in either layout). The upstream gradient has mean 1, so the input
+    gradients' per-channel terms are of order 1 and a wrong one shows. The backward's mask
+    is the kernel's own output's (a float32 recomputation could flip a few of 2^31 values);
+    the residual's gradient is the masked upstream one exactly.
     Tolerances: per-channel 1e-5 relative (float32 accumulation over 2^25-2^29 values per
-    channel, merged in order); elementwise one bfloat16 rounding, four for the input
+    channel, merged in order); elementwise one bfloat16 rounding, four for an input
     gradient (its three terms rounded once each in float32, then to bfloat16)."""
     N, C, H, W = shape
     numel, m = N * C * H * W, N * H * W
     if torch.device(device).type == "cuda":
-        needed = 6 * 2 * numel + (3 << 30)  # x, residual, output, upstream, two gradients; the chunked checks
+        needed = 6 * 2 * numel + (3 << 30)  # six tensors at a time (below); the chunked checks
         free, _ = torch.cuda.mem_get_info()
         if free < needed:
             pytest.skip(f"needs {needed / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
     ops, ref = resnet_fused.backends.get(backend).ops, torch.ops.resnet_fused_reference
     bf16 = dict(device=device, dtype=torch.bfloat16, memory_format=LAYOUTS[layout])
+    # y is bn_add_relu's residual and the dual op's downsample input.
     x, y = torch.empty(shape, **bf16).normal_(0.5, 1), torch.empty(shape, **bf16).normal_()
     w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    w_d, b_d = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
     rows = max(1, H * chunk_values // numel)
     ends = [(slice(None), slice(None), part) for part in (slice(0, 2), slice(H - 2, H))]
 
@@ -603,36 +605,53 @@ def check_tensors_over_2_to_the_31_elements(backend, shape, layout, device="cpu"
     def dense(t):
         return t.contiguous(memory_format=LAYOUTS[layout])
 
+    def check_branch_gradients(op, out, g, input, weight, mean, invstd, grad_input, grad_weight, grad_bias):
+        """One BN branch's gradients, masked where ``out`` is not positive."""
+        sums = torch.zeros(4, C, device=device, dtype=torch.float64)  # sum(g), sum(g (x - mean)), magnitudes
+        for xc, gc, oc in chunks(input, g, out):
+            masked = torch.where(oc > 0, gc.double(), 0.0)
+            centered = masked * (xc.double() - channel(mean.double()))
+            sums += torch.stack([masked.sum((0, 2, 3)), centered.sum((0, 2, 3)),
+                                 masked.abs().sum((0, 2, 3)), centered.abs().sum((0, 2, 3))])
+        sum_g, sum_gc, mag_g, mag_gc = sums
+        assert ((grad_bias - sum_g).abs() <= 1e-5 * mag_g + 1e-3).all(), f"{op} grad_bias"
+        assert ((grad_weight - sum_gc * invstd).abs() <= 1e-5 * mag_gc * invstd + 1e-3).all(), f"{op} grad_weight"
+        scale = weight * invstd
+        for end in ends:
+            masked = torch.where(out[end] > 0, g[end], 0.0).float()
+            want = (masked * channel(scale) - channel(scale * sum_g.float() / m)
+                    - (input[end].float() - channel(mean)) * channel(scale * invstd**2 * sum_gc.float() / m))
+            assert_close(grad_input[end].float(), want, 4 * ROUNDING[torch.bfloat16], f"{op} grad_input")
+
     mean, invstd = ops.batch_stats(x, None, None, 0.1, 1e-5)
     mean64 = sum(xc.double().sum((0, 2, 3)) for (xc,) in chunks(x)) / m
     var64 = sum(((xc.double() - channel(mean64)) ** 2).sum((0, 2, 3)) for (xc,) in chunks(x)) / m
     assert_close(mean, mean64, 1e-5, "mean", atol=1e-6)
     assert_close(invstd, (var64 + 1e-5).rsqrt(), 1e-5, "invstd", atol=0)
     del mean64, var64
+    g = torch.empty_like(x).normal_(1, 1)
 
     out = ops.bn_add_relu(x, y, w, b, mean, invstd, True)
     for end in ends:
         want = ref.bn_add_relu(dense(x[end]), dense(y[end]), w, b, mean, invstd, True)
-        assert_close(out[end], want, ROUNDING[torch.bfloat16], "output")
-
-    g = torch.empty_like(x).normal_(1, 1)
+        assert_close(out[end], want, ROUNDING[torch.bfloat16], "bn_add_relu output")
     grad_x, grad_y, grad_w, grad_b = ops.bn_add_relu_backward(g, x, y, w, b, mean, invstd, True)
-    sums = torch.zeros(4, C, device=device, dtype=torch.float64)  # sum(g), sum(g (x - mean)), and magnitudes
-    for xc, gc, oc in chunks(x, g, out):
-        masked = torch.where(oc > 0, gc.double(), 0.0)
-        centered = masked * (xc.double() - channel(mean.double()))
-        sums += torch.stack([masked.sum((0, 2, 3)), centered.sum((0, 2, 3)),
-                             masked.abs().sum((0, 2, 3)), centered.abs().sum((0, 2, 3))])
-    sum_g, sum_gc, mag_g, mag_gc = sums
-    assert ((grad_b - sum_g).abs() <= 1e-5 * mag_g + 1e-3).all(), "grad_bias"
-    assert ((grad_w - sum_gc * invstd).abs() <= 1e-5 * mag_gc * invstd + 1e-3).all(), "grad_weight"
-    scale = w * invstd
     for end in ends:
-        masked = torch.where(out[end] > 0, g[end], 0.0)
-        assert torch.equal(grad_y[end], masked), "grad_residual"
-        want = (masked.float() * channel(scale) - channel(scale * sum_g.float() / m)
-                - (x[end].float() - channel(mean)) * channel(scale * invstd**2 * sum_gc.float() / m))
-        assert_close(grad_x[end].float(), want, 4 * ROUNDING[torch.bfloat16], "grad_input")
+        assert torch.equal(grad_y[end], torch.where(out[end] > 0, g[end], 0.0)), "grad_residual"
+    check_branch_gradients("bn_add_relu", out, g, x, w, mean, invstd, grad_x, grad_w, grad_b)
+    del out, grad_x, grad_y  # the dual op's six tensors in the same memory
+
+    mean_d, invstd_d = ops.batch_stats(y, None, None, 0.1, 1e-5)
+    main, downsample = (w, b, mean, invstd), (w_d, b_d, mean_d, invstd_d)
+    out = ops.dual_bn_add_relu(x, *main, y, *downsample, True)
+    for end in ends:
+        want = ref.dual_bn_add_relu(dense(x[end]), *main, dense(y[end]), *downsample, True)
+        assert_close(out[end], want, ROUNDING[torch.bfloat16], "dual_bn_add_relu output")
+    grad_x, grad_w, grad_b, grad_y, grad_w_d, grad_b_d = ops.dual_bn_add_relu_backward(
+        g, x, *main, y, *downsample, True)
+    check_branch_gradients("dual_bn_add_relu", out, g, x, w, mean, invstd, grad_x, grad_w, grad_b)
+    check_branch_gradients("dual_bn_add_relu downsample", out, g, y, w_d, mean_d, invstd_d,
+                           grad_y, grad_w_d, grad_b_d)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
