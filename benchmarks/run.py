@@ -120,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    for name in provider_names for c in configs}
     runnable = [t for t in tasks if not unavailable.get((t.provider, t.config))]
     rep_ms = suite.repetition_ms(budget, len(runnable))
-    print(f"{len(runnable)} tasks to run; budget {f'{budget:.0f} s' if budget else 'none'}; "
+    print(f"{len(tasks)} tasks, {len(runnable)} runnable here; budget {f'{budget:.0f} s' if budget else 'none'}; "
           f"each measurement repeats for {rep_ms:.0f} ms", flush=True)
     for (name, config), reason in unavailable.items():
         if reason:

@@ -8,11 +8,12 @@ call per device type and dtype (``backends.resolve``).
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
 
-BUILD_COMMAND = "pip install --no-build-isolation ."
+BUILD_HINT = "`pip install --no-build-isolation .` (in a checkout: `... -e .`)"
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.resnet_fused)
@@ -23,10 +24,15 @@ except (ImportError, OSError) as error:  # not built, or built against another t
 
 LOADED = load_error is None
 
+# Why not, in words: a missing module imported from a package still initializing would
+# read as "partially initialized module ... (most likely due to a circular import)".
+NOT_LOADED: str | None = None
 if not LOADED:
+    built = importlib.util.find_spec(f"{__package__}._C") is not None
+    NOT_LOADED = f"could not be loaded ({load_error})" if built else "is not built"
     warnings.warn(
-        f"resnet_fused: the compiled extension resnet_fused._C could not be loaded ({load_error}); "
-        f"every op runs the plain-PyTorch reference path. Build it with `{BUILD_COMMAND}`.",
+        f"resnet_fused: the compiled extension resnet_fused._C {NOT_LOADED}; "
+        f"every op runs the plain-PyTorch reference path. Build it with {BUILD_HINT}.",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -36,3 +36,31 @@ def test_make_venv_sees_the_creating_environments_torch(tmp_path):
     ).stdout.strip()
     (Path(purelib) / "torch.py").write_text("")  # a package of .venv's own, named like the inherited one
     assert _torch_seen_by(second) == str(Path(purelib) / "torch.py")
+
+
+def test_an_unbuilt_or_broken_extension_says_which(tmp_path):
+    """Without resnet_fused._C the package imports, runs the reference path and says the
+    extension is not built (not "partially initialized module ... circular import", what
+    the failed import itself reads); with a _C that cannot load, the loader's reason."""
+    package = tmp_path / "resnet_fused"
+    subprocess.run(["cp", "-r", str(ROOT / "resnet_fused"), str(package)], check=True)
+    for built in package.glob("_C*"):
+        built.unlink()
+    probe = ("import resnet_fused\n"
+             "print(resnet_fused.__file__)\n"
+             "print(resnet_fused.available_backends('cpu'))\n"
+             "print(resnet_fused.backends.get('cpu').unavailable)\n")
+
+    def run() -> str:
+        result = subprocess.run([sys.executable, "-W", "always", "-c", probe], cwd=tmp_path,
+                                capture_output=True, text=True, check=True)
+        return result.stdout + result.stderr
+
+    output = run()
+    assert str(package / "__init__.py") in output, output  # the copy, not this checkout
+    assert "resnet_fused._C is not built; every op runs the plain-PyTorch reference path" in output, output
+    assert "['reference']" in output and "circular import" not in output, output
+    assert output.count("pip install --no-build-isolation .") == 2, output  # the warning and the backend
+    (package / "_C.abi3.so").write_bytes(b"not a shared object")
+    output = run()
+    assert "resnet_fused._C could not be loaded (" in output and "['reference']" in output, output
