@@ -14,7 +14,7 @@ PIP := $(PY) -m pip
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 
-.PHONY: setup build test bench clean
+.PHONY: setup build test bench clean FORCE
 
 $(PY):
 	$(PYTHON) scripts/make_venv.py $(VENV)
@@ -25,8 +25,15 @@ DEPS := "torch>=2.6" torchvision numpy pytest ninja setuptools wheel scikit-lear
 setup: $(PY)
 	$(PIP) install -q $(DEPS)
 
-build: setup
+# The editable install compiles the extension anew each time (minutes): it reruns only when
+# setup.py or a source changed since the last one, or the module is missing (after another
+# torch, `make clean` forces it).
+BUILT := $(VENV)/.resnet_fused-built
+$(BUILT): setup.py $(shell find csrc -type f) $(if $(wildcard resnet_fused/_C*.so),,FORCE) | setup
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
 
 test: build
 	$(PY) -m pytest -q
@@ -38,4 +45,6 @@ bench: build
 	$(PY) -m benchmarks.run --device auto --budget 300 $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info resnet_fused/_C*.so
+	rm -rf build *.egg-info resnet_fused/_C*.so $(BUILT)
+
+FORCE:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import resnet_fused
 
-DEFAULT_PLOT = Path(__file__).resolve().parent.parent / "results" / "train_digits.png"
+DEFAULT_PLOT = Path(__file__).resolve().parent.parent / "results" / "local" / "train_digits.png"  # git ignores it
 
 
 def small_resnet(num_classes: int = 10) -> nn.Sequential:

@@ -31,7 +31,8 @@ def test_fused_and_unfused_training_agree(train_digits, tmp_path):
     # Same weights, same first batch: only the forward's rounding differs.
     assert abs(result.fused.losses[0] - result.unfused.losses[0]) < 1e-5
     # Afterwards SGD amplifies rounding; the curves stay together (mean gap a few percent of
-    # the loss, where a wrong gradient or running statistic would separate them).
+    # the loss). A check of the whole loop, not of the gradients: one 0.3% off, or a biased
+    # running variance, keeps the gap as small (test_ops and test_modules see those).
     mean_gap = sum(abs(a - b) for a, b in zip(result.fused.losses, result.unfused.losses)) / steps
     assert mean_gap < 0.05 * sum(result.unfused.losses) / steps
     for history in (result.unfused, result.fused):
