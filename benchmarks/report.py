@@ -347,7 +347,7 @@ def write_run(out_dir: Path, env: dict, rows: list[dict]) -> tuple[list[Table], 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Render a run's tables, CSV and charts again from its results.json.")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description="Render a run's tables, CSV and charts again from its results.json.")
     parser.add_argument("run_dir", type=Path, help="a run's directory (holds results.json)")
     parser.add_argument("--latest", type=Path, metavar="ROOT", help="also rewrite ROOT/LATEST.md (a published run)")
     args = parser.parse_args(argv)

@@ -44,7 +44,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: the GPU if there is one, else the CPU")
     p.add_argument("--budget", type=float, default=300.0,
-                   help="seconds for the whole run (0: no limit); low-priority tasks are skipped to fit")
+                   help="seconds for the whole run (default 300; 0: no limit); low-priority tasks are skipped to fit")
     p.add_argument("--size", choices=("auto", *SIZES), default="auto",
                    help="gpu: N=128 blocks and ResNet-50; cpu: N=8 blocks, N=4 ResNet-50; tiny: smoke tests. "
                         "auto: by device")
@@ -53,12 +53,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    "default bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--layout", type=_choices(tuple(LAYOUTS)), default=["channels_last"],
                    help="channels_last (default) and/or nchw")
-    p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS),
+                   help=f"comma-separated, of {','.join(WORKLOADS)} (default all)")
     p.add_argument("--shapes", type=_choices(("layer1", "layer2", "layer3", "layer4")),
                    help="block stages to run (default all)")
-    p.add_argument("--modes", type=_choices(MODES), default=list(MODES))
+    p.add_argument("--modes", type=_choices(MODES), default=list(MODES),
+                   help=f"comma-separated, of {','.join(MODES)} (default all)")
     p.add_argument("--providers", type=_choices((*providers.NAMES, "fused")), default=list(providers.DEFAULT),
-                   help="'fused' means every backend; compile-max-autotune is opt-in")
+                   help=f"comma-separated, of {','.join(providers.NAMES)}; 'fused' means every backend "
+                        f"(default all but compile-max-autotune)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the profiler breakdown of time into conv/bn/eltwise/other")
     where = p.add_mutually_exclusive_group()

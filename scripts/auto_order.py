@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=Path, help="the same GPU's suite run (benchmarks/run.py results.json)")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                         help=f"how much faster a backend must be to move ahead (default {DEFAULT_MARGIN})")
-    parser.add_argument("--out", type=Path, default=ORDER_FILE)
+    parser.add_argument("--out", type=Path, default=ORDER_FILE,
+                        help=f"where to write the order (default {ORDER_FILE.relative_to(ORDER_FILE.parents[1])}: the package's own)")
     args = parser.parse_args(argv)
     if not 0 <= args.margin < 1:
         parser.error(f"--margin is a fraction in [0, 1), got {args.margin}")

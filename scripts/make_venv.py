@@ -39,7 +39,7 @@ def create(directory: Path, with_pip: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("directory", type=Path)
     parser.add_argument("--without-pip", action="store_true", help="do not install pip into it")
     args = parser.parse_args(argv)

@@ -187,7 +187,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="80,90", help="comma-separated SM versions (default: 80,90)")
     parser.add_argument("--nvcc", help="nvcc to use (default: PATH, $CUDA_HOME, /usr/local/cuda)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="ptxas processes at once (default: every core)")
     args = parser.parse_args()
     archs = [a.strip().replace(".", "") for a in args.arch.split(",") if a.strip()]
     nvcc = find_nvcc(args.nvcc)

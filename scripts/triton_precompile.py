@@ -39,7 +39,7 @@ def main() -> int:
     parser.add_argument("--shape", action="append", help="NxCxHxW (repeatable; default: the stage shapes, N=128)")
     parser.add_argument("--layout", action="append", choices=sorted(compile_report.LAYOUTS),
                         help="repeatable; default: nhwc")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compilations at once (default: every core)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape or ()] or [
         (128, c, s, s) for s, c in STAGE_SHAPES
