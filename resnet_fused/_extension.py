@@ -28,7 +28,10 @@ LOADED = load_error is None
 # read as "partially initialized module ... (most likely due to a circular import)".
 NOT_LOADED: str | None = None
 if not LOADED:
-    built = importlib.util.find_spec(f"{__package__}._C") is not None
+    try:
+        built = importlib.util.find_spec(f"{__package__}._C") is not None
+    except (ImportError, ValueError):  # a finder refused it: its own error says why
+        built = True
     NOT_LOADED = f"could not be loaded ({load_error})" if built else "is not built"
     warnings.warn(
         f"resnet_fused: the compiled extension resnet_fused._C {NOT_LOADED}; "

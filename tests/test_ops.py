@@ -40,12 +40,12 @@ from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opch
 CPU_BACKENDS = [b for b in ("cpu", "reference") if b in resnet_fused.available_backends("cpu")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (relative = absolute) tolerance of one rounding to the dtype after float32 math
-ROUNDING = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+ROUNDING = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 # Against float64 eager, an activation (output, input gradient) is float32 math rounded once
 # to its dtype: within the unit roundoff relative to itself (2^-11, 2^-8 for the 16-bit
 # types), plus float32 error absolute, ~1e-6 of the terms it sums (|x * scale|, |shift|,
 # the residual: up to ~10 here), before that rounding.
-EXACT_ROUNDING = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+EXACT_ROUNDING = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
                   torch.float16: (2**-11, 2e-5), torch.bfloat16: (2**-8, 2e-5)}  # (rtol, atol)
 # Eager in float16/bfloat16 rounds each BatchNorm output (|y| up to ~4 here, where one
 # ulp is 4x the ulp at 1) and then the sum: up to three half-ulps at 4, i.e. 6 units of
