@@ -26,10 +26,11 @@ setup: $(PY)
 	$(PIP) install -q $(DEPS)
 
 # The editable install compiles the extension anew each time (minutes): it reruns only when
-# setup.py or a source changed since the last one, or the module is missing (after another
-# torch, `make clean` forces it).
+# setup.py, a source or a source directory (a file removed) changed since the last one, or
+# the module is missing or newer (built for another VENV). After changing torch or a build
+# switch: `make clean`.
 BUILT := $(VENV)/.resnet_fused-built
-$(BUILT): setup.py $(shell find csrc -type f) $(if $(wildcard resnet_fused/_C*.so),,FORCE) | setup
+$(BUILT): setup.py $(shell find csrc) $(or $(wildcard resnet_fused/_C*.so),FORCE) | setup
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 

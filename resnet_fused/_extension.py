@@ -9,11 +9,12 @@ call per device type and dtype (``backends.resolve``).
 from __future__ import annotations
 
 import importlib.util
+import sys
 import warnings
 
 import torch
 
-BUILD_HINT = "`pip install --no-build-isolation .` (in a checkout: `... -e .`)"
+BUILD_HINT = "`pip install --no-build-isolation .`, or `pip install --no-build-isolation -e .` in a checkout"
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.resnet_fused)
@@ -24,15 +25,20 @@ except (ImportError, OSError) as error:  # not built, or built against another t
 
 LOADED = load_error is None
 
-# Why not, in words: a missing module imported from a package still initializing would
-# read as "partially initialized module ... (most likely due to a circular import)".
-NOT_LOADED: str | None = None
-if not LOADED:
-    try:
-        built = importlib.util.find_spec(f"{__package__}._C") is not None
-    except (ImportError, ValueError):  # a finder refused it: its own error says why
+
+def _why_not_loaded(error: Exception) -> str:
+    """Why ``_C`` did not load, in words: the failed import of a missing module from a
+    package still initializing reads "partially initialized module ... circular import"."""
+    name = f"{__package__}._C"
+    try:  # sys.modules[name] = None, or a finder refusing it: blocked, not missing
+        built = name in sys.modules or importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
         built = True
-    NOT_LOADED = f"could not be loaded ({load_error})" if built else "is not built"
+    return f"could not be loaded ({error})" if built else "is not built"
+
+
+NOT_LOADED = None if load_error is None else _why_not_loaded(load_error)
+if NOT_LOADED:
     warnings.warn(
         f"resnet_fused: the compiled extension resnet_fused._C {NOT_LOADED}; "
         f"every op runs the plain-PyTorch reference path. Build it with {BUILD_HINT}.",

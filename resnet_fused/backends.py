@@ -143,7 +143,7 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the GPU kernels' 
 
 def _compiled(dispatch_key: str) -> Optional[str]:
     if not _extension.LOADED:
-        return f"resnet_fused._C {_extension.NOT_LOADED} ({_extension.BUILD_HINT})"
+        return f"resnet_fused._C {_extension.NOT_LOADED}; build it with {_extension.BUILD_HINT}"
     if not _extension.has_kernels(dispatch_key):
         return f"resnet_fused._C was built without {dispatch_key} kernels"
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,12 @@ def test_an_unbuilt_or_broken_extension_says_which(tmp_path):
              "print(resnet_fused.available_backends('cpu'))\n"
              "print(resnet_fused.backends.get('cpu').unavailable)\n")
 
+    # -S: no .pth files run, so no editable install's finder maps resnet_fused._C to this
+    # checkout's; this process's resolved path (torch's directories) stands in for them.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, sys.path)])}
+
     def run() -> str:
-        result = subprocess.run([sys.executable, "-W", "always", "-c", probe], cwd=tmp_path,
+        result = subprocess.run([sys.executable, "-S", "-W", "always", "-c", probe], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, check=True)
         return result.stdout + result.stderr
 
@@ -61,6 +66,10 @@ def test_an_unbuilt_or_broken_extension_says_which(tmp_path):
     assert "resnet_fused._C is not built; every op runs the plain-PyTorch reference path" in output, output
     assert "['reference']" in output and "circular import" not in output, output
     assert output.count("pip install --no-build-isolation .") == 2, output  # the warning and the backend
+    probe = "import sys; sys.modules['resnet_fused._C'] = None\n" + probe  # blocked, not missing
+    output = run()
+    assert "resnet_fused._C could not be loaded (import of resnet_fused._C halted" in output, output
     (package / "_C.abi3.so").write_bytes(b"not a shared object")
+    probe = probe.split("\n", 1)[1]
     output = run()
     assert "resnet_fused._C could not be loaded (" in output and "['reference']" in output, output
