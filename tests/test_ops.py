@@ -54,9 +54,9 @@ EXACT_ROUNDING = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
 EAGER_ROUNDINGS = 8
 # In training an input gradient is a difference of terms with per-channel coefficients from
 # float32 sums: float32 error relative to the gradient's largest element, beyond the rounding
-# (eval: g * scale rounded once, nothing to add). 1e-5 is ~20x the largest seen; float64's
-# sums err ~1e-15.
-GRADIENT_SUM_ERROR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+# (eval: g * scale rounded once, nothing to add): seen up to 1.7e-7 of the largest element
+# (two seeds of every training case, 2026-11-29); float64's sums err ~4e-15.
+GRADIENT_SUM_ERROR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
 # A weight or bias gradient is a sum over N*H*W terms that may cancel: its float32 error
 # is bounded by the terms' magnitudes (`channel_sum_magnitudes`), not by the sum. Largest
 # seen over six seeds of every run_case shape (2026-11-29): 8.5e-7 of the magnitude against
