@@ -210,6 +210,12 @@ def channel_sum_magnitudes(input64, g64, mean, var, eps):
     return sum_abs_g, (g64 * xhat).abs().sum(dims) + sum_abs_g * invstd * input64.abs().mean(dims)
 
 
+def unmasked_channel_sum_magnitude(input, g, mean, invstd):
+    """A bound of both parameter gradients' magnitudes (``channel_sum_magnitudes``) for an
+    upstream gradient ``g`` before its mask, with the statistics as the ops take them."""
+    return sum(channel_sum_magnitudes(input.double(), g.double(), mean.double(), invstd.double() ** -2, 0.0))
+
+
 def assert_channel_sums_close(actual, expected, magnitude, tol, what):
     """|actual - expected| <= tol * magnitude per channel (plus float32's smallest normal:
     an all-masked channel's sums are 0 in both)."""
@@ -915,10 +921,6 @@ def test_backward_ops_match_reference_formulas(layout, dtype, training):
     # ~10 here). Weight and bias gradients: float32 sums of the same terms, within
     # CHANNEL_SUM_ERROR of their magnitudes (the unmasked gradient's: a bound of both).
     tol = 2 * ROUNDING[dtype]
-
-    def magnitude(input):
-        return sum(channel_sum_magnitudes(input.double(), g.double(), mean, invstd.double() ** -2, 0.0))
-
     for name, args in cases.items():
         got = getattr(torch.ops.resnet_fused, name)(*args)
         want = getattr(torch.ops.resnet_fused_reference, name)(*args)
@@ -926,8 +928,8 @@ def test_backward_ops_match_reference_formulas(layout, dtype, training):
             assert a.dtype == e.dtype and a.stride() == e.stride(), f"{name} output {i}"
             if a.dim() == 1:
                 branch_input = r if name == "dual_bn_add_relu_backward" and i > 2 else x
-                assert_channel_sums_close(a, e, magnitude(branch_input), CHANNEL_SUM_ERROR["eager64"][dtype],
-                                          f"{name} output {i}")
+                magnitude = unmasked_channel_sum_magnitude(branch_input, g, mean, invstd)
+                assert_channel_sums_close(a, e, magnitude, CHANNEL_SUM_ERROR["eager64"][dtype], f"{name} output {i}")
                 continue
             atol = tol * e.abs().max().item()
             torch.testing.assert_close(a, e, rtol=tol, atol=atol, msg=lambda m: f"{name} output {i}: {m}")
