@@ -25,12 +25,21 @@ DEPS := "torch>=2.6" torchvision numpy pytest ninja setuptools wheel scikit-lear
 setup: $(PY)
 	$(PIP) install -q $(DEPS)
 
+# What the build depends on besides its sources: torch (its version and CUDA) and the
+# build switches setup.py reads. Rewritten only when that changes, so a new torch or switch
+# rebuilds and an unchanged one does not.
+BUILD_CONFIG := $(VENV)/.resnet_fused-build-config
+$(BUILD_CONFIG): FORCE | setup
+	@{ $(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; \
+	   for name in RESNET_FUSED_CUDA TORCH_CUDA_ARCH_LIST CUDA_HOME CUDA_PATH CC CXX; do \
+	     printf '%s=%s\n' "$$name" "$$(printenv $$name)"; done; } > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
 # The editable install compiles the extension anew each time (minutes): it reruns only when
-# setup.py, a source or a source directory (a file removed) changed since the last one, or
-# the module is missing or newer (built for another VENV). After changing torch or a build
-# switch: `make clean`.
+# setup.py, a source or a source directory (a file removed) or the build configuration
+# changed since the last one, or the module is missing or newer (built for another VENV).
 BUILT := $(VENV)/.resnet_fused-built
-$(BUILT): setup.py $(shell find csrc) $(or $(wildcard resnet_fused/_C*.so),FORCE) | setup
+$(BUILT): setup.py $(shell find csrc) $(BUILD_CONFIG) $(or $(wildcard resnet_fused/_C*.so),FORCE) | setup
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -46,6 +55,6 @@ bench: build
 	$(PY) -m benchmarks.run --device auto --budget 300 $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info resnet_fused/_C*.so $(BUILT)
+	rm -rf build *.egg-info resnet_fused/_C*.so $(BUILT) $(BUILD_CONFIG)
 
 FORCE:
