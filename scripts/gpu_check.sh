@@ -11,7 +11,8 @@
 #
 # Writes to DIR (default results/local/gpu-check-<UTC time>): gpu_check.log (this script's
 # own output), build.log, ptxas.txt,
-# pytest.log, the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
+# pytest.log, margins.tsv and margins.txt (each comparison's worst error as a fraction of its
+# tolerance, and their summary by test and quantity: scripts/margins.py), the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py; after the suite, with its blocks' times
 # too, when both run into one DIR), a brief NCHW run of it
 # (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the CUDA kernels launched
@@ -243,10 +244,15 @@ if phase_fits tests; then
   pytest_args=(-m cuda -v -p no:cacheprovider -rfEs --durations=15)
   if "$PYTHON" -c "import xdist" 2>/dev/null; then pytest_args+=(-n 8 --dist loadgroup); fi
   if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout=120); fi
-  capped "$TESTS_BUDGET" "$out/pytest.log" "$PYTHON" -m pytest "${pytest_args[@]}" ${PYTEST_ARGS:-tests}
+  rm -f "$out/margins.tsv"
+  capped "$TESTS_BUDGET" "$out/pytest.log" env RESNET_FUSED_MARGIN_LOG="$out/margins.tsv" \
+    "$PYTHON" -m pytest "${pytest_args[@]}" ${PYTEST_ARGS:-tests}
   tests_rc=$?
   grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -30
   grep -E "^=+ .*(passed|failed|error|skipped).* =+$" "$out/pytest.log" | tail -n 1
+  if [[ -s "$out/margins.tsv" ]]; then
+    "$PYTHON" scripts/margins.py "$out/margins.tsv" > "$out/margins.txt" && head -n 6 "$out/margins.txt"
+  fi
   if [[ $tests_rc -ne 0 ]]; then
     echo "gpu_check: TESTS FAILED (rc=$tests_rc; full log: $out/pytest.log)"
     status=1

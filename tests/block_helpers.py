@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import resnet_fused
+from helpers import log_margin
 
 # Each torchvision block configuration the fused blocks must reproduce:
 # name -> (block class, inplanes, planes, stride, downsample?, groups, base_width, dilation).
@@ -191,6 +192,8 @@ def assert_within_eager_error(
         fused_error = (fused[name].double() - ref).norm().item()
         eager_error = (eager[name].double() - ref).norm().item()
         bound = factor * eager_error + floor * ref.norm().item()
+        log_margin(f"{name} (L2 error, by eager's)",
+                   0.0 if fused_error == 0 else fused_error / bound if bound > 0 else float("inf"))
         assert fused_error <= bound, f"{name}: fused error {fused_error:.3g} > {bound:.3g} (eager {eager_error:.3g})"
 
 

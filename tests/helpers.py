@@ -11,6 +11,32 @@ import resnet_fused
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
+# scripts/gpu_check.sh sets RESNET_FUSED_MARGIN_LOG to a file: every comparison of the shared
+# assertion helpers then appends the test, what it compared and its worst error as a
+# fraction of what the tolerance allows (1 fails). The tolerances that only a GPU run
+# checks are chosen from these (scripts/margins.py sums the file up).
+MARGIN_LOG = os.environ.get("RESNET_FUSED_MARGIN_LOG", "")
+MARGIN_LOG_MAX_NUMEL = 2**27  # past it (the checks past 2^31 values) not logged: a float64 copy each
+
+
+def log_margin(what: str, fraction: float) -> None:
+    """Appends ``fraction`` (an error over its bound) for ``what`` in the current test."""
+    if MARGIN_LOG:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+        with open(MARGIN_LOG, "a") as log:  # one short write: lines of parallel workers stay whole
+            log.write(f"{fraction:.4g}\t{test}\t{what}\n")
+
+
+def log_elementwise_margin(what: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> None:
+    """``log_margin`` of torch.testing.assert_close's rule, |actual - expected| <= atol +
+    rtol |expected| per element (equal values, infinities and NaNs included, count as 0)."""
+    if not MARGIN_LOG or not 0 < actual.numel() <= MARGIN_LOG_MAX_NUMEL:
+        return
+    a, e = actual.detach().double(), expected.detach().double()
+    error = torch.where((a == e) | (a.isnan() & e.isnan()), 0.0, (a - e).abs())
+    bound = atol + rtol * e.abs()
+    log_margin(what, (error / bound).nan_to_num(nan=float("inf")).max().item())
+
 
 def child_env(*paths: str, **variables: str) -> dict:
     """The environment of a child Python that imports this very resnet_fused (and modules

@@ -190,8 +190,7 @@ def test_backward_ops_match_reference_ops(layout, dtype, training):
                 magnitude = unmasked_channel_sum_magnitude(args[0], *branch)
                 assert_channel_sums_close(a, e, magnitude, CHANNEL_SUM_ERROR["eager64"][dtype], f"{name} output {i}")
                 continue
-            tol = 2 * ROUNDING[dtype]
-            torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=lambda m: f"{name} output {i}: {m}")
+            assert_close(a, e, 2 * ROUNDING[dtype], f"{name} output {i}")
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused import _checks, backends, functional as RF
-from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck, child_env, non_contiguous
+from helpers import (LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck, child_env, log_elementwise_margin,
+                     log_margin, non_contiguous)
 
 CPU_BACKENDS = [b for b in ("cpu", "reference") if b in resnet_fused.available_backends("cpu")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -167,8 +168,9 @@ def assert_close(actual, expected, tol, what, atol=None):
     rounding of its own), else in ``actual``'s dtype."""
     if expected.dtype == torch.float64:
         actual = actual.double()
-    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=tol, atol=tol if atol is None else atol,
-                               msg=lambda m: f"{what}: {m}")
+    expected, atol = expected.to(actual.dtype), tol if atol is None else atol
+    log_elementwise_margin(what, actual, expected, tol, atol)
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def assert_same_layout(actual, expected, what):
@@ -220,6 +222,7 @@ def assert_channel_sums_close(actual, expected, magnitude, tol, what):
     an all-masked channel's sums are 0 in both)."""
     error = (actual.double() - expected.double()).abs()
     bound = tol * magnitude + torch.finfo(torch.float32).tiny
+    log_margin(what, (error / bound).nan_to_num(nan=float("inf")).max().item())
     assert (error <= bound).all(), f"{what}: error / (tol * magnitude) up to {(error / bound).max().item():.3g}"
 
 
@@ -1651,15 +1654,16 @@ def test_cuda_device_key_is_cached_per_device(monkeypatch):
     assert calls == [0, 1]
 
 
-def _auto_order_script():
-    spec = importlib.util.spec_from_file_location("auto_order", Path(__file__).parent.parent / "scripts" / "auto_order.py")
+def _script(name):
+    """scripts/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
 
 
 def test_auto_order_script_ranks_backends_by_geometric_mean(tmp_path, capsys):
-    script = _auto_order_script()
+    script = _script("auto_order")
 
     def row(backend, op, shape, ms, dtype="bfloat16", **extra):
         return dict(backend=backend, op=op, shape=shape, dtype=dtype, layout="channels_last", median_ms=ms, **extra)
@@ -1705,7 +1709,7 @@ def test_auto_order_moves_a_backend_ahead_only_when_clearly_faster_everywhere(tm
     """Kernels (device time) and, when a suite run is given, blocks (by the clock, host
     included): Triton goes ahead of AUTO_ORDER's CUDA C++ only if faster by more than the
     margin in both."""
-    script = _auto_order_script()
+    script = _script("auto_order")
     env = dict(device="cuda", arch="sm_90", card="NVIDIA H200", timestamp="2026-11-27T00:00:00+00:00", git_commit="abc")
     kernel_rows = [dict(backend=backend, op="bn_relu", shape=shape, dtype="float32", layout="channels_last",
                         median_ms=ms * (triton_kernels if backend == "triton" else 1.0))
@@ -1737,7 +1741,7 @@ def test_auto_order_refuses_blocks_it_cannot_weigh(tmp_path, suite, capsys):
     """A suite run of another card, one where a backend timed no block (all failed, say:
     the kernels alone would then decide, unnoticed), or a file that is not a run: an error
     naming the problem, and no order written."""
-    script = _auto_order_script()
+    script = _script("auto_order")
     env = dict(device="cuda", arch="sm_90", card="NVIDIA H200", timestamp="2026-11-27T00:00:00+00:00")
     rows = [dict(backend=b, op="bn_relu", shape="layer1.64", dtype="float32", median_ms=ms)
             for b, ms in (("cuda", 1.0), ("triton", 0.5))]
@@ -1805,7 +1809,36 @@ def test_auto_passes_over_a_backend_that_cannot_run_the_dtype_or_is_unavailable(
 
 def test_auto_order_needs_more_than_the_margin():
     """Exactly the margin faster is not "faster by more than the margin"."""
-    order = _auto_order_script().order
+    order = _script("auto_order").order
     assert order([{"cuda": 1.0, "triton": 0.98}], 0.02) == ["cuda", "triton"]
     assert order([{"cuda": 1.0, "triton": 0.979}], 0.02) == ["triton", "cuda"]
     assert order([{"cuda": 1.0, "triton": 0.9}, {"cuda": 1.0, "triton": 0.99}], 0.02) == ["cuda", "triton"]
+
+
+def test_margin_log_records_each_comparison_and_the_summary_ranks_them(tmp_path, monkeypatch):
+    """With RESNET_FUSED_MARGIN_LOG (scripts/gpu_check.sh) each comparison of the shared
+    helpers logs its worst error over its bound; scripts/margins.py groups them by test
+    function and quantity, worst first."""
+    import helpers
+
+    log = tmp_path / "margins.tsv"
+    monkeypatch.setattr(helpers, "MARGIN_LOG", str(log))
+    inf = float("inf")
+    expected = torch.tensor([1.0, 2.0015, inf, -3.0], dtype=torch.float64)
+    # |2 - 2.0015| / (1e-3 + 1e-3 * 2.0015): the worst element; equal infinities count 0
+    assert_close(torch.tensor([1.0, 2.0, inf, -3.0], dtype=torch.float64), expected, 1e-3, "output 0")
+    assert_close(expected.clone(), expected, 1e-3, "output 1")
+    assert_channel_sums_close(torch.tensor([1.0, 5.0]), torch.tensor([1.6, 5.0]), torch.tensor([1.0, 1.0]), 1.0,
+                              "grad_weight")
+    with pytest.raises(AssertionError):
+        assert_close(torch.tensor([1.0]), torch.tensor([1.5]), 1e-3, "output 2")
+    fractions = [(float(f), what) for f, _, what in (line.split("\t") for line in log.read_text().splitlines())]
+    assert [what for _, what in fractions] == ["output 0", "output 1", "grad_weight", "output 2"]
+    assert fractions[0][0] == pytest.approx(0.0015 / (1e-3 + 1e-3 * 2.0015), rel=1e-3)
+    assert fractions[1][0] == 0.0 and fractions[2][0] == pytest.approx(0.6, rel=1e-6)
+    assert fractions[3][0] == pytest.approx(0.5 / (1e-3 + 1.5e-3), rel=1e-3)  # a failing one is logged too
+    summary = _script("margins").summarize(log.read_text().splitlines(), top=40).splitlines()
+    assert summary[0].startswith("4 comparisons in 2 groups, 2 of them with a worst case above half")
+    this = "tests/test_ops.py::test_margin_log_records_each_comparison_and_the_summary_ranks_them"
+    assert summary[2].split()[:5] == [f"{fractions[3][0]:.3g}", "3", this, "::", "output"]
+    assert summary[3].split()[:4] == ["0.6", "1", this, "::"] and summary[3].split()[4] == "grad_weight"

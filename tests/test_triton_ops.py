@@ -23,7 +23,7 @@ import torch
 
 import resnet_fused
 from resnet_fused import _extension, functional as RF, ops
-from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck, child_env
+from helpers import LAYOUTS, activation, assert_compiles_like_eager, assert_opcheck, child_env, log_elementwise_margin
 from test_ops import (EMPTY_SHAPES, OUTLIER_SHAPES_ON_GPU, STRIDE_SHAPES, check_empty_input,
                       check_mask_of_the_rounded_output, check_nan_residual_gradients,
                       check_results_strided_in_the_op_layout, check_non_finite_inputs_in_eval,
@@ -53,6 +53,7 @@ def assert_matches(got, want, tol, what, *, cancels=True):
     rounding apart elementwise, are unit-scale here."""
     assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride(), what
     scale = max(want.abs().max().item(), 1e-30) if want.numel() and cancels else 1.0
+    log_elementwise_margin(what, got, want, tol, tol * scale)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
