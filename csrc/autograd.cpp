@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
 #include <utility>
 
@@ -95,6 +96,10 @@ std::pair<Tensor, Tensor> statistics_grads(bool needed, const Tensor& weight, co
     grad_invstd = grad_weight / invstd_acc;
   }
   return {in_dtype(grad_mean, mean.scalar_type()), in_dtype(grad_invstd, invstd.scalar_type())};
+}
+
+void require_defined(const char* op, std::initializer_list<std::pair<const char*, const Tensor&>> tensors) {
+  for (const auto& [name, t] : tensors) check_defined(op, name, t);
 }
 
 bool statistics_need_grad(bool training, const Tensor& mean, const Tensor& invstd) {
@@ -204,18 +209,23 @@ struct DualBnAddRelu : torch::autograd::Function<DualBnAddRelu> {
 // itself (nothing below it is an op of this library).
 TORCH_LIBRARY_IMPL(resnet_fused_eager, CompositeImplicitAutograd, m) {
   using namespace resnet_fused::eager;
+  // An undefined (None) required tensor is refused before the Function reads its device.
   m.impl("bn_relu", [](const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                        const Tensor& mean, const Tensor& invstd, bool training) {
+    require_defined("bn_relu", {{"input", input}, {"mean", mean}, {"invstd", invstd}});
     return BnRelu::apply(input, weight, bias, mean, invstd, training);
   });
   m.impl("bn_add_relu", [](const Tensor& input, const Tensor& residual, const OptionalTensor& weight,
                            const OptionalTensor& bias, const Tensor& mean, const Tensor& invstd, bool training) {
+    require_defined("bn_add_relu", {{"input", input}, {"residual", residual}, {"mean", mean}, {"invstd", invstd}});
     return BnAddRelu::apply(input, residual, weight, bias, mean, invstd, training);
   });
   m.impl("dual_bn_add_relu",
          [](const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const Tensor& mean,
             const Tensor& invstd, const Tensor& input_d, const OptionalTensor& weight_d,
             const OptionalTensor& bias_d, const Tensor& mean_d, const Tensor& invstd_d, bool training) {
+           require_defined("dual_bn_add_relu", {{"input", input}, {"mean", mean}, {"invstd", invstd},
+                                                {"input_d", input_d}, {"mean_d", mean_d}, {"invstd_d", invstd_d}});
            return DualBnAddRelu::apply(input, weight, bias, mean, invstd, input_d, weight_d, bias_d, mean_d,
                                        invstd_d, training);
          });

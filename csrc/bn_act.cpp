@@ -1,5 +1,6 @@
 // Host side of the fused BatchNorm ops: validation, layouts, allocation, params.
-// Validation rules and messages match resnet_fused/_checks.py.
+// Validation rules, exception types and messages match resnet_fused/_checks.py (values as
+// C++ prints them: `Float`, not `torch.float32`).
 
 #include "bn_act.h"
 
@@ -18,6 +19,7 @@ bool is_activation_dtype(at::ScalarType t) {
 }
 
 void check_activation(const char* op, const char* name, const Tensor& t) {
+  check_defined(op, name, t);
   TORCH_CHECK_VALUE(t.dim() == 4, op, "(): expected `", name,
                     "` to be a 4-D (N, C, H, W) tensor, got a ", t.dim(),
                     "-D tensor of shape ", t.sizes());
@@ -27,6 +29,7 @@ void check_activation(const char* op, const char* name, const Tensor& t) {
 
 void check_like(const char* op, const char* name, const Tensor& t, const char* ref_name,
                 const Tensor& ref) {
+  check_defined(op, name, t);
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, "(): expected `", name, "` to have the shape of `",
                     ref_name, "` ", ref.sizes(), ", got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, "(): expected `", name,
@@ -92,6 +95,8 @@ void check_branch(const BnActKernels& kernels, const char* op, const BranchArgs&
   const std::string input_name = "input" + s;
   check_activation(op, input_name.c_str(), b.input);
   check_backend_dtype(kernels, op, b.input);
+  check_defined(op, ("mean" + s).c_str(), b.mean);
+  check_defined(op, ("invstd" + s).c_str(), b.invstd);
   check_per_channel(op, "weight" + s, b.weight, input_name.c_str(), b.input);
   check_per_channel(op, "bias" + s, b.bias, input_name.c_str(), b.input);
   check_per_channel(op, "mean" + s, b.mean, input_name.c_str(), b.input);
@@ -237,6 +242,10 @@ BnActBackwardParams backward_params(Epilogue epilogue, bool training, const Tens
 }  // namespace
 
 // ---------------------------------------------------------------- ops
+
+void check_defined(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), op, "(): expected `", name, "` to be a Tensor, got None");
+}
 
 std::tuple<Tensor, Tensor> batch_stats(const BnActKernels& kernels, const Tensor& input,
                                        const OptionalTensor& running_mean,

@@ -39,6 +39,10 @@ inline Tensor in_dtype(const Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
+// A required tensor argument given as None (an undefined tensor) is refused by name, as
+// resnet_fused/_checks.py refuses it, before anything reads it.
+void check_defined(const char* op, const char* name, const Tensor& t);
+
 std::tuple<Tensor, Tensor> batch_stats(
     const BnActKernels& kernels, const Tensor& input, const OptionalTensor& running_mean,
     const OptionalTensor& running_var, double momentum, double eps);

@@ -1,7 +1,7 @@
 """Argument validation shared by every Python-side entry point.
 
 The compiled ops validate the same rules in C++ (``csrc/bn_act.cpp``) with the same
-messages; this module serves the functional API, the fake (meta) kernels and the Triton
+exception types and messages (values as C++ prints them: ``Float``, ``[1, 3]``); this module serves the functional API, the fake (meta) kernels and the Triton
 backend, so a bad argument is reported before any kernel runs, whatever the backend.
 """
 

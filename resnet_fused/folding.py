@@ -77,6 +77,7 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
     """
     eps = _checks.as_float("batch_norm", "eps", bn.eps)
     _checks.check_eps("batch_norm", "eps", eps, training=False)  # F.batch_norm's rule in eval
+    _check_per_channel_sources(conv, bn)
     acc = _fold_accumulation_dtype(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var.to(acc) + eps)
@@ -92,6 +93,21 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
         weight = torch.empty_like(conv.weight, dtype=dtype)
         torch.mul(conv.weight, scale.reshape(-1, 1, 1, 1), out=weight)
         return FoldedConv(weight, shift.to(dtype))
+
+
+def _check_per_channel_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """conv.bias and the BatchNorm's tensors as the unfolded path needs them: one value per
+    output channel, on the convolution's device. Folding would broadcast a 1-element one
+    where eager raises, or fail inside its arithmetic."""
+    channels, device = conv.weight.shape[0], conv.weight.device
+    tensors = (("conv.bias", conv.bias), ("bn.weight", bn.weight), ("bn.bias", bn.bias),
+               ("bn.running_mean", bn.running_mean), ("bn.running_var", bn.running_var))
+    for name, t in tensors:
+        if t is not None and (t.shape != (channels,) or t.device != device):
+            raise ValueError(
+                f"fold(): expected `{name}` to be a 1-D tensor of {channels} elements (one per output channel "
+                f"of the convolution) on {device}, got shape {list(t.shape)} on {t.device}"
+            )
 
 
 _ABSENT = object()

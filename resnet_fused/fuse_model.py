@@ -86,6 +86,11 @@ def _grouped_by_reason(blocks: list[BlockReport]) -> list[str]:
     return [f"    {', '.join(group)} ({block_class}): {reason}" for (block_class, reason), group in names.items()]
 
 
+def _check_model(caller: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}(): expected `model` to be an nn.Module (an instance), got {type(model).__name__}")
+
+
 def fuse(model: nn.Module) -> tuple[nn.Module, FuseReport]:
     """Turns every torchvision ``BasicBlock`` / ``Bottleneck`` in ``model`` into its fused class.
 
@@ -94,6 +99,7 @@ def fuse(model: nn.Module) -> tuple[nn.Module, FuseReport]:
     blocks (whose forward may differ) are left as they are, listed in the report with
     the reason, and warned about. Idempotent: fused blocks are reported as such.
     """
+    _check_model("fuse", model)
     report = FuseReport()
     for name, block in model.named_modules():
         cls = type(block)
@@ -117,6 +123,7 @@ def fuse(model: nn.Module) -> tuple[nn.Module, FuseReport]:
 
 def unfuse(model: nn.Module) -> nn.Module:
     """Turns every fused block in ``model`` back into torchvision's class, in place; returns ``model``."""
+    _check_model("unfuse", model)
     for block in model.modules():
         plain = TORCHVISION_CLASS.get(type(block))
         if plain is not None:

@@ -72,7 +72,8 @@ def uses_batch_statistics(bn: nn.BatchNorm2d) -> bool:
 
 
 def _uses_batch_statistics(training: bool, running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
-    return training or (running_mean is None and running_var is None)
+    # bool(): eager takes any truthy `training` (a module's flag set to 1); the ops take a bool
+    return bool(training) or (running_mean is None and running_var is None)
 
 
 def _tensors(bn: nn.BatchNorm2d) -> tuple:
@@ -309,7 +310,9 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
     and no tracing (torch.compile, torch.jit.trace), which sees conv + fused op instead: a
     trace would otherwise keep the cached folded weights as constants, blind to weights
     loaded into it later. Nor under a dispatch mode (FakeTensorMode: the cache would keep
-    fake weights, keyed by real parameters, for the next real call) or on the meta device.
+    fake weights, keyed by real parameters, for the next real call) or on the meta device;
+    nor where ``x`` is not on the convolution's device: ``F.conv2d`` of a CPU input and meta
+    weights returns uninitialized memory, where the unfolded path's BatchNorm raises.
     """
     if (
         bn.training
@@ -320,6 +323,7 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
         or _records_autograd(x, conv, bn)
         or torch._C._len_torch_dispatch_stack() > 0
         or x.is_meta
+        or x.device != conv.weight.device
     ):
         return None
     return folding.compute_dtype(x, conv)

@@ -115,6 +115,13 @@ def test_fuse_unfuse_fuse_is_idempotent():
     assert_close_scaled(dict(model.state_dict()), state, 0.0)
 
 
+@pytest.mark.parametrize("model", [None, [], BasicBlock], ids=["None", "list", "a class"])
+def test_fuse_and_unfuse_refuse_what_is_not_a_module_by_name(model):
+    for call in (resnet_fused.fuse, resnet_fused.unfuse):
+        with pytest.raises(TypeError, match=rf"{call.__name__}\(\): expected `model` to be an nn.Module"):
+            call(model)
+
+
 def test_state_dict_round_trip():
     eager = torchvision_model("resnet50", torch.float32)
     fused, _ = resnet_fused.fuse(torchvision.models.resnet50(num_classes=10))

@@ -281,6 +281,53 @@ def test_half_a_running_statistics_pair_in_eval_is_refused_by_name(missing):
         fused(x)
 
 
+FOLD_SOURCES_OF_THE_WRONG_SIZE = {
+    "bn1.running_mean": lambda block: setattr(block.bn1, "running_mean", torch.full((1,), 0.5)),
+    "bn1.weight": lambda block: setattr(block.bn1, "weight", nn.Parameter(torch.ones(8))),
+    "conv1.bias": lambda block: setattr(block.conv1, "bias", nn.Parameter(torch.zeros(1))),
+}
+
+
+@pytest.mark.parametrize("source", FOLD_SOURCES_OF_THE_WRONG_SIZE)
+def test_a_folded_tensor_of_the_wrong_size_is_refused_by_name(source):
+    """Eval under no_grad folds: a one-element tensor would broadcast over the channels (a
+    silent wrong output) where eager raises; the fold names the tensor instead."""
+    plain, fused = pair("basic")
+    x = inputs_for("basic", 1)[0]
+    for block in (plain, fused):
+        block.eval()
+        FOLD_SOURCES_OF_THE_WRONG_SIZE[source](block)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        plain(x)
+    name = source.replace("bn1", "bn").replace("conv1", "conv")
+    with pytest.raises(ValueError, match=rf"fold\(\): expected `{name}` to be a 1-D tensor of 16 elements .* got shape"), \
+            torch.no_grad():
+        fused(x)
+
+
+def test_a_block_left_on_the_meta_device_refuses_a_cpu_input_in_eval():
+    """F.conv2d of a CPU input and meta weights returns uninitialized memory; eager's
+    BatchNorm then raises, and so must the fused block, folded or not."""
+    with torch.device("meta"):
+        plain = make_block("basic")
+    fused = fused_copy(plain)
+    fused.eval()
+    x = inputs_for("basic", 1)[0]
+    with pytest.raises(ValueError, match=r"bn_relu\(\): expected `weight` on the device of `input` \(cpu\), got meta"), \
+            torch.no_grad():
+        fused(x)
+
+
+def test_a_truthy_training_flag_is_training():
+    """A BatchNorm's `training` set to 1 (not a bool): eager trains; so does the fused block."""
+    plain, fused = pair("bottleneck_stride2_downsample")
+    x = inputs_for("bottleneck_stride2_downsample", 1)[0]
+    for block in (plain, fused):
+        block.bn1.training = 1
+    assert_close_scaled({"out": fused(x)}, {"out": plain(x)}, 1e-5)
+    assert_close_scaled(dict(fused.state_dict()), dict(plain.state_dict()), 1e-5)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_empty_batch(training):
     plain, fused = pair("bottleneck_stride2_downsample", torch.float64)

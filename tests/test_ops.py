@@ -1022,6 +1022,41 @@ def test_bad_input_names_the_argument(backend, case):
         RF.bn_relu(x, training=True, backend=backend, **kwargs)
 
 
+def _required_tensor_cases():
+    """(namespace, op, arguments with one required tensor None, its name) for every op's
+    required tensors, in the namespaces a user can call directly."""
+    x, s = activation((2, 4, 3, 3)), torch.ones(4)
+    calls = {
+        "bn_relu": (("input", x), ("weight", None), ("bias", None), ("mean", s), ("invstd", s), ("training", True)),
+        "bn_add_relu": (("input", x), ("residual", x), ("weight", None), ("bias", None), ("mean", s), ("invstd", s),
+                        ("training", True)),
+        "dual_bn_add_relu": (("input", x), ("weight", None), ("bias", None), ("mean", s), ("invstd", s),
+                             ("input_d", x), ("weight_d", None), ("bias_d", None), ("mean_d", s), ("invstd_d", s),
+                             ("training", True)),
+        "bn_relu_backward": (("grad_out", x), ("input", x), ("weight", None), ("bias", None), ("mean", s),
+                             ("invstd", s), ("training", True)),
+    }
+    namespaces = ["resnet_fused_reference"]
+    if "cpu" in CPU_BACKENDS:
+        namespaces += ["resnet_fused", "resnet_fused_eager"]
+    for namespace in namespaces:
+        for op, arguments in calls.items():
+            if namespace == "resnet_fused_eager" and op.endswith("_backward"):
+                continue
+            for i, (name, value) in enumerate(arguments):
+                if isinstance(value, torch.Tensor):
+                    args = [None if j == i else v for j, (_, v) in enumerate(arguments)]
+                    yield pytest.param(namespace, op, args, name, id=f"{namespace}-{op}-{name}")
+
+
+@pytest.mark.parametrize("namespace, op, args, name", list(_required_tensor_cases()))
+def test_a_required_tensor_given_as_none_is_refused_by_name(namespace, op, args, name):
+    """Called directly, every op refuses None for a required tensor by name (the C++ ops
+    read an undefined tensor's device: "tensor does not have a device")."""
+    with pytest.raises(TypeError, match=rf"{op}\(\): expected `{name}` to be a Tensor, got None"):
+        getattr(getattr(torch.ops, namespace), op)(*args)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_nested_residual_is_refused_by_name(backend):
     """A nested tensor where the op expects one like ``input`` (its shape cannot be asked)."""
