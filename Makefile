@@ -31,7 +31,7 @@ setup: $(PY)
 BUILD_CONFIG := $(VENV)/.resnet_fused-build-config
 $(BUILD_CONFIG): FORCE | setup
 	@{ $(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; \
-	   for name in RESNET_FUSED_CUDA TORCH_CUDA_ARCH_LIST CUDA_HOME CUDA_PATH CC CXX; do \
+	   for name in RESNET_FUSED_CUDA TORCH_CUDA_ARCH_LIST RESNET_FUSED_PTXAS_VERBOSE CUDA_HOME CUDA_PATH CC CXX; do \
 	     printf '%s=%s\n' "$$name" "$$(printenv $$name)"; done; } > $@.new
 	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
 
