@@ -310,9 +310,10 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
     and no tracing (torch.compile, torch.jit.trace), which sees conv + fused op instead: a
     trace would otherwise keep the cached folded weights as constants, blind to weights
     loaded into it later. Nor under a dispatch mode (FakeTensorMode: the cache would keep
-    fake weights, keyed by real parameters, for the next real call) or on the meta device;
-    nor where ``x`` is not on the convolution's device: ``F.conv2d`` of a CPU input and meta
-    weights returns uninitialized memory, where the unfolded path's BatchNorm raises.
+    fake weights, keyed by real parameters, for the next real call) or on the meta device,
+    input or weights: ``F.conv2d`` of a CPU input and meta weights returns uninitialized
+    memory, where the unfolded path's BatchNorm raises. (Other devices mixed: the
+    convolution raises.)
     """
     if (
         bn.training
@@ -323,7 +324,7 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
         or _records_autograd(x, conv, bn)
         or torch._C._len_torch_dispatch_stack() > 0
         or x.is_meta
-        or x.device != conv.weight.device
+        or conv.weight.is_meta
     ):
         return None
     return folding.compute_dtype(x, conv)
