@@ -16,7 +16,7 @@ LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # fraction of what the tolerance allows (1 fails). The tolerances that only a GPU run
 # checks are chosen from these (scripts/margins.py sums the file up).
 MARGIN_LOG = os.environ.get("RESNET_FUSED_MARGIN_LOG", "")
-MARGIN_LOG_MAX_NUMEL = 2**27  # past it (the checks past 2^31 values) not logged: a float64 copy each
+MARGIN_LOG_MAX_NUMEL = 2**27  # larger comparisons are not logged (each takes a float64 copy)
 
 
 def log_margin(what: str, fraction: float) -> None:
@@ -34,8 +34,8 @@ def log_elementwise_margin(what: str, actual: torch.Tensor, expected: torch.Tens
         return
     a, e = actual.detach().double(), expected.detach().double()
     error = torch.where((a == e) | (a.isnan() & e.isnan()), 0.0, (a - e).abs())
-    bound = atol + rtol * e.abs()
-    log_margin(what, (error / bound).nan_to_num(nan=float("inf")).max().item())
+    fraction = torch.where(error == 0, 0.0, error / (atol + rtol * e.abs()))  # not 0 / 0 where nothing is allowed
+    log_margin(what, fraction.nan_to_num(nan=float("inf"), posinf=float("inf")).max().item())
 
 
 def child_env(*paths: str, **variables: str) -> dict:
