@@ -33,7 +33,17 @@ _TORCHVISION_EXPORTS = {
 
 def __getattr__(name):
     if name in _TORCHVISION_EXPORTS:
-        return getattr(importlib.import_module(f".{_TORCHVISION_EXPORTS[name]}", __name__), name)
+        try:
+            module = importlib.import_module(f".{_TORCHVISION_EXPORTS[name]}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.split(".")[0] != "torchvision":
+                raise
+            raise ModuleNotFoundError(
+                f"resnet_fused.{name} builds on torchvision's ResNet blocks: pip install torchvision "
+                f"(or resnet_fused[vision]); the functional ops and backends need no torchvision",
+                name="torchvision",
+            ) from error
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -73,3 +73,36 @@ def test_an_unbuilt_or_broken_extension_says_which(tmp_path):
     probe = probe.split("\n", 1)[1]
     output = run()
     assert "resnet_fused._C could not be loaded (" in output and "['reference']" in output, output
+
+
+def test_without_torchvision_the_ops_run_and_the_blocks_say_what_they_need():
+    """torchvision is optional (the `vision` extra): without it the functional ops run, and
+    the blocks and fuse() raise a ModuleNotFoundError that names it and the extra."""
+    probe = (
+        "import sys; sys.modules['torchvision'] = None\n"  # not installed
+        "import torch, resnet_fused, resnet_fused.functional as RF\n"
+        "print(RF.bn_relu(torch.randn(2, 3, 4, 4), None, None, training=True).shape)\n"
+        "for name in ('fuse', 'FusedBottleneck'):\n"
+        "    try:\n"
+        "        getattr(resnet_fused, name)\n"
+        "    except ModuleNotFoundError as error:\n"
+        "        print(error.name, '|', error)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, sys.path)])}
+    output = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert output[0] == "torch.Size([2, 3, 4, 4])", output
+    for line, name in zip(output[1:], ("fuse", "FusedBottleneck"), strict=True):
+        assert line.startswith(f"torchvision | resnet_fused.{name} builds on torchvision's ResNet blocks: "
+                               "pip install torchvision (or resnet_fused[vision])"), line
+
+
+def test_the_readme_use_example_runs():
+    """The README's `## Use` code block, as written."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, sys.path)])}
+    run = subprocess.run([sys.executable, "-c", block + "assert y.shape == x.shape and (y >= 0).all()\n"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "residual blocks fused" in run.stdout, run.stdout
