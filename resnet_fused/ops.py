@@ -124,7 +124,8 @@ def _fake(name: str):
 
 
 def _param_grad(grad: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
-    return None if param is None else grad.to(param.dtype)
+    # `grad` itself where the dtypes match, as `to` returns it, without its ~0.7 us a call
+    return None if param is None else grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
 def _statistics_grads(ctx, first: int, weight, mean, invstd, grad_weight, grad_bias):

@@ -121,6 +121,33 @@ def test_a_replay_launches_on_the_current_device_and_stream(stand_in, through_tr
     assert len(through_triton) == 4 and LAUNCHES[-1].stream == 7
 
 
+def test_a_replay_goes_through_the_runners_while_a_launch_hook_is_set(stand_in, through_triton, monkeypatch):
+    """Without a launch hook a replay hands the launchers what Triton's runner would, with
+    no launch metadata; with one set (a profiler's), each launch goes through the compiled
+    kernel's runner, which builds the metadata the hook is called with."""
+    from triton import knobs
+    from triton.compiler.compiler import CompiledKernel
+
+    asked = []
+    original = CompiledKernel.launch_metadata
+    monkeypatch.setattr(CompiledKernel, "launch_metadata",
+                        lambda self, *args: asked.append(self.name) or original(self, *args))
+    call = _stats_call(torch.empty(SHAPE, memory_format=torch.channels_last))
+    _runtime.launch(*call)
+    asked.clear()
+    _runtime.launch(*call)  # replayed: no hook, no metadata
+    assert asked == [] and len(through_triton) == 2
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        _runtime.launch(*call)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(asked) == 2 and len(through_triton) == 2
+    first, second = list(LAUNCHES)[-4:-2], list(LAUNCHES)[-2:]
+    assert all(same_launch(a, b) for a, b in zip(first, second))
+
+
 def test_a_call_triton_may_specialize_differently_goes_through_triton(stand_in, through_triton):
     x = torch.empty(SHAPE, memory_format=torch.channels_last)
     call = _stats_call(x)

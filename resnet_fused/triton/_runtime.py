@@ -86,9 +86,17 @@ def float32_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.to(torch.float32).contiguous()
 
 
+_NO_GUARD = contextlib.nullcontext()  # reusable and reentrant: one for every call
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Makes ``t``'s device current: Triton launches on the current device and stream."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Makes ``t``'s device current: Triton launches on the current device and stream.
+    Nothing to do where it already is (the common case): ``torch.cuda.device`` of a
+    ``torch.device`` costs ~1.2 us to construct (2-core Xeon), of an index ~0.2."""
+    if not t.is_cuda:
+        return _NO_GUARD
+    index = t.get_device()
+    return _NO_GUARD if index == torch.cuda.current_device() else torch.cuda.device(index)
 
 
 # ---------------------------------------------------------------- early launch
@@ -174,7 +182,9 @@ def early_launch_arguments(early: bool) -> tuple[dict, dict]:
 # its argument list in the order of the kernel's compiled signature, with the
 # configuration's constants as that kernel was compiled with them and holes where the
 # operands go. A replay fills the holes and calls the kernels: no launch objects, no
-# argument dictionaries, one key.
+# argument dictionaries, one key. While no launch hook is set (a profiler's), it calls
+# each kernel's launcher itself, as Triton's runner would then, with the stream read once
+# per call rather than once per launch (`_direct_replay`).
 
 _PLAN_LIMIT = 1024  # plans kept; past it, the record starts over
 REPLAY_ENV = "RESNET_FUSED_TRITON_REPLAY"  # 0: every launch through Triton
@@ -221,8 +231,8 @@ class Launch:
         names = source.fn.arg_names  # the JITFunction compiled
         set_by_config = {names[k[0]]: v for k, v in constants.items() if names[k[0]] not in self.args}
         grid = tuple(self.grid({**self.args, **set_by_config}))
-        return _Compiled(compiled[grid + (1,) * (3 - len(grid))], tuple(signature), tuple(signature.values()),
-                         set_by_config)
+        grid = grid + (1,) * (3 - len(grid))
+        return _Compiled(compiled[grid], tuple(signature), tuple(signature.values()), set_by_config, compiled, grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +243,8 @@ class _Compiled:
     params: tuple[str, ...]  # the launcher's parameters in order (Triton's compiled signature)
     kinds: tuple[str, ...]  # their types as compiled: "*bf16", "i32", "fp32", "constexpr" (compiled in), ...
     constants: dict[str, Any]  # compiled-in values not among the launch's arguments: the config's TILE, STAGES; PDL
+    kernel: Any  # the CompiledKernel: its launcher, function and packed metadata (`_direct_replay`)
+    grid: tuple[int, int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +263,61 @@ class _Step:
         self.runner(*args)
 
 
-_plans: dict[tuple, tuple[_Step, ...]] = {}
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """An op call's launches: ``steps`` through each compiled kernel's runner, and
+    ``direct`` (where it could be made) the same launches as one function that hands each
+    launcher what the runner would, given the call's operands and stream, for when no
+    launch hook is set (``_direct_replay``)."""
+
+    steps: tuple[_Step, ...]
+    direct: Optional[Callable[[tuple, int], None]]
+
+
+try:
+    from triton import knobs as _KNOBS
+except ImportError:  # a Triton without knobs (before 3.4): every launch through its runner
+    _KNOBS = None
+
+
+def _launch_hooks_idle() -> bool:
+    """Whether no launch hook is set: Triton's ``knobs.runtime.launch_enter_hook`` and
+    ``launch_exit_hook`` (3.6-3.8: ``HookChain`` objects, idle while their ``calls`` are
+    empty, or None). Then a runner's launch metadata and hooks do nothing. False where
+    Triton has no knobs: its runners launch."""
+    if _KNOBS is None:
+        return False
+    runtime = _KNOBS.runtime
+    return all(hook is None or not getattr(hook, "calls", True)
+               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
+def _direct_replay(steps: list[tuple[_Compiled, tuple, tuple]]) -> Optional[Callable[[tuple, int], None]]:
+    """One function launching every step as ``CompiledKernel.__getitem__``'s runner does
+    with no launch hook set: ``kernel.run(*grid, stream, kernel.function,
+    kernel.packed_metadata, None, None, None, *arguments)`` (Triton 3.6-3.8), its holes
+    filled from the operands ``o``; None where a compiled kernel lacks those attributes."""
+    prepared = []
+    for kernel, arguments, holes in steps:
+        compiled = kernel.kernel
+        try:
+            head = (*kernel.grid, compiled.run, compiled.function, compiled.packed_metadata)
+        except AttributeError:
+            return None
+        prepared.append((*head, arguments, holes))
+    prepared = tuple(prepared)
+
+    def replay(o: tuple, stream: int) -> None:
+        for x, y, z, run, function, packed, arguments, holes in prepared:
+            args = list(arguments)
+            for position, index in holes:
+                args[position] = o[index]
+            run(x, y, z, stream, function, packed, None, None, None, *args)
+
+    return replay
+
+
+_plans: dict[tuple, _Plan] = {}
 _replaying = os.environ.get(REPLAY_ENV, "1").strip() != "0"
 
 
@@ -315,7 +381,9 @@ def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -
     if INTERPRET or not _replaying:  # the interpreter has no compiled kernel to replay
         run(build(*static, *operands))
         return
-    key = (build, static, _pinned, triton.runtime.driver.active.get_current_device(), *[
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
+    key = (build, static, _pinned, device, *[
         None if o is None else (o.dtype, o.data_ptr() % 16) if isinstance(o, torch.Tensor)
         else float if type(o) is float else o  # an integer by value: Triton specializes 1, multiples of 16, i64
         for o in operands
@@ -328,11 +396,15 @@ def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -
                 _plans.clear()
             _plans[key] = plan
         return
-    for step in plan:
+    if plan.direct is not None and _launch_hooks_idle():
+        # The stream once per call: no hook, nothing else runs between the launches.
+        plan.direct(operands, driver.get_current_stream(device))
+        return
+    for step in plan.steps:
         step(operands)
 
 
-def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> Optional[tuple[_Step, ...]]:
+def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> Optional[_Plan]:
     """Launches ``build``'s launches through Triton; returns them as a plan, or None where
     Triton returned no compiled kernel for one of them."""
     launches = build(*static, *operands)
@@ -363,7 +435,8 @@ def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) 
                 raise _builder_error(build, f"passes {name} a tensor or value that is not an operand")
             arguments.append(value)
         steps.append(_Step(kernel.runner, tuple(arguments), tuple(holes)))
-    return tuple(steps)
+    return _Plan(tuple(steps), _direct_replay([(kernel, step.arguments, step.holes)
+                                               for kernel, step in zip(compiled, steps, strict=True)]))
 
 
 def _builder_error(build: Callable, what: str) -> RuntimeError:
