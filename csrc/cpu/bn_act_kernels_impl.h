@@ -24,6 +24,9 @@
 #error "define CPU_CAPABILITY before including bn_act_kernels_impl.h"
 #endif
 
+#include <algorithm>
+#include <cstring>
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -61,11 +64,13 @@ struct Lanes {
   static Vec load(const T* p, int64_t n) {
     if (n == kSize) return load(p);
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    // These builds' partial loads are masked loads that zero the lanes past n.
+    // These builds' float partial loads zero the lanes past n; the reduced-precision ones
+    // leave them undefined in some torch releases (2.6's AVX2: NaN outputs), so those
+    // lanes are zeroed after the conversion.
     if constexpr (std::is_same_v<T, A>) {
       return Vec::loadu(p, n);
     } else {
-      return std::get<0>(at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n)));
+      return valid(std::get<0>(at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n))), n);
     }
 #else
     // The baseline's partial loads leave the other lanes undefined.
@@ -86,7 +91,9 @@ struct Lanes {
       if (n == kSize) {
         std::memcpy(p, buffer, kSize * sizeof(T));
       } else {
-        std::memcpy(p, buffer, n * sizeof(T));
+        // n is in [0, kSize); the clamp tells GCC so (else -Wstringop-overflow reads a
+        // negative n as a copy of 2^64 bytes)
+        std::memcpy(p, buffer, static_cast<size_t>(std::clamp<int64_t>(n, 0, kSize)) * sizeof(T));
       }
     }
   }
