@@ -20,7 +20,7 @@ $(PY):
 	$(PYTHON) scripts/make_venv.py $(VENV)
 
 # torch is only installed if missing (a preinstalled one is kept).
-DEPS := "torch>=2.6" torchvision numpy pytest ninja setuptools wheel scikit-learn tqdm matplotlib pytest-benchmark
+DEPS := "torch>=2.11" torchvision numpy pytest ninja setuptools wheel scikit-learn tqdm matplotlib pytest-benchmark
 
 setup: $(PY)
 	$(PIP) install -q $(DEPS)

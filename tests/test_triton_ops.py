@@ -206,6 +206,22 @@ def test_import_without_triton():
     assert out.stdout.strip() == "False Triton cannot be imported (blocked for the test)", out.stdout + out.stderr
 
 
+def test_import_with_a_triton_too_old():
+    """Triton 3.2 (what torch 2.6 ships) lacks what the kernels use and failed the package's
+    import: the backend is unavailable, saying which Triton it needs, and the rest works."""
+    code = (
+        "import torch, triton\n"
+        "triton.__version__ = '3.2.0'\n"
+        "import resnet_fused\n"
+        "from resnet_fused import backends\n"
+        "print(resnet_fused.available_backends('cpu'), '|', backends.get('triton').unavailable)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env())
+    backends_here = "['cpu', 'reference']" if "cpu" in resnet_fused.available_backends("cpu") else "['reference']"
+    assert out.stdout.strip() == (f"{backends_here} | Triton 3.2.0 is older than 3.6, the oldest the kernels run with "
+                                  "(pip install 'triton>=3.6')"), out.stdout + out.stderr
+
+
 # ---------------------------------------------------------------- CI without a GPU
 
 

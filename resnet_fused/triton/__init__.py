@@ -10,30 +10,51 @@ Modules, one per op family, each with its kernels and host launchers:
 - :mod:`.compile_report` — every kernel and configuration compiled for sm_90, with
   registers and spills (no GPU needed).
 
-The backend is available when Triton is installed and a CUDA device is present, or,
-for CI, on CPU tensors when ``TRITON_INTERPRET=1`` was set before import. Without
-Triton, importing this package only registers the backend as unavailable, saying why.
+The backend is available when Triton (3.6 or later) is installed and a CUDA device is
+present, or, for CI, on CPU tensors when ``TRITON_INTERPRET=1`` was set before import.
+Without such a Triton, importing this package only registers the backend as unavailable,
+saying why.
 """
 
 from __future__ import annotations
 
 import functools
 import types
+from typing import Optional
 
 import torch
 
 from .. import backends, ops
 
 NAMESPACE = "resnet_fused_triton"
+# The oldest Triton the kernels have run with (3.6 on a GPU, 3.8 interpreted; torch 2.11
+# ships 3.6). Older ones lack what they use: programmatic dependent launch (3.3),
+# constants keyed by argument index, an autotuner that takes its timing function.
+MIN_TRITON = (3, 6)
 
-try:
-    import triton  # noqa: F401  (the compiler: imports are absolute, this package is resnet_fused.triton)
-except ImportError as error:
+
+def _version(text: str) -> tuple[int, ...]:
+    """(3, 6) of "3.6.0", "3.6.0+git1234"."""
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def _why_unusable() -> Optional[str]:
+    """Why the installed Triton cannot build the kernels, or None."""
+    try:
+        import triton  # (the compiler: imports are absolute, this package is resnet_fused.triton)
+    except ImportError as error:
+        return f"Triton cannot be imported ({error})"
+    if _version(triton.__version__) < MIN_TRITON:
+        minimum = ".".join(map(str, MIN_TRITON))
+        return (f"Triton {triton.__version__} is older than {minimum}, the oldest the kernels run with "
+                f"(pip install 'triton>={minimum}')")
+    return None
+
+
+_UNUSABLE = _why_unusable()
+if _UNUSABLE is not None:
     backends.register(
-        backends.Backend(
-            "triton", getattr(torch.ops, NAMESPACE), ("cuda",), backends.GPU_DTYPES,
-            f"Triton cannot be imported ({error})",
-        )
+        backends.Backend("triton", getattr(torch.ops, NAMESPACE), ("cuda",), backends.GPU_DTYPES, _UNUSABLE)
     )
 else:
     from .. import reference
