@@ -92,7 +92,7 @@ _NO_GUARD = contextlib.nullcontext()  # reusable and reentrant: one for every ca
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Makes ``t``'s device current: Triton launches on the current device and stream.
     Nothing to do where it already is (the common case): ``torch.cuda.device`` of a
-    ``torch.device`` costs ~1.2 us to construct (2-core Xeon), of an index ~0.2."""
+    ``torch.device`` costs ~1.2 us to construct (2-core AMD EPYC), of an index ~0.2."""
     if not t.is_cuda:
         return _NO_GUARD
     index = t.get_device()
@@ -231,20 +231,24 @@ class Launch:
         names = source.fn.arg_names  # the JITFunction compiled
         set_by_config = {names[k[0]]: v for k, v in constants.items() if names[k[0]] not in self.args}
         grid = tuple(self.grid({**self.args, **set_by_config}))
-        grid = grid + (1,) * (3 - len(grid))
-        return _Compiled(compiled[grid], tuple(signature), tuple(signature.values()), set_by_config, compiled, grid)
+        return _Compiled(compiled, grid + (1,) * (3 - len(grid)), tuple(signature), tuple(signature.values()),
+                         set_by_config)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Compiled:
-    """A compiled kernel bound to its grid, and what its launcher takes."""
+    """A compiled kernel, its grid, and what its launcher takes."""
 
-    runner: Callable[..., None]  # CompiledKernel[grid]: launches on the current device and stream
+    kernel: Any  # Triton's CompiledKernel: its launcher, function and packed metadata (`_direct_replay`)
+    grid: tuple[int, int, int]
     params: tuple[str, ...]  # the launcher's parameters in order (Triton's compiled signature)
     kinds: tuple[str, ...]  # their types as compiled: "*bf16", "i32", "fp32", "constexpr" (compiled in), ...
     constants: dict[str, Any]  # compiled-in values not among the launch's arguments: the config's TILE, STAGES; PDL
-    kernel: Any  # the CompiledKernel: its launcher, function and packed metadata (`_direct_replay`)
-    grid: tuple[int, int, int]
+
+    @property
+    def runner(self) -> Callable[..., None]:
+        """CompiledKernel[grid]: launches on the current device and stream, with the launch hooks."""
+        return self.kernel[self.grid]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,19 +296,19 @@ def _launch_hooks_idle() -> bool:
                for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
 
 
-def _direct_replay(steps: list[tuple[_Compiled, tuple, tuple]]) -> Optional[Callable[[tuple, int], None]]:
+def _direct_replay(kernels: list[_Compiled], steps: list[_Step]) -> Optional[Callable[[tuple, int], None]]:
     """One function launching every step as ``CompiledKernel.__getitem__``'s runner does
     with no launch hook set: ``kernel.run(*grid, stream, kernel.function,
     kernel.packed_metadata, None, None, None, *arguments)`` (Triton 3.6-3.8), its holes
     filled from the operands ``o``; None where a compiled kernel lacks those attributes."""
     prepared = []
-    for kernel, arguments, holes in steps:
-        compiled = kernel.kernel
+    for compiled, step in zip(kernels, steps, strict=True):
+        kernel = compiled.kernel
         try:
-            head = (*kernel.grid, compiled.run, compiled.function, compiled.packed_metadata)
+            launcher = (kernel.run, kernel.function, kernel.packed_metadata)
         except AttributeError:
             return None
-        prepared.append((*head, arguments, holes))
+        prepared.append((*compiled.grid, *launcher, step.arguments, step.holes))
     prepared = tuple(prepared)
 
     def replay(o: tuple, stream: int) -> None:
@@ -435,8 +439,7 @@ def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) 
                 raise _builder_error(build, f"passes {name} a tensor or value that is not an operand")
             arguments.append(value)
         steps.append(_Step(kernel.runner, tuple(arguments), tuple(holes)))
-    return _Plan(tuple(steps), _direct_replay([(kernel, step.arguments, step.holes)
-                                               for kernel, step in zip(compiled, steps, strict=True)]))
+    return _Plan(tuple(steps), _direct_replay(compiled, steps))
 
 
 def _builder_error(build: Callable, what: str) -> RuntimeError:
