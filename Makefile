@@ -19,20 +19,21 @@ export MAX_JOBS
 $(PY):
 	$(PYTHON) scripts/make_venv.py $(VENV)
 
-# torch is only installed if missing (a preinstalled one is kept).
+# torch is only installed if missing or older than 2.11 (a preinstalled one is kept).
 DEPS := "torch>=2.11" torchvision numpy pytest ninja setuptools wheel scikit-learn tqdm matplotlib pytest-benchmark
 
 setup: $(PY)
 	$(PIP) install -q $(DEPS)
 
-# What the build depends on besides its sources: torch (its version and CUDA) and the
-# build switches setup.py reads. Rewritten only when that changes, so a new torch or switch
+# What the build depends on besides its sources: torch (its version and CUDA), the build
+# switches setup.py reads and where it would find nvcc (in auto mode). Rewritten only when that changes, so a new torch or switch
 # rebuilds and an unchanged one does not.
 BUILD_CONFIG := $(VENV)/.resnet_fused-build-config
 $(BUILD_CONFIG): FORCE | setup
-	@{ $(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; \
+	@{ $(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || exit 1; \
 	   for name in RESNET_FUSED_CUDA TORCH_CUDA_ARCH_LIST RESNET_FUSED_PTXAS_VERBOSE CUDA_HOME CUDA_PATH CC CXX; do \
-	     printf '%s=%s\n' "$$name" "$$(printenv $$name)"; done; } > $@.new
+	     printf '%s=%s\n' "$$name" "$$(printenv $$name)"; done; \
+	   printf 'nvcc=%s\n' "$$(command -v nvcc)"; ls /usr/local/cuda/include/cuda_runtime_api.h 2>/dev/null; } > $@.new
 	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
 
 # The editable install compiles the extension anew each time (minutes): it reruns only when

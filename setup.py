@@ -54,6 +54,13 @@ try:
 except ImportError:
     sys.exit(_NO_TORCH_MESSAGE)
 
+# pyproject's `torch>=2.11`: pip would upgrade an older torch after this build, leaving a
+# module built for the old one that cannot load. The oldest tested (README, "Requirements").
+MIN_TORCH = (2, 11)
+if tuple(int(part) for part in torch.__version__.split(".")[:2]) < MIN_TORCH:
+    sys.exit(f"resnet_fused needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}: "
+             f"upgrade torch first (pip install 'torch>={'.'.join(map(str, MIN_TORCH))}'), then build.")
+
 CSRC = "csrc"
 
 

@@ -312,8 +312,9 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
     loaded into it later. Nor under a dispatch mode (FakeTensorMode: the cache would keep
     fake weights, keyed by real parameters, for the next real call) or on the meta device,
     input or weights: ``F.conv2d`` of a CPU input and meta weights returns uninitialized
-    memory, where the unfolded path's BatchNorm raises. (Other devices mixed: the
-    convolution raises.)
+    memory, which the unfolded path's BatchNorm refuses where it is on meta too (with only
+    the convolution on meta eager returns that memory as well). Other devices mixed: the
+    convolution raises.
     """
     if (
         bn.training

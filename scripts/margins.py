@@ -1,6 +1,6 @@
 """Sums up a margin log of the tests (``RESNET_FUSED_MARGIN_LOG``, tests/helpers.py): per test
-function and compared quantity, how many comparisons, the worst error as a fraction of what
-its tolerance allows (1 fails) and the case it came from, worst first.
+function, dtype and compared quantity, how many comparisons, the worst error as a fraction
+of what its tolerance allows (1 fails) and the case it came from, worst first.
 
     python scripts/margins.py margins.tsv [--top 40]
 
@@ -17,16 +17,20 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def _group(test: str, what: str) -> tuple[str, str]:
-    """(test function, quantity): parameters and output indices dropped, so a function's
-    comparisons of one kind are one row."""
-    function = test.split("[", 1)[0]
-    return function, re.sub(r"\b\d+\b", "#", what)
+_DTYPE = re.compile(r"\b(float64|float32|float16|bfloat16)\b")
+
+
+def _group(test: str, what: str) -> tuple[str, str, str]:
+    """(test function, dtype, quantity): the other parameters (shapes, layouts, ops)
+    dropped, so the cases a tolerance covers are one row; each dtype has its own."""
+    function, _, parameters = test.partition("[")
+    dtype = _DTYPE.search(parameters)
+    return function, dtype.group(1) if dtype else "-", what
 
 
 def summarize(lines: list[str], top: int) -> str:
-    worst: dict[tuple[str, str], tuple[float, str]] = {}
-    counts: defaultdict[tuple[str, str], int] = defaultdict(int)
+    worst: dict[tuple[str, str, str], tuple[float, str]] = {}
+    counts: defaultdict[tuple[str, str, str], int] = defaultdict(int)
     malformed = 0
     for line in lines:
         parts = line.rstrip("\n").split("\t")
@@ -34,6 +38,8 @@ def summarize(lines: list[str], top: int) -> str:
             malformed += 1
             continue
         fraction, test, what = float(parts[0]), parts[1], parts[2]
+        if fraction != fraction:  # NaN: a failed comparison
+            fraction = float("inf")
         key = _group(test, what)
         counts[key] += 1
         if key not in worst or fraction > worst[key][0]:
@@ -43,10 +49,10 @@ def summarize(lines: list[str], top: int) -> str:
     over_half = sum(1 for fraction, _ in worst.values() if fraction > 0.5)
     out = [f"{total} comparisons in {len(worst)} groups, {over_half} of them with a worst case above half "
            f"their tolerance" + (f"; {malformed} malformed lines" if malformed else ""),
-           f"{'worst':>9}  {'n':>5}  test function :: quantity  (worst case)"]
-    for (function, what), (fraction, test) in rows[:top]:
+           f"{'worst':>9}  {'n':>5}  test function :: dtype :: quantity  (worst case)"]
+    for (function, dtype, what), (fraction, test) in rows[:top]:
         case = test[len(function):] or "-"
-        out.append(f"{fraction:9.3g}  {counts[function, what]:5d}  {function} :: {what}  {case}")
+        out.append(f"{fraction:9.3g}  {counts[function, dtype, what]:5d}  {function} :: {dtype} :: {what}  {case}")
     if len(rows) > top:
         out.append(f"(+{len(rows) - top} groups, all below {rows[top - 1][1][0]:.3g})")
     return "\n".join(out)

@@ -1872,8 +1872,16 @@ def test_margin_log_records_each_comparison_and_the_summary_ranks_them(tmp_path,
     assert fractions[0][0] == pytest.approx(0.0015 / (1e-3 + 1e-3 * 2.0015), rel=1e-3)
     assert fractions[1][0] == 0.0 and fractions[2][0] == pytest.approx(0.6, rel=1e-6)
     assert fractions[3][0] == pytest.approx(0.5 / (1e-3 + 1.5e-3), rel=1e-3)  # a failing one is logged too
-    summary = _script("margins").summarize(log.read_text().splitlines(), top=40).splitlines()
-    assert summary[0].startswith("4 comparisons in 2 groups, 2 of them with a worst case above half")
+    summarize = _script("margins").summarize
+    summary = summarize(log.read_text().splitlines(), top=40).splitlines()
+    assert summary[0].startswith("4 comparisons in 4 groups, 2 of them with a worst case above half")
     this = "tests/test_ops.py::test_margin_log_records_each_comparison_and_the_summary_ranks_them"
-    assert summary[2].split()[:5] == [f"{fractions[3][0]:.3g}", "3", this, "::", "output"]
-    assert summary[3].split()[:4] == ["0.6", "1", this, "::"] and summary[3].split()[4] == "grad_weight"
+    assert summary[2].split() == [f"{fractions[3][0]:.3g}", "1", this, "::", "-", "::", "output", "2", "-"]
+    assert summary[3].split() == ["0.6", "1", this, "::", "-", "::", "grad_weight", "-"]
+    # Grouped by dtype (each has its own tolerance), not by shape or layout; NaN ranks as inf.
+    lines = ["0.9\tt.py::f[8x4-bfloat16-nhwc]\toutput 1", "0.001\tt.py::f[8x4-float32-nhwc]\toutput 1",
+             "0.3\tt.py::f[2x3-bfloat16-nchw]\toutput 1", "nan\tt.py::f[2x3-float32-nchw]\toutput 0"]
+    rows = [line.split() for line in summarize(lines, top=2).splitlines()[2:]]
+    assert rows == [["inf", "1", "t.py::f", "::", "float32", "::", "output", "0", "[2x3-float32-nchw]"],
+                    ["0.9", "2", "t.py::f", "::", "bfloat16", "::", "output", "1", "[8x4-bfloat16-nhwc]"],
+                    ["(+1", "groups,", "all", "below", "0.9)"]]

@@ -106,3 +106,17 @@ def test_the_readme_use_example_runs():
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "residual blocks fused" in run.stdout, run.stdout
+
+
+def test_setup_refuses_a_torch_older_than_the_minimum(tmp_path):
+    """pyproject's torch>=2.11: a build against an older torch stops at once and says so
+    (pip would otherwise upgrade torch after the build, leaving a module that cannot load)."""
+    stub = tmp_path / "torch"
+    (stub / "utils").mkdir(parents=True)
+    (stub / "__init__.py").write_text("__version__ = '2.6.0+cu124'\n")
+    (stub / "utils" / "__init__.py").write_text("")
+    (stub / "utils" / "cpp_extension.py").write_text("CUDA_HOME = BuildExtension = CppExtension = CUDAExtension = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, sys.path)])}
+    run = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode != 0, run.stdout
+    assert "resnet_fused needs torch >= 2.11, found 2.6.0+cu124: upgrade torch first" in run.stderr, run.stderr

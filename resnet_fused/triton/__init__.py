@@ -19,6 +19,7 @@ saying why.
 from __future__ import annotations
 
 import functools
+import re
 import types
 from typing import Optional
 
@@ -34,8 +35,9 @@ MIN_TRITON = (3, 6)
 
 
 def _version(text: str) -> tuple[int, ...]:
-    """(3, 6) of "3.6.0", "3.6.0+git1234"."""
-    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+    """(3, 6) of "3.6.0", "3.6.0+git1234", "3.6rc1"; () where it has no major.minor."""
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else ()
 
 
 def _why_unusable() -> Optional[str]:
@@ -47,7 +49,7 @@ def _why_unusable() -> Optional[str]:
     if _version(triton.__version__) < MIN_TRITON:
         minimum = ".".join(map(str, MIN_TRITON))
         return (f"Triton {triton.__version__} is older than {minimum}, the oldest the kernels run with "
-                f"(pip install 'triton>={minimum}')")
+                f"(torch pins its Triton: torch 2.11 and later ship {minimum} or newer)")
     return None
 
 
