@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,8 +90,7 @@ def test_without_torchvision_the_ops_run_and_the_blocks_say_what_they_need():
         "    except ModuleNotFoundError as error:\n"
         "        print(error.name, '|', error)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, sys.path)])}
-    output = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+    output = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True,
                             check=True).stdout.splitlines()
     assert output[0] == "torch.Size([2, 3, 4, 4])", output
     for line, name in zip(output[1:], ("fuse", "FusedBottleneck"), strict=True):
@@ -101,9 +102,8 @@ def test_the_readme_use_example_runs():
     """The README's `## Use` code block, as written."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, sys.path)])}
     run = subprocess.run([sys.executable, "-c", block + "assert y.shape == x.shape and (y >= 0).all()\n"],
-                         env=env, capture_output=True, text=True)
+                         env=child_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "residual blocks fused" in run.stdout, run.stdout
 
@@ -116,7 +116,7 @@ def test_setup_refuses_a_torch_older_than_the_minimum(tmp_path):
     (stub / "__init__.py").write_text("__version__ = '2.6.0+cu124'\n")
     (stub / "utils" / "__init__.py").write_text("")
     (stub / "utils" / "cpp_extension.py").write_text("CUDA_HOME = BuildExtension = CppExtension = CUDAExtension = None\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, sys.path)])}
-    run = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=child_env(str(tmp_path)),
+                         capture_output=True, text=True)
     assert run.returncode != 0, run.stdout
     assert "resnet_fused needs torch >= 2.11, found 2.6.0+cu124: upgrade torch first" in run.stderr, run.stderr
