@@ -12,7 +12,7 @@
 # Writes to DIR (default results/local/gpu-check-<UTC time>): gpu_check.log (this script's
 # own output), build.log, ptxas.txt,
 # pytest.log, margins.tsv and margins.txt (each comparison's worst error as a fraction of its
-# tolerance, and their summary by test and quantity: scripts/margins.py), the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
+# tolerance, and their summary by test, dtype and quantity: scripts/margins.py), the kernel benchmark's kernels_cuda_nhwc.{json,txt}, bench.log and the
 # auto_order.json it implies (scripts/auto_order.py; after the suite, with its blocks' times
 # too, when both run into one DIR), a brief NCHW run of it
 # (kernels_cuda_nchw.{json,txt}, bench_nchw.log), a brief one of the CUDA kernels launched

@@ -20,8 +20,10 @@ MARGIN_LOG_MAX_NUMEL = 2**24  # larger comparisons are not logged: each takes ~4
 
 
 def log_margin(what: str, fraction: float) -> None:
-    """Appends ``fraction`` (an error over its bound) for ``what`` in the current test."""
+    """Appends ``fraction`` (an error over its bound) for ``what`` in the current test; a NaN
+    (a NaN error: the comparison fails) as inf."""
     if MARGIN_LOG:
+        fraction = float("inf") if fraction != fraction else fraction
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
         with open(MARGIN_LOG, "a") as log:  # one short write: lines of parallel workers stay whole
             log.write(f"{fraction:.4g}\t{test}\t{what}\n")
@@ -35,7 +37,7 @@ def log_elementwise_margin(what: str, actual: torch.Tensor, expected: torch.Tens
     a, e = actual.detach().double(), expected.detach().double()
     error = torch.where((a == e) | (a.isnan() & e.isnan()), 0.0, (a - e).abs())
     fraction = torch.where(error == 0, 0.0, error / (atol + rtol * e.abs()))  # not 0 / 0 where nothing is allowed
-    log_margin(what, fraction.nan_to_num(nan=float("inf"), posinf=float("inf")).max().item())
+    log_margin(what, fraction.max().item())  # max propagates a NaN
 
 
 def child_env(*paths: str, **variables: str) -> dict:
