@@ -28,9 +28,9 @@ import torch
 from .. import backends, ops
 
 NAMESPACE = "resnet_fused_triton"
-# The oldest Triton the kernels have run with (3.6 on a GPU, 3.8 interpreted; torch 2.11
-# ships 3.6). Older ones lack what they use: programmatic dependent launch (3.3),
-# constants keyed by argument index, an autotuner that takes its timing function.
+# The oldest Triton the kernels have run with (3.6: on a GPU, and in CI; torch 2.11 ships
+# it). Older ones lack what they use: programmatic dependent launch (3.3), constants keyed
+# by argument index, an autotuner that takes its timing function.
 MIN_TRITON = (3, 6)
 
 
