@@ -22,9 +22,11 @@
 # a ResNet-50 training step's host and device time go, and its wall time replayed from one
 # CUDA graph, benchmarks/step_profile.py --graph) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
-# the build fails; otherwise runs every phase. Exit status: 0 all passed, 1 a test or
-# measurement failed, 3 none failed but TOTAL_BUDGET cut something short (the last line
-# names what).
+# the build fails; otherwise runs every phase. Where tests fail, it reruns them (at most 40,
+# 60 s each) with RESNET_FUSED_PDL=0, then with RESNET_FUSED_TRITON_REPLAY=0
+# (pytest_RESNET_FUSED_*_off.log), and prints how each rerun ended. Exit status: 0 all
+# passed, 1 a test or measurement failed, 3 none failed but TOTAL_BUDGET cut something short
+# (the last line names what).
 #
 # Time: TOTAL_BUDGET (default 420 s) counts from the start, the build (about 50 s on 16
 # cores) included. The phases run in order of importance (tests, kernels, suite, profile);
@@ -73,6 +75,8 @@ TESTS_BUDGET="${TESTS_BUDGET:-150}"
 KERNELS_BUDGET="${KERNELS_BUDGET:-100}"
 SUITE_BUDGET="${SUITE_BUDGET:-90}"
 PROFILE_CAP="${PROFILE_CAP:-60}"
+RERUN_CAP=60  # each rerun of the failed tests with a launch switch off
+RERUN_MOST=40  # failed tests rerun at most (the first by name)
 KERNELS_SHAPES="${KERNELS_SHAPES:-layer1,layer2}"
 for name in TOTAL_BUDGET TESTS_BUDGET KERNELS_BUDGET SUITE_BUDGET PROFILE_CAP; do
   [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check: $name=${!name}: expected a whole number of seconds" >&2; exit 2; }
@@ -256,6 +260,18 @@ if phase_fits tests; then
   if [[ $tests_rc -ne 0 ]]; then
     echo "gpu_check: TESTS FAILED (rc=$tests_rc; full log: $out/pytest.log)"
     status=1
+    # The failed tests again (the summary's FAILED and ERROR lines: none where the run was
+    # stopped), once with each launch switch off: a failure that passes without the early
+    # launches or without the Triton replays points at that mechanism, not at the kernels,
+    # and the device time a second call would take to tell them apart is saved.
+    mapfile -t failed < <(grep -E "^(FAILED|ERROR) " "$out/pytest.log" | awk '{print $2}' | sort -u | head -n "$RERUN_MOST")
+    for switch in RESNET_FUSED_PDL=0 RESNET_FUSED_TRITON_REPLAY=0; do
+      (( ${#failed[@]} )) || break
+      log="$out/pytest_${switch%=*}_off.log"
+      capped "$RERUN_CAP" "$log" env "$switch" "$PYTHON" -m pytest "${pytest_args[@]}" "${failed[@]}"
+      echo "gpu_check: the ${#failed[@]} failed tests again with $switch:" \
+        "$(grep -E "^=+ .*(passed|failed|error).* =+$" "$log" | tail -n 1 | sed -E 's/^=+ (.*) =+$/\1/')" "($log)"
+    done
   fi
   took "tests"
 fi

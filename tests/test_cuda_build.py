@@ -127,13 +127,19 @@ def test_gpu_check_script_parses_and_names_a_bad_phase(tmp_path):
 
 # A stand-in GPU machine for scripts/gpu_check.sh: every python call is logged, and a test
 # run sleeps for STUB_TEST_S seconds (its pid in pytest.pid), the benchmarks for STUB_BENCH_S.
+# With STUB_FAILS (test ids), a test run fails those unless RESNET_FUSED_PDL=0.
 STUB_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> "$STUB_DIR/calls.log"
 case "$1" in
   -) cat > /dev/null; echo "python 3.12, torch stub, NVIDIA H200: sm_90" ;;
   -c) case "$2" in *get_device_capability*) echo 9.0 ;; *"import triton"*|*"import xdist"*|*pytest_timeout*) exit 1 ;; esac ;;
   setup.py) ;;
-  -m) [[ "$2" == pytest ]] && { echo $$ > "$STUB_DIR/pytest.pid"; exec sleep "$STUB_TEST_S"; } ;;
+  -m) [[ "$2" == pytest ]] || exit 0
+      echo $$ > "$STUB_DIR/pytest.pid"
+      [[ -n "${STUB_FAILS:-}" ]] || exec sleep "$STUB_TEST_S"
+      if [[ "${RESNET_FUSED_PDL:-}" == 0 ]]; then echo "=== 2 passed in 1.00s ==="; exit 0; fi
+      for id in $STUB_FAILS; do echo "FAILED $id - AssertionError: stub"; done
+      echo "=== 2 failed, 5 passed in 1.00s ==="; exit 1 ;;
   *) exec sleep "${STUB_BENCH_S:-0}" ;;
 esac
 """
@@ -214,6 +220,27 @@ def test_gpu_check_script_skips_a_brief_run_left_a_few_seconds(tmp_path):
     assert len(runs) == 2 and "--layout nchw" in runs[1], f"{runs}\n{run.stdout}"
     assert "gpu_check: SKIPPED bench_in_order" in run.stdout, run.stdout
     assert run.returncode == 3 and "cut by TOTAL_BUDGET=62s: bench_in_order (skipped)" in run.stdout, run.stdout
+
+
+@NEEDS_TIMEOUT
+def test_gpu_check_script_reruns_failed_tests_with_each_launch_switch_off(tmp_path):
+    """Failed tests run again, just those, once with the early launches off and once with
+    every Triton launch through Triton, and the script says how each rerun ended: which
+    mechanism a failure needs is known from one device call."""
+    env = _stand_in_gpu_machine(tmp_path)
+    failing = ["tests/test_cuda_ops.py::test_a[bfloat16-nhwc]", "tests/test_triton_ops.py::test_b"]
+    env.update(STUB_FAILS=" ".join(failing))
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(out), "--only", "tests"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "gpu_check: TESTS FAILED" in run.stdout, run.stdout
+    assert (f"the 2 failed tests again with RESNET_FUSED_PDL=0: 2 passed in 1.00s "
+            f"({out}/pytest_RESNET_FUSED_PDL_off.log)") in run.stdout, run.stdout
+    assert (f"the 2 failed tests again with RESNET_FUSED_TRITON_REPLAY=0: 2 failed, 5 passed in 1.00s "
+            f"({out}/pytest_RESNET_FUSED_TRITON_REPLAY_off.log)") in run.stdout, run.stdout
+    tests = [line for line in (tmp_path / "stub" / "calls.log").read_text().splitlines() if line.startswith("-m pytest")]
+    assert len(tests) == 3 and tests[0].endswith(" tests"), tests
+    assert all(line.endswith(" ".join(sorted(failing))) for line in tests[1:]), tests
 
 
 @NEEDS_TIMEOUT
