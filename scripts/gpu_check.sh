@@ -36,6 +36,7 @@
 # says so and keeps what it wrote. A TERM or INT to the script or its process group (an
 # outer `timeout`, Ctrl-C) stops the running phase too, which runs in a process group of
 # its own (timeout's), and leaves the log complete.
+# Reruns of failed tests take up to 2 x 70 s of what the phases after the tests have.
 # Measured on an H200 (2026-11-27, third run): build 48 s (the resource report alongside),
 # tests 94 s, kernels phase 121 s (with two brief runs since dropped, about 45 s), profile
 # 69 s, the suite its budget plus a few seconds; the in-order run (budget 20 s) joined the
@@ -143,6 +144,13 @@ capped() {
   return $rc
 }
 
+# pytest_ending LOG: pytest's last line in LOG ("3 failed, 40 passed in 9.12s"), or why there is none.
+pytest_ending() {
+  local line
+  line=$(grep -E "^=+ .* in [0-9.]+s.* =+$" "$1" | tail -n 1 | sed -E 's/^=+ (.*) =+$/\1/')
+  echo "${line:-no ending in the log (stopped or skipped)}"
+}
+
 # brief_fits NAME BUDGET: a brief run's fitted BUDGET is worth running (else says it is skipped).
 brief_fits() {
   (( $2 >= MIN_BRIEF )) && return 0
@@ -245,32 +253,38 @@ if phase_fits tests; then
   # Verbose, so a capped run's log shows how far it got; parallel where pytest-xdist is
   # installed (8 processes share the GPU: the Triton tests are bound by compiling, one
   # configuration each; the tests of tens of GiB share one process, --dist loadgroup).
-  pytest_args=(-m cuda -v -p no:cacheprovider -rfEs --durations=15)
-  if "$PYTHON" -c "import xdist" 2>/dev/null; then pytest_args+=(-n 8 --dist loadgroup); fi
+  # pytest's cache (what failed, for the reruns below) goes to DIR, not the checkout.
+  pytest_args=(-m cuda -v -rfEs)
   if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout=120); fi
-  rm -f "$out/margins.tsv"
+  xdist=()
+  if "$PYTHON" -c "import xdist" 2>/dev/null; then xdist=(-n 8 --dist loadgroup); fi
+  rm -rf "$out/margins.tsv" "$out/pytest_cache"
   capped "$TESTS_BUDGET" "$out/pytest.log" env RESNET_FUSED_MARGIN_LOG="$out/margins.tsv" \
-    "$PYTHON" -m pytest "${pytest_args[@]}" ${PYTEST_ARGS:-tests}
+    "$PYTHON" -m pytest "${pytest_args[@]}" "${xdist[@]}" --durations=15 -o cache_dir="$out/pytest_cache" \
+    ${PYTEST_ARGS:-tests}
   tests_rc=$?
-  grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -30
-  grep -E "^=+ .*(passed|failed|error|skipped).* =+$" "$out/pytest.log" | tail -n 1
+  grep -E "^(FAILED|ERROR) " "$out/pytest.log" | head -30
+  pytest_ending "$out/pytest.log"
   if [[ -s "$out/margins.tsv" ]]; then
     "$PYTHON" scripts/margins.py "$out/margins.tsv" > "$out/margins.txt" && head -n 6 "$out/margins.txt"
   fi
   if [[ $tests_rc -ne 0 ]]; then
     echo "gpu_check: TESTS FAILED (rc=$tests_rc; full log: $out/pytest.log)"
     status=1
-    # The failed tests again (the summary's FAILED and ERROR lines: none where the run was
-    # stopped), once with each launch switch off: a failure that passes without the early
-    # launches or without the Triton replays points at that mechanism, not at the kernels,
-    # and the device time a second call would take to tell them apart is saved.
-    mapfile -t failed < <(grep -E "^(FAILED|ERROR) " "$out/pytest.log" | awk '{print $2}' | sort -u | head -n "$RERUN_MOST")
+    # The failed tests again, once with each launch switch off: a failure that passes
+    # without the early launches or without the Triton replays points at that mechanism,
+    # not at the kernels, and saves the device call that would tell them apart. Which
+    # failed: pytest's own record (none where the run was stopped: pytest wrote nothing).
+    mapfile -t failed < <("$PYTHON" -c 'import json, sys; print(*sorted(json.load(open(sys.argv[1]))), sep="\n")' \
+      "$out/pytest_cache/v/cache/lastfailed" 2>/dev/null | head -n "$RERUN_MOST")
+    rerun_xdist=()
+    (( ${#failed[@]} > 8 )) && rerun_xdist=("${xdist[@]}")  # 8 processes' start-up pays for many tests only
     for switch in RESNET_FUSED_PDL=0 RESNET_FUSED_TRITON_REPLAY=0; do
       (( ${#failed[@]} )) || break
       log="$out/pytest_${switch%=*}_off.log"
-      capped "$RERUN_CAP" "$log" env "$switch" "$PYTHON" -m pytest "${pytest_args[@]}" "${failed[@]}"
-      echo "gpu_check: the ${#failed[@]} failed tests again with $switch:" \
-        "$(grep -E "^=+ .*(passed|failed|error).* =+$" "$log" | tail -n 1 | sed -E 's/^=+ (.*) =+$/\1/')" "($log)"
+      capped "$RERUN_CAP" "$log" env "$switch" "$PYTHON" -m pytest "${pytest_args[@]}" "${rerun_xdist[@]}" \
+        -p no:cacheprovider "${failed[@]}"
+      echo "gpu_check: the ${#failed[@]} failed tests again with $switch: $(pytest_ending "$log") ($log)"
     done
   fi
   took "tests"

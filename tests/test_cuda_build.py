@@ -127,19 +127,33 @@ def test_gpu_check_script_parses_and_names_a_bad_phase(tmp_path):
 
 # A stand-in GPU machine for scripts/gpu_check.sh: every python call is logged, and a test
 # run sleeps for STUB_TEST_S seconds (its pid in pytest.pid), the benchmarks for STUB_BENCH_S.
-# With STUB_FAILS (test ids), a test run fails those unless RESNET_FUSED_PDL=0.
+# With STUB_FAILS (test ids separated by "|"), a test run fails those, recording them in
+# pytest's cache as pytest does, unless RESNET_FUSED_PDL=0; each test run's arguments are
+# logged to pytest_calls.log, separated by "|".
 STUB_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> "$STUB_DIR/calls.log"
 case "$1" in
   -) cat > /dev/null; echo "python 3.12, torch stub, NVIDIA H200: sm_90" ;;
-  -c) case "$2" in *get_device_capability*) echo 9.0 ;; *"import triton"*|*"import xdist"*|*pytest_timeout*) exit 1 ;; esac ;;
+  -c) case "$2" in
+        *get_device_capability*) echo 9.0 ;;
+        *"import triton"*|*"import xdist"*|*pytest_timeout*) exit 1 ;;
+        *json.load*) exec python3 "$@" ;;  # gpu_check reading pytest's cache
+      esac ;;
   setup.py) ;;
   -m) [[ "$2" == pytest ]] || exit 0
       echo $$ > "$STUB_DIR/pytest.pid"
+      (IFS="|"; echo "${*:3}") >> "$STUB_DIR/pytest_calls.log"
       [[ -n "${STUB_FAILS:-}" ]] || exec sleep "$STUB_TEST_S"
-      if [[ "${RESNET_FUSED_PDL:-}" == 0 ]]; then echo "=== 2 passed in 1.00s ==="; exit 0; fi
-      for id in $STUB_FAILS; do echo "FAILED $id - AssertionError: stub"; done
-      echo "=== 2 failed, 5 passed in 1.00s ==="; exit 1 ;;
+      if [[ "${RESNET_FUSED_PDL:-}" == 0 ]]; then echo "=== 1 passed, 1 skipped in 1.00s ==="; exit 0; fi
+      IFS="|" read -ra ids <<< "$STUB_FAILS"
+      echo "ERROR    torch._inductor:utils.py:3 a captured log line"
+      cache=$(printf '%s\n' "$@" | sed -n 's/^cache_dir=//p')
+      if [[ -z "$cache" ]]; then echo "=== ${#ids[@]} failed in 1.00s ==="; exit 1; fi  # a rerun
+      mkdir -p "$cache/v/cache"
+      python3 -c 'import json, sys; json.dump(dict.fromkeys(sys.argv[2:], True), open(sys.argv[1], "w"))' \
+        "$cache/v/cache/lastfailed" "${ids[@]}"
+      for id in "${ids[@]}"; do echo "FAILED $id - AssertionError: stub"; done
+      echo "=== ${#ids[@]} failed, 5 passed in 1.00s ==="; exit 1 ;;
   *) exec sleep "${STUB_BENCH_S:-0}" ;;
 esac
 """
@@ -224,23 +238,35 @@ def test_gpu_check_script_skips_a_brief_run_left_a_few_seconds(tmp_path):
 
 @NEEDS_TIMEOUT
 def test_gpu_check_script_reruns_failed_tests_with_each_launch_switch_off(tmp_path):
-    """Failed tests run again, just those, once with the early launches off and once with
-    every Triton launch through Triton, and the script says how each rerun ended: which
-    mechanism a failure needs is known from one device call."""
+    """Failed tests run again, just those (pytest's record of them, whole: a captured log
+    line that starts with ERROR is not a test, an id may hold a space), once with the early
+    launches off and once with every Triton launch through Triton, and the script says how
+    each rerun ended: which mechanism a failure needs is known from one device call."""
     env = _stand_in_gpu_machine(tmp_path)
-    failing = ["tests/test_cuda_ops.py::test_a[bfloat16-nhwc]", "tests/test_triton_ops.py::test_b"]
-    env.update(STUB_FAILS=" ".join(failing))
+    failing = ["tests/test_cuda_ops.py::test_a[bfloat16 nhwc]", "tests/test_triton_ops.py::test_b"]
+    env.update(STUB_FAILS="|".join(failing))
     out = tmp_path / "out"
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(out), "--only", "tests"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "gpu_check: TESTS FAILED" in run.stdout, run.stdout
-    assert (f"the 2 failed tests again with RESNET_FUSED_PDL=0: 2 passed in 1.00s "
+    assert "\n2 failed, 5 passed in 1.00s\n" in run.stdout, run.stdout
+    assert (f"the 2 failed tests again with RESNET_FUSED_PDL=0: 1 passed, 1 skipped in 1.00s "
             f"({out}/pytest_RESNET_FUSED_PDL_off.log)") in run.stdout, run.stdout
-    assert (f"the 2 failed tests again with RESNET_FUSED_TRITON_REPLAY=0: 2 failed, 5 passed in 1.00s "
+    assert (f"the 2 failed tests again with RESNET_FUSED_TRITON_REPLAY=0: 2 failed in 1.00s "
             f"({out}/pytest_RESNET_FUSED_TRITON_REPLAY_off.log)") in run.stdout, run.stdout
-    tests = [line for line in (tmp_path / "stub" / "calls.log").read_text().splitlines() if line.startswith("-m pytest")]
-    assert len(tests) == 3 and tests[0].endswith(" tests"), tests
-    assert all(line.endswith(" ".join(sorted(failing))) for line in tests[1:]), tests
+    runs = [line.split("|") for line in (tmp_path / "stub" / "pytest_calls.log").read_text().splitlines()]
+    assert len(runs) == 3 and runs[0][-1] == "tests" and f"cache_dir={out}/pytest_cache" in runs[0], runs
+    assert all(rerun[-2:] == sorted(failing) and "no:cacheprovider" in rerun for rerun in runs[1:]), runs
+
+
+def test_gpu_check_script_says_when_a_test_run_left_no_ending(tmp_path):
+    """A test run stopped by its cap prints no ending line: the script says so instead of a blank."""
+    log = tmp_path / "pytest.log"
+    log.write_text("tests/test_a.py::test_b PASSED\n")
+    script = ROOT / "scripts" / "gpu_check.sh"
+    function = re.search(r"^pytest_ending\(\) \{.*?^\}$", script.read_text(), re.S | re.M).group(0)
+    said = subprocess.run(["bash", "-c", f"{function}\npytest_ending {log}"], capture_output=True, text=True, check=True)
+    assert said.stdout == "no ending in the log (stopped or skipped)\n", said.stdout
 
 
 @NEEDS_TIMEOUT
