@@ -261,6 +261,32 @@ def test_every_kernel_compiles_for_sm90_without_spills(dtype, capsys):
     # every configuration must hold (their register cap, _runtime.TUNING).
     one_wave = [r for r in rows if r.kernel in ("_batch_stats_partials_kernel", "_bn_act_backward_reduce_kernel")]
     assert one_wave and all(r.resident_warps >= 16 for r in one_wave), [r for r in one_wave if r.resident_warps < 16]
+    # Offsets formed in 64 bits wherever an argument (a channel count, a row stride) is a factor.
+    assert all(r.narrow_products == 0 for r in rows), [r for r in rows if r.narrow_products]
+
+
+@not_interpreting
+def test_the_compile_report_counts_32_bit_products_that_become_offsets():
+    """The check above has teeth: a product of an argument formed in 32 bits, then used as a
+    pointer offset or widened, is counted; the same product formed in 64 bits is not."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def offsets_probe(x_ptr, out_ptr, n, WIDE: tl.constexpr):
+        rows = tl.arange(0, 16).to(tl.int64)
+        if WIDE:
+            start, offsets = x_ptr + tl.cast(n, tl.int64) * 64, rows + tl.cast(n, tl.int64) * 64
+        else:
+            start, offsets = x_ptr + n * 64, rows + n * 64  # both wrap from n = 2^25
+        tl.store(out_ptr + rows, tl.load(start + rows) + tl.load(x_ptr + offsets))
+
+    counts = []
+    for wide in (False, True):
+        args = dict(x_ptr=torch.empty(64), out_ptr=torch.empty(16), n=1000, WIDE=wide)
+        compiled = triton.compile(compile_report._source(offsets_probe, args), target=compile_report.TARGET)
+        counts.append(compile_report._narrow_address_products(compiled.asm["ttir"]))
+    assert counts == [2, 0]
 
 
 def test_resident_warps_follow_the_sm90_limits():

@@ -94,11 +94,13 @@ def _batch_stats_partials_kernel(
         # The chunk's last, partial step is masked.
         lane = lane_begin + l
         lane_mask = (lane < lane_end)[None, :]
+        # 64-bit: BLOCK_R rows of C channels pass 2^31 from C = 2^25 (tl.cast: a row_stride of 1 is a constexpr).
+        next_tile = tl.cast(row_stride, tl.int64) * BLOCK_R
         full_steps = (row_end - row_begin) // (2 * BLOCK_R)
         for a in tl.range(0, full_steps, num_stages=STAGES):
             offsets = (row_begin + 2 * a * BLOCK_R + r).to(tl.int64)[:, None] * row_stride + lane[None, :]
             x = tl.load(x_ptr + offsets, mask=lane_mask, other=0.0).to(tl.float32)
-            next_x = tl.load(x_ptr + offsets + BLOCK_R * row_stride, mask=lane_mask, other=0.0).to(tl.float32)
+            next_x = tl.load(x_ptr + offsets + next_tile, mask=lane_mask, other=0.0).to(tl.float32)
             mean, m2 = _welford_step(mean, m2, x, 1.0 / (2 * a + 1))
             mean, m2 = _welford_step(mean, m2, next_x, 1.0 / (2 * a + 2))
         if full_steps * 2 * BLOCK_R < row_end - row_begin:
@@ -108,7 +110,7 @@ def _batch_stats_partials_kernel(
             next_mask = (row + BLOCK_R < row_end)[:, None] & lane_mask
             offsets = row.to(tl.int64)[:, None] * row_stride + lane[None, :]
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            next_x = tl.load(x_ptr + offsets + BLOCK_R * row_stride, mask=next_mask, other=0.0).to(tl.float32)
+            next_x = tl.load(x_ptr + offsets + next_tile, mask=next_mask, other=0.0).to(tl.float32)
             mean, m2 = _welford_update(mean, m2, x, mask, 1.0 / (2 * a + 1))
             mean, m2 = _welford_update(mean, m2, next_x, next_mask, 1.0 / (2 * a + 2))
     else:

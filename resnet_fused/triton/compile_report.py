@@ -7,7 +7,9 @@ stack: what Triton's ``CompiledKernel.n_spills`` reports once loaded on a GPU; r
 here from the cubin with cuobjdump, the same number), shared memory, the warps an SM
 holds at once (from those three and the program's warps) and, for the
 elementwise kernels, the stores narrower than one 128-bit vector in the machine code
-(0: every activation store is an STG.E.128). The argument
+(0: every activation store is an STG.E.128) and, in the Triton IR, the 32-bit products of
+a kernel argument that become an address offset or are widened to 64 bits only after
+the multiplication (0: no such product can wrap past 2^31). The argument
 sets are those the ops launch (:func:`representative_calls`: ``batch_stats.launches``,
 ``bn_act.forward_launches``, ``bn_act.backward_launches``) for ResNet-50's layer1 BN3 at
 batch 128 (256 channels, 56x56) in both layouts, on uninitialized CPU tensors (only their
@@ -49,6 +51,7 @@ class KernelResources:
     narrow_stores: Optional[int] = None  # elementwise kernels: stores narrower than 128 bits
     warps: int = 4  # per program
     waits_first: Optional[bool] = None  # launched early: griddepcontrol.wait before any global access
+    narrow_products: int = 0  # 32-bit products of an argument used as offsets (_narrow_address_products)
 
     @property
     def resident_warps(self) -> int:
@@ -203,6 +206,41 @@ def _waits_first(ptx: str) -> bool:
     return wait >= 0 and (first is None or wait < first.start())
 
 
+# Triton IR (TTIR) operations: `%name = op operands : types`; the kernel's arguments in its
+# `tt.func` signature. Operations that only shape a value (a scalar splat into a tile, a
+# broadcast) pass a 32-bit product on unchanged.
+_TTIR_OPERATION = re.compile(r"^\s*(%[\w.]+) = ([\w.]+) (.*)$", re.M)
+_TTIR_VALUE = re.compile(r"%[\w.]+")
+_TTIR_I32 = re.compile(r"(?:\b|x)i32\b")  # i32, tensor<64x16xi32>
+_TTIR_SHAPE_OPS = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape")
+
+
+def _narrow_address_products(ttir: str) -> int:
+    """32-bit products with a kernel argument as a factor (``C * 2``, ``BLOCK_R * row_stride``)
+    that reach a pointer's offset (``tt.addptr``) or a widening to 64 bits (``arith.extsi``)
+    through shaping operations alone. Such a product wraps once the argument is large (a
+    row stride of 2^25 channels times 64 rows) before the address is 64-bit: it must be
+    formed in 64 bits (``tl.cast(arg, tl.int64) * k``). Row and plane indices (bounded by
+    ``_runtime.MAX_ROWS``, then widened) pass through additions and are not counted."""
+    signature = re.search(r"tt\.func\b[^(]*\((.*?)\)\s*attributes", ttir, re.S)
+    if signature is None:
+        raise ValueError("no tt.func signature in the Triton IR: its format changed")
+    arguments = set(re.findall(r"(%\w+):", signature.group(1)))
+    products, found = set(), 0
+    for result, operation, rest in _TTIR_OPERATION.findall(ttir):
+        operands_part, _, types = rest.rpartition(" : ")
+        operands = _TTIR_VALUE.findall(operands_part)
+        if operation == "arith.muli" and _TTIR_I32.search(types) and arguments.intersection(operands):
+            products.add(result)
+        elif operation in _TTIR_SHAPE_OPS and operands and operands[0] in products:
+            products.add(result)
+        elif operation == "arith.extsi" and operands and operands[0] in products:
+            found += 1
+        elif operation == "tt.addptr" and len(operands) > 1 and operands[1] in products:
+            found += 1
+    return found
+
+
 def _narrow_stores(cubin: bytes) -> int:
     """Global stores in ``cubin``'s machine code narrower than 128 bits."""
     return sum(".128" not in s for s in re.findall(r"\bSTG\.E(?:\.[A-Z0-9_]+)*", _cuobjdump_of(cubin, "-sass")))
@@ -256,16 +294,18 @@ def compile_all(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[KernelResource
                     _narrow_stores(cubin) if fn.__name__ in ELEMENTWISE_KERNELS else None,
                     compiled.metadata.num_warps,
                     _waits_first(compiled.asm["ptx"]) if options.get("launch_pdl") else None,
+                    _narrow_address_products(compiled.asm["ttir"]),
                 ))
     return rows
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = ("kernel", "variant", "config", "regs", "local B", "shared B", "warps/SM", "narrow st", "waits first")
+    header = ("kernel", "variant", "config", "regs", "local B", "shared B", "warps/SM", "narrow st", "waits first",
+              "i32 products")
     table = [header] + [
         (r.kernel, r.variant, r.config, str(r.registers), str(r.local_bytes), str(r.shared_bytes),
          str(r.resident_warps), "-" if r.narrow_stores is None else str(r.narrow_stores),
-         "-" if r.waits_first is None else "yes" if r.waits_first else "NO")
+         "-" if r.waits_first is None else "yes" if r.waits_first else "NO", str(r.narrow_products))
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
