@@ -46,9 +46,9 @@ def through_triton(monkeypatch):
     calls = []
     original = _runtime.Launch.through_triton
 
-    def counted(self):
+    def counted(self, pinned):
         calls.append(self)
-        return original(self)
+        return original(self, pinned)
 
     monkeypatch.setattr(_runtime.Launch, "through_triton", counted)
     return calls
@@ -323,7 +323,7 @@ def test_tuned_configs_say_what_the_autotuner_chose(stand_in):
     _runtime.forget_plans()
     x = torch.empty(SHAPE, dtype=torch.float16, memory_format=torch.channels_last)
     build, static, operands = _stats_call(x)
-    build(*static, *operands)[0].through_triton()
+    build(*static, *operands)[0].through_triton(None)
     entries = _runtime.tuned_configs()["_batch_stats_partials_kernel"]
     assert all(e["key_args"] == ["lanes", "CHANNELS_LAST", "BLOCK_L"] for e in entries)
     (chosen,) = [e for e in entries if e["key"][:2] == [SHAPE[1], True] and "torch.float16" in e["key"]]
@@ -380,6 +380,29 @@ def test_inputs_beyond_the_row_limit_run_the_reference(stand_in, monkeypatch):
     assert len(LAUNCHES) == 1
 
 
+def test_a_plan_is_recorded_with_the_configuration_of_its_key(stand_in, monkeypatch):
+    """Another thread may pin a configuration (pinned_config) while a call records its plan:
+    the plan must still run what its key says (here: the autotuner's choice, not the pin),
+    or every later unpinned call of the key would replay the pinned configuration."""
+    call = _stats_call(torch.empty(SHAPE, memory_format=torch.channels_last))
+    _runtime.forget_plans()
+    _runtime.launch(*call)
+    chosen = LAUNCHES[-2]  # the partials kernel, the autotuner's (the stand-in's second) configuration
+    original = _runtime.Launch.through_triton
+
+    def pinned_meanwhile(self, pinned):
+        monkeypatch.setattr(_runtime, "_pinned", 0)  # another thread enters pinned_config(0)
+        return original(self, pinned)
+
+    _runtime.forget_plans()
+    with monkeypatch.context() as m:
+        m.setattr(_runtime.Launch, "through_triton", pinned_meanwhile)
+        _runtime.launch(*call)
+    monkeypatch.setattr(_runtime, "_pinned", None)  # ... and leaves it
+    _runtime.launch(*call)  # replayed
+    assert same_launch(LAUNCHES[-2], chosen)
+
+
 @pytest.mark.parametrize("channels", [1, 3, 64, 2048, 300_000])
 def test_row_indices_at_the_row_limit_stay_below_2_31(channels):
     """The margin under 2^31 that ``MAX_ROWS`` keeps: past the rows, a program forms row
@@ -402,7 +425,7 @@ def test_a_first_call_failing_in_graph_capture_says_to_warm_up(stand_in, monkeyp
     """A new key goes through Triton, whose autotuner synchronizes: inside CUDA graph capture
     that fails, and the error says to call the op once before capture. Outside capture the
     error is Triton's own, unchanged."""
-    def synchronizing(self):
+    def synchronizing(self, pinned):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(_runtime.Launch, "through_triton", synchronizing)
@@ -429,7 +452,7 @@ def test_launches_through_triton_go_one_thread_at_a_time():
     inside, overlaps = [], []
 
     class Slow:  # a launch whose trip through Triton takes a while
-        def through_triton(self):
+        def through_triton(self, pinned):
             inside.append(threading.get_ident())
             if len(inside) > 1:
                 overlaps.append(tuple(inside))

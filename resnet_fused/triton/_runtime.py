@@ -212,10 +212,11 @@ class Launch:
     grid: Callable[[dict], tuple[int, ...]]
     args: dict[str, Any]
 
-    def through_triton(self) -> Optional["_Compiled"]:
-        """Launches through Triton (autotuning a new key, compiling a new specialization);
-        returns the kernel it ran, or None where Triton returned no compiled kernel."""
-        config = pinned_config_of(self.kernel)
+    def through_triton(self, pinned: Optional[int]) -> Optional["_Compiled"]:
+        """Launches through Triton (autotuning a new key, compiling a new specialization),
+        with the ``pinned`` configuration (None: the autotuner's); returns the kernel it
+        ran, or None where Triton returned no compiled kernel."""
+        config = _config_at(self.kernel, pinned)
         arguments, options = early_launch_arguments(early_launch())
         if config is None:
             compiled = self.kernel[self.grid](**self.args, **arguments, **options)
@@ -318,6 +319,9 @@ def _direct_replay(kernels: list[_Compiled], steps: list[_Step]) -> Optional[Cal
                 args[position] = o[index]
             run(x, y, z, stream, function, packed, None, None, None, *args)
 
+    # The raw function handles stay valid only while their kernels live (Triton 3.8 unloads
+    # a CompiledKernel's module when it is collected): the replay holds them itself.
+    replay.kernels = tuple(compiled.kernel for compiled in kernels)
     return replay
 
 
@@ -347,9 +351,10 @@ Call = tuple[Callable[..., list[Launch]], tuple, tuple]  # what `launch` takes: 
 
 def run(launches: list[Launch]) -> None:
     """Every launch through Triton, in order."""
+    pinned = _pinned
     with _through_triton():
         for one in launches:
-            one.through_triton()
+            one.through_triton(pinned)
 
 
 # Triton's autotuner keeps a call's arguments on the kernel object every thread shares
@@ -387,14 +392,15 @@ def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -
         return
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
-    key = (build, static, _pinned, device, *[
+    pinned = _pinned  # read once: the key and the recording must agree while another thread pins
+    key = (build, static, pinned, device, *[
         None if o is None else (o.dtype, o.data_ptr() % 16) if isinstance(o, torch.Tensor)
         else float if type(o) is float else o  # an integer by value: Triton specializes 1, multiples of 16, i64
         for o in operands
     ])  # fmt: skip
     plan = _plans.get(key)
     if plan is None:
-        plan = _record(build, static, operands)
+        plan = _record(build, static, operands, pinned)
         if plan is not None:
             if len(_plans) >= _PLAN_LIMIT:
                 _plans.clear()
@@ -408,12 +414,13 @@ def launch(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -
         step(operands)
 
 
-def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple) -> Optional[_Plan]:
-    """Launches ``build``'s launches through Triton; returns them as a plan, or None where
-    Triton returned no compiled kernel for one of them."""
+def _record(build: Callable[..., list[Launch]], static: tuple, operands: tuple,
+            pinned: Optional[int]) -> Optional[_Plan]:
+    """Launches ``build``'s launches through Triton with the ``pinned`` configuration;
+    returns them as a plan, or None where Triton returned no compiled kernel for one of them."""
     launches = build(*static, *operands)
     with _through_triton():
-        compiled = [one.through_triton() for one in launches]
+        compiled = [one.through_triton(pinned) for one in launches]
     if any(c is None for c in compiled):
         return None
     # The same launches with a marker for each operand: where the operands go.
@@ -474,14 +481,19 @@ def pinned_index() -> Optional[int]:
 
 def pinned_config_of(kernel: Any) -> Optional[triton.Config]:
     """The configuration ``kernel`` runs with while pinned; None: autotune (or not autotuned)."""
-    if _pinned is None or not isinstance(kernel, triton.runtime.Autotuner):
+    return _config_at(kernel, _pinned)
+
+
+def _config_at(kernel: Any, index: Optional[int]) -> Optional[triton.Config]:
+    """``kernel``'s ``index``-th configuration; None where ``index`` is None or it is not autotuned."""
+    if index is None or not isinstance(kernel, triton.runtime.Autotuner):
         return None
-    if _pinned >= len(kernel.configs):
+    if index >= len(kernel.configs):
         raise ValueError(
-            f"Triton configuration {_pinned} is pinned ({PIN_ENV} or pinned_config), but "
+            f"Triton configuration {index} is pinned ({PIN_ENV} or pinned_config), but "
             f"{kernel.fn.__name__} has {len(kernel.configs)} configurations"
         )
-    return kernel.configs[_pinned]
+    return kernel.configs[index]
 
 
 @contextlib.contextmanager
