@@ -37,6 +37,9 @@ version counter of its own; a NumPy view; a ``vector_to_parameters`` alias; a
 block drops its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()``
 after such an edit refreshes it. It drops it on ``load_state_dict`` too, and on ``.to()``
 and the like: the folded weights of replaced sources are not kept until the next call.
+On CUDA each stream has entries of its own (a fold's kernels run on the caller's stream,
+and only work queued after them there sees their result), and nothing is folded while a
+CUDA graph is captured (the blocks run conv + the fused op then, as under a trace).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Hashable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -215,14 +218,16 @@ class FoldCache:
         # the same reference twice, and a pickled one is a pointer into another process.
         return (FoldCache, ())
 
-    def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
-        """The folded ``conv``/``bn`` pair ``name`` in ``dtype``, from the cache when valid."""
+    def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
+            stream: Hashable = None) -> FoldedConv:
+        """The folded ``conv``/``bn`` pair ``name`` in ``dtype``, from the cache when valid;
+        ``stream``: the CUDA stream the fold runs on and its result is read on (None: CPU)."""
         sources = _sources(conv, bn)
         if sources[-1] is None or any(t is not None and t.is_inference() for t in sources):
             # Inference tensors have no version counter; without num_batches_tracked an
             # eager BatchNorm's training forward updates the statistics unseen.
             return fold(conv, bn, dtype)
-        key = (name, dtype)
+        key = (name, dtype, stream)
         eps = _checks.as_float("batch_norm", "eps", bn.eps)  # a float: a tensor eps could change in place
         entry = self._entries.get(key)
         if entry is None or not entry.matches(sources, eps):
@@ -238,7 +243,8 @@ class FoldCache:
                 folded = fold(conv, bn, dtype)
             entry = _Entry(ids, states, storages, eps, optimizer_steps, folded)
             # A new dictionary, published by one store: another thread may be iterating the
-            # old one. This pair's stale entries in other dtypes are dropped, not kept alive.
+            # old one. This pair's stale entries in other dtypes and streams are dropped, not
+            # kept alive (their memory returns to their own stream's pool: reuse waits there).
             entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, eps)}
             entries[key] = entry
             self._entries = entries
@@ -271,6 +277,15 @@ def compute_dtype(x: Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
 _CUDNN_FUSED_REFUSED: set[tuple] = set()  # configurations cuDNN's fused ops raised on
 
 
+def pair_of(size) -> tuple:
+    """An nn.Conv2d size as F.conv2d reads it: a pair, one value for both sides, or an int
+    (as a user may set it after construction)."""
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(size)
+    return size * 2 if len(size) == 1 else size
+
+
 def _cudnn_fused_applies(x: Tensor, conv: nn.Conv2d) -> bool:
     return (
         x.is_cuda
@@ -296,8 +311,12 @@ def _cudnn_fused_or(fallback: Callable[[], Tensor], x: Tensor, conv: nn.Conv2d, 
     if not _cudnn_fused_applies(x, conv):
         return fallback()
     name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
-    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    config = (name, x.dtype, x.is_contiguous(memory_format=torch.channels_last), tuple(folded.weight.shape), *geometry)
+    # Pairs, as the fused ops' schema takes them (F.conv2d also takes the int, list or
+    # one-value spellings a user may set after construction).
+    geometry = (pair_of(conv.stride), pair_of(conv.padding), pair_of(conv.dilation), conv.groups)
+    # What cuDNN's choice of engine depends on: TF32 admits more engines for float32.
+    config = (name, x.device, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+              tuple(folded.weight.shape), *geometry, x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
     if config in _CUDNN_FUSED_REFUSED:
         return fallback()
     try:

@@ -139,29 +139,20 @@ def _norm_reason(name: str, norm: nn.Module) -> Optional[str]:
     return None
 
 
-def _pair_of(size) -> tuple:
-    """An nn.Conv2d size as F.conv2d reads it: a pair, one value for both sides, or an int
-    (as a user may set it after construction)."""
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(size)
-    return size * 2 if len(size) == 1 else size
-
-
 def _keeps_size(conv: nn.Conv2d) -> bool:
     """Whether ``conv`` gives every input an output of its own height and width (False
     for an attribute F.conv2d would refuse too: torchvision's forward then raises eager's
     error). Each side must pad what the dilated kernel takes away."""
     try:
-        if conv.stride != (1, 1) and _pair_of(conv.stride) != (1, 1):
+        if conv.stride != (1, 1) and folding.pair_of(conv.stride) != (1, 1):
             return False
         if conv.padding == "same":
             return True
         try:  # the pairs nn.Conv2d makes, as they are: no conversions (runs every forward)
             (ph, pw), (dh, dw), (kh, kw) = conv.padding, conv.dilation, conv.kernel_size
         except (TypeError, ValueError):  # "valid", an int, one value for both sides
-            (ph, pw) = (0, 0) if conv.padding == "valid" else _pair_of(conv.padding)
-            (dh, dw), (kh, kw) = _pair_of(conv.dilation), _pair_of(conv.kernel_size)
+            (ph, pw) = (0, 0) if conv.padding == "valid" else folding.pair_of(conv.padding)
+            (dh, dw), (kh, kw) = folding.pair_of(conv.dilation), folding.pair_of(conv.kernel_size)
         return 2 * ph == dh * (kh - 1) and 2 * pw == dw * (kw - 1)
     except (TypeError, ValueError):
         return False
@@ -314,7 +305,9 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
     input or weights: ``F.conv2d`` of a CPU input and meta weights returns uninitialized
     memory, which the unfolded path's BatchNorm refuses where it is on meta too (with only
     the convolution on meta eager returns that memory as well). Other devices mixed: the
-    convolution raises.
+    convolution raises. Nor while a CUDA graph is captured: like a trace, the graph would
+    keep the cached folded weights' addresses, blind to weights loaded in place later, and
+    reading freed memory once a later call folds them anew.
     """
     if (
         bn.training
@@ -326,6 +319,7 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
         or torch._C._len_torch_dispatch_stack() > 0
         or x.is_meta
         or conv.weight.is_meta
+        or (x.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
         return None
     return folding.compute_dtype(x, conv)
@@ -362,17 +356,22 @@ class _FusedBlock:
             "torch.jit.script(resnet_fused.unfuse(copy.deepcopy(model)))"
         )
 
-    def _folded(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> folding.FoldedConv:
+    def _folded(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
+                x: Tensor) -> folding.FoldedConv:
+        """The pair ``name`` folded in ``dtype``, for ``conv``'s input ``x``."""
         cache = self.__dict__.get(_CACHE_ATTRIBUTE)
         if cache is None:  # created lazily: fuse() turns blocks into this class without __init__
             cache = self.__dict__[_CACHE_ATTRIBUTE] = folding.FoldCache()
-        return cache.get(name, conv, bn, dtype)
+        # On CUDA the fold's kernels run on the current stream, and only work queued after
+        # them there is sure to see their result: each stream has entries of its own.
+        stream = torch._C._cuda_getCurrentStream(x.get_device()) if x.is_cuda else None
+        return cache.get(name, conv, bn, dtype, stream)
 
     def _conv_bn_relu(self, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
         conv, bn = getattr(self, conv_name), getattr(self, bn_name)
         dtype = _folded_compute_dtype(x, conv, bn)
         if dtype is not None:
-            return folding.conv_bias_relu(x.to(dtype), conv, self._folded(conv_name, conv, bn, dtype))
+            return folding.conv_bias_relu(x.to(dtype), conv, self._folded(conv_name, conv, bn, dtype, x))
         t = _conv(conv, x)
         backends.resolve(t.device, t.dtype)  # a backend that cannot run t raises before the batch is counted
         return functional.bn_relu(t, *batch_norm_call(bn))
@@ -384,7 +383,7 @@ class _FusedBlock:
         conv, bn = self.downsample
         dtype = _folded_compute_dtype(x, conv, bn)
         if dtype is not None:
-            return folding.conv_bias(x.to(dtype), conv, self._folded("downsample", conv, bn, dtype))
+            return folding.conv_bias(x.to(dtype), conv, self._folded("downsample", conv, bn, dtype, x))
         return self.downsample(x)
 
     def _conv_bn_add_relu(self, conv_name: str, bn_name: str, out: Tensor, x: Tensor) -> Tensor:
@@ -393,7 +392,7 @@ class _FusedBlock:
         if dtype is not None and self.downsample is not None and _records_autograd(x, *self.downsample):
             dtype = None  # a trainable shortcut: the folded add (cuDNN's) has no derivative
         if dtype is not None:
-            folded = self._folded(conv_name, conv, bn, dtype)
+            folded = self._folded(conv_name, conv, bn, dtype, out)
             return folding.conv_bias_add_relu(out.to(dtype), conv, folded, self._shortcut(x).to(dtype))
         t = _conv(conv, out)
         main = batch_norm_call(bn)

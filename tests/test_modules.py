@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from block_helpers import (
     BLOCK_CONFIGS,
@@ -634,6 +635,22 @@ class TestFoldCache:
         assert len(seen) == 1
         (published, contents), = seen
         assert published == contents and cache._entries is not published
+
+    def test_each_stream_has_entries_of_its_own(self):
+        """A fold's kernels run on the caller's CUDA stream, so only work queued after them
+        there may read its result: another stream folds its own copy, and both are kept
+        (the streams stand in as keys here; tests/test_modules.py::test_cuda_eval_on_two_streams
+        runs real ones)."""
+        cache, conv, bn = folding.FoldCache(), self.fused.conv2, self.fused.bn2
+        on_a = cache.get("conv2", conv, bn, torch.float32, "stream a")
+        assert cache.get("conv2", conv, bn, torch.float32, "stream a") is on_a
+        on_b = cache.get("conv2", conv, bn, torch.float32, "stream b")
+        assert on_b is not on_a and torch.equal(on_b.weight, on_a.weight) and torch.equal(on_b.bias, on_a.bias)
+        assert cache.get("conv2", conv, bn, torch.float32, "stream a") is on_a
+        with torch.no_grad():
+            conv.weight.mul_(0.5)
+        refolded = cache.get("conv2", conv, bn, torch.float32, "stream b")
+        assert len(cache._entries) == 1 and torch.equal(refolded.weight, on_b.weight * 0.5)  # a's stale one dropped
 
     def test_optimizer_step(self):
         self.check()
@@ -1277,6 +1294,41 @@ def test_a_cudnn_refusal_is_remembered_only_once_the_fallback_ran(monkeypatch):
             with pytest.warns(RuntimeWarning, match="does not run"):
                 folding.conv_bias_add_relu(x, other, folded_other, residual)
         assert len(folding._CUDNN_FUSED_REFUSED) == 3
+        # TF32 admits other engines for float32: the setting is part of the configuration
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
+        with pytest.warns(RuntimeWarning, match="does not run"):
+            folding.conv_bias_add_relu(x, conv, folded, x)
+        assert len(folding._CUDNN_FUSED_REFUSED) == 4
+
+
+@pytest.mark.parametrize("attribute, value", [("padding", 1), ("padding", (1,)), ("padding", [1, 1]), ("stride", 1),
+                                              ("stride", [1, 1]), ("dilation", (1,))])
+def test_cudnn_fused_ops_take_conv_sizes_as_pairs(attribute, value, monkeypatch):
+    """A conv size set after construction in a spelling F.conv2d takes (an int, a list, one
+    value for both sides) reaches cuDNN's fused ops as the pair of ints their schema takes:
+    an int raised there, a list made the configuration unhashable, a 1-tuple was read past
+    its end (CPU: cuDNN faked by F.conv2d, the arguments recorded)."""
+    sizes = []
+
+    def conv_relu(x, weight, bias, stride, padding, dilation, groups):
+        sizes.append((stride, padding, dilation))
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups).relu()
+
+    def conv_add_relu(x, weight, z, alpha, bias, stride, padding, dilation, groups):
+        sizes.append((stride, padding, dilation))
+        return (F.conv2d(x, weight, bias, stride, padding, dilation, groups) + alpha * z).relu()
+
+    monkeypatch.setattr(folding, "_cudnn_fused_applies", lambda x, conv: True)
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
+    plain = randomize_batch_norms(BasicBlock(16, 16)).eval()
+    setattr(plain.conv1, attribute, value)
+    fused = fused_copy(plain)
+    x = torch.randn(2, 16, 6, 6)
+    assert_close_scaled({"eval": eval_output(fused, x)}, {"eval": eval_output(plain, x)}, 1e-5)
+    assert len(sizes) == 2  # conv1 + ReLU, conv2 + add + ReLU
+    assert all(type(size) is tuple and len(size) == 2 and all(type(v) is int for v in size)
+               for sizes_of_one in sizes for size in sizes_of_one), sizes
 
 
 # ------------------------------------------------------------------ CUDA
@@ -1338,6 +1390,57 @@ def test_cuda_eval_folded(config, dtype, layout, no_tf32):
         assert_close_scaled({"eval": y}, {"eval": expected}, 1e-5)
     else:
         assert_within_eager_error({"eval": y}, {"eval": expected}, {"eval": eval_output(plain, x)})
+
+
+@pytest.mark.cuda
+def test_cuda_eval_on_two_streams(no_tf32):
+    """Each stream folds its own copy (a fold's kernels are ordered only on the stream that
+    ran them): a second stream's first call gets entries of its own, and both streams'
+    outputs are eager's."""
+    plain, fused = pair("bottleneck_stride2_downsample", layout="nhwc", device="cuda")
+    plain.eval(), fused.eval()
+    x = inputs_for("bottleneck_stride2_downsample", 1, layout="nhwc", device="cuda")[0]
+    expected = eval_output(plain, x)
+    outputs = []
+    for stream in (torch.cuda.Stream(), torch.cuda.Stream()):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs.append(eval_output(fused, x))
+        torch.cuda.current_stream().wait_stream(stream)
+    cache = fused.__dict__[resnet_fused.modules._CACHE_ATTRIBUTE]
+    assert len(cache._entries) == 8  # four pairs, two streams
+    for y in outputs:
+        assert_close_scaled({"eval": y}, {"eval": expected}, 1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_of_an_eval_forward_reads_the_current_weights(no_tf32):
+    """An eval forward captured in a CUDA graph, then weights loaded in place (a server
+    updating a captured model): each replay computes with the weights of then, as a
+    torchvision block's replay does. Nothing is folded during capture (the block runs
+    conv + the fused op), so the graph holds no cached folded weights, which would be
+    stale after the load and freed once a later eager call folds again."""
+    plain, fused = pair("bottleneck_stride2_downsample", layout="nhwc", device="cuda")
+    plain.eval(), fused.eval()
+    static_x = inputs_for("bottleneck_stride2_downsample", 1, layout="nhwc", device="cuda")[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            eval_output(fused, static_x)  # warm-up: folds and caches, as an eager caller would
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = eval_output(fused, static_x)
+    new_state = randomize_batch_norms(make_block("bottleneck_stride2_downsample")).state_dict()
+    for model in (plain, fused):
+        model.load_state_dict(new_state)  # copy_ into the same tensors
+    expected = eval_output(plain, static_x)
+    graph.replay()
+    assert_close_scaled({"eval": static_y}, {"eval": expected}, 1e-5)
+    eval_output(fused, static_x)  # an eager call folds the new weights anew
+    graph.replay()
+    assert_close_scaled({"eval": static_y}, {"eval": expected}, 1e-5)
 
 
 @pytest.mark.cuda
