@@ -23,8 +23,9 @@
 # CUDA graph, benchmarks/step_profile.py --graph) and
 # host_overhead.log (a block's host time, benchmarks/host_overhead.py). Stops at once if
 # the build fails; otherwise runs every phase. Where tests fail, it reruns them (at most 40,
-# 60 s each) with RESNET_FUSED_PDL=0, then with RESNET_FUSED_TRITON_REPLAY=0
-# (pytest_RESNET_FUSED_*_off.log), and prints how each rerun ended. Exit status: 0 all
+# 60 s each, leaving the kernel benchmark at least 60 s) with RESNET_FUSED_PDL=0, then with
+# RESNET_FUSED_TRITON_REPLAY=0 (pytest_RESNET_FUSED_*_off.log), and prints how each rerun
+# ended. Exit status: 0 all
 # passed, 1 a test or measurement failed, 3 none failed but TOTAL_BUDGET cut something short
 # (the last line names what).
 #
@@ -78,6 +79,7 @@ SUITE_BUDGET="${SUITE_BUDGET:-90}"
 PROFILE_CAP="${PROFILE_CAP:-60}"
 RERUN_CAP=60  # each rerun of the failed tests with a launch switch off
 RERUN_MOST=40  # failed tests rerun at most (the first by name)
+KERNELS_FLOOR=60  # the reruns leave the kernel benchmark's main run at least this (run 3: 67 cases in 50 s)
 KERNELS_SHAPES="${KERNELS_SHAPES:-layer1,layer2}"
 for name in TOTAL_BUDGET TESTS_BUDGET KERNELS_BUDGET SUITE_BUDGET PROFILE_CAP; do
   [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check: $name=${!name}: expected a whole number of seconds" >&2; exit 2; }
@@ -279,10 +281,18 @@ if phase_fits tests; then
       "$out/pytest_cache/v/cache/lastfailed" 2>/dev/null | head -n "$RERUN_MOST")
     rerun_xdist=()
     (( ${#failed[@]} > 8 )) && rerun_xdist=("${xdist[@]}")  # 8 processes' start-up pays for many tests only
+    rerun_reserve=0  # what the reruns leave: the kernel benchmark's floor and its reserve (below)
+    want kernels && rerun_reserve=$((KERNELS_FLOOR + 45))
     for switch in RESNET_FUSED_PDL=0 RESNET_FUSED_TRITON_REPLAY=0; do
       (( ${#failed[@]} )) || break
       log="$out/pytest_${switch%=*}_off.log"
-      capped "$RERUN_CAP" "$log" env "$switch" "$PYTHON" -m pytest "${pytest_args[@]}" "${rerun_xdist[@]}" \
+      rerun_cap=$(fit_budget "$RERUN_CAP" "$rerun_reserve")
+      if (( rerun_cap < MIN_RUN )); then
+        echo "gpu_check: SKIPPED the failed tests again with $switch: the kernel benchmark keeps ${KERNELS_FLOOR}s"
+        cut+=("rerun with $switch (skipped)")
+        continue
+      fi
+      capped "$rerun_cap" "$log" env "$switch" "$PYTHON" -m pytest "${pytest_args[@]}" "${rerun_xdist[@]}" \
         -p no:cacheprovider "${failed[@]}"
       echo "gpu_check: the ${#failed[@]} failed tests again with $switch: $(pytest_ending "$log") ($log)"
     done

@@ -259,6 +259,21 @@ def test_gpu_check_script_reruns_failed_tests_with_each_launch_switch_off(tmp_pa
     assert all(rerun[-2:] == sorted(failing) and "no:cacheprovider" in rerun for rerun in runs[1:]), runs
 
 
+@NEEDS_TIMEOUT
+def test_gpu_check_script_reruns_failed_tests_only_where_the_kernel_benchmark_keeps_its_floor(tmp_path):
+    """The reruns are diagnostics, the kernel benchmark the issue's measurement: a rerun that
+    would leave the main kernel run less than its floor (60 s, and the 45 s the brief runs
+    and its overrun need) is skipped and listed, and the main run keeps at least the floor."""
+    run, runs = _kernel_benchmark_runs(tmp_path, TOTAL_BUDGET="130", STUB_TEST_S="0",
+                                       STUB_FAILS="tests/test_cuda_ops.py::test_a")
+    assert run.returncode == 1 and "gpu_check: TESTS FAILED" in run.stdout, run.stdout
+    for switch in ("RESNET_FUSED_PDL=0", "RESNET_FUSED_TRITON_REPLAY=0"):
+        assert f"gpu_check: SKIPPED the failed tests again with {switch}: the kernel benchmark keeps 60s" in run.stdout
+        assert f"rerun with {switch} (skipped)" in run.stdout.splitlines()[-1], run.stdout
+    assert len((tmp_path / "stub" / "pytest_calls.log").read_text().splitlines()) == 1  # the first run only
+    assert int(runs[0].split("--budget-s ")[1].split()[0]) >= 60, f"{runs}\n{run.stdout}"
+
+
 def test_gpu_check_script_says_when_a_test_run_left_no_ending(tmp_path):
     """A test run stopped by its cap prints no ending line: the script says so instead of a blank."""
     log = tmp_path / "pytest.log"
