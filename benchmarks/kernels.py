@@ -359,7 +359,8 @@ def kernel_role(backend: str, name: str) -> Optional[str]:
 # How kernel_breakdown empties L2 before each call (module docstring: --l2-flush).
 L2_FLUSHES: dict[str, Callable[[torch.Tensor], object]] = {
     "zero": lambda buffer: buffer.zero_(),  # L2 left dirty
-    "read": lambda buffer: buffer.sum(),  # L2 left clean
+    # L2 left clean; the int8 buffer summed as int64: int8's sum would first write an int64 copy
+    "read": lambda buffer: buffer.view(torch.int64).sum(),
 }
 L2_FLUSH_MODES = ("own", *L2_FLUSHES)
 # The streaming roles that write no activation, only per-channel partials (bn_add_relu's

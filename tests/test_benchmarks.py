@@ -407,8 +407,11 @@ def test_kernel_benchmark_fails_a_wrong_result(tmp_path, monkeypatch, capsys):
 def test_l2_flushes_write_or_only_read_their_buffer(capsys):
     """'zero' leaves L2 dirty by writing the buffer, 'read' leaves it clean by reading only."""
     buffer = torch.arange(64, dtype=torch.int8)
-    kernels.L2_FLUSHES["read"](buffer)
+    with torch.profiler.profile(profile_memory=True) as profiled:
+        kernels.L2_FLUSHES["read"](buffer)
     assert torch.equal(buffer, torch.arange(64, dtype=torch.int8))
+    allocated = [(e.name, e.cpu_memory_usage) for e in profiled.events() if e.cpu_memory_usage > 0]
+    assert all(size < buffer.numel() for _, size in allocated), allocated  # no converted copy to write
     kernels.L2_FLUSHES["zero"](buffer)
     assert not buffer.any()
     with pytest.raises(SystemExit):
