@@ -33,7 +33,8 @@ every call: nothing would show that an eager training forward updated its statis
 One kind of write is invisible to all of these: an in-place write that bypasses the
 Parameter's version counter (through ``param.data``, ``p.data.mul_(2)``, whose tensor has a
 version counter of its own; a NumPy view; a ``vector_to_parameters`` alias; a
-``torch.distributed`` collective; another process writing a model in shared memory); a
+``torch.distributed`` collective; a CUDA graph's replay; another process writing a model
+in shared memory); a
 block drops its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()``
 after such an edit refreshes it. It drops it on ``load_state_dict`` too, and on ``.to()``
 and the like: the folded weights of replaced sources are not kept until the next call.
