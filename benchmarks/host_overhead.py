@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
     fused.eval()
     with torch.no_grad():
         rows.append(("fold cache lookup (every folded conv)",
-                     median_us(lambda: fused._folded("conv1", fused.conv1, fused.bn1, torch.float32, x), device)))
+                     median_us(lambda: fused._folded("conv1", fused.conv1, fused.bn1, torch.float32), device)))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, input {tuple(x.shape)}"

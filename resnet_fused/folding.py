@@ -38,9 +38,9 @@ in shared memory); a
 block drops its cache on every ``train()`` / ``eval()`` call, so calling ``model.eval()``
 after such an edit refreshes it. It drops it on ``load_state_dict`` too, and on ``.to()``
 and the like: the folded weights of replaced sources are not kept until the next call.
-On CUDA each stream has entries of its own (a fold's kernels run on the caller's stream,
-and only work queued after them there sees their result), and nothing is folded while a
-CUDA graph is captured (the blocks run conv + the fused op then, as under a trace).
+On CUDA a fold's kernels run on the caller's stream: a forward on another stream waits
+for an event recorded after them before it reads the folded tensors. While a CUDA graph
+is captured the blocks fold without the cache, so each replay folds the weights of then.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
-from typing import Callable, Hashable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,12 @@ class _Entry(NamedTuple):
     eps: float
     optimizer_steps: int
     folded: FoldedConv
+    # On CUDA, the stream the fold's kernels ran on and an event recorded there after them:
+    # a forward on another stream waits for it before reading the folded tensors, once
+    # (that stream's later work follows its wait); `readers` are the streams that have.
+    stream: Optional[tuple]
+    ready: Optional["torch.cuda.Event"]
+    readers: set
 
     def matches(self, sources: tuple[Optional[Tensor], ...], eps: float) -> bool:
         for ident, state, t in zip(self.ids, self.states, sources):
@@ -219,16 +225,17 @@ class FoldCache:
         # the same reference twice, and a pickled one is a pointer into another process.
         return (FoldCache, ())
 
-    def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
-            stream: Hashable = None) -> FoldedConv:
-        """The folded ``conv``/``bn`` pair ``name`` in ``dtype``, from the cache when valid;
-        ``stream``: the CUDA stream the fold runs on and its result is read on (None: CPU)."""
+    def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
+        """The folded ``conv``/``bn`` pair ``name`` in ``dtype``, from the cache when valid,
+        ready to be read on the current stream."""
         sources = _sources(conv, bn)
         if sources[-1] is None or any(t is not None and t.is_inference() for t in sources):
             # Inference tensors have no version counter; without num_batches_tracked an
             # eager BatchNorm's training forward updates the statistics unseen.
             return fold(conv, bn, dtype)
-        key = (name, dtype, stream)
+        weight = conv.weight
+        stream = torch._C._cuda_getCurrentStream(weight.get_device()) if weight.is_cuda else None
+        key = (name, dtype)
         eps = _checks.as_float("batch_norm", "eps", bn.eps)  # a float: a tensor eps could change in place
         entry = self._entries.get(key)
         if entry is None or not entry.matches(sources, eps):
@@ -242,14 +249,31 @@ class FoldCache:
             # Built outside inference mode so the entry is usable in any later mode.
             with torch.inference_mode(False):
                 folded = fold(conv, bn, dtype)
-            entry = _Entry(ids, states, storages, eps, optimizer_steps, folded)
+                ready = None
+                if stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(weight.device))
+            entry = _Entry(ids, states, storages, eps, optimizer_steps, folded, stream, ready, set())
             # A new dictionary, published by one store: another thread may be iterating the
-            # old one. This pair's stale entries in other dtypes and streams are dropped, not
-            # kept alive (their memory returns to their own stream's pool: reuse waits there).
+            # old one. This pair's stale entries in other dtypes are dropped, not kept alive.
             entries = {k: v for k, v in self._entries.items() if k[0] != name or v.matches(sources, eps)}
             entries[key] = entry
             self._entries = entries
+        elif entry.stream != stream and stream not in entry.readers:
+            _read_on_current_stream(entry, weight.device)
+            entry.readers.add(stream)
         return entry.folded
+
+
+def _read_on_current_stream(entry: _Entry, device: torch.device) -> None:
+    """Orders the current stream after ``entry``'s fold, which ran on another stream (a
+    server thread with a stream of its own, ``with torch.cuda.stream(s):``), and records
+    the stream on the folded tensors: once the entry is dropped, the caching allocator
+    reuses their memory only after this stream's reads."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(entry.ready)
+    entry.folded.weight.record_stream(current)
+    entry.folded.bias.record_stream(current)
 
 
 _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
@@ -317,7 +341,7 @@ def _cudnn_fused_or(fallback: Callable[[], Tensor], x: Tensor, conv: nn.Conv2d, 
     geometry = (pair_of(conv.stride), pair_of(conv.padding), pair_of(conv.dilation), conv.groups)
     # What cuDNN's choice of engine depends on: TF32 admits more engines for float32.
     config = (name, x.device, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
-              tuple(folded.weight.shape), *geometry, x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
+              tuple(folded.weight.shape), *geometry, x.dtype == torch.float32 and _conv_fp32_precision())
     if config in _CUDNN_FUSED_REFUSED:
         return fallback()
     try:
@@ -336,6 +360,17 @@ def _cudnn_fused_or(fallback: Callable[[], Tensor], x: Tensor, conv: nn.Conv2d, 
             stacklevel=3,
         )
         return out
+
+
+def _conv_fp32_precision() -> object:
+    """cuDNN's float32 convolution precision settings, as torch keeps them: the global and
+    the convolutions' own ``fp32_precision`` ("tf32", "ieee", "none": follow the global)
+    where torch has them; else ``allow_tf32``, which torch refuses to read once the
+    per-operator settings differ."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):
+        return torch.backends.fp32_precision, conv.fp32_precision
+    return torch.backends.cudnn.allow_tf32
 
 
 def conv_bias(x: Tensor, conv: nn.Conv2d, folded: FoldedConv) -> Tensor:

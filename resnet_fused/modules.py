@@ -305,9 +305,7 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
     input or weights: ``F.conv2d`` of a CPU input and meta weights returns uninitialized
     memory, which the unfolded path's BatchNorm refuses where it is on meta too (with only
     the convolution on meta eager returns that memory as well). Other devices mixed: the
-    convolution raises. Nor while a CUDA graph is captured: like a trace, the graph would
-    keep the cached folded weights' addresses, blind to weights loaded in place later, and
-    reading freed memory once a later call folds them anew.
+    convolution raises.
     """
     if (
         bn.training
@@ -319,7 +317,6 @@ def _folded_compute_dtype(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Opt
         or torch._C._len_torch_dispatch_stack() > 0
         or x.is_meta
         or conv.weight.is_meta
-        or (x.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
         return None
     return folding.compute_dtype(x, conv)
@@ -356,22 +353,23 @@ class _FusedBlock:
             "torch.jit.script(resnet_fused.unfuse(copy.deepcopy(model)))"
         )
 
-    def _folded(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
-                x: Tensor) -> folding.FoldedConv:
-        """The pair ``name`` folded in ``dtype``, for ``conv``'s input ``x``."""
+    def _folded(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> folding.FoldedConv:
+        if conv.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Folded inside the graph: each replay folds the weights of then. Cached folded
+            # weights would be replayed stale after an in-place load_state_dict, and read
+            # freed once a later call folded them anew. (torch.cuda.graph makes the capture
+            # stream's device current.)
+            return folding.fold(conv, bn, dtype)
         cache = self.__dict__.get(_CACHE_ATTRIBUTE)
         if cache is None:  # created lazily: fuse() turns blocks into this class without __init__
             cache = self.__dict__[_CACHE_ATTRIBUTE] = folding.FoldCache()
-        # On CUDA the fold's kernels run on the current stream, and only work queued after
-        # them there is sure to see their result: each stream has entries of its own.
-        stream = torch._C._cuda_getCurrentStream(x.get_device()) if x.is_cuda else None
-        return cache.get(name, conv, bn, dtype, stream)
+        return cache.get(name, conv, bn, dtype)
 
     def _conv_bn_relu(self, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
         conv, bn = getattr(self, conv_name), getattr(self, bn_name)
         dtype = _folded_compute_dtype(x, conv, bn)
         if dtype is not None:
-            return folding.conv_bias_relu(x.to(dtype), conv, self._folded(conv_name, conv, bn, dtype, x))
+            return folding.conv_bias_relu(x.to(dtype), conv, self._folded(conv_name, conv, bn, dtype))
         t = _conv(conv, x)
         backends.resolve(t.device, t.dtype)  # a backend that cannot run t raises before the batch is counted
         return functional.bn_relu(t, *batch_norm_call(bn))
@@ -383,7 +381,7 @@ class _FusedBlock:
         conv, bn = self.downsample
         dtype = _folded_compute_dtype(x, conv, bn)
         if dtype is not None:
-            return folding.conv_bias(x.to(dtype), conv, self._folded("downsample", conv, bn, dtype, x))
+            return folding.conv_bias(x.to(dtype), conv, self._folded("downsample", conv, bn, dtype))
         return self.downsample(x)
 
     def _conv_bn_add_relu(self, conv_name: str, bn_name: str, out: Tensor, x: Tensor) -> Tensor:
@@ -392,7 +390,7 @@ class _FusedBlock:
         if dtype is not None and self.downsample is not None and _records_autograd(x, *self.downsample):
             dtype = None  # a trainable shortcut: the folded add (cuDNN's) has no derivative
         if dtype is not None:
-            folded = self._folded(conv_name, conv, bn, dtype, out)
+            folded = self._folded(conv_name, conv, bn, dtype)
             return folding.conv_bias_add_relu(out.to(dtype), conv, folded, self._shortcut(x).to(dtype))
         t = _conv(conv, out)
         main = batch_norm_call(bn)

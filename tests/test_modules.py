@@ -636,22 +636,6 @@ class TestFoldCache:
         (published, contents), = seen
         assert published == contents and cache._entries is not published
 
-    def test_each_stream_has_entries_of_its_own(self):
-        """A fold's kernels run on the caller's CUDA stream, so only work queued after them
-        there may read its result: another stream folds its own copy, and both are kept
-        (the streams stand in as keys here; tests/test_modules.py::test_cuda_eval_on_two_streams
-        runs real ones)."""
-        cache, conv, bn = folding.FoldCache(), self.fused.conv2, self.fused.bn2
-        on_a = cache.get("conv2", conv, bn, torch.float32, "stream a")
-        assert cache.get("conv2", conv, bn, torch.float32, "stream a") is on_a
-        on_b = cache.get("conv2", conv, bn, torch.float32, "stream b")
-        assert on_b is not on_a and torch.equal(on_b.weight, on_a.weight) and torch.equal(on_b.bias, on_a.bias)
-        assert cache.get("conv2", conv, bn, torch.float32, "stream a") is on_a
-        with torch.no_grad():
-            conv.weight.mul_(0.5)
-        refolded = cache.get("conv2", conv, bn, torch.float32, "stream b")
-        assert len(cache._entries) == 1 and torch.equal(refolded.weight, on_b.weight * 0.5)  # a's stale one dropped
-
     def test_optimizer_step(self):
         self.check()
         for model in (self.plain, self.fused):  # an eval-mode step: no train()/eval() refresh
@@ -1294,8 +1278,10 @@ def test_a_cudnn_refusal_is_remembered_only_once_the_fallback_ran(monkeypatch):
             with pytest.warns(RuntimeWarning, match="does not run"):
                 folding.conv_bias_add_relu(x, other, folded_other, residual)
         assert len(folding._CUDNN_FUSED_REFUSED) == 3
-        # TF32 admits other engines for float32: the setting is part of the configuration
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
+        # TF32 admits other engines for float32: the precision setting is part of the
+        # configuration, read as torch keeps it (allow_tf32 raises once the global setting is
+        # "ieee" and the convolutions' differs)
+        monkeypatch.setattr(torch.backends, "fp32_precision", "ieee")
         with pytest.warns(RuntimeWarning, match="does not run"):
             folding.conv_bias_add_relu(x, conv, folded, x)
         assert len(folding._CUDNN_FUSED_REFUSED) == 4
@@ -1393,45 +1379,51 @@ def test_cuda_eval_folded(config, dtype, layout, no_tf32):
 
 
 @pytest.mark.cuda
-def test_cuda_eval_on_two_streams(no_tf32):
-    """Each stream folds its own copy (a fold's kernels are ordered only on the stream that
-    ran them): a second stream's first call gets entries of its own, and both streams'
-    outputs are eager's."""
+def test_cuda_eval_on_another_stream_waits_for_the_fold(no_tf32):
+    """A fold's kernels run on the stream of the forward that missed the cache; a forward on
+    another stream that finds the entry waits for them (an event) before it reads the folded
+    weights. Here the folding stream is held back by a sleep, so a read that did not wait
+    would see memory not yet written. One copy per pair, whatever the streams."""
     plain, fused = pair("bottleneck_stride2_downsample", layout="nhwc", device="cuda")
     plain.eval(), fused.eval()
     x = inputs_for("bottleneck_stride2_downsample", 1, layout="nhwc", device="cuda")[0]
     expected = eval_output(plain, x)
-    outputs = []
-    for stream in (torch.cuda.Stream(), torch.cuda.Stream()):
+    folding_stream, other = torch.cuda.Stream(), torch.cuda.Stream()
+    for stream in (folding_stream, other):
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            outputs.append(eval_output(fused, x))
+    with torch.cuda.stream(folding_stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles before the fold's kernels
+        first = eval_output(fused, x)
+    with torch.cuda.stream(other):
+        second = eval_output(fused, x)  # the cached entries, folded on the sleeping stream
+    for stream in (folding_stream, other):
         torch.cuda.current_stream().wait_stream(stream)
-    cache = fused.__dict__[resnet_fused.modules._CACHE_ATTRIBUTE]
-    assert len(cache._entries) == 8  # four pairs, two streams
-    for y in outputs:
+    assert len(fused.__dict__[resnet_fused.modules._CACHE_ATTRIBUTE]._entries) == 4  # conv1-3, downsample
+    for y in (first, second):
         assert_close_scaled({"eval": y}, {"eval": expected}, 1e-5)
 
 
 @pytest.mark.cuda
-def test_cuda_graph_of_an_eval_forward_reads_the_current_weights(no_tf32):
-    """An eval forward captured in a CUDA graph, then weights loaded in place (a server
-    updating a captured model): each replay computes with the weights of then, as a
-    torchvision block's replay does. Nothing is folded during capture (the block runs
-    conv + the fused op), so the graph holds no cached folded weights, which would be
-    stale after the load and freed once a later eager call folds again."""
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_of_an_eval_forward_reads_the_current_weights(backend, no_tf32):
+    """An eval forward captured in a CUDA graph after the documented warm-up, then weights
+    loaded in place (a server updating a captured model): each replay computes with the
+    weights of then, as a torchvision block's replay does. The graph folds them itself;
+    cached folded weights would be stale after the load, and freed once a later eager call
+    folded them anew."""
     plain, fused = pair("bottleneck_stride2_downsample", layout="nhwc", device="cuda")
     plain.eval(), fused.eval()
     static_x = inputs_for("bottleneck_stride2_downsample", 1, layout="nhwc", device="cuda")[0]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            eval_output(fused, static_x)  # warm-up: folds and caches, as an eager caller would
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = eval_output(fused, static_x)
+    with running_on(backend):
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                eval_output(fused, static_x)  # warm-up: folds and caches, as an eager caller would
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = eval_output(fused, static_x)
     new_state = randomize_batch_norms(make_block("bottleneck_stride2_downsample")).state_dict()
     for model in (plain, fused):
         model.load_state_dict(new_state)  # copy_ into the same tensors
