@@ -274,19 +274,21 @@ def test_the_compile_report_counts_32_bit_products_that_become_offsets():
 
     @triton.jit
     def offsets_probe(x_ptr, out_ptr, n, WIDE: tl.constexpr):
-        rows = tl.arange(0, 16).to(tl.int64)
+        rows = tl.arange(0, 16)
         if WIDE:
-            start, offsets = x_ptr + tl.cast(n, tl.int64) * 64, rows + tl.cast(n, tl.int64) * 64
+            start, offsets = x_ptr + tl.cast(n, tl.int64) * 64, rows.to(tl.int64) + tl.cast(n, tl.int64) * 64
+            strided = rows.to(tl.int64) * n
         else:
-            start, offsets = x_ptr + n * 64, rows + n * 64  # both wrap from n = 2^25
-        tl.store(out_ptr + rows, tl.load(start + rows) + tl.load(x_ptr + offsets))
+            start, offsets = x_ptr + n * 64, rows.to(tl.int64) + n * 64  # wrap from n = 2^25
+            strided = rows * n  # a tile of products: wraps from n = 2^27
+        tl.store(out_ptr + rows, tl.load(start + rows) + tl.load(x_ptr + offsets) + tl.load(x_ptr + strided))
 
     counts = []
     for wide in (False, True):
         args = dict(x_ptr=torch.empty(64), out_ptr=torch.empty(16), n=1000, WIDE=wide)
         compiled = triton.compile(compile_report._source(offsets_probe, args), target=compile_report.TARGET)
         counts.append(compile_report._narrow_address_products(compiled.asm["ttir"]))
-    assert counts == [2, 0]
+    assert counts == [3, 0]
 
 
 def test_resident_warps_follow_the_sm90_limits():

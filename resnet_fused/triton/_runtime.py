@@ -320,7 +320,8 @@ def _direct_replay(kernels: list[_Compiled], steps: list[_Step]) -> Optional[Cal
             run(x, y, z, stream, function, packed, None, None, None, *args)
 
     # The raw function handles stay valid only while their kernels live (Triton 3.8 unloads
-    # a CompiledKernel's module when it is collected): the replay holds them itself.
+    # a CompiledKernel's module when it is collected). The steps' runners hold them too;
+    # the replay holds them itself, so as not to depend on that.
     replay.kernels = tuple(compiled.kernel for compiled in kernels)
     return replay
 

@@ -216,12 +216,14 @@ _TTIR_SHAPE_OPS = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape")
 
 
 def _narrow_address_products(ttir: str) -> int:
-    """32-bit products with a kernel argument as a factor (``C * 2``, ``BLOCK_R * row_stride``)
-    that reach a pointer's offset (``tt.addptr``) or a widening to 64 bits (``arith.extsi``)
-    through shaping operations alone. Such a product wraps once the argument is large (a
-    row stride of 2^25 channels times 64 rows) before the address is 64-bit: it must be
-    formed in 64 bits (``tl.cast(arg, tl.int64) * k``). Row and plane indices (bounded by
-    ``_runtime.MAX_ROWS``, then widened) pass through additions and are not counted."""
+    """32-bit products with a kernel argument as a factor, scalar or spread over a tile
+    (``C * 2``, ``BLOCK_R * row_stride``, ``tl.arange(0, 16) * stride``), that reach a
+    pointer's offset (``tt.addptr``) or a widening to 64 bits (``arith.extsi``) through
+    shaping operations alone. Such a product wraps once the argument is large (a row
+    stride of 2^25 channels times 64 rows) before the address is 64-bit: it must be formed
+    in 64 bits (``tl.cast(arg, tl.int64) * k``). A product that an addition follows first
+    is not counted: row and plane indices are such sums (bounded by ``_runtime.MAX_ROWS``,
+    then widened), and so would be a wrapping ``row * C + lane``."""
     signature = re.search(r"tt\.func\b[^(]*\((.*?)\)\s*attributes", ttir, re.S)
     if signature is None:
         raise ValueError("no tt.func signature in the Triton IR: its format changed")
@@ -234,6 +236,8 @@ def _narrow_address_products(ttir: str) -> int:
             products.add(result)
         elif operation in _TTIR_SHAPE_OPS and operands and operands[0] in products:
             products.add(result)
+        elif operation in _TTIR_SHAPE_OPS and operands and operands[0] in arguments:
+            arguments.add(result)  # an argument spread over a tile
         elif operation == "arith.extsi" and operands and operands[0] in products:
             found += 1
         elif operation == "tt.addptr" and len(operands) > 1 and operands[1] in products:
