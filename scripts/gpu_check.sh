@@ -80,6 +80,7 @@ PROFILE_CAP="${PROFILE_CAP:-60}"
 RERUN_CAP=60  # each rerun of the failed tests with a launch switch off
 RERUN_MOST=40  # failed tests rerun at most (the first by name)
 KERNELS_FLOOR=60  # the reruns leave the kernel benchmark's main run at least this (run 3: 67 cases in 50 s)
+KERNELS_RESERVE=45  # what the main kernel run leaves: its overrun (~10 s) and the brief runs after it
 KERNELS_SHAPES="${KERNELS_SHAPES:-layer1,layer2}"
 for name in TOTAL_BUDGET TESTS_BUDGET KERNELS_BUDGET SUITE_BUDGET PROFILE_CAP; do
   [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check: $name=${!name}: expected a whole number of seconds" >&2; exit 2; }
@@ -281,8 +282,8 @@ if phase_fits tests; then
       "$out/pytest_cache/v/cache/lastfailed" 2>/dev/null | head -n "$RERUN_MOST")
     rerun_xdist=()
     (( ${#failed[@]} > 8 )) && rerun_xdist=("${xdist[@]}")  # 8 processes' start-up pays for many tests only
-    rerun_reserve=0  # what the reruns leave: the kernel benchmark's floor and its reserve (below)
-    want kernels && rerun_reserve=$((KERNELS_FLOOR + 45))
+    rerun_reserve=0  # what the reruns leave: the kernel benchmark's floor and reserve, and a KILL's wait
+    want kernels && rerun_reserve=$((KERNELS_FLOOR + KERNELS_RESERVE + KILL_AFTER))
     for switch in RESNET_FUSED_PDL=0 RESNET_FUSED_TRITON_REPLAY=0; do
       (( ${#failed[@]} )) || break
       log="$out/pytest_${switch%=*}_off.log"
@@ -312,7 +313,7 @@ if phase_fits kernels; then
   # The main run first: it keeps KERNELS_BUDGET unless TOTAL_BUDGET leaves less than that and
   # 45 s (its own overrun past the budget, ~10 s, and a brief NCHW run); the brief runs after
   # it (~66 s together, both) take what is left.
-  budget=$(fit_budget "$KERNELS_BUDGET" 45)
+  budget=$(fit_budget "$KERNELS_BUDGET" "$KERNELS_RESERVE")
   phase "kernel benchmark (N=128, channels_last, $KERNELS_SHAPES, bf16 and fp32, budget ${budget}s)"
   shapes=()
   [[ "$KERNELS_SHAPES" != all ]] && shapes=(--shapes "$KERNELS_SHAPES")
