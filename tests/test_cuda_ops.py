@@ -184,7 +184,9 @@ def test_backward_ops_match_reference_ops(layout, dtype, training):
         want = getattr(torch.ops.resnet_fused_reference, name)(*args)
         for i, (a, e) in enumerate(zip(got, want)):
             assert a.dtype == e.dtype and a.stride() == e.stride(), f"{name} output {i}"
-            if a.dim() == 1:  # weight and bias gradients, float32 sums whose terms may cancel
+            # weight and bias gradients, float32 sums whose terms may cancel, on both sides: each
+            # errs about as much as against float64, within twice float64's measured worst
+            if a.dim() == 1:
                 downsample = name == "dual_bn_add_relu_backward" and i > 2
                 branch = (r, mean_r, invstd_r) if downsample else (x, mean, invstd)
                 magnitude = unmasked_channel_sum_magnitude(args[0], *branch)
@@ -389,18 +391,24 @@ def test_early_launches_change_no_bit(namespace, tmp_path):
 
             stack.enter_context(_runtime.pinned_config(0))
             pinned = {_runtime.PIN_ENV: "0"}
-        child = subprocess.run(
+        child = subprocess.Popen(
             [sys.executable, "-c",
              f"import test_cuda_ops as t; t._chained_results_to({namespace!r}, {str(inputs)!r}, {str(results)!r})"],
             env=child_env(str(Path(__file__).resolve().parent), **{EARLY_LAUNCH_ENV: "0", **pinned}),
-            capture_output=True, text=True,
-            timeout=100,  # within the test's own timeout
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        assert child.returncode == 0, child.stderr[-3000:]
+        try:  # this process's half meanwhile: the two compile their Triton variants at once
+            early_results = _chained_results(cases, namespace)
+            launched_early = _launches_early(namespace, cases[0][0])
+            _, stderr = child.communicate(timeout=100)  # within the test's own timeout
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, stderr[-3000:]
         in_order = torch.load(results)
         assert Path(in_order["module"]).resolve() == Path(resnet_fused.__file__).resolve(), in_order["module"]
-        assert _launches_early(namespace, cases[0][0]) and not in_order["early"]
-        early_results = _chained_results(cases, namespace)
+        assert launched_early and not in_order["early"]
     for i, (early, ordered) in enumerate(zip(early_results, in_order["results"], strict=True)):
         assert early.stride() == ordered.stride() and torch.equal(early, ordered), f"result {i} differs"
 

@@ -292,7 +292,10 @@ def run_case(op, backend, shape, dtype, layout, training, *, affine=True, affine
             rtol = atol = ROUNDING[dtype] * EAGER_ROUNDINGS
         else:  # the reference backend: float32 math rounded once, differently ordered
             rtol = atol = ROUNDING[dtype]
-        kind = "eager" if oracle == "eager" else "eager64"  # the reference backend's float32 sums: as float64's
+        # The reference backend sums in float32 too: each side errs about as much as against
+        # float64 (up to 8.5e-7 of the magnitudes, 2.7e-7 in the running statistics), so the
+        # two differ by at most twice that, within float64's tolerances (4e-6, 2e-6).
+        kind = "eager" if oracle == "eager" else "eager64"
         channel_tol = CHANNEL_SUM_ERROR[kind][dtype]
         assert_close(out, ref_out, rtol, f"output vs {oracle}", atol)
         for i, (a, b, leaf) in enumerate(zip(g, ref_g, present, strict=True)):
@@ -484,7 +487,12 @@ def check_variance_past_float32_range(backend, layout, device="cpu"):
     torch.testing.assert_close(y, expected, rtol=ROUNDING[torch.float32], atol=ROUNDING[torch.float32])
     assert torch.equal(fused_stats[1][1::2].cpu(), torch.full((2,), float("inf")))
     for fused, eager in zip(fused_stats, eager_stats):
-        torch.testing.assert_close(fused.cpu(), eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused[0::2].cpu(), eager[0::2], rtol=1e-5, atol=1e-5)
+    # The 1e30 channels' means cancel towards 0: their float32 error is relative to the
+    # values, at most (n - 1) u mean|x| for n = 105 summed in float32 (6.2e-6 of it), for
+    # each side; the running mean takes it times the momentum.
+    bound = 0.1 * 2 * 104 * 2**-24 * x[:, 1::2].abs().mean().item()
+    torch.testing.assert_close(fused_stats[0][1::2].cpu(), eager_stats[0][1::2], rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
