@@ -284,8 +284,11 @@ def _bn_act_backward_finalize_kernel(
                       channel, C, reduce_size, TRAINING, HAS_WEIGHT)
     if DUAL:
         sum_gc_d = tl.sum(tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0), 1)
+        # The downsample branch's coefficients, 2C on: two pointer steps of C, each widened on
+        # its own (2 * C wraps in 32 bits from C = 2^30; a 64-bit product costs the dual
+        # backward's elementwise kernel up to 20 registers).
         _branch_gradients(sum_g, sum_gc_d, weight_d_ptr, invstd_d_ptr, grad_weight_d_ptr, grad_bias_d_ptr,
-                          coef_ptr + 2 * tl.cast(C, tl.int64), channel, C, reduce_size, TRAINING, HAS_WEIGHT_D)
+                          coef_ptr + C + C, channel, C, reduce_size, TRAINING, HAS_WEIGHT_D)
 
 
 @_runtime.autotune(_runtime.TUNING.elementwise, ["lanes", "CHANNELS_LAST", "BLOCK_L", "EPILOGUE"])
@@ -324,7 +327,7 @@ def _bn_act_backward_elementwise_kernel(
     grad_x = _grad_input(g, x, scale, mean, coef_ptr, channel, C, TRAINING, CHANNELS_LAST)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if EPILOGUE == DUAL_ADD_RELU:
-        grad_y = _grad_input(g, y, scale_d, mean_d, coef_ptr + 2 * tl.cast(C, tl.int64), channel, C, TRAINING, CHANNELS_LAST)
+        grad_y = _grad_input(g, y, scale_d, mean_d, coef_ptr + C + C, channel, C, TRAINING, CHANNELS_LAST)  # 2C on
         tl.store(grad_y_ptr + offsets, grad_y.to(grad_y_ptr.dtype.element_ty), mask=mask)
 
 
