@@ -221,7 +221,8 @@ def _narrow_address_products(ttir: str) -> int:
     pointer's offset (``tt.addptr``) or a widening to 64 bits (``arith.extsi``) through
     shaping operations alone. Such a product wraps once the argument is large (a row
     stride of 2^25 channels times 64 rows) before the address is 64-bit: it must be formed
-    in 64 bits (``tl.cast(arg, tl.int64) * k``). A product that an addition follows first
+    in 64 bits (``tl.cast(arg, tl.int64) * k``), or as pointer steps that each widen their
+    own offset (``ptr + C + C``). A product that an addition follows first
     is not counted: row and plane indices are such sums (bounded by ``_runtime.MAX_ROWS``,
     then widened), and so would be a wrapping ``row * C + lane``."""
     signature = re.search(r"tt\.func\b[^(]*\((.*?)\)\s*attributes", ttir, re.S)
