@@ -311,8 +311,7 @@ if phase_fits kernels; then
   took "precompile (waited for)"
 
   # The main run first: it keeps KERNELS_BUDGET unless TOTAL_BUDGET leaves less than that and
-  # 45 s (its own overrun past the budget, ~10 s, and a brief NCHW run); the brief runs after
-  # it (~66 s together, both) take what is left.
+  # KERNELS_RESERVE; the brief runs after it (~66 s together, both) take what is left.
   budget=$(fit_budget "$KERNELS_BUDGET" "$KERNELS_RESERVE")
   phase "kernel benchmark (N=128, channels_last, $KERNELS_SHAPES, bf16 and fp32, budget ${budget}s)"
   shapes=()

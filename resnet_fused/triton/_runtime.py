@@ -275,6 +275,8 @@ class _Plan:
     launcher what the runner would, given the call's operands and stream, for when no
     launch hook is set (``_direct_replay``)."""
 
+    # The steps' runners keep the compiled kernels alive, and with them the function handles
+    # ``direct`` calls (Triton 3.8 unloads a collected kernel's module).
     steps: tuple[_Step, ...]
     direct: Optional[Callable[[tuple, int], None]]
 
@@ -319,10 +321,6 @@ def _direct_replay(kernels: list[_Compiled], steps: list[_Step]) -> Optional[Cal
                 args[position] = o[index]
             run(x, y, z, stream, function, packed, None, None, None, *args)
 
-    # The raw function handles stay valid only while their kernels live (Triton 3.8 unloads
-    # a CompiledKernel's module when it is collected). The steps' runners hold them too;
-    # the replay holds them itself, so as not to depend on that.
-    replay.kernels = tuple(compiled.kernel for compiled in kernels)
     return replay
 
 
